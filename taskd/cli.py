@@ -1,0 +1,337 @@
+"""The ``taskd`` command. Exit codes: 0 success, 1 invalid config / failed run, 2 usage,
+3 state_dir unusable (another daemon holds it)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from taskd._version import __version__
+from taskd.config import DEFAULT_CONFIG, load_config
+from taskd.errors import ConfigError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("TASKD_CONFIG") or DEFAULT_CONFIG)
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    print(f"taskd: config has {len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''}:", file=sys.stderr)
+    for issue in exc.issues:
+        print(f"  {issue}", file=sys.stderr)
+
+
+def _emit(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from taskd import log as logsetup
+    from taskd.daemon import Daemon, load_all
+    from taskd.loop import run
+
+    path = _config_path(args)
+    daemon = Daemon(path)
+    # First thing: a SIGHUP or SIGTERM during start-up must be queued, not kill us.
+    daemon.install_early_signal_handlers()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        logsetup.configure()
+        _print_config_error(exc)
+        return EXIT_FAIL
+    logsetup.configure(config.daemon.log_level, config.daemon.log_format)
+    try:
+        loaded = load_all(path)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_FAIL
+    code = run(daemon.serve(loaded))
+    if daemon.rt is not None and daemon.rt.threads.stuck_count:
+        # A stuck thread can never be joined and the interpreter would wait for it at exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+# -- check -------------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from taskd import log as logsetup
+    from taskd.plugin.manager import PluginHost
+    from taskd.plugin.resolve import resolve
+
+    logsetup.configure("critical", "console", sys.stderr)  # the report below says it all
+    path = _config_path(args)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        if args.json:
+            _emit({"ok": False, "errors": [str(i) for i in exc.issues]})
+        else:
+            _print_config_error(exc)
+        return EXIT_FAIL
+    d = config.daemon
+    host = PluginHost.load(d.plugin_dirs, entry_points=d.entry_points, disabled=d.disabled_plugins)
+    specs, issues = resolve(config, host)
+    errors = [str(i) for i in issues]
+    for record in host.broken:
+        errors.append(f"{record.origin}: plugin {record.name!r} is broken: {record.error}")
+    for problem in host.folder_problems:
+        errors.append(f"{problem.path}: {problem.message}")
+    kinds: dict[str, int] = {}
+    for spec in specs.values():
+        if spec.jobtype is not None:
+            kinds[spec.jobtype.kind] = kinds.get(spec.jobtype.kind, 0) + 1
+    if args.json:
+        _emit({"ok": not errors, "errors": errors, "jobs": len(config.jobs), "kinds": kinds, "plugins": len(host.records)})
+        return EXIT_FAIL if errors else EXIT_OK
+    if errors:
+        print(f"taskd: {path}: {len(errors)} error{'s' if len(errors) != 1 else ''}:", file=sys.stderr)
+        for e in errors:
+            print(f"  {e}", file=sys.stderr)
+        return EXIT_FAIL
+    by_kind = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+    disabled = sum(1 for j in config.jobs.values() if not j.enabled)
+    print(
+        f"taskd: {path}: OK: {len(config.jobs)} jobs ({by_kind}"
+        + (f"; {disabled} disabled" if disabled else "")
+        + f"), {len(host.records)} plugins, {len(host.job_types)} job types"
+    )
+    return EXIT_OK
+
+
+# -- plugins -----------------------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from taskd import log as logsetup
+    from taskd.plugin.manager import PluginHost
+    from taskd.plugin.options import describe_options
+
+    logsetup.configure("critical", "console", sys.stderr)
+    path = _config_path(args)
+    dirs: tuple[Path, ...] = ()
+    entry_points, disabled = True, ()
+    try:
+        config = load_config(path)
+        dirs, entry_points, disabled = config.daemon.plugin_dirs, config.daemon.entry_points, config.daemon.disabled_plugins
+    except ConfigError as exc:
+        if args.config or os.environ.get("TASKD_CONFIG") or path.exists():
+            _print_config_error(exc)
+            return EXIT_FAIL
+    dirs = dirs + tuple(Path(p).absolute() for p in args.plugin_dir)
+    host = PluginHost.load(dirs, entry_points=entry_points, disabled=disabled)
+    rows = []
+    for r in host.records:
+        types = []
+        for name in r.job_types:
+            jt = host.job_types[name]
+            types.append({"name": name, "kind": jt.kind, "description": jt.description, "options": describe_options(jt)})
+        rows.append({"name": r.name, "source": r.source, "origin": r.origin, "broken": r.error, "job_types": types, "traceback": r.traceback})
+    if args.json:
+        _emit({"plugins": rows, "conflicts": host.conflicts, "folder_problems": [{"path": str(p.path), "problem": p.message} for p in host.folder_problems]})
+        return EXIT_OK if not host.broken else EXIT_FAIL
+    if not rows:
+        print("no plugins found" + (f" (plugin_dirs: {', '.join(map(str, dirs))})" if dirs else ""))
+    for row in rows:
+        status = "BROKEN" if row["broken"] else "ok"
+        print(f"{row['name']}  [{row['source']}, {status}]  {row['origin']}")
+        if row["broken"]:
+            print(f"    error: {row['broken']}")
+            if args.verbose and row["traceback"]:
+                print("    " + row["traceback"].rstrip().replace("\n", "\n    "))
+        for t in row["job_types"]:
+            print(f"    {t['name']} ({t['kind']}){': ' + t['description'] if t['description'] else ''}")
+            if args.verbose:
+                for o in t["options"]:
+                    req = "required" if o["required"] else f"default {o['default']}"
+                    print(f"        {o['name']}: {o['type'] or 'any'} ({req})")
+    for name, why in host.conflicts.items():
+        print(f"conflict: {why}")
+    for p in host.folder_problems:
+        print(f"warning: {p.path}: {p.message}")
+    return EXIT_OK if not host.broken else EXIT_FAIL
+
+
+# -- next --------------------------------------------------------------------------------------
+
+
+def cmd_next(args: argparse.Namespace) -> int:
+    from taskd.plugin.resolve import make_trigger
+    from taskd.schedule.triggers import upcoming
+
+    try:
+        config = load_config(_config_path(args))
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_FAIL
+    job = config.jobs.get(args.job)
+    if job is None:
+        from taskd.config import suggest
+
+        hint = suggest(args.job, config.jobs)
+        print(f"taskd: no job {args.job!r} in {config.path}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_FAIL
+    trigger = make_trigger(job)
+    if trigger is None:
+        times: list[float] = []
+    else:
+        times = upcoming(trigger, time.time(), args.n)
+    zone = ZoneInfo(job.timezone)
+    if args.json:
+        _emit(
+            {
+                "job": job.name,
+                "schedule": job.schedule_text(),
+                "enabled": job.enabled,
+                "next": [datetime.fromtimestamp(t, timezone.utc).isoformat() for t in times],
+            }
+        )
+        return EXIT_OK
+    print(f"{job.name}: {job.schedule_text()}" + ("" if job.enabled else " (disabled)"))
+    if trigger is None:
+        print("  runs once each time the daemon starts")
+    elif not times:
+        print("  no upcoming runs")
+    for t in times:
+        local = datetime.fromtimestamp(t, zone)
+        utc = datetime.fromtimestamp(t, timezone.utc)
+        print(f"  {local.isoformat(sep=' ')}  ({utc.strftime('%Y-%m-%d %H:%M:%S')} UTC)")
+    if job.jitter:
+        print(f"  plus up to {job.jitter:g}s of random jitter each")
+    return EXIT_OK
+
+
+# -- exec --------------------------------------------------------------------------------------
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from taskd import log as logsetup
+    from taskd.daemon import load_all
+    from taskd.loop import run
+
+    path = _config_path(args)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_FAIL
+    # Logs to stderr so stdout holds only the result.
+    logsetup.configure("debug" if args.verbose else config.daemon.log_level, "console" if not args.json else "json", sys.stderr)
+    try:
+        loaded = load_all(path)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_FAIL
+    spec = loaded.specs.get(args.job)
+    if spec is None:
+        from taskd.config import suggest
+
+        hint = suggest(args.job, loaded.specs)
+        print(f"taskd: no job {args.job!r} in {path}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_FAIL
+    if spec.broken:
+        print(f"taskd: job {args.job!r} is broken: {spec.broken}", file=sys.stderr)
+        return EXIT_FAIL
+    info = run(_exec_once(loaded, spec, retries=not args.no_retries))
+    out = {"job": info.job, "run_id": info.run_id, "outcome": info.outcome, "attempts": info.attempt, "error": info.error, "result": info.result}
+    if args.json:
+        _emit(out)
+    elif info.outcome == "succeeded":
+        print(json.dumps(info.result, indent=2, default=repr) if info.result is not None else "(no result)")
+    else:
+        print(f"taskd: job {info.job!r} {info.outcome}: {info.error}", file=sys.stderr)
+    return EXIT_OK if info.outcome == "succeeded" else EXIT_FAIL
+
+
+async def _exec_once(loaded: Any, spec: Any, *, retries: bool) -> Any:
+    import dataclasses
+
+    from taskd.run.runner import RunInfo, execute
+    from taskd.run.runtime import Runtime
+    from taskd.state.shared import SharedState
+
+    d = loaded.config.daemon
+    if not retries:
+        spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, retries=0))
+    # No store: trying a job must not move the daemon's schedule or history.
+    rt = Runtime(shared=SharedState(), store=None, host=loaded.host, thread_workers=d.thread_workers, process_workers=min(d.process_workers or 1, 2))
+    now = time.time()
+    info = RunInfo(rt.new_run_id(), spec.name, now, now, "exec")
+    try:
+        await execute(rt, spec, info)
+    finally:
+        await rt.close(kill=True)
+    return info
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskd", description="A pluggable async task-runner daemon.")
+    parser.add_argument("--version", action="version", version=f"taskd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("-c", "--config", help=f"config file (default: $TASKD_CONFIG or {DEFAULT_CONFIG})")
+        return p
+
+    add("run", "run the daemon in the foreground").set_defaults(func=cmd_run)
+    p = add("check", "validate the config and plugins; exit 1 listing every error")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+    p = add("plugins", "list plugins, where they come from, and their job types")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="show options and tracebacks")
+    p.add_argument("--plugin-dir", action="append", default=[], help="also scan this folder")
+    p.set_defaults(func=cmd_plugins)
+    p = add("next", "show a job's upcoming run times (no daemon needed)")
+    p.add_argument("job")
+    p.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_next)
+    p = add("exec", "run one job once in the foreground and print its result")
+    p.add_argument("job")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-retries", action="store_true", help="one attempt only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_exec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "n", 1) < 1:
+        parser.error("-n must be at least 1")
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

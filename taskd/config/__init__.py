@@ -1,0 +1,6 @@
+"""Config: TOML file -> validated frozen objects."""
+
+from taskd.config.load import DEFAULT_CONFIG, load_config, read_toml, suggest
+from taskd.config.model import Config, DaemonConfig, JobConfig
+
+__all__ = ["DEFAULT_CONFIG", "Config", "DaemonConfig", "JobConfig", "load_config", "read_toml", "suggest"]

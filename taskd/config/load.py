@@ -1,0 +1,388 @@
+"""TOML file -> validated, frozen :class:`Config`. Every problem is collected, not just the first.
+
+This checks the config's own shape. Whether a job's ``type`` exists and its ``options`` fit
+the job function is checked against the loaded plugins by :mod:`taskd.plugin.resolve`."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from taskd.config.durations import parse_duration, parse_size
+from taskd.config.lines import key_lines
+from taskd.config.model import (
+    CATCHUPS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    OVERLAPS,
+    Config,
+    DaemonConfig,
+    JobConfig,
+)
+from taskd.errors import ConfigError, ConfigIssue
+
+import tomllib
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
+JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+SCHEDULE_KEYS = ("every", "cron", "at", "on")
+DAEMON_KEYS = (
+    "plugin_dirs",
+    "state_dir",
+    "runtime_dir",
+    "log_level",
+    "log_format",
+    "process_workers",
+    "thread_workers",
+    "shutdown_timeout",
+    "timezone",
+    "metrics_address",
+    "entry_points",
+    "disabled_plugins",
+)
+JOB_KEYS = (
+    "type",
+    *SCHEDULE_KEYS,
+    "timezone",
+    "jitter",
+    "timeout",
+    "retries",
+    "retry_backoff",
+    "overlap",
+    "catchup",
+    "grace",
+    "enabled",
+    "max_memory",
+    "options",
+)
+MAX_RETRIES = 100
+
+T = TypeVar("T")
+
+
+def suggest(word: str, choices: Any) -> str | None:
+    """"did you mean 'x'?" for the closest choice, or None when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def check_timezone(name: str) -> str | None:
+    """None if ``name`` is a known IANA zone, else a message with a suggestion."""
+    try:
+        ZoneInfo(name)
+        return None
+    except (ZoneInfoNotFoundError, ValueError):
+        import zoneinfo
+
+        hint = suggest(name, zoneinfo.available_timezones())
+        return f"unknown time zone {name!r}" + (f"; {hint}" if hint else "; use an IANA name such as \"Europe/Berlin\"")
+
+
+class _Collector:
+    """Gathers issues with file and line so one pass reports everything."""
+
+    def __init__(self, file: Path, text: str) -> None:
+        self.file = str(file)
+        self.lines = key_lines(text) if text else {}
+        self.issues: list[ConfigIssue] = []
+
+    def add(self, path: str, message: str, hint: str | None = None) -> None:
+        line = self.lines.get(path)
+        probe = path
+        while line is None and "." in probe:
+            probe = probe.rsplit(".", 1)[0]
+            line = self.lines.get(probe)
+        self.issues.append(ConfigIssue(self.file, path, message, line, hint))
+
+    def unknown_keys(self, table: Mapping[str, Any], prefix: str, known: tuple[str, ...]) -> None:
+        for key in table:
+            if key not in known:
+                self.add(
+                    f"{prefix}.{key}",
+                    f"unknown key {key!r} in [{prefix}]",
+                    suggest(key, known) or f"known keys: {', '.join(known)}",
+                )
+
+    def take(self, table: Mapping[str, Any], key: str, prefix: str, conv: Callable[[Any], T], default: T) -> T:
+        if key not in table:
+            return default
+        try:
+            return conv(table[key])
+        except (ValueError, TypeError) as exc:
+            self.add(f"{prefix}.{key}", str(exc))
+            return default
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_tname(value)}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {_tname(value)}")
+    return value
+
+
+def _int_range(low: int, high: int | None = None) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected a whole number, got {_tname(value)}")
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"from {low} to {high}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return conv
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], Any]:
+    def conv(value: Any) -> Any:
+        text = _string(value)
+        if text not in choices:
+            hint = suggest(text, choices)
+            raise ValueError(
+                f"must be one of {', '.join(choices)}, got {text!r}" + (f"; {hint}" if hint else "")
+            )
+        return text
+
+    return conv
+
+
+def _tname(value: Any) -> str:
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a float", list: "an array", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """Parse a TOML file; every failure (missing, huge, binary, not TOML, parser crash) becomes
+    a ConfigError naming the file, never a traceback."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise _single(path, f"config file is {size} bytes; the limit is {MAX_CONFIG_BYTES} (is this the right file?)")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise _single(path, "config file not found; pass --config FILE or set TASKD_CONFIG") from None
+    except IsADirectoryError:
+        raise _single(path, "is a directory, not a config file") from None
+    except OSError as exc:
+        raise _single(path, f"cannot read config file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _single(path, f"not UTF-8 text (byte {exc.start}); a config file is TOML text") from None
+    if "\x00" in text:
+        raise _single(path, "contains NUL bytes; a config file is TOML text")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = re.search(r"\(at line (\d+), column (\d+)\)", message)
+        line = int(match.group(1)) if match else None
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
+        col = f" column {match.group(2)}" if match else ""
+        raise ConfigError(
+            [ConfigIssue(str(path), "", f"not valid TOML: {message}{col and ' at' + col}", line)]
+        ) from None
+    except (RecursionError, MemoryError, Exception) as exc:  # the parser's own bugs are still config errors
+        raise _single(path, f"the TOML parser failed on this file ({type(exc).__name__}: {exc}); is it TOML?") from None
+    return data, text
+
+
+def _single(path: Path, message: str) -> ConfigError:
+    return ConfigError([ConfigIssue(str(path), "", message)])
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file. Raises ConfigError listing every problem found."""
+    file = Path(path).expanduser().absolute()
+    data, text = read_toml(file)
+    c = _Collector(file, text)
+    base = file.parent
+
+    for key in data:
+        if key not in ("daemon", "jobs"):
+            c.add(key, f"unknown top-level key {key!r}", suggest(key, ("daemon", "jobs")) or "the top level has [daemon] and [jobs.<name>] tables")
+
+    daemon = _daemon(c, data.get("daemon", {}), base)
+    jobs_table = data.get("jobs", {})
+    jobs: dict[str, JobConfig] = {}
+    if not isinstance(jobs_table, dict):
+        c.add("jobs", f"expected tables [jobs.<name>], got {_tname(jobs_table)}")
+    else:
+        for name, table in jobs_table.items():
+            job = _job(c, name, table, daemon.timezone)
+            if job is not None:
+                jobs[name] = job
+    if c.issues:
+        raise ConfigError(c.issues)
+    return Config(path=file, daemon=daemon, jobs=jobs)
+
+
+def _path(base: Path) -> Callable[[Any], Path]:
+    def conv(value: Any) -> Path:
+        text = _string(value)
+        if not text:
+            raise ValueError("empty path")
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else base / p
+
+    return conv
+
+
+def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
+    if not isinstance(table, dict):
+        c.add("daemon", f"expected a table [daemon], got {_tname(table)}")
+        return DaemonConfig()
+    c.unknown_keys(table, "daemon", DAEMON_KEYS)
+    d = DaemonConfig()
+    to_path = _path(base)
+
+    def paths(value: Any) -> tuple[Path, ...]:
+        if not isinstance(value, list):
+            raise TypeError(f"expected an array of folder paths, got {_tname(value)}")
+        return tuple(to_path(v) for v in value)
+
+    def names(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise TypeError(f"expected an array of strings, got {_tname(value)}")
+        return tuple(_string(v) for v in value)
+
+    def zone(value: Any) -> str:
+        text = _string(value)
+        problem = check_timezone(text)
+        if problem:
+            raise ValueError(problem)
+        return text
+
+    def address(value: Any) -> str:
+        text = _string(value)
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected \"host:port\" such as \"127.0.0.1:9464\", got {text!r}")
+        return text
+
+    p = "daemon"
+    return DaemonConfig(
+        plugin_dirs=c.take(table, "plugin_dirs", p, paths, d.plugin_dirs),
+        state_dir=c.take(table, "state_dir", p, to_path, d.state_dir),
+        runtime_dir=c.take(table, "runtime_dir", p, to_path, d.runtime_dir),
+        log_level=c.take(table, "log_level", p, _choice(LOG_LEVELS), d.log_level),
+        log_format=c.take(table, "log_format", p, _choice(LOG_FORMATS), d.log_format),
+        process_workers=c.take(table, "process_workers", p, _int_range(0, 1024), d.process_workers),
+        thread_workers=c.take(table, "thread_workers", p, _int_range(1, 1024), d.thread_workers),
+        shutdown_timeout=c.take(table, "shutdown_timeout", p, parse_duration, d.shutdown_timeout),
+        timezone=c.take(table, "timezone", p, zone, d.timezone),
+        metrics_address=c.take(table, "metrics_address", p, address, d.metrics_address),
+        entry_points=c.take(table, "entry_points", p, _bool, d.entry_points),
+        disabled_plugins=c.take(table, "disabled_plugins", p, names, d.disabled_plugins),
+    )
+
+
+def _at(value: Any, tz: str) -> float:
+    """A TOML datetime (with offset, or local in the job's zone) or an ISO string."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"expected a date-time such as 2026-12-01T09:00:00+01:00, got {value!r}") from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=ZoneInfo(tz))
+        return value.timestamp()
+    if isinstance(value, date | time):
+        raise TypeError("expected a full date-time (date and time), got only a date or a time")
+    raise TypeError(f"expected a date-time, got {_tname(value)}")
+
+
+def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | None:
+    p = f"jobs.{name}"
+    if not JOB_NAME.match(name):
+        c.add(p, f"job name {name!r} is not allowed", "use letters, digits, '-', '_' and '.', starting with a letter or digit")
+    if not isinstance(table, dict):
+        c.add(p, f"expected a table [jobs.{name}], got {_tname(table)}")
+        return None
+    before = len(c.issues)
+    c.unknown_keys(table, p, JOB_KEYS)
+
+    if "type" not in table:
+        c.add(f"{p}.type", "missing 'type': the job type a plugin provides (see `taskd plugins`)")
+    jtype = c.take(table, "type", p, _string, "")
+
+    tz = c.take(table, "timezone", p, _string, default_tz)
+    problem = check_timezone(tz)
+    if problem and "timezone" in table:
+        c.add(f"{p}.timezone", problem)
+        tz = default_tz
+
+    given = [k for k in SCHEDULE_KEYS if k in table]
+    every = cron = at = None
+    schedule: Any = "every"
+    if not given:
+        c.add(p, "no schedule", "set exactly one of: every = \"30s\", cron = \"0 3 * * *\", at = 2026-12-01T09:00:00Z, on = \"startup\"")
+    elif len(given) > 1:
+        c.add(f"{p}.{given[1]}", f"{' and '.join(repr(g) for g in given)} are both set; a job has exactly one schedule", "keep one of them")
+    else:
+        schedule = given[0]
+        if schedule == "every":
+            every = c.take(table, "every", p, parse_duration, None)
+            if every is not None and every <= 0:
+                c.add(f"{p}.every", "must be more than 0")
+        elif schedule == "cron":
+            cron = c.take(table, "cron", p, _string, None)
+            if cron is not None:
+                from taskd.schedule.triggers import Cron
+
+                try:
+                    Cron(cron, ZoneInfo(tz))
+                except (ValueError, TypeError) as exc:
+                    c.add(f"{p}.cron", f"invalid cron expression {cron!r}: {exc}")
+        elif schedule == "at":
+            at = c.take(table, "at", p, lambda v: _at(v, tz), None)
+        else:
+            on = c.take(table, "on", p, _string, "")
+            if on != "startup":
+                c.add(f"{p}.on", f"'on' takes only \"startup\", got {on!r}", "for times use every, cron or at")
+            schedule = "startup"
+
+    options = table.get("options", {})
+    if not isinstance(options, dict):
+        c.add(f"{p}.options", f"expected a table [jobs.{name}.options], got {_tname(options)}")
+        options = {}
+
+    job = JobConfig(
+        name=name,
+        type=jtype,
+        schedule=schedule,
+        every=every,
+        cron=cron,
+        at=at,
+        timezone=tz,
+        jitter=c.take(table, "jitter", p, parse_duration, 0.0),
+        timeout=c.take(table, "timeout", p, _positive_duration, None),
+        retries=c.take(table, "retries", p, _int_range(0, MAX_RETRIES), 0),
+        retry_backoff=c.take(table, "retry_backoff", p, parse_duration, 1.0),
+        overlap=c.take(table, "overlap", p, _choice(OVERLAPS), "skip"),
+        catchup=c.take(table, "catchup", p, _choice(CATCHUPS), "latest"),
+        grace=c.take(table, "grace", p, parse_duration, 60.0),
+        enabled=c.take(table, "enabled", p, _bool, True),
+        max_memory=c.take(table, "max_memory", p, parse_size, None),
+        options=options,
+        line=c.lines.get(p),
+    )
+    return job if len(c.issues) == before else None
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0 (leave it out for no timeout)")
+    return seconds

@@ -1,0 +1,78 @@
+"""The validated config as frozen objects. Built only by taskd.config.load."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ScheduleKind = Literal["every", "cron", "at", "startup"]
+Overlap = Literal["skip", "queue", "replace", "allow"]
+Catchup = Literal["none", "latest", "all"]
+LogFormat = Literal["auto", "console", "json"]
+
+OVERLAPS: tuple[Overlap, ...] = ("skip", "queue", "replace", "allow")
+CATCHUPS: tuple[Catchup, ...] = ("none", "latest", "all")
+LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    plugin_dirs: tuple[Path, ...] = ()
+    state_dir: Path = Path("/var/lib/taskd")
+    runtime_dir: Path = Path("/run/taskd")
+    log_level: str = "info"
+    log_format: LogFormat = "auto"
+    process_workers: int = 0  # 0: one per CPU
+    thread_workers: int = 8
+    shutdown_timeout: float = 30.0
+    timezone: str = "UTC"
+    metrics_address: str | None = None
+    entry_points: bool = True  # load installed plugins (entry point group "taskd")
+    disabled_plugins: tuple[str, ...] = ()  # entry point names or drop-in file stems to skip
+
+
+@dataclass(frozen=True, slots=True)
+class JobConfig:
+    """One ``[jobs.<name>]`` table. Equality is what a reload uses to call a job changed."""
+
+    name: str
+    type: str
+    schedule: ScheduleKind
+    every: float | None = None
+    cron: str | None = None
+    at: float | None = None  # epoch seconds
+    timezone: str = "UTC"
+    jitter: float = 0.0
+    timeout: float | None = None
+    retries: int = 0
+    retry_backoff: float = 1.0
+    overlap: Overlap = "skip"
+    catchup: Catchup = "latest"
+    grace: float = 60.0
+    enabled: bool = True
+    max_memory: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    line: int | None = field(default=None, compare=False)
+
+    def schedule_text(self) -> str:
+        if self.schedule == "every":
+            from taskd.config.durations import format_duration
+
+            return f"every {format_duration(self.every or 0)}"
+        if self.schedule == "cron":
+            return f"cron {self.cron!r} {self.timezone}"
+        if self.schedule == "at":
+            from datetime import datetime, timezone
+
+            return f"at {datetime.fromtimestamp(self.at or 0, timezone.utc).isoformat()}"
+        return "on startup"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    jobs: Mapping[str, JobConfig]

@@ -1,0 +1,357 @@
+"""The daemon's lifecycle in one place: start, serve, reload, stop.
+
+Signal handlers only record the signal; the main loop acts on it (as uvicorn and gunicorn do).
+Signals that arrive while starting are queued, not lost, and acted on once started."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from taskd import log as logsetup
+from taskd.config import Config, load_config
+from taskd.errors import ConfigError, StateError
+from taskd.plugin.manager import PluginHost
+from taskd.plugin.resolve import JobSpec, resolve
+from taskd.run.runtime import Runtime
+from taskd.schedule.job import ScheduledJob
+from taskd.state.lock import InstanceLock
+from taskd.state.shared import SharedState
+from taskd.state.store import StateStore
+from taskd.systemd import Notifier
+
+log = structlog.get_logger("taskd.daemon")
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_STATE = 3
+CLOCK_CHECK = 10.0  # seconds between wall-clock step checks
+CLOCK_STEP = 0.5  # a wall-clock jump larger than this re-times every job
+FORCE_GRACE = 2.0  # after cancelling runs, how long to let them unwind
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A config with its plugins resolved: what a start or a reload works from."""
+
+    config: Config
+    host: PluginHost
+    specs: Mapping[str, JobSpec]
+
+
+def load_all(path: Path) -> Loaded:
+    """Read the config, load plugins, resolve jobs. Raises ConfigError with every problem."""
+    config = load_config(path)
+    d = config.daemon
+    host = PluginHost.load(d.plugin_dirs, entry_points=d.entry_points, disabled=d.disabled_plugins)
+    specs, issues = resolve(config, host)
+    for problem in host.folder_problems:
+        log.warning("plugin_folder_problem", path=str(problem.path), problem=problem.message)
+    if issues:
+        raise ConfigError(issues)
+    return Loaded(config, host, specs)
+
+
+class Daemon:
+    def __init__(self, config_path: Path, *, notifier: Notifier | None = None) -> None:
+        self.config_path = config_path
+        self.notifier = notifier or Notifier.from_env()
+        self.jobs: dict[str, ScheduledJob] = {}
+        self.retiring: list[ScheduledJob] = []  # removed by a reload, finishing a run
+        self.loaded: Loaded | None = None
+        self.rt: Runtime | None = None
+        self.store: StateStore | None = None
+        self.lock: InstanceLock | None = None
+        self.started_at = time.time()
+        self.last_reload: dict[str, Any] = {}
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._early: list[int] = []
+        self._stopping = False
+        self._reload_pending = False
+        self._reload_task: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+
+    # -- entry -----------------------------------------------------------------------------
+
+    def install_early_signal_handlers(self) -> None:
+        """Before the loop exists: record signals instead of dying on them."""
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self._early.append(signum))
+
+    async def serve(self, loaded: Loaded) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        for sig in self._early:
+            self._signals.put_nowait(sig)
+        self._early.clear()
+        try:
+            code = await self._start(loaded)
+            if code != EXIT_OK:
+                return code
+            await self._main_loop()
+            return await self._shutdown()
+        finally:
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            for timer in self._timers:
+                timer.cancel()
+            if self.store is not None:
+                self.store.close()
+            if self.lock is not None:
+                self.lock.release()
+            self.notifier.close()
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def _start(self, loaded: Loaded) -> int:
+        d = loaded.config.daemon
+        self.lock = InstanceLock(d.state_dir)
+        try:
+            self.lock.acquire()
+        except StateError as exc:
+            self.lock = None
+            log.error("cannot_start", error=str(exc))
+            return EXIT_STATE
+        self.store = StateStore(d.state_dir / "state.db")
+        try:
+            self.store.open()
+        except StateError as exc:
+            self.store = None
+            log.error("cannot_start", error=str(exc))
+            return EXIT_STATE
+        shared = SharedState(self.store.shared())
+        shared.add_listener(self.store.set_shared)
+        rt = Runtime(
+            shared=shared,
+            store=self.store,
+            host=loaded.host,
+            thread_workers=d.thread_workers,
+            process_workers=d.process_workers,
+        )
+        self.rt = rt
+        self.loaded = loaded
+        if any(s.jobtype is not None and s.jobtype.kind == "cpu" for s in loaded.specs.values()):
+            await rt.procs()  # warm, so the first cpu run does not pay for forking workers
+        rows = self.store.jobs()
+        for name, spec in loaded.specs.items():
+            if not spec.config.enabled:
+                continue
+            row = rows.get(name)
+            job = ScheduledJob(spec, rt, cursor=row.last_tick if row else None, paused=row.paused if row else False)
+            self.jobs[name] = job
+            if spec.broken:
+                log.error("job_broken", job=name, error=spec.broken)
+        for job in self.jobs.values():
+            job.start()
+        if d.metrics_address:
+            log.warning("metrics_not_available", metrics_address=d.metrics_address, hint="this version has no /metrics endpoint yet; the setting is ignored")
+        self._start_timers()
+        self.notifier.ready(self._status_line())
+        log.info(
+            "started",
+            pid=os.getpid(),
+            config=str(loaded.config.path),
+            jobs=len(self.jobs),
+            broken=sorted(n for n, s in loaded.specs.items() if s.broken),
+            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+        )
+        await loaded.host.daemon_started(self._info())
+        return EXIT_OK
+
+    def _info(self) -> dict[str, Any]:
+        assert self.loaded is not None
+        return {
+            "pid": os.getpid(),
+            "config": str(self.loaded.config.path),
+            "state_dir": str(self.loaded.config.daemon.state_dir),
+            "jobs": sorted(self.jobs),
+        }
+
+    def _status_line(self) -> str:
+        running = sum(len(j.active) for j in self.jobs.values())
+        broken = sum(1 for j in self.jobs.values() if j.spec.broken)
+        text = f"{len(self.jobs)} jobs, {running} running"
+        if broken:
+            text += f", {broken} broken"
+        if self.last_reload and not self.last_reload.get("ok"):
+            text += "; last reload failed"
+        return text
+
+    def _start_timers(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.notifier.watchdog_interval
+        if interval:
+            # Pinged from a loop callback: if the loop is blocked, the pings stop and systemd
+            # restarts us, which is the point.
+            def ping() -> None:
+                self.notifier.ping()
+                self._timers.append(loop.call_later(interval, ping))
+
+            ping()
+        offset = time.time() - loop.time()
+        last_status = ""
+
+        def clock_check() -> None:
+            nonlocal offset, last_status
+            now_offset = time.time() - loop.time()
+            if abs(now_offset - offset) > CLOCK_STEP:
+                log.warning("clock_stepped", by=round(now_offset - offset, 3))
+                for job in self.jobs.values():
+                    job.clock_changed()
+            offset = now_offset
+            status = self._status_line()
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+            self._timers.append(loop.call_later(CLOCK_CHECK, clock_check))
+
+        self._timers.append(loop.call_later(CLOCK_CHECK, clock_check))
+
+    # -- main loop --------------------------------------------------------------------------
+
+    async def _main_loop(self) -> None:
+        while True:
+            sig = await self._signals.get()
+            if sig == signal.SIGHUP:
+                self.request_reload()
+            else:
+                log.info("stopping", signal=signal.Signals(sig).name)
+                return
+
+    def request_reload(self) -> None:
+        """Reload soon. A storm of requests coalesces: one reload runs, at most one waits."""
+        self._reload_pending = True
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop(), name="taskd-reload")
+
+    async def _reload_loop(self) -> None:
+        while self._reload_pending and not self._stopping:
+            self._reload_pending = False
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Validate everything first; apply only a fully valid config. Returns success."""
+        assert self.loaded is not None and self.rt is not None
+        self.notifier.reloading()
+        started = time.time()
+        try:
+            # In a thread: plugin imports and file reads must not stall the loop (and its
+            # watchdog pings). Nothing live is touched until this has fully succeeded.
+            new = await asyncio.to_thread(load_all, self.config_path)
+            broken = new.host.broken
+            if broken:
+                raise _ReloadRejected(
+                    "plugins failed to load: " + "; ".join(f"{r.origin}: {r.error}" for r in broken)
+                )
+        except (ConfigError, _ReloadRejected) as exc:
+            self.last_reload = {"ok": False, "at": started, "error": str(exc)}
+            issues = [str(i) for i in exc.issues] if isinstance(exc, ConfigError) else [str(exc)]
+            log.error("reload_failed", errors=issues, hint="the previous config keeps running; fix the file and reload again")
+            self.notifier.ready(self._status_line())
+            return False
+        except Exception as exc:
+            self.last_reload = {"ok": False, "at": started, "error": repr(exc)}
+            log.exception("reload_failed", error=repr(exc), hint="the previous config keeps running")
+            self.notifier.ready(self._status_line())
+            return False
+        added, changed, removed = self._apply(new)
+        self.last_reload = {"ok": True, "at": started, "added": added, "changed": changed, "removed": removed}
+        log.info("reloaded", added=added, changed=changed, removed=removed, took=round(time.time() - started, 3))
+        new.host.config_reloaded(added, changed, removed)
+        self.notifier.ready(self._status_line())
+        return True
+
+    def _apply(self, new: Loaded) -> tuple[list[str], list[str], list[str]]:
+        assert self.loaded is not None and self.rt is not None
+        old_daemon = self.loaded.config.daemon
+        new_daemon = new.config.daemon
+        for key in ("state_dir", "runtime_dir", "thread_workers", "process_workers"):
+            if getattr(old_daemon, key) != getattr(new_daemon, key):
+                log.warning("restart_needed", key=f"daemon.{key}", hint="this setting takes effect at the next restart")
+        if (old_daemon.log_level, old_daemon.log_format) != (new_daemon.log_level, new_daemon.log_format):
+            logsetup.configure(new_daemon.log_level, new_daemon.log_format)
+        self.rt.set_host(new.host)
+        wanted = {n: s for n, s in new.specs.items() if s.config.enabled}
+        added, changed, removed = [], [], []
+        for name in list(self.jobs):
+            if name not in wanted:
+                job = self.jobs.pop(name)
+                job.remove()
+                if job.active:
+                    self.retiring.append(job)
+                removed.append(name)
+        assert self.store is not None
+        rows = self.store.jobs()
+        for name, spec in wanted.items():
+            job = self.jobs.get(name)
+            if job is None:
+                row = rows.get(name)
+                job = ScheduledJob(spec, self.rt, cursor=None, paused=row.paused if row else False)
+                self.jobs[name] = job
+                job.start()
+                added.append(name)
+            elif not job.spec.same_as(spec):
+                job.update(spec)
+                changed.append(name)
+        self.retiring = [j for j in self.retiring if j.active]
+        self.loaded = Loaded(new.config, new.host, new.specs)
+        return added, changed, removed
+
+    # -- stop -------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> int:
+        assert self.loaded is not None and self.rt is not None
+        self._stopping = True
+        d = self.loaded.config.daemon
+        self.notifier.stopping("stopping: draining runs")
+        await self.loaded.host.daemon_stopping(self._info())
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_task.cancel()
+        everyone = [*self.jobs.values(), *self.retiring]
+        for job in everyone:
+            job.stop()
+        runs = [task for job in everyone for task, _ in job.active.values()]
+        forced = False
+        if runs:
+            log.info("draining", runs=len(runs), timeout=d.shutdown_timeout)
+            drained = asyncio.ensure_future(asyncio.wait(runs, timeout=d.shutdown_timeout))
+            second = asyncio.ensure_future(self._signals.get())
+            done, _ = await asyncio.wait({drained, second}, return_when=asyncio.FIRST_COMPLETED)
+            if second in done:
+                forced = True
+                log.warning("forced_stop", hint="second signal: cancelling runs now")
+            else:
+                second.cancel()
+            drained.cancel()
+        left = [t for t in runs if not t.done()]
+        if left:
+            log.warning("cancelling_runs", runs=len(left), reason="forced stop" if forced else "shutdown_timeout passed")
+            for job in everyone:
+                job.cancel_runs("daemon stopping")
+            await self.rt.close(kill=True)
+            await asyncio.wait(left, timeout=FORCE_GRACE)
+        else:
+            await self.rt.close(kill=False, timeout=FORCE_GRACE)
+        for job in everyone:
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+        tasks = [j.task for j in everyone if j.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=FORCE_GRACE)
+        await self.loaded.host.drain_hooks()
+        stuck = self.rt.threads.stuck_count
+        log.info("stopped", forced=forced, stuck_threads=stuck, uptime=round(time.time() - self.started_at, 3))
+        return EXIT_OK
+
+
+class _ReloadRejected(Exception):
+    pass

@@ -1,0 +1,80 @@
+"""JobContext: what an ``io`` job receives as its first argument."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from taskd.state.shared import SharedState
+
+T = TypeVar("T")
+
+
+class Offloader(Protocol):
+    """Where a context sends steps that must leave the loop; the daemon provides it."""
+
+    async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
+
+    async def to_process(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
+
+
+class _LocalOffloader:
+    """Fallback used outside a daemon (tests, ``taskd exec``): asyncio's default thread pool
+    and a fresh one-off process pool per call."""
+
+    async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(func, *args, **kwargs)
+
+    async def to_process(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        from concurrent.futures import ProcessPoolExecutor
+
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(max_workers=1) as pool:
+            return await loop.run_in_executor(pool, functools.partial(func, *args, **kwargs))
+
+
+class JobContext:
+    """The run an ``io`` job is part of, and the daemon's services it may use.
+
+    Attributes: ``job`` (its name in the config), ``run_id``, ``attempt`` (1 for the first try),
+    ``scheduled`` (the tick this run belongs to, an aware UTC datetime), ``log`` (a structlog
+    logger bound to job and run id), ``state`` (the :class:`~taskd.state.shared.SharedState`).
+    """
+
+    __slots__ = ("_offload", "attempt", "job", "log", "run_id", "scheduled", "state")
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        run_id: str,
+        attempt: int,
+        scheduled: datetime,
+        log: FilteringBoundLogger,
+        state: SharedState,
+        offload: Offloader | None = None,
+    ) -> None:
+        self.job = job
+        self.run_id = run_id
+        self.attempt = attempt
+        self.scheduled = scheduled
+        self.log = log
+        self.state = state
+        self._offload: Offloader = offload or _LocalOffloader()
+
+    async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a blocking call in the daemon's thread pool and await its result."""
+        return await self._offload.to_thread(func, *args, **kwargs)
+
+    async def to_process(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a module-level, picklable function in the daemon's process pool."""
+        return await self._offload.to_process(func, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<JobContext job={self.job!r} run_id={self.run_id!r} attempt={self.attempt}>"

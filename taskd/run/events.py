@@ -1,0 +1,54 @@
+"""JobEvent: what happened to a run, handed to the ``taskd_job_event`` hook and the log."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+class EventKind(str, enum.Enum):
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    TIMED_OUT = "timed_out"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SkipReason(str, enum.Enum):
+    """Why a tick did not become a run. Every skip carries one and is counted."""
+
+    OVERLAP = "overlap"  # overlap = "skip" and the previous run is still going
+    MISSED = "missed"  # later than ``grace`` (daemon down, loop blocked, host asleep)
+    COALESCED = "coalesced"  # catchup = "latest" folded this tick into a later one
+    PAUSED = "paused"
+    BROKEN = "broken"  # the job's plugin failed to load
+    SHUTDOWN = "shutdown"  # queued behind a running run when the daemon stopped
+    REMOVED = "removed"  # queued behind a running run when a reload removed the job
+    QUEUE_FULL = "queue_full"  # overlap = "queue" and too many ticks already wait
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One event in a run's life. ``scheduled`` is the tick (aware UTC) the run belongs to."""
+
+    kind: EventKind
+    job: str
+    run_id: str
+    scheduled: datetime
+    attempt: int = 0
+    at: float = 0.0  # wall-clock time of the event (epoch seconds)
+    reason: str | None = None  # for skipped, cancelled, retrying: why
+    error: str | None = None  # for failed, timed_out, retrying: the error, one line
+    duration: float | None = None  # seconds, for the end events
+    result: Any = None  # for succeeded: what the job returned
+    count: int = 1  # for skipped: how many ticks this one event stands for

@@ -1,0 +1,194 @@
+"""One run of a job: its attempts, timeout, retries with backoff, events, history record and the
+one canonical log line. Anything the job raises or returns is this run's outcome, never the
+daemon's problem."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from taskd.errors import JobTimeout
+from taskd.run.context import JobContext
+from taskd.run.events import EventKind, JobEvent
+from taskd.run.executors import with_timeout
+
+if TYPE_CHECKING:
+    from taskd.plugin.resolve import JobSpec
+    from taskd.run.runtime import Runtime
+
+MAX_BACKOFF = 3600.0
+
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+TIMED_OUT = "timed_out"
+CANCELLED = "cancelled"
+
+
+@dataclass(slots=True)
+class RunInfo:
+    """A run in flight, as status reads it."""
+
+    run_id: str
+    job: str
+    scheduled: float
+    started: float
+    trigger: str
+    attempt: int = 1
+    outcome: str | None = None
+    error: str | None = None
+    result: Any = None
+    cancel_reason: str | None = field(default=None)
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
+    jt = spec.jobtype
+    assert jt is not None
+    cfg = spec.config
+    label = f"job {cfg.name!r} run {info.run_id}"
+    if jt.kind == "io":
+        ctx = JobContext(
+            job=cfg.name,
+            run_id=info.run_id,
+            attempt=info.attempt,
+            scheduled=datetime.fromtimestamp(info.scheduled, timezone.utc),
+            log=rt.log.bind(job=cfg.name, run_id=info.run_id, attempt=info.attempt),
+            state=rt.shared,
+            offload=rt,
+        )
+        return await with_timeout(jt.func(ctx, **cfg.options), cfg.timeout, label)
+    if jt.kind == "blocking":
+        return await rt.threads.run(jt.func, cfg.options, cfg.timeout, label)
+    pool = await rt.procs()
+    return await pool.run(jt.func, (), cfg.options, timeout=cfg.timeout, max_memory=cfg.max_memory, label=label)
+
+
+async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
+    """Run ``spec`` once for the tick in ``info``, with retries. Returns ``info`` with its
+    outcome. Re-raises CancelledError after recording the run as cancelled."""
+    cfg = spec.config
+    store = rt.store
+    if store is not None:
+        store.run_started(info.run_id, cfg.name, info.scheduled, info.started, info.trigger)
+        # The tick and the run's start reach the disk before the job does anything, so a
+        # restart after a crash neither runs this tick again nor forgets the run existed.
+        await store.durable()
+    rt.stats.running += 1
+    scheduled_dt = datetime.fromtimestamp(info.scheduled, timezone.utc)
+    attempt_start = info.started
+    try:
+        while True:
+            if rt.listeners:
+                rt.emit(JobEvent(EventKind.STARTED, cfg.name, info.run_id, scheduled_dt, info.attempt, time.time()))
+            try:
+                info.result = await _attempt(rt, spec, info)
+                info.outcome = SUCCEEDED
+                info.error = None
+                break
+            except asyncio.CancelledError:
+                info.outcome = CANCELLED
+                info.error = info.cancel_reason or "cancelled"
+                raise
+            except JobTimeout as exc:
+                info.outcome, info.error = TIMED_OUT, str(exc)
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the run's failure
+                info.outcome, info.error = FAILED, _error_text(exc)
+                if not isinstance(exc, Exception):
+                    rt.log.warning("job_raised_base_exception", job=cfg.name, run_id=info.run_id, error=info.error)
+            if info.attempt > cfg.retries:
+                break
+            delay = min(cfg.retry_backoff * (2 ** (info.attempt - 1)), MAX_BACKOFF)
+            rt.log.warning(
+                "run_retrying",
+                job=cfg.name,
+                run_id=info.run_id,
+                attempt=info.attempt,
+                outcome=info.outcome,
+                error=info.error,
+                retry_in=round(delay, 3),
+            )
+            rt.emit(
+                JobEvent(EventKind.RETRYING, cfg.name, info.run_id, scheduled_dt, info.attempt, time.time(), reason=info.outcome, error=info.error)
+            )
+            await asyncio.sleep(delay)
+            info.attempt += 1
+            attempt_start = time.time()
+    finally:
+        rt.stats.running -= 1
+        _finish(rt, spec, info, scheduled_dt, attempt_start)
+    return info
+
+
+def _finish(rt: Runtime, spec: JobSpec, info: RunInfo, scheduled_dt: datetime, attempt_start: float) -> None:
+    cfg = spec.config
+    now = time.time()
+    duration = now - info.started
+    outcome = info.outcome or CANCELLED
+    rt.stats.outcomes[(cfg.name, outcome)] += 1
+    result = info.result if outcome == SUCCEEDED else None
+    if rt.store is not None:
+        rt.store.run_finished(
+            info.run_id, cfg.name, info.scheduled, info.started, info.attempt, duration, outcome, info.error, info.trigger, result
+        )
+    if result is not None:
+        _record_result(rt, cfg.name, result)
+    fields: dict[str, Any] = {
+        "job": cfg.name,
+        "run_id": info.run_id,
+        "attempt": info.attempt,
+        "outcome": outcome,
+        "duration": round(duration, 6),
+        "late": round(info.started - info.scheduled, 6),
+    }
+    if info.trigger != "schedule":
+        fields["trigger"] = info.trigger
+    if info.error:
+        fields["error"] = info.error
+    if outcome == SUCCEEDED:
+        rt.log.info("run", **fields)
+    elif outcome == CANCELLED:
+        rt.log.warning("run", **fields)
+    else:
+        rt.log.error("run", **fields)
+    kind = {SUCCEEDED: EventKind.SUCCEEDED, FAILED: EventKind.FAILED, TIMED_OUT: EventKind.TIMED_OUT}.get(outcome, EventKind.CANCELLED)
+    if rt.listeners:
+        rt.emit(
+            JobEvent(
+                kind,
+                cfg.name,
+                info.run_id,
+                scheduled_dt,
+                info.attempt,
+                now,
+                reason=info.cancel_reason if kind is EventKind.CANCELLED else None,
+                error=info.error,
+                duration=duration,
+                result=result,
+            )
+        )
+
+
+def _record_result(rt: Runtime, job: str, result: Any) -> None:
+    """A run's return value goes into shared state under the job's name, on the loop thread
+    (thread and process jobs never touch shared state themselves)."""
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError):
+        result = repr(result)
+    if rt.shared.lock.locked():
+        # An io job holds the lock across an await: record once it lets go, still on the loop.
+        async def later() -> None:
+            async with rt.shared.locked() as data:
+                data[job] = result
+
+        rt.spawn(later())
+    else:
+        rt.shared.set_unlocked(job, result)

@@ -1,0 +1,113 @@
+"""Runtime: the services every run uses (pools, state, store, hooks, counters), in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+
+from taskd.run.events import EventKind, JobEvent
+from taskd.run.executors import ThreadRunner
+
+if TYPE_CHECKING:
+    from taskd.plugin.manager import PluginHost
+    from taskd.run.procpool import ProcessPool
+    from taskd.state.shared import SharedState
+    from taskd.state.store import StateStore
+
+T = TypeVar("T")
+
+
+class Stats:
+    """Counters a later /metrics endpoint and ``taskd status`` read."""
+
+    __slots__ = ("outcomes", "running", "skips")
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.skips: Counter[tuple[str, str]] = Counter()
+        self.running = 0
+
+
+class Runtime:
+    def __init__(
+        self,
+        *,
+        shared: SharedState,
+        store: StateStore | None,
+        host: PluginHost,
+        thread_workers: int,
+        process_workers: int,
+    ) -> None:
+        self.shared = shared
+        self.store = store
+        self.host = host
+        self.threads = ThreadRunner(thread_workers)
+        self.process_workers = process_workers or (os.cpu_count() or 1)
+        self._procs: ProcessPool | None = None
+        self._procs_lock = asyncio.Lock()
+        self.stats = Stats()
+        self.log = structlog.get_logger("taskd.run")
+        self._prefix = os.urandom(3).hex()
+        self._seq = 0
+        self.listeners = host.has_impls("taskd_job_event")
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A background task with a strong reference kept until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def set_host(self, host: PluginHost) -> None:
+        self.host = host
+        self.listeners = host.has_impls("taskd_job_event")
+
+    def new_run_id(self) -> str:
+        # Short, unique per daemon start and sortable within it; cheaper than uuid4 per run.
+        self._seq += 1
+        return f"{self._prefix}{self._seq:06x}"
+
+    def emit(self, event: JobEvent) -> None:
+        if event.kind is EventKind.SKIPPED:
+            self.stats.skips[(event.job, event.reason or "")] += event.count
+        if self.listeners:
+            self.host.job_event(event)
+
+    # -- pools ----------------------------------------------------------------------------
+
+    async def procs(self) -> ProcessPool:
+        """The process pool, started on first use (a config without cpu jobs never forks)."""
+        if self._procs is None:
+            async with self._procs_lock:
+                if self._procs is None:
+                    from taskd.run.procpool import ProcessPool
+
+                    pool = ProcessPool(self.process_workers)
+                    await pool.start()
+                    self._procs = pool
+        return self._procs
+
+    @property
+    def procs_started(self) -> ProcessPool | None:
+        return self._procs
+
+    async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return await self.threads.call(func, *args, **kwargs)
+
+    async def to_process(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        pool = await self.procs()
+        result: T = await pool.run(func, args, kwargs, label=getattr(func, "__qualname__", "to_process"))
+        return result
+
+    async def close(self, *, kill: bool, timeout: float | None = None) -> None:
+        if self._procs is not None:
+            if kill:
+                self._procs.kill()
+            await self._procs.close(timeout=0 if kill else timeout)
+        self.threads.shutdown()

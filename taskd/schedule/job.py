@@ -1,0 +1,298 @@
+"""ScheduledJob: the one asyncio Task that schedules one job.
+
+It sleeps until the next tick (never waking it early, never spinning), decides what each due
+tick becomes (a run, or a skip with a reason), and starts runs as child tasks so the overlap
+policy can see them. Its cursor (the last tick handled) is persisted, so after downtime the
+missed ticks are found and handled by ``catchup``:
+
+- ``all``: every missed tick runs, oldest first (at most MAX_CATCHUP; older ones are skipped);
+- ``latest``: the most recent due tick runs, earlier ones are skipped as ``coalesced`` (or
+  ``missed`` if older than ``grace``);
+- ``none``: the most recent due tick runs only if it is at most ``grace`` late; the rest are
+  skipped as ``missed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import structlog
+
+from taskd.run.events import EventKind, JobEvent, SkipReason
+from taskd.run.runner import RunInfo, execute
+
+if TYPE_CHECKING:
+    from taskd.plugin.resolve import JobSpec
+    from taskd.run.runtime import Runtime
+
+log = structlog.get_logger("taskd.schedule")
+
+MAX_CATCHUP = 1000  # ticks considered per wake-up; more than that are skipped in one event
+QUEUE_LIMIT = 100  # overlap = "queue": ticks waiting behind a running run
+# uvloop rounds timers to whole milliseconds and can fire up to ~1 ms early; aiming 1 ms past
+# the tick makes an early wake-up (and the re-sleep it costs) rare.
+TIMER_SLACK = 0.001
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+class ScheduledJob:
+    def __init__(self, spec: JobSpec, rt: Runtime, *, cursor: float | None, paused: bool = False) -> None:
+        self.spec = spec
+        self.rt = rt
+        self.cursor = cursor  # last tick handled (run or skipped); None: never started
+        self.paused = paused
+        self.next_fire: float | None = None
+        self.active: dict[str, tuple[asyncio.Task[RunInfo], RunInfo]] = {}
+        self.queue: deque[float] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.removed = False
+        self._stopping = False
+        self._wake: asyncio.Future[bool] | None = None
+        self._reset_cursor = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # -- control, from the daemon --------------------------------------------------------
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._main(), name=f"taskd-job:{self.name}")
+
+    def update(self, spec: JobSpec) -> None:
+        """A reload changed this job: the next tick follows the new definition; runs in
+        flight finish under the old one (they hold their own spec)."""
+        old = self.spec
+        self.spec = spec
+        if (old.config.schedule, old.config.every, old.config.cron, old.config.at, old.config.timezone) != (
+            spec.config.schedule,
+            spec.config.every,
+            spec.config.cron,
+            spec.config.at,
+            spec.config.timezone,
+        ):
+            # A new schedule starts from now: the reload itself is not downtime to catch up on.
+            self._reset_cursor = True
+        self._poke()
+
+    def remove(self) -> None:
+        """Stop scheduling; a run in flight finishes. Queued ticks are dropped (as skips)."""
+        self.removed = True
+        self._drop_queue(SkipReason.REMOVED)
+        self._poke()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._drop_queue(SkipReason.SHUTDOWN)
+        self._poke()
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        if self.rt.store is not None:
+            self.rt.store.set_paused(self.name, paused)
+
+    def clock_changed(self) -> None:
+        """The wall clock stepped: recompute the sleep."""
+        self._poke()
+
+    def cancel_runs(self, reason: str) -> None:
+        for task, info in self.active.values():
+            info.cancel_reason = reason
+            task.cancel()
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(False)
+
+    @property
+    def done(self) -> bool:
+        return (self._stopping or self.removed) and not self.active
+
+    # -- the schedule loop -------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        try:
+            if self.spec.trigger is None:  # on = "startup"
+                if not self._stopping and not self.removed:
+                    now = time.time()
+                    self._fire(now, now)
+                await self._idle()
+                return
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not take the daemon (or other jobs) down
+            log.exception("scheduler_crashed", job=self.name)
+
+    async def _idle(self) -> None:
+        while not (self._stopping or self.removed):
+            await self._sleep_until(None)
+
+    async def _loop(self) -> None:
+        loop_now = time.time
+        now = loop_now()
+        if self.cursor is None:
+            self.cursor = now
+        while not (self._stopping or self.removed):
+            if self._reset_cursor:
+                self._reset_cursor = False
+                self.cursor = max(self.cursor, now)
+            spec = self.spec
+            trigger = spec.trigger
+            if trigger is None:
+                await self._idle()
+                return
+            tick = trigger.next_after(self.cursor)
+            if tick is None:  # a one-shot that has fired
+                self.next_fire = None
+                await self._idle()
+                return
+            if tick > now:
+                jitter = spec.config.jitter
+                target = tick + (random.uniform(0, jitter) if jitter else 0.0)
+                self.next_fire = target
+                if not await self._sleep_until(target):
+                    now = loop_now()
+                    continue  # poked: reload, stop or clock step; recompute from the cursor
+                now = loop_now()
+                # Never before its time, whatever the timer did.
+                while now < target:
+                    await self._sleep_until(target)
+                    now = loop_now()
+                    if self._stopping or self.removed:
+                        return
+            self._handle_due(tick, now)
+
+    def _handle_due(self, first: float, now: float) -> None:
+        spec = self.spec
+        trigger = spec.trigger
+        assert trigger is not None
+        cfg = spec.config
+        due = [first]
+        tick: float | None = first
+        truncated = False
+        while True:
+            tick = trigger.next_after(due[-1])
+            if tick is None or tick > now:
+                break
+            if len(due) >= MAX_CATCHUP:
+                truncated = True
+                break
+            due.append(tick)
+        latest = due[-1]
+        if truncated:
+            # Too many to list: jump to the last due tick by stepping, without keeping them.
+            extra = 0
+            while tick is not None and tick <= now:
+                latest, tick, extra = tick, trigger.next_after(tick), extra + 1
+            self._skip(due, SkipReason.MISSED, extra_count=extra)
+            due = [latest]
+        if cfg.catchup == "all":
+            run = due
+        elif cfg.catchup == "latest":
+            run = [latest]
+        else:
+            run = [latest] if now - latest <= cfg.grace else []
+        skipped = due[: len(due) - len(run)] if run else due
+        if skipped:
+            late = [t for t in skipped if now - t > cfg.grace]
+            coalesced = [t for t in skipped if now - t <= cfg.grace]
+            if late:
+                self._skip(late, SkipReason.MISSED)
+            if coalesced:
+                self._skip(coalesced, SkipReason.COALESCED)
+        self.cursor = latest
+        if self.rt.store is not None:
+            self.rt.store.set_tick(self.name, latest)
+        for t in run:
+            self._fire(t, now)
+
+    def _skip(self, ticks: list[float], reason: SkipReason, extra_count: int = 0) -> None:
+        count = len(ticks) + extra_count
+        fields = {"job": self.name, "reason": str(reason), "count": count, "first": _utc(ticks[0]).isoformat()}
+        if count > 1:
+            fields["last"] = _utc(ticks[-1]).isoformat()
+        if reason is SkipReason.PAUSED:
+            log.debug("skipped", **fields)
+        else:
+            log.warning("skipped", **fields)
+        self.rt.emit(JobEvent(EventKind.SKIPPED, self.name, "", _utc(ticks[0]), 0, time.time(), reason=str(reason), count=count))
+
+    async def _sleep_until(self, when: float | None) -> bool:
+        """Sleep until wall-clock ``when`` (None: until poked). True if the time came, False if
+        poked first."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._wake = fut
+        handle = None
+        if when is not None:
+            delay = when - time.time()
+            handle = loop.call_at(loop.time() + max(delay, 0.0) + TIMER_SLACK, _resolve, fut)
+        try:
+            return await fut
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._wake = None
+
+    # -- starting runs -------------------------------------------------------------------
+
+    def _fire(self, tick: float, now: float, trigger: str = "schedule") -> None:
+        spec = self.spec
+        if spec.broken is not None:
+            self._skip([tick], SkipReason.BROKEN)
+            return
+        if self.paused and trigger == "schedule":
+            self._skip([tick], SkipReason.PAUSED)
+            return
+        if self.active:
+            overlap = spec.config.overlap
+            if overlap == "skip":
+                self._skip([tick], SkipReason.OVERLAP)
+                return
+            if overlap == "queue":
+                if len(self.queue) >= QUEUE_LIMIT:
+                    self._skip([tick], SkipReason.QUEUE_FULL)
+                else:
+                    self.queue.append(tick)
+                return
+            if overlap == "replace":
+                self.cancel_runs("replaced by a newer run")
+        self.start_run(tick, trigger)
+
+    def start_run(self, tick: float, trigger: str = "schedule") -> RunInfo:
+        rt = self.rt
+        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), trigger)
+        task = asyncio.get_running_loop().create_task(execute(rt, self.spec, info), name=f"taskd-run:{self.name}:{info.run_id}")
+        self.active[info.run_id] = (task, info)
+        task.add_done_callback(lambda t, run_id=info.run_id: self._run_done(run_id, t))
+        return info
+
+    def _run_done(self, run_id: str, task: asyncio.Task[RunInfo]) -> None:
+        self.active.pop(run_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("run_crashed", job=self.name, run_id=run_id, error=repr(exc), exc_info=exc)
+        if self.queue and not self.active and not (self._stopping or self.removed):
+            self.start_run(self.queue.popleft())
+        if self.done:
+            self._poke()
+
+    def _drop_queue(self, reason: SkipReason) -> None:
+        if self.queue:
+            ticks = list(self.queue)
+            self.queue.clear()
+            self._skip(ticks, reason)
+
+
+def _resolve(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(True)

@@ -1,0 +1,46 @@
+"""The single-instance lock: one daemon per state_dir."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from taskd.errors import AlreadyRunningError, StateError
+
+
+class InstanceLock:
+    """An exclusive ``flock`` on ``state_dir/taskd.lock`` holding the owner's pid.
+
+    flock is released by the kernel when the process dies, however it dies, so a stale lock
+    file from a ``kill -9`` never blocks the next start."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "taskd.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot create lock file {self.path}: {exc.strerror or exc}; check state_dir") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise AlreadyRunningError(
+                f"another taskd (pid {owner}) is already running on state_dir {self.path.parent}; "
+                f"stop it first, or give this one a different state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,320 @@
+"""Persistence under ``state_dir``: each job's last tick and outcome, the run history, the shared
+state. SQLite in WAL mode: a ``kill -9`` at any instant leaves the file readable and holding
+everything up to the last commit.
+
+Writes are buffered and committed once per event-loop iteration (a burst of 10,000 runs due
+at the same instant is one transaction, not 10,000). A caller that must not go on before its
+write is on disk, such as a run start (a tick must be recorded as fired before the job runs, so
+a restart never runs it twice), awaits :meth:`StateStore.durable`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from taskd.errors import StateError
+
+log = structlog.get_logger("taskd.state")
+
+SCHEMA_VERSION = 1
+HISTORY_KEEP = 100_000  # rows; older runs are pruned
+MAX_RESULT_CHARS = 65_536
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    last_tick REAL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_run_id TEXT, last_outcome TEXT, last_started REAL, last_duration REAL,
+    last_error TEXT, last_result TEXT
+);
+CREATE TABLE IF NOT EXISTS runs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL UNIQUE,
+    job TEXT NOT NULL,
+    scheduled REAL NOT NULL,
+    started REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    duration REAL,
+    outcome TEXT NOT NULL,
+    error TEXT,
+    trigger TEXT NOT NULL DEFAULT 'schedule'
+);
+CREATE INDEX IF NOT EXISTS runs_job ON runs (job, seq);
+CREATE TABLE IF NOT EXISTS shared (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(slots=True)
+class JobRow:
+    name: str
+    last_tick: float | None = None
+    paused: bool = False
+    last_run_id: str | None = None
+    last_outcome: str | None = None
+    last_started: float | None = None
+    last_duration: float | None = None
+    last_error: str | None = None
+    last_result: Any = None
+
+
+def _json_or_repr(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = json.dumps(repr(value))
+    if len(text) > MAX_RESULT_CHARS:
+        text = json.dumps(text[:MAX_RESULT_CHARS] + "...(truncated)")
+    return text
+
+
+class StateStore:
+    """One SQLite file, used only from the event-loop thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._ticks: dict[str, float] = {}
+        self._paused: dict[str, bool] = {}
+        self._run_rows: dict[str, tuple[Any, ...]] = {}
+        self._job_last: dict[str, tuple[Any, ...]] = {}
+        self._shared: dict[str, str | None] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._flushes = 0
+        self.write_errors = 0
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (creating if needed). A file that is not a readable taskd database is moved
+        aside with a loud error and a new one started: never overwritten in place."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    src.rename(Path(str(aside) + suffix))
+            log.error(
+                "state_corrupt",
+                path=str(self.path),
+                moved_to=str(aside),
+                error=str(exc),
+                action="started with empty state; the old file is kept for inspection",
+            )
+            try:
+                self._db = self._connect()
+            except sqlite3.DatabaseError as exc2:
+                raise StateError(f"cannot create state database {self.path}: {exc2}") from exc2
+        except sqlite3.OperationalError as exc:
+            raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+        interrupted = self._db.execute(
+            "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
+        ).rowcount
+        self._db.commit()
+        if interrupted:
+            log.warning("runs_interrupted", count=interrupted, hint="these runs were going when the daemon died")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives the process being killed (the OS has it);
+            # only a power loss can drop the last commits, never corrupt the file.
+            db.execute("PRAGMA synchronous=NORMAL")
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if not check or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check[0] if check else 'no answer'}")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StateError(
+                    f"state database {self.path} has schema {row[0]}, newer than this taskd ({SCHEMA_VERSION}); "
+                    "upgrade taskd or use another state_dir"
+                )
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StateError("state store is not open")
+        return self._db
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def jobs(self) -> dict[str, JobRow]:
+        out: dict[str, JobRow] = {}
+        for row in self.db.execute(
+            "SELECT name, last_tick, paused, last_run_id, last_outcome, last_started, last_duration, last_error, last_result FROM jobs"
+        ):
+            result = json.loads(row[8]) if row[8] is not None else None
+            out[row[0]] = JobRow(row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[7], result)
+        return out
+
+    def shared(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM shared")}
+
+    def history(self, job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        sql = "SELECT run_id, job, scheduled, started, attempts, duration, outcome, error, trigger FROM runs"
+        args: tuple[Any, ...] = ()
+        if job is not None:
+            sql += " WHERE job = ?"
+            args = (job,)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        cols = ("run_id", "job", "scheduled", "started", "attempts", "duration", "outcome", "error", "trigger")
+        return [dict(zip(cols, r, strict=True)) for r in self.db.execute(sql, (*args, limit))]
+
+    # -- buffered writes -------------------------------------------------------------------
+
+    def set_tick(self, job: str, tick: float) -> None:
+        self._ticks[job] = tick
+        self._dirty()
+
+    def set_paused(self, job: str, paused: bool) -> None:
+        self._paused[job] = paused
+        self._dirty()
+
+    def run_started(self, run_id: str, job: str, scheduled: float, started: float, trigger: str) -> None:
+        self._run_rows[run_id] = (run_id, job, scheduled, started, 1, None, "running", None, trigger)
+        self._dirty()
+
+    def run_finished(
+        self,
+        run_id: str,
+        job: str,
+        scheduled: float,
+        started: float,
+        attempts: int,
+        duration: float,
+        outcome: str,
+        error: str | None,
+        trigger: str,
+        result: Any = None,
+    ) -> None:
+        self._run_rows[run_id] = (run_id, job, scheduled, started, attempts, duration, outcome, error, trigger)
+        self._job_last[job] = (run_id, outcome, started, duration, error, None if result is None else _json_or_repr(result))
+        self._dirty()
+
+    def set_shared(self, data: Mapping[str, Any], keys: frozenset[str]) -> None:
+        for key in keys:
+            self._shared[key] = json.dumps(data[key]) if key in data else None
+        self._dirty()
+
+    def _dirty(self) -> None:
+        if self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()  # outside a loop (CLI tools): write through
+                return
+            self._flush_handle = loop.call_soon(self._flush_from_loop)
+
+    async def durable(self) -> None:
+        """Return once everything written so far is committed."""
+        if self._flush_handle is None:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    def _flush_from_loop(self) -> None:
+        self._flush_handle = None
+        try:
+            self.flush()
+        except sqlite3.Error as exc:
+            self.write_errors += 1
+            # Keep the buffered writes and try again shortly; the daemon goes on meanwhile.
+            log.error("state_write_failed", path=str(self.path), error=str(exc), retry_in="1s")
+            self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_from_loop)
+            return
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def flush(self) -> None:
+        if not (self._ticks or self._paused or self._run_rows or self._job_last or self._shared):
+            return
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            if self._ticks:
+                db.executemany(
+                    "INSERT INTO jobs (name, last_tick) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET last_tick=excluded.last_tick",
+                    self._ticks.items(),
+                )
+            if self._paused:
+                db.executemany(
+                    "INSERT INTO jobs (name, paused) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET paused=excluded.paused",
+                    self._paused.items(),
+                )
+            if self._run_rows:
+                db.executemany(
+                    "INSERT INTO runs (run_id, job, scheduled, started, attempts, duration, outcome, error, trigger) "
+                    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET attempts=excluded.attempts, "
+                    "duration=excluded.duration, outcome=excluded.outcome, error=excluded.error",
+                    self._run_rows.values(),
+                )
+            if self._job_last:
+                db.executemany(
+                    "INSERT INTO jobs (name, last_run_id, last_outcome, last_started, last_duration, last_error, last_result) "
+                    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET last_run_id=excluded.last_run_id, "
+                    "last_outcome=excluded.last_outcome, last_started=excluded.last_started, "
+                    "last_duration=excluded.last_duration, last_error=excluded.last_error, "
+                    "last_result=COALESCE(excluded.last_result, jobs.last_result)",
+                    [(job, *row) for job, row in self._job_last.items()],
+                )
+            if self._shared:
+                db.executemany("DELETE FROM shared WHERE key=?", [(k,) for k, v in self._shared.items() if v is None])
+                db.executemany(
+                    "INSERT INTO shared (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    [(k, v) for k, v in self._shared.items() if v is not None],
+                )
+            self._flushes += 1
+            if self._flushes % 1000 == 0:
+                db.execute("DELETE FROM runs WHERE seq <= (SELECT MAX(seq) FROM runs) - ?", (HISTORY_KEEP,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._ticks.clear()
+        self._paused.clear()
+        self._run_rows.clear()
+        self._job_last.clear()
+        self._shared.clear()
+
+    def forget_job(self, job: str) -> None:
+        """Drop a removed job's row (its history stays)."""
+        self.flush()
+        self.db.execute("DELETE FROM jobs WHERE name=?", (job,))
+
+    def close(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._db is not None:
+            try:
+                self.flush()
+            finally:
+                self._db.close()
+                self._db = None
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)

@@ -1,0 +1,26 @@
+"""Shared fixtures. ``daemon_factory`` starts ``taskd run`` as a real process (see
+tests/helpers.py) and always cleans up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DaemonProc
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
+    """``daemon_factory(config, plugins={"x.py": source}, name="d1", env={})`` -> DaemonProc (not started)."""
+    made: list[DaemonProc] = []
+
+    def create(config: str, plugins: dict[str, str] | None = None, *, name: str = "d", env: dict[str, str] | None = None) -> DaemonProc:
+        d = DaemonProc(tmp_path / name, config, plugins or {}, env)
+        made.append(d)
+        return d
+
+    yield create
+    for d in made:
+        d.kill()
