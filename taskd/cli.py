@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -27,9 +26,16 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _print_config_error(exc: ConfigError) -> None:
-    print(f"taskd: config has {len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''}:", file=sys.stderr)
+    print(
+        f"taskd: config has {len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''}:",
+        file=sys.stderr,
+    )
     for issue in exc.issues:
         print(f"  {issue}", file=sys.stderr)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _emit(data: Any) -> None:
@@ -95,15 +101,30 @@ def cmd_check(args: argparse.Namespace) -> int:
         errors.append(f"{record.origin}: plugin {record.name!r} is broken: {record.error}")
     for problem in host.folder_problems:
         errors.append(f"{problem.path}: {problem.message}")
+    for spec in specs.values():
+        if spec.broken:
+            line = config.line_of(f"jobs.{spec.name}.type")
+            where = f"{config.path}:{line}" if line else str(config.path)
+            errors.append(f"{where}: jobs.{spec.name}: job is broken: {spec.broken}")
     kinds: dict[str, int] = {}
     for spec in specs.values():
         if spec.jobtype is not None:
             kinds[spec.jobtype.kind] = kinds.get(spec.jobtype.kind, 0) + 1
     if args.json:
-        _emit({"ok": not errors, "errors": errors, "jobs": len(config.jobs), "kinds": kinds, "plugins": len(host.records)})
+        _emit(
+            {
+                "ok": not errors,
+                "errors": errors,
+                "jobs": len(config.jobs),
+                "kinds": kinds,
+                "plugins": len(host.records),
+            }
+        )
         return EXIT_FAIL if errors else EXIT_OK
     if errors:
-        print(f"taskd: {path}: {len(errors)} error{'s' if len(errors) != 1 else ''}:", file=sys.stderr)
+        print(
+            f"taskd: {path}: {len(errors)} error{'s' if len(errors) != 1 else ''}:", file=sys.stderr
+        )
         for e in errors:
             print(f"  {e}", file=sys.stderr)
         return EXIT_FAIL
@@ -112,7 +133,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(
         f"taskd: {path}: OK: {len(config.jobs)} jobs ({by_kind}"
         + (f"; {disabled} disabled" if disabled else "")
-        + f"), {len(host.records)} plugins, {len(host.job_types)} job types"
+        + f"), {_plural(len(host.records), 'plugin')}, {_plural(len(host.job_types), 'job type')}"
     )
     return EXIT_OK
 
@@ -128,25 +149,54 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     logsetup.configure("critical", "console", sys.stderr)
     path = _config_path(args)
     dirs: tuple[Path, ...] = ()
-    entry_points, disabled = True, ()
+    entry_points = True
+    disabled: tuple[str, ...] = ()
     try:
         config = load_config(path)
-        dirs, entry_points, disabled = config.daemon.plugin_dirs, config.daemon.entry_points, config.daemon.disabled_plugins
+        dirs, entry_points, disabled = (
+            config.daemon.plugin_dirs,
+            config.daemon.entry_points,
+            config.daemon.disabled_plugins,
+        )
     except ConfigError as exc:
         if args.config or os.environ.get("TASKD_CONFIG") or path.exists():
             _print_config_error(exc)
             return EXIT_FAIL
     dirs = dirs + tuple(Path(p).absolute() for p in args.plugin_dir)
     host = PluginHost.load(dirs, entry_points=entry_points, disabled=disabled)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in host.records:
-        types = []
+        types: list[dict[str, Any]] = []
         for name in r.job_types:
             jt = host.job_types[name]
-            types.append({"name": name, "kind": jt.kind, "description": jt.description, "options": describe_options(jt)})
-        rows.append({"name": r.name, "source": r.source, "origin": r.origin, "broken": r.error, "job_types": types, "traceback": r.traceback})
+            types.append(
+                {
+                    "name": name,
+                    "kind": jt.kind,
+                    "description": jt.description,
+                    "options": describe_options(jt),
+                }
+            )
+        rows.append(
+            {
+                "name": r.name,
+                "source": r.source,
+                "origin": r.origin,
+                "broken": r.error,
+                "job_types": types,
+                "traceback": r.traceback,
+            }
+        )
     if args.json:
-        _emit({"plugins": rows, "conflicts": host.conflicts, "folder_problems": [{"path": str(p.path), "problem": p.message} for p in host.folder_problems]})
+        _emit(
+            {
+                "plugins": rows,
+                "conflicts": host.conflicts,
+                "folder_problems": [
+                    {"path": str(p.path), "problem": p.message} for p in host.folder_problems
+                ],
+            }
+        )
         return EXIT_OK if not host.broken else EXIT_FAIL
     if not rows:
         print("no plugins found" + (f" (plugin_dirs: {', '.join(map(str, dirs))})" if dirs else ""))
@@ -158,12 +208,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             if args.verbose and row["traceback"]:
                 print("    " + row["traceback"].rstrip().replace("\n", "\n    "))
         for t in row["job_types"]:
-            print(f"    {t['name']} ({t['kind']}){': ' + t['description'] if t['description'] else ''}")
+            print(
+                f"    {t['name']} ({t['kind']}){': ' + t['description'] if t['description'] else ''}"
+            )
             if args.verbose:
                 for o in t["options"]:
                     req = "required" if o["required"] else f"default {o['default']}"
                     print(f"        {o['name']}: {o['type'] or 'any'} ({req})")
-    for name, why in host.conflicts.items():
+    for why in host.conflicts.values():
         print(f"conflict: {why}")
     for p in host.folder_problems:
         print(f"warning: {p.path}: {p.message}")
@@ -187,7 +239,10 @@ def cmd_next(args: argparse.Namespace) -> int:
         from taskd.config import suggest
 
         hint = suggest(args.job, config.jobs)
-        print(f"taskd: no job {args.job!r} in {config.path}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        print(
+            f"taskd: no job {args.job!r} in {config.path}" + (f"; {hint}" if hint else ""),
+            file=sys.stderr,
+        )
         return EXIT_FAIL
     trigger = make_trigger(job)
     if trigger is None:
@@ -201,7 +256,7 @@ def cmd_next(args: argparse.Namespace) -> int:
                 "job": job.name,
                 "schedule": job.schedule_text(),
                 "enabled": job.enabled,
-                "next": [datetime.fromtimestamp(t, timezone.utc).isoformat() for t in times],
+                "next": [datetime.fromtimestamp(t, UTC).isoformat() for t in times],
             }
         )
         return EXIT_OK
@@ -212,7 +267,7 @@ def cmd_next(args: argparse.Namespace) -> int:
         print("  no upcoming runs")
     for t in times:
         local = datetime.fromtimestamp(t, zone)
-        utc = datetime.fromtimestamp(t, timezone.utc)
+        utc = datetime.fromtimestamp(t, UTC)
         print(f"  {local.isoformat(sep=' ')}  ({utc.strftime('%Y-%m-%d %H:%M:%S')} UTC)")
     if job.jitter:
         print(f"  plus up to {job.jitter:g}s of random jitter each")
@@ -234,7 +289,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         _print_config_error(exc)
         return EXIT_FAIL
     # Logs to stderr so stdout holds only the result.
-    logsetup.configure("debug" if args.verbose else config.daemon.log_level, "console" if not args.json else "json", sys.stderr)
+    logsetup.configure(
+        "debug" if args.verbose else config.daemon.log_level,
+        "console" if not args.json else "json",
+        sys.stderr,
+    )
     try:
         loaded = load_all(path)
     except ConfigError as exc:
@@ -245,17 +304,30 @@ def cmd_exec(args: argparse.Namespace) -> int:
         from taskd.config import suggest
 
         hint = suggest(args.job, loaded.specs)
-        print(f"taskd: no job {args.job!r} in {path}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        print(
+            f"taskd: no job {args.job!r} in {path}" + (f"; {hint}" if hint else ""), file=sys.stderr
+        )
         return EXIT_FAIL
     if spec.broken:
         print(f"taskd: job {args.job!r} is broken: {spec.broken}", file=sys.stderr)
         return EXIT_FAIL
     info = run(_exec_once(loaded, spec, retries=not args.no_retries))
-    out = {"job": info.job, "run_id": info.run_id, "outcome": info.outcome, "attempts": info.attempt, "error": info.error, "result": info.result}
+    out = {
+        "job": info.job,
+        "run_id": info.run_id,
+        "outcome": info.outcome,
+        "attempts": info.attempt,
+        "error": info.error,
+        "result": info.result,
+    }
     if args.json:
         _emit(out)
     elif info.outcome == "succeeded":
-        print(json.dumps(info.result, indent=2, default=repr) if info.result is not None else "(no result)")
+        print(
+            json.dumps(info.result, indent=2, default=repr)
+            if info.result is not None
+            else "(no result)"
+        )
     else:
         print(f"taskd: job {info.job!r} {info.outcome}: {info.error}", file=sys.stderr)
     return EXIT_OK if info.outcome == "succeeded" else EXIT_FAIL
@@ -272,7 +344,13 @@ async def _exec_once(loaded: Any, spec: Any, *, retries: bool) -> Any:
     if not retries:
         spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, retries=0))
     # No store: trying a job must not move the daemon's schedule or history.
-    rt = Runtime(shared=SharedState(), store=None, host=loaded.host, thread_workers=d.thread_workers, process_workers=min(d.process_workers or 1, 2))
+    rt = Runtime(
+        shared=SharedState(),
+        store=None,
+        host=loaded.host,
+        thread_workers=d.thread_workers,
+        process_workers=min(d.process_workers or 1, 2),
+    )
     now = time.time()
     info = RunInfo(rt.new_run_id(), spec.name, now, now, "exec")
     try:
@@ -286,13 +364,17 @@ async def _exec_once(loaded: Any, spec: Any, *, retries: bool) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskd", description="A pluggable async task-runner daemon.")
+    parser = argparse.ArgumentParser(
+        prog="taskd", description="A pluggable async task-runner daemon."
+    )
     parser.add_argument("--version", action="version", version=f"taskd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("-c", "--config", help=f"config file (default: $TASKD_CONFIG or {DEFAULT_CONFIG})")
+        p.add_argument(
+            "-c", "--config", help=f"config file (default: $TASKD_CONFIG or {DEFAULT_CONFIG})"
+        )
         return p
 
     add("run", "run the daemon in the foreground").set_defaults(func=cmd_run)

@@ -89,9 +89,9 @@ class Daemon:
     async def serve(self, loaded: Loaded) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
-        for sig in self._early:
-            self._signals.put_nowait(sig)
+            loop.add_signal_handler(sig, self._signals.put_nowait, int(sig))
+        for signum in self._early:
+            self._signals.put_nowait(signum)
         self._early.clear()
         try:
             code = await self._start(loaded)
@@ -146,14 +146,20 @@ class Daemon:
             if not spec.config.enabled:
                 continue
             row = rows.get(name)
-            job = ScheduledJob(spec, rt, cursor=row.last_tick if row else None, paused=row.paused if row else False)
+            job = ScheduledJob(
+                spec, rt, cursor=row.last_tick if row else None, paused=row.paused if row else False
+            )
             self.jobs[name] = job
             if spec.broken:
                 log.error("job_broken", job=name, error=spec.broken)
         for job in self.jobs.values():
             job.start()
         if d.metrics_address:
-            log.warning("metrics_not_available", metrics_address=d.metrics_address, hint="this version has no /metrics endpoint yet; the setting is ignored")
+            log.warning(
+                "metrics_not_available",
+                metrics_address=d.metrics_address,
+                hint="this version has no /metrics endpoint yet; the setting is ignored",
+            )
         self._start_timers()
         self.notifier.ready(self._status_line())
         log.info(
@@ -231,7 +237,9 @@ class Daemon:
         """Reload soon. A storm of requests coalesces: one reload runs, at most one waits."""
         self._reload_pending = True
         if self._reload_task is None or self._reload_task.done():
-            self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop(), name="taskd-reload")
+            self._reload_task = asyncio.get_running_loop().create_task(
+                self._reload_loop(), name="taskd-reload"
+            )
 
     async def _reload_loop(self) -> None:
         while self._reload_pending and not self._stopping:
@@ -255,17 +263,35 @@ class Daemon:
         except (ConfigError, _ReloadRejected) as exc:
             self.last_reload = {"ok": False, "at": started, "error": str(exc)}
             issues = [str(i) for i in exc.issues] if isinstance(exc, ConfigError) else [str(exc)]
-            log.error("reload_failed", errors=issues, hint="the previous config keeps running; fix the file and reload again")
+            log.error(
+                "reload_failed",
+                errors=issues,
+                hint="the previous config keeps running; fix the file and reload again",
+            )
             self.notifier.ready(self._status_line())
             return False
         except Exception as exc:
             self.last_reload = {"ok": False, "at": started, "error": repr(exc)}
-            log.exception("reload_failed", error=repr(exc), hint="the previous config keeps running")
+            log.exception(
+                "reload_failed", error=repr(exc), hint="the previous config keeps running"
+            )
             self.notifier.ready(self._status_line())
             return False
         added, changed, removed = self._apply(new)
-        self.last_reload = {"ok": True, "at": started, "added": added, "changed": changed, "removed": removed}
-        log.info("reloaded", added=added, changed=changed, removed=removed, took=round(time.time() - started, 3))
+        self.last_reload = {
+            "ok": True,
+            "at": started,
+            "added": added,
+            "changed": changed,
+            "removed": removed,
+        }
+        log.info(
+            "reloaded",
+            added=added,
+            changed=changed,
+            removed=removed,
+            took=round(time.time() - started, 3),
+        )
         new.host.config_reloaded(added, changed, removed)
         self.notifier.ready(self._status_line())
         return True
@@ -276,18 +302,27 @@ class Daemon:
         new_daemon = new.config.daemon
         for key in ("state_dir", "runtime_dir", "thread_workers", "process_workers"):
             if getattr(old_daemon, key) != getattr(new_daemon, key):
-                log.warning("restart_needed", key=f"daemon.{key}", hint="this setting takes effect at the next restart")
-        if (old_daemon.log_level, old_daemon.log_format) != (new_daemon.log_level, new_daemon.log_format):
+                log.warning(
+                    "restart_needed",
+                    key=f"daemon.{key}",
+                    hint="this setting takes effect at the next restart",
+                )
+        if (old_daemon.log_level, old_daemon.log_format) != (
+            new_daemon.log_level,
+            new_daemon.log_format,
+        ):
             logsetup.configure(new_daemon.log_level, new_daemon.log_format)
         self.rt.set_host(new.host)
         wanted = {n: s for n, s in new.specs.items() if s.config.enabled}
-        added, changed, removed = [], [], []
+        added: list[str] = []
+        changed: list[str] = []
+        removed: list[str] = []
         for name in list(self.jobs):
             if name not in wanted:
-                job = self.jobs.pop(name)
-                job.remove()
-                if job.active:
-                    self.retiring.append(job)
+                gone = self.jobs.pop(name)
+                gone.remove()
+                if gone.active:
+                    self.retiring.append(gone)
                 removed.append(name)
         assert self.store is not None
         rows = self.store.jobs()
@@ -334,7 +369,11 @@ class Daemon:
             drained.cancel()
         left = [t for t in runs if not t.done()]
         if left:
-            log.warning("cancelling_runs", runs=len(left), reason="forced stop" if forced else "shutdown_timeout passed")
+            log.warning(
+                "cancelling_runs",
+                runs=len(left),
+                reason="forced stop" if forced else "shutdown_timeout passed",
+            )
             for job in everyone:
                 job.cancel_runs("daemon stopping")
             await self.rt.close(kill=True)
@@ -349,7 +388,12 @@ class Daemon:
             await asyncio.wait(tasks, timeout=FORCE_GRACE)
         await self.loaded.host.drain_hooks()
         stuck = self.rt.threads.stuck_count
-        log.info("stopped", forced=forced, stuck_threads=stuck, uptime=round(time.time() - self.started_at, 3))
+        log.info(
+            "stopped",
+            forced=forced,
+            stuck_threads=stuck,
+            uptime=round(time.time() - self.started_at, 3),
+        )
         return EXIT_OK
 
 

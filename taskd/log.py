@@ -8,7 +8,13 @@ from typing import Any, TextIO
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 
 class _ToStructlog(logging.Handler):
@@ -35,7 +41,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if use_json:
-        processors = [*shared, structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        processors = [
+            *shared,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ]
     else:
         processors = [*shared, structlog.dev.ConsoleRenderer(colors=out.isatty())]
     structlog.configure(

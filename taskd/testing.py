@@ -1,17 +1,17 @@
 """Helpers for testing job plugins with pytest, without a daemon.
 
-    from taskd.testing import make_context
+from taskd.testing import make_context
 
-    async def test_my_job():
-        ctx = make_context("my-job")
-        assert await my_job(ctx, url="...") == ...
-        assert ctx.state.get("my-job") == ...
+async def test_my_job():
+    ctx = make_context("my-job")
+    assert await my_job(ctx, url="...") == ...
+    assert ctx.state.get("my-job") == ...
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -37,7 +37,7 @@ def make_context(
         job=job,
         run_id=run_id,
         attempt=attempt,
-        scheduled=scheduled or datetime.now(timezone.utc),
+        scheduled=scheduled or datetime.now(UTC),
         log=structlog.get_logger("taskd.job").bind(job=job, run_id=run_id, **log_fields),
         state=state if state is not None else SharedState(),
         offload=offload,

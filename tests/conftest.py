@@ -16,7 +16,13 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
     """``daemon_factory(config, plugins={"x.py": source}, name="d1", env={})`` -> DaemonProc (not started)."""
     made: list[DaemonProc] = []
 
-    def create(config: str, plugins: dict[str, str] | None = None, *, name: str = "d", env: dict[str, str] | None = None) -> DaemonProc:
+    def create(
+        config: str,
+        plugins: dict[str, str] | None = None,
+        *,
+        name: str = "d",
+        env: dict[str, str] | None = None,
+    ) -> DaemonProc:
         d = DaemonProc(tmp_path / name, config, plugins or {}, env)
         made.append(d)
         return d

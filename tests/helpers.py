@@ -3,6 +3,7 @@ plugin files written by the test, reads its JSON log lines, and cleans up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ def _matches(line: dict[str, Any], event: str | None, fields: dict[str, Any]) ->
 class DaemonProc:
     """A ``taskd run`` process and what it logged."""
 
-    def __init__(self, workdir: Path, config: str, plugins: dict[str, str], env: dict[str, str] | None) -> None:
+    def __init__(
+        self, workdir: Path, config: str, plugins: dict[str, str], env: dict[str, str] | None
+    ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "plugins.d").mkdir(exist_ok=True)
@@ -53,7 +55,8 @@ class DaemonProc:
         if "[daemon]" not in text:
             text = (
                 '[daemon]\nplugin_dirs = ["plugins.d"]\nstate_dir = "state"\nruntime_dir = "run"\n'
-                'log_format = "json"\nlog_level = "debug"\nshutdown_timeout = "5s"\nprocess_workers = 2\n\n' + text
+                'log_format = "json"\nlog_level = "debug"\nshutdown_timeout = "5s"\nprocess_workers = 2\n\n'
+                + text
             )
         self.config_path.write_text(text)
 
@@ -109,7 +112,9 @@ class DaemonProc:
         with self._cond:
             return [line for line in self.lines if _matches(line, event, fields)]
 
-    def wait_for(self, event: str | None = None, *, timeout: float = 10.0, count: int = 1, **fields: Any) -> list[dict[str, Any]]:
+    def wait_for(
+        self, event: str | None = None, *, timeout: float = 10.0, count: int = 1, **fields: Any
+    ) -> list[dict[str, Any]]:
         """Wait until ``count`` log lines match; fail with the log so far if not."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -118,11 +123,17 @@ class DaemonProc:
                 if len(found) >= count:
                     return found
                 left = deadline - time.monotonic()
-                exited = self.proc is not None and self.proc.poll() is not None and not (self._reader and self._reader.is_alive())
+                exited = (
+                    self.proc is not None
+                    and self.proc.poll() is not None
+                    and not (self._reader and self._reader.is_alive())
+                )
                 if left <= 0 or exited:
                     tail = "\n".join(self.raw[-40:])
                     why = "exited" if exited else "timed out"
-                    raise AssertionError(f"{why} waiting for {count}x {event} {fields}; log tail:\n{tail}")
+                    raise AssertionError(
+                        f"{why} waiting for {count}x {event} {fields}; log tail:\n{tail}"
+                    )
                 self._cond.wait(min(left, 0.2))
 
     def wait_exit(self, timeout: float = 15.0) -> int:
@@ -134,7 +145,11 @@ class DaemonProc:
     def _close_pipe(self) -> None:
         if self._reader is not None:
             self._reader.join(timeout=5)
-        if self.proc is not None and self.proc.stdout is not None and not (self._reader and self._reader.is_alive()):
+        if (
+            self.proc is not None
+            and self.proc.stdout is not None
+            and not (self._reader and self._reader.is_alive())
+        ):
             self.proc.stdout.close()
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -145,10 +160,8 @@ class DaemonProc:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=10)
         self._close_pipe()
 
@@ -165,7 +178,9 @@ class DaemonProc:
             return [dict(r) for r in db.execute(sql, (job,) if job else ())]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m taskd ARGS`` and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "taskd", *args],

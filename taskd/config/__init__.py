@@ -3,4 +3,12 @@
 from taskd.config.load import DEFAULT_CONFIG, load_config, read_toml, suggest
 from taskd.config.model import Config, DaemonConfig, JobConfig
 
-__all__ = ["DEFAULT_CONFIG", "Config", "DaemonConfig", "JobConfig", "load_config", "read_toml", "suggest"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "Config",
+    "DaemonConfig",
+    "JobConfig",
+    "load_config",
+    "read_toml",
+    "suggest",
+]

@@ -6,8 +6,9 @@ import math
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_ORDER = ("ms", "s", "m", "h", "d", "w")
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|[KMGT]|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "b": 1,
     "kb": 10**3,
@@ -18,6 +19,11 @@ _SIZE_UNITS = {
     "mib": 2**20,
     "gib": 2**30,
     "tib": 2**40,
+    # systemd's MemoryMax= style: "512M" means MiB
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
 }
 
 
@@ -26,27 +32,34 @@ def parse_duration(value: object) -> float:
 
     Raises ValueError with a message fit for a config error."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration like \"30s\" or a number of seconds, got {value!r}")
+        raise ValueError(f'expected a duration like "30s" or a number of seconds, got {value!r}')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().replace(" ", "")
         if not text:
-            raise ValueError("empty duration; write e.g. \"30s\", \"5m\" or \"1h30m\"")
+            raise ValueError('empty duration; write e.g. "30s", "5m" or "1h30m"')
         pos, seconds = 0, 0.0
+        last_rank = len(_ORDER)
         for match in _PART.finditer(text):
             if match.start() != pos:
                 break
+            rank = _ORDER.index(match.group(2))
+            if rank >= last_rank:  # "1m1h", "1h1h": almost certainly a typo
+                raise ValueError(
+                    f'cannot read {value!r} as a duration: units must go from largest to smallest, each once (e.g. "1h30m")'
+                )
+            last_rank = rank
             seconds += float(match.group(1)) * _UNITS[match.group(2)]
             pos = match.end()
         if pos != len(text):
             raise ValueError(
-                f"cannot read {value!r} as a duration; write e.g. \"250ms\", \"30s\", \"5m\", "
-                f"\"1h30m\", \"2d\" or a number of seconds"
+                f'cannot read {value!r} as a duration; write e.g. "250ms", "30s", "5m", '
+                f'"1h30m", "2d" or a number of seconds'
             )
     else:
         raise ValueError(
-            f"expected a duration like \"30s\" or a number of seconds, got {type(value).__name__}"
+            f'expected a duration like "30s" or a number of seconds, got {type(value).__name__}'
         )
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"a duration must be a finite number >= 0, got {value!r}")
@@ -55,6 +68,8 @@ def parse_duration(value: object) -> float:
 
 def format_duration(seconds: float) -> str:
     """The shortest readable form: 0.25 -> "250ms", 5400 -> "1h30m"."""
+    if seconds == 0:
+        return "0s"
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
     parts: list[str] = []
@@ -72,14 +87,16 @@ def format_duration(seconds: float) -> str:
 def parse_size(value: object) -> int:
     """Bytes from an int or a string such as "512MiB", "2GB", "1048576"."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a size like \"512MiB\", got {value!r}")
+        raise ValueError(f'expected a size like "512MiB", got {value!r}')
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (match := _SIZE.match(value)):
         unit = (match.group(2) or "B").lower()
         size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     else:
-        raise ValueError(f"expected a size like \"512MiB\", \"2GB\" or a number of bytes, got {value!r}")
+        raise ValueError(
+            f'expected a size like "512MiB", "2GB" or a number of bytes, got {value!r}'
+        )
     if size <= 0:
         raise ValueError(f"a size must be > 0, got {value!r}")
     return size

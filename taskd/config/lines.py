@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 
 _HEADER = re.compile(r"^\[\[?\s*(?P<name>[^\[\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^(?P<key>(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+_KEY = re.compile(
+    r"^(?P<key>(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
+)
 
 
 def _split_dotted(text: str) -> list[str]:

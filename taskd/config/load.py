@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import re
+import stat
+import tomllib
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from pathlib import Path
@@ -25,8 +27,6 @@ from taskd.config.model import (
     JobConfig,
 )
 from taskd.errors import ConfigError, ConfigIssue
-
-import tomllib
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
@@ -67,9 +67,13 @@ T = TypeVar("T")
 
 
 def suggest(word: str, choices: Any) -> str | None:
-    """"did you mean 'x'?" for the closest choice, or None when nothing is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else None
+    """ "did you mean 'x'?" for the closest choice, or None when nothing is close."""
+    options = list(choices)
+    by_lower = {c.lower(): c for c in options}
+    if word.lower() in by_lower:  # "INFO", "utc": only the case is off
+        return f"did you mean {by_lower[word.lower()]!r}?"
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"did you mean {by_lower[close[0]]!r}?" if close else None
 
 
 def check_timezone(name: str) -> str | None:
@@ -81,7 +85,9 @@ def check_timezone(name: str) -> str | None:
         import zoneinfo
 
         hint = suggest(name, zoneinfo.available_timezones())
-        return f"unknown time zone {name!r}" + (f"; {hint}" if hint else "; use an IANA name such as \"Europe/Berlin\"")
+        return f"unknown time zone {name!r}" + (
+            f"; {hint}" if hint else '; use an IANA name such as "Europe/Berlin"'
+        )
 
 
 class _Collector:
@@ -109,7 +115,9 @@ class _Collector:
                     suggest(key, known) or f"known keys: {', '.join(known)}",
                 )
 
-    def take(self, table: Mapping[str, Any], key: str, prefix: str, conv: Callable[[Any], T], default: T) -> T:
+    def take(
+        self, table: Mapping[str, Any], key: str, prefix: str, conv: Callable[[Any], T], default: T
+    ) -> T:
         if key not in table:
             return default
         try:
@@ -157,7 +165,14 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], Any]:
 
 
 def _tname(value: Any) -> str:
-    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a float", list: "an array", dict: "a table"}
+    names = {
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        list: "an array",
+        dict: "a table",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -165,20 +180,39 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     """Parse a TOML file; every failure (missing, huge, binary, not TOML, parser crash) becomes
     a ConfigError naming the file, never a traceback."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):
+            raise _single(
+                path, "is not a regular file (a device, FIFO or socket); a config file is TOML text"
+            )
+        size = st.st_size
         if size > MAX_CONFIG_BYTES:
-            raise _single(path, f"config file is {size} bytes; the limit is {MAX_CONFIG_BYTES} (is this the right file?)")
-        raw = path.read_bytes()
+            raise _single(
+                path,
+                f"config file is {size} bytes; the limit is {MAX_CONFIG_BYTES} (is this the right file?)",
+            )
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)  # the file may grow between stat and read
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise _single(
+                path, f"config file is over {MAX_CONFIG_BYTES} bytes (is this the right file?)"
+            )
     except FileNotFoundError:
-        raise _single(path, "config file not found; pass --config FILE or set TASKD_CONFIG") from None
+        raise _single(
+            path, "config file not found; pass --config FILE or set TASKD_CONFIG"
+        ) from None
     except IsADirectoryError:
         raise _single(path, "is a directory, not a config file") from None
     except OSError as exc:
         raise _single(path, f"cannot read config file: {exc.strerror or exc}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # editors on some systems add a BOM
     except UnicodeDecodeError as exc:
-        raise _single(path, f"not UTF-8 text (byte {exc.start}); a config file is TOML text") from None
+        raise _single(
+            path, f"not UTF-8 text (byte {exc.start}); a config file is TOML text"
+        ) from None
     if "\x00" in text:
         raise _single(path, "contains NUL bytes; a config file is TOML text")
     try:
@@ -192,8 +226,14 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(
             [ConfigIssue(str(path), "", f"not valid TOML: {message}{col and ' at' + col}", line)]
         ) from None
-    except (RecursionError, MemoryError, Exception) as exc:  # the parser's own bugs are still config errors
-        raise _single(path, f"the TOML parser failed on this file ({type(exc).__name__}: {exc}); is it TOML?") from None
+    except (
+        RecursionError,
+        MemoryError,
+        Exception,
+    ) as exc:  # the parser's own bugs are still config errors
+        raise _single(
+            path, f"the TOML parser failed on this file ({type(exc).__name__}: {exc}); is it TOML?"
+        ) from None
     return data, text
 
 
@@ -210,7 +250,12 @@ def load_config(path: str | Path) -> Config:
 
     for key in data:
         if key not in ("daemon", "jobs"):
-            c.add(key, f"unknown top-level key {key!r}", suggest(key, ("daemon", "jobs")) or "the top level has [daemon] and [jobs.<name>] tables")
+            c.add(
+                key,
+                f"unknown top-level key {key!r}",
+                suggest(key, ("daemon", "jobs"))
+                or "the top level has [daemon] and [jobs.<name>] tables",
+            )
 
     daemon = _daemon(c, data.get("daemon", {}), base)
     jobs_table = data.get("jobs", {})
@@ -224,7 +269,7 @@ def load_config(path: str | Path) -> Config:
                 jobs[name] = job
     if c.issues:
         raise ConfigError(c.issues)
-    return Config(path=file, daemon=daemon, jobs=jobs)
+    return Config(path=file, daemon=daemon, jobs=jobs, lines=c.lines)
 
 
 def _path(base: Path) -> Callable[[Any], Path]:
@@ -265,9 +310,9 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
 
     def address(value: Any) -> str:
         text = _string(value)
-        host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected \"host:port\" such as \"127.0.0.1:9464\", got {text!r}")
+        _host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f'expected "host:port" such as "127.0.0.1:9464", got {text!r}')
         return text
 
     p = "daemon"
@@ -290,14 +335,22 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
 def _at(value: Any, tz: str) -> float:
     """A TOML datetime (with offset, or local in the job's zone) or an ISO string."""
     if isinstance(value, str):
+        if re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}\s*", value):
+            # fromisoformat would read a bare date as midnight; a TOML date is refused too
+            raise ValueError(
+                f"expected a full date-time such as 2026-12-01T09:00:00+01:00, got only a date {value!r}"
+            )
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
-            raise ValueError(f"expected a date-time such as 2026-12-01T09:00:00+01:00, got {value!r}") from None
+            raise ValueError(
+                f"expected a date-time such as 2026-12-01T09:00:00+01:00, got {value!r}"
+            ) from None
     if isinstance(value, datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=ZoneInfo(tz))
-        return value.timestamp()
+        stamp: float = value.timestamp()
+        return stamp
     if isinstance(value, date | time):
         raise TypeError("expected a full date-time (date and time), got only a date or a time")
     raise TypeError(f"expected a date-time, got {_tname(value)}")
@@ -306,7 +359,11 @@ def _at(value: Any, tz: str) -> float:
 def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | None:
     p = f"jobs.{name}"
     if not JOB_NAME.match(name):
-        c.add(p, f"job name {name!r} is not allowed", "use letters, digits, '-', '_' and '.', starting with a letter or digit")
+        c.add(
+            p,
+            f"job name {name!r} is not allowed",
+            "use letters, digits, '-', '_' and '.', starting with a letter or digit",
+        )
     if not isinstance(table, dict):
         c.add(p, f"expected a table [jobs.{name}], got {_tname(table)}")
         return None
@@ -327,9 +384,17 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
     every = cron = at = None
     schedule: Any = "every"
     if not given:
-        c.add(p, "no schedule", "set exactly one of: every = \"30s\", cron = \"0 3 * * *\", at = 2026-12-01T09:00:00Z, on = \"startup\"")
+        c.add(
+            p,
+            "no schedule",
+            'set exactly one of: every = "30s", cron = "0 3 * * *", at = 2026-12-01T09:00:00Z, on = "startup"',
+        )
     elif len(given) > 1:
-        c.add(f"{p}.{given[1]}", f"{' and '.join(repr(g) for g in given)} are both set; a job has exactly one schedule", "keep one of them")
+        c.add(
+            f"{p}.{given[1]}",
+            f"{' and '.join(repr(g) for g in given)} are both set; a job has exactly one schedule",
+            "keep one of them",
+        )
     else:
         schedule = given[0]
         if schedule == "every":
@@ -348,9 +413,13 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
         elif schedule == "at":
             at = c.take(table, "at", p, lambda v: _at(v, tz), None)
         else:
-            on = c.take(table, "on", p, _string, "")
-            if on != "startup":
-                c.add(f"{p}.on", f"'on' takes only \"startup\", got {on!r}", "for times use every, cron or at")
+            on = c.take(table, "on", p, _string, None)
+            if on is not None and on != "startup":
+                c.add(
+                    f"{p}.on",
+                    f"'on' takes only \"startup\", got {on!r}",
+                    "for times use every, cron or at",
+                )
             schedule = "startup"
 
     options = table.get("options", {})

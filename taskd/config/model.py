@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,9 +66,9 @@ class JobConfig:
         if self.schedule == "cron":
             return f"cron {self.cron!r} {self.timezone}"
         if self.schedule == "at":
-            from datetime import datetime, timezone
+            from datetime import datetime
 
-            return f"at {datetime.fromtimestamp(self.at or 0, timezone.utc).isoformat()}"
+            return f"at {datetime.fromtimestamp(self.at or 0, UTC).isoformat()}"
         return "on startup"
 
 
@@ -76,3 +77,14 @@ class Config:
     path: Path
     daemon: DaemonConfig
     jobs: Mapping[str, JobConfig]
+    # Dotted key path -> line, so later checks (job types, options) can name a line too.
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False)
+
+    def line_of(self, path: str) -> int | None:
+        """The line of ``path``, or of its nearest enclosing table."""
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if "." not in path:
+                return None
+            path = path.rsplit(".", 1)[0]

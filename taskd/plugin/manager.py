@@ -8,6 +8,7 @@ raising implementation is logged and the others' results are kept."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import traceback
@@ -107,7 +108,11 @@ class PluginHost:
                 continue
             dist = getattr(ep, "dist", None)
             where = f" ({dist.name} {dist.version})" if dist is not None else ""
-            record = PluginRecord(name=ep.name, source="entry point", origin=f"entry point {ep.name} = {ep.value}{where}")
+            record = PluginRecord(
+                name=ep.name,
+                source="entry point",
+                origin=f"entry point {ep.name} = {ep.value}{where}",
+            )
             try:
                 obj = ep.load()
             except BaseException as exc:
@@ -116,7 +121,9 @@ class PluginHost:
             self._register(record, obj)
 
     def _load_file(self, file: dropin.DropinFile) -> None:
-        record = PluginRecord(name=file.path.stem, source="file", origin=str(file.path), module_name=file.module_name)
+        record = PluginRecord(
+            name=file.path.stem, source="file", origin=str(file.path), module_name=file.module_name
+        )
         try:
             module: ModuleType = dropin.load(file)
         except BaseException as exc:  # SyntaxError, SystemExit at import: still just this plugin
@@ -126,23 +133,30 @@ class PluginHost:
 
     def _register(self, record: PluginRecord, obj: object) -> None:
         record.plugin = obj
+        self.records.append(record)
         try:
             self.pm.register(obj, name=f"{record.source}:{record.origin}")
+            # pluggy accepts an implementation of an unknown hook (a typo such as
+            # taskd_job_type) until asked; earlier plugins passed, so a failure is this one's.
+            self.pm.check_pending()
         except Exception as exc:  # PluginValidationError, or a name registered twice
             self._broken(record, f"not a valid taskd plugin: {exc}", exc)
-            return
-        self.records.append(record)
 
     def _broken(self, record: PluginRecord, message: str, exc: BaseException) -> None:
         record.error = message
         record.traceback = "".join(traceback.format_exception(exc))
-        self.records.append(record)
-        if record.plugin is not None:
-            try:
+        if record not in self.records:
+            self.records.append(record)
+        if record.plugin is not None and self.pm.is_registered(record.plugin):
+            with contextlib.suppress(Exception):
                 self.pm.unregister(record.plugin)
-            except Exception:
-                pass
-        log.error("plugin_broken", plugin=record.name, origin=record.origin, error=message, traceback=record.traceback)
+        log.error(
+            "plugin_broken",
+            plugin=record.name,
+            origin=record.origin,
+            error=message,
+            traceback=record.traceback,
+        )
 
     def _collect_job_types(self) -> None:
         """Ask each plugin for its job types, one plugin at a time."""
@@ -150,28 +164,31 @@ class PluginHost:
         for record in self.records:
             if record.broken or record.plugin is None:
                 continue
-            impls = [i for i in self.pm.hook.taskd_job_types.get_hookimpls() if i.plugin is record.plugin]
-            for impl in impls:
-                try:
-                    returned = impl.function()
-                    types = self._check_job_types(returned, record)
-                except BaseException as exc:
-                    self._broken(record, f"taskd_job_types() failed: {type(exc).__name__}: {exc}", exc)
-                    break
-                for jt in types:
-                    if jt.name in owners or jt.name in self.conflicts:
-                        first = owners.pop(jt.name, None)
-                        self.job_types.pop(jt.name, None)
-                        if first is not None:
-                            self.conflicts[jt.name] = (
-                                f"job type {jt.name!r} is provided by both {first.origin} and {record.origin}; "
-                                f"remove one, or block one with daemon.disabled_plugins"
-                            )
-                        log.error("job_type_conflict", job_type=jt.name, error=self.conflicts[jt.name])
-                        continue
-                    owners[jt.name] = record
-                    self.job_types[jt.name] = jt
-                    record.job_types.append(jt.name)
+            impls = [
+                i for i in self.pm.hook.taskd_job_types.get_hookimpls() if i.plugin is record.plugin
+            ]
+            types: list[JobType] = []
+            try:
+                for impl in impls:
+                    types.extend(self._check_job_types(impl.function(), record))
+            except BaseException as exc:  # SystemExit too: only this plugin is broken
+                self._broken(record, f"taskd_job_types() failed: {type(exc).__name__}: {exc}", exc)
+                continue
+            for jt in types:
+                if jt.name in owners or jt.name in self.conflicts:
+                    first = owners.pop(jt.name, None)
+                    self.job_types.pop(jt.name, None)
+                    if first is not None:
+                        first.job_types.remove(jt.name)
+                        self.conflicts[jt.name] = (
+                            f"job type {jt.name!r} is provided by both {first.origin} and {record.origin}; "
+                            f"remove one, or block one with daemon.disabled_plugins"
+                        )
+                    log.error("job_type_conflict", job_type=jt.name, error=self.conflicts[jt.name])
+                    continue
+                owners[jt.name] = record
+                self.job_types[jt.name] = jt
+                record.job_types.append(jt.name)
 
     @staticmethod
     def _check_job_types(returned: Any, record: PluginRecord) -> list[JobType]:
@@ -180,7 +197,9 @@ class PluginHost:
         if isinstance(returned, JobType):
             returned = [returned]
         if not isinstance(returned, list | tuple):
-            raise TypeError(f"taskd_job_types() must return a list of taskd.JobType, got {type(returned).__name__}")
+            raise TypeError(
+                f"taskd_job_types() must return a list of taskd.JobType, got {type(returned).__name__}"
+            )
         out: list[JobType] = []
         for item in returned:
             if not isinstance(item, JobType):
@@ -219,8 +238,14 @@ class PluginHost:
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
             try:
                 result = impl.function(*[kwargs[name] for name in impl.argnames])
-            except Exception as exc:
-                log.error("hook_failed", hook=hook, plugin=impl.plugin_name, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a plugin never stops us
+                log.error(
+                    "hook_failed",
+                    hook=hook,
+                    plugin=impl.plugin_name,
+                    error=f"{type(exc).__name__}: {exc}",
+                    exc_info=exc,
+                )
                 continue
             if inspect.isawaitable(result):
                 pending.append(self._guard(hook, impl.plugin_name, result))
@@ -229,8 +254,14 @@ class PluginHost:
     async def _guard(self, hook: str, plugin: str, awaitable: Awaitable[Any]) -> None:
         try:
             await awaitable
-        except Exception as exc:
-            log.error("hook_failed", hook=hook, plugin=plugin, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            log.error(
+                "hook_failed",
+                hook=hook,
+                plugin=plugin,
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=exc,
+            )
 
     def _spawn(self, awaitables: list[Awaitable[Any]]) -> None:
         for aw in awaitables:
@@ -242,7 +273,7 @@ class PluginHost:
         if not awaitables:
             return
         tasks = [asyncio.ensure_future(a) for a in awaitables]
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             log.error("hook_timeout", timeout=timeout)
             task.cancel()
@@ -258,8 +289,12 @@ class PluginHost:
     async def daemon_stopping(self, info: dict[str, Any], timeout: float = 10.0) -> None:
         await self._await_all(self._call_each("taskd_daemon_stopping", info=info), timeout)
 
-    def config_reloaded(self, added: Sequence[str], changed: Sequence[str], removed: Sequence[str]) -> None:
-        self._spawn(self._call_each("taskd_config_reloaded", added=added, changed=changed, removed=removed))
+    def config_reloaded(
+        self, added: Sequence[str], changed: Sequence[str], removed: Sequence[str]
+    ) -> None:
+        self._spawn(
+            self._call_each("taskd_config_reloaded", added=added, changed=changed, removed=removed)
+        )
 
     async def drain_hooks(self, timeout: float = 5.0) -> None:
         """Wait briefly for async hook calls still going (at shutdown)."""

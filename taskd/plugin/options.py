@@ -18,9 +18,14 @@ from taskd.plugin.jobtype import JobType
 
 
 def _tname(value: Any) -> str:
-    return {str: "a string", bool: "a boolean", int: "an integer", float: "a float", list: "an array", dict: "a table"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
 
 
 def _hint_text(hint: Any) -> str:
@@ -43,8 +48,20 @@ def check_value(value: Any, hint: Any) -> str | None:
                 return None
         return f"expected {_hint_text(hint)}, got {_tname(value)}"
     if origin is typing.Literal:
-        return None if value in args and not (isinstance(value, bool) and True not in args and False not in args) else f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
-    if origin in (list, cabc.Sequence, cabc.Iterable, cabc.Collection, tuple, set, frozenset, cabc.Set):
+        # Compare the type too: True == 1 and 1 == 1.0 in Python, but not in a config.
+        if any(value == a and type(value) is type(a) for a in args):
+            return None
+        return f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
+    if origin in (
+        list,
+        cabc.Sequence,
+        cabc.Iterable,
+        cabc.Collection,
+        tuple,
+        set,
+        frozenset,
+        cabc.Set,
+    ):
         if not isinstance(value, list):
             return f"expected an array ({_hint_text(hint)}), got {_tname(value)}"
         if args and origin is not tuple:
@@ -69,7 +86,11 @@ def check_value(value: Any, hint: Any) -> str | None:
     if hint is bool:
         return None if isinstance(value, bool) else f"expected true or false, got {_tname(value)}"
     if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else f"expected an integer, got {_tname(value)}"
+        return (
+            None
+            if isinstance(value, int) and not isinstance(value, bool)
+            else f"expected an integer, got {_tname(value)}"
+        )
     if hint is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         return None if ok else f"expected a number, got {_tname(value)}"
@@ -80,8 +101,42 @@ def check_value(value: Any, hint: Any) -> str | None:
     if hint is dict:
         return None if isinstance(value, dict) else f"expected a table, got {_tname(value)}"
     if hint in (dt.datetime, dt.date, dt.time):
-        return None if isinstance(value, hint) else f"expected a TOML {hint.__name__}, got {_tname(value)}"
+        return (
+            None
+            if isinstance(value, hint)
+            else f"expected a TOML {hint.__name__}, got {_tname(value)}"
+        )
     return None
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    if hint is pathlib.Path or hint is pathlib.PurePath:
+        return pathlib.Path(value) if isinstance(value, str) else value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None:
+            return None
+        for arg in args:
+            if arg is not type(None) and check_value(value, arg) is None:
+                return _convert(value, arg)
+        return value
+    if origin in (list, tuple, cabc.Sequence) and isinstance(value, list) and args:
+        items = [_convert(v, args[0]) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def convert_options(jt: JobType, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for the call: checked options converted to what the annotations
+    promise (a ``Path`` parameter gets a Path, not the TOML string)."""
+    try:
+        hints = typing.get_type_hints(jt.func)
+    except Exception:
+        return dict(options)
+    return {k: _convert(v, hints[k]) if k in hints else v for k, v in options.items()}
 
 
 def signature_problem(jt: JobType) -> str | None:
@@ -92,10 +147,13 @@ def signature_problem(jt: JobType) -> str | None:
             return f"parameter {p.name!r} is positional-only; options are passed by keyword"
     if jt.kind == "io":
         try:
-            first = list(inspect.signature(jt.func).parameters.values())[0]
-        except (IndexError, ValueError, TypeError):
+            first = next(iter(inspect.signature(jt.func).parameters.values()))
+        except (StopIteration, ValueError, TypeError):
             return "an io job function takes the run context as its first parameter"
-        if first.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        if first.kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
             return "an io job function takes the run context as its first (positional) parameter"
     return None
 
@@ -125,15 +183,27 @@ def check_options(jt: JobType, options: Mapping[str, Any]) -> list[tuple[str, st
         if param is None:
             if not takes_any:
                 known = ", ".join(by_name) or "none"
-                problems.append((key, f"unknown option {key!r} for job type {jt.name!r}", suggest(key, by_name) or f"its options: {known}"))
+                problems.append(
+                    (
+                        key,
+                        f"unknown option {key!r} for job type {jt.name!r}",
+                        suggest(key, by_name) or f"its options: {known}",
+                    )
+                )
             continue
         problem = check_value(value, hints.get(key, param.annotation))
         if problem:
             problems.append((key, problem, None))
     for name, param in by_name.items():
         if param.default is inspect.Parameter.empty and name not in options:
-            hint = _hint_text(hints.get(name, param.annotation)) if param.annotation is not inspect.Parameter.empty else "value"
-            problems.append((name, f"missing required option {name!r} ({hint}) for job type {jt.name!r}", None))
+            hint = (
+                _hint_text(hints.get(name, param.annotation))
+                if param.annotation is not inspect.Parameter.empty
+                else "value"
+            )
+            problems.append(
+                (name, f"missing required option {name!r} ({hint}) for job type {jt.name!r}", None)
+            )
     return problems
 
 

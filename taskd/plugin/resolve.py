@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from taskd.config.load import suggest
@@ -11,7 +12,7 @@ from taskd.config.model import Config, JobConfig
 from taskd.errors import ConfigIssue
 from taskd.plugin.jobtype import JobType
 from taskd.plugin.manager import PluginHost
-from taskd.plugin.options import check_options
+from taskd.plugin.options import check_options, convert_options
 from taskd.schedule.triggers import At, Cron, Every, Trigger
 
 
@@ -23,6 +24,8 @@ class JobSpec:
     jobtype: JobType | None
     trigger: Trigger | None  # None for on = "startup"
     broken: str | None = None
+    # The options as the job function receives them (converted per its annotations).
+    kwargs: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def name(self) -> str:
@@ -56,6 +59,10 @@ def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[
     specs: dict[str, JobSpec] = {}
     issues: list[ConfigIssue] = []
     file = str(config.path)
+
+    def issue(path: str, message: str, hint: str | None = None) -> None:
+        issues.append(ConfigIssue(file, path, message, config.line_of(path), hint))
+
     for name, job in config.jobs.items():
         path = f"jobs.{name}"
         jt = host.job_types.get(job.type)
@@ -65,20 +72,26 @@ def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[
                 specs[name] = JobSpec(job, None, make_trigger(job), broken=why)
                 continue
             known = sorted(host.job_types)
-            hint = suggest(job.type, known) or (f"known job types: {', '.join(known)}" if known else "no plugin provides any job type; check plugin_dirs")
-            issues.append(ConfigIssue(file, f"{path}.type", f"unknown job type {job.type!r}", job.line, hint))
-            continue
-        bad = False
-        for key, message, hint in check_options(jt, job.options):
-            issues.append(ConfigIssue(file, f"{path}.options.{key}" if key else f"{path}.options", message, job.line, hint))
-            bad = True
-        if job.max_memory is not None and jt.kind != "cpu":
-            issues.append(
-                ConfigIssue(file, f"{path}.max_memory", f"max_memory applies to cpu jobs only; {job.type!r} is a {jt.kind} job", job.line, "remove max_memory")
+            hint = suggest(job.type, known) or (
+                f"known job types: {', '.join(known)}"
+                if known
+                else "no plugin provides any job type; check plugin_dirs"
             )
-            bad = True
-        if not bad:
-            specs[name] = JobSpec(job, jt, make_trigger(job))
+            issue(f"{path}.type", f"unknown job type {job.type!r}", hint)
+            continue
+        problems = check_options(jt, job.options)
+        for key, message, option_hint in problems:
+            issue(f"{path}.options.{key}" if key else f"{path}.options", message, option_hint)
+        if job.max_memory is not None and jt.kind != "cpu":
+            issue(
+                f"{path}.max_memory",
+                f"max_memory applies to cpu jobs only; {job.type!r} is a {jt.kind} job",
+                "remove max_memory",
+            )
+        elif not problems:
+            specs[name] = JobSpec(
+                job, jt, make_trigger(job), kwargs=convert_options(jt, job.options)
+            )
     return specs, issues
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     STARTED = "started"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -17,11 +17,8 @@ class EventKind(str, enum.Enum):
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class SkipReason(str, enum.Enum):
+class SkipReason(enum.StrEnum):
     """Why a tick did not become a run. Every skip carries one and is counted."""
 
     OVERLAP = "overlap"  # overlap = "skip" and the previous run is still going
@@ -32,9 +29,6 @@ class SkipReason(str, enum.Enum):
     SHUTDOWN = "shutdown"  # queued behind a running run when the daemon stopped
     REMOVED = "removed"  # queued behind a running run when a reload removed the job
     QUEUE_FULL = "queue_full"  # overlap = "queue" and too many ticks already wait
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, slots=True)

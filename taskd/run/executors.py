@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,20 +24,14 @@ async def with_timeout(awaitable: Awaitable[T], timeout: float | None, what: str
     raised itself, which stays the job's own failure)."""
     if timeout is None:
         return await awaitable
-    if sys.version_info >= (3, 11):
-        cm = asyncio.timeout(timeout)
-        try:
-            async with cm:
-                return await awaitable
-        except TimeoutError:
-            if cm.expired():
-                raise JobTimeout(f"{what} timed out after {timeout:g}s") from None
-            raise
-    else:  # pragma: no cover
-        try:
-            return await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError:
+    cm = asyncio.timeout(timeout)
+    try:
+        async with cm:
+            return await awaitable
+    except TimeoutError:
+        if cm.expired():
             raise JobTimeout(f"{what} timed out after {timeout:g}s") from None
+        raise
 
 
 class ThreadRunner:
@@ -55,7 +48,9 @@ class ThreadRunner:
         self.stuck: dict[Future[Any], tuple[str, float]] = {}
         self.stuck_total = 0
 
-    async def run(self, func: Callable[..., T], kwargs: Mapping[str, Any], timeout: float | None, label: str) -> T:
+    async def run(
+        self, func: Callable[..., T], kwargs: Mapping[str, Any], timeout: float | None, label: str
+    ) -> T:
         cfut = self._pool.submit(functools.partial(func, **kwargs))
         try:
             return await with_timeout(asyncio.wrap_future(cfut), timeout, label)
@@ -86,7 +81,9 @@ class ThreadRunner:
 
     async def call(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """For ``ctx.to_thread``: no timeout of its own (the run's timeout applies)."""
-        return await asyncio.wrap_future(self._pool.submit(functools.partial(func, *args, **kwargs)))
+        return await asyncio.wrap_future(
+            self._pool.submit(functools.partial(func, *args, **kwargs))
+        )
 
     @property
     def stuck_count(self) -> int:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from taskd.errors import JobTimeout
@@ -59,16 +59,18 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
             job=cfg.name,
             run_id=info.run_id,
             attempt=info.attempt,
-            scheduled=datetime.fromtimestamp(info.scheduled, timezone.utc),
+            scheduled=datetime.fromtimestamp(info.scheduled, UTC),
             log=rt.log.bind(job=cfg.name, run_id=info.run_id, attempt=info.attempt),
             state=rt.shared,
             offload=rt,
         )
-        return await with_timeout(jt.func(ctx, **cfg.options), cfg.timeout, label)
+        return await with_timeout(jt.func(ctx, **spec.kwargs), cfg.timeout, label)
     if jt.kind == "blocking":
-        return await rt.threads.run(jt.func, cfg.options, cfg.timeout, label)
+        return await rt.threads.run(jt.func, spec.kwargs, cfg.timeout, label)
     pool = await rt.procs()
-    return await pool.run(jt.func, (), cfg.options, timeout=cfg.timeout, max_memory=cfg.max_memory, label=label)
+    return await pool.run(
+        jt.func, (), spec.kwargs, timeout=cfg.timeout, max_memory=cfg.max_memory, label=label
+    )
 
 
 async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
@@ -82,12 +84,21 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
         # restart after a crash neither runs this tick again nor forgets the run existed.
         await store.durable()
     rt.stats.running += 1
-    scheduled_dt = datetime.fromtimestamp(info.scheduled, timezone.utc)
+    scheduled_dt = datetime.fromtimestamp(info.scheduled, UTC)
     attempt_start = info.started
     try:
         while True:
             if rt.listeners:
-                rt.emit(JobEvent(EventKind.STARTED, cfg.name, info.run_id, scheduled_dt, info.attempt, time.time()))
+                rt.emit(
+                    JobEvent(
+                        EventKind.STARTED,
+                        cfg.name,
+                        info.run_id,
+                        scheduled_dt,
+                        info.attempt,
+                        time.time(),
+                    )
+                )
             try:
                 info.result = await _attempt(rt, spec, info)
                 info.outcome = SUCCEEDED
@@ -102,7 +113,12 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the run's failure
                 info.outcome, info.error = FAILED, _error_text(exc)
                 if not isinstance(exc, Exception):
-                    rt.log.warning("job_raised_base_exception", job=cfg.name, run_id=info.run_id, error=info.error)
+                    rt.log.warning(
+                        "job_raised_base_exception",
+                        job=cfg.name,
+                        run_id=info.run_id,
+                        error=info.error,
+                    )
             if info.attempt > cfg.retries:
                 break
             delay = min(cfg.retry_backoff * (2 ** (info.attempt - 1)), MAX_BACKOFF)
@@ -116,7 +132,16 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                 retry_in=round(delay, 3),
             )
             rt.emit(
-                JobEvent(EventKind.RETRYING, cfg.name, info.run_id, scheduled_dt, info.attempt, time.time(), reason=info.outcome, error=info.error)
+                JobEvent(
+                    EventKind.RETRYING,
+                    cfg.name,
+                    info.run_id,
+                    scheduled_dt,
+                    info.attempt,
+                    time.time(),
+                    reason=info.outcome,
+                    error=info.error,
+                )
             )
             await asyncio.sleep(delay)
             info.attempt += 1
@@ -127,7 +152,9 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
     return info
 
 
-def _finish(rt: Runtime, spec: JobSpec, info: RunInfo, scheduled_dt: datetime, attempt_start: float) -> None:
+def _finish(
+    rt: Runtime, spec: JobSpec, info: RunInfo, scheduled_dt: datetime, attempt_start: float
+) -> None:
     cfg = spec.config
     now = time.time()
     duration = now - info.started
@@ -136,7 +163,16 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo, scheduled_dt: datetime, a
     result = info.result if outcome == SUCCEEDED else None
     if rt.store is not None:
         rt.store.run_finished(
-            info.run_id, cfg.name, info.scheduled, info.started, info.attempt, duration, outcome, info.error, info.trigger, result
+            info.run_id,
+            cfg.name,
+            info.scheduled,
+            info.started,
+            info.attempt,
+            duration,
+            outcome,
+            info.error,
+            info.trigger,
+            result,
         )
     if result is not None:
         _record_result(rt, cfg.name, result)
@@ -158,7 +194,11 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo, scheduled_dt: datetime, a
         rt.log.warning("run", **fields)
     else:
         rt.log.error("run", **fields)
-    kind = {SUCCEEDED: EventKind.SUCCEEDED, FAILED: EventKind.FAILED, TIMED_OUT: EventKind.TIMED_OUT}.get(outcome, EventKind.CANCELLED)
+    kind = {
+        SUCCEEDED: EventKind.SUCCEEDED,
+        FAILED: EventKind.FAILED,
+        TIMED_OUT: EventKind.TIMED_OUT,
+    }.get(outcome, EventKind.CANCELLED)
     if rt.listeners:
         rt.emit(
             JobEvent(

@@ -102,7 +102,9 @@ class Runtime:
 
     async def to_process(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         pool = await self.procs()
-        result: T = await pool.run(func, args, kwargs, label=getattr(func, "__qualname__", "to_process"))
+        result: T = await pool.run(
+            func, args, kwargs, label=getattr(func, "__qualname__", "to_process")
+        )
         return result
 
     async def close(self, *, kill: bool, timeout: float | None = None) -> None:

@@ -15,10 +15,11 @@ missed ticks are found and handled by ``catchup``:
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
@@ -40,11 +41,13 @@ TIMER_SLACK = 0.001
 
 
 def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 class ScheduledJob:
-    def __init__(self, spec: JobSpec, rt: Runtime, *, cursor: float | None, paused: bool = False) -> None:
+    def __init__(
+        self, spec: JobSpec, rt: Runtime, *, cursor: float | None, paused: bool = False
+    ) -> None:
         self.spec = spec
         self.rt = rt
         self.cursor = cursor  # last tick handled (run or skipped); None: never started
@@ -65,14 +68,22 @@ class ScheduledJob:
     # -- control, from the daemon --------------------------------------------------------
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._main(), name=f"taskd-job:{self.name}")
+        self.task = asyncio.get_running_loop().create_task(
+            self._main(), name=f"taskd-job:{self.name}"
+        )
 
     def update(self, spec: JobSpec) -> None:
         """A reload changed this job: the next tick follows the new definition; runs in
         flight finish under the old one (they hold their own spec)."""
         old = self.spec
         self.spec = spec
-        if (old.config.schedule, old.config.every, old.config.cron, old.config.at, old.config.timezone) != (
+        if (
+            old.config.schedule,
+            old.config.every,
+            old.config.cron,
+            old.config.at,
+            old.config.timezone,
+        ) != (
             spec.config.schedule,
             spec.config.every,
             spec.config.cron,
@@ -217,14 +228,30 @@ class ScheduledJob:
 
     def _skip(self, ticks: list[float], reason: SkipReason, extra_count: int = 0) -> None:
         count = len(ticks) + extra_count
-        fields = {"job": self.name, "reason": str(reason), "count": count, "first": _utc(ticks[0]).isoformat()}
+        fields = {
+            "job": self.name,
+            "reason": str(reason),
+            "count": count,
+            "first": _utc(ticks[0]).isoformat(),
+        }
         if count > 1:
             fields["last"] = _utc(ticks[-1]).isoformat()
         if reason is SkipReason.PAUSED:
             log.debug("skipped", **fields)
         else:
             log.warning("skipped", **fields)
-        self.rt.emit(JobEvent(EventKind.SKIPPED, self.name, "", _utc(ticks[0]), 0, time.time(), reason=str(reason), count=count))
+        self.rt.emit(
+            JobEvent(
+                EventKind.SKIPPED,
+                self.name,
+                "",
+                _utc(ticks[0]),
+                0,
+                time.time(),
+                reason=str(reason),
+                count=count,
+            )
+        )
 
     async def _sleep_until(self, when: float | None) -> bool:
         """Sleep until wall-clock ``when`` (None: until poked). True if the time came, False if
@@ -271,9 +298,11 @@ class ScheduledJob:
     def start_run(self, tick: float, trigger: str = "schedule") -> RunInfo:
         rt = self.rt
         info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), trigger)
-        task = asyncio.get_running_loop().create_task(execute(rt, self.spec, info), name=f"taskd-run:{self.name}:{info.run_id}")
+        task = asyncio.get_running_loop().create_task(
+            execute(rt, self.spec, info), name=f"taskd-run:{self.name}:{info.run_id}"
+        )
         self.active[info.run_id] = (task, info)
-        task.add_done_callback(lambda t, run_id=info.run_id: self._run_done(run_id, t))
+        task.add_done_callback(functools.partial(self._run_done, info.run_id))
         return info
 
     def _run_done(self, run_id: str, task: asyncio.Task[RunInfo]) -> None:

@@ -24,7 +24,9 @@ class InstanceLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise StateError(f"cannot create lock file {self.path}: {exc.strerror or exc}; check state_dir") from exc
+            raise StateError(
+                f"cannot create lock file {self.path}: {exc.strerror or exc}; check state_dir"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

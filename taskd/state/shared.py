@@ -31,7 +31,9 @@ class _Tracked(MutableMapping[str, Any]):
         try:
             json.dumps(value)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"shared state value for {key!r} must be JSON-serialisable: {exc}") from None
+            raise TypeError(
+                f"shared state value for {key!r} must be JSON-serialisable: {exc}"
+            ) from None
         self._data[key] = value
         self.changed.add(key)
 

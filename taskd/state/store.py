@@ -102,7 +102,9 @@ class StateStore:
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            aside = self.path.with_name(
+                f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+            )
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(self.path) + suffix)
                 if src.exists():
@@ -125,7 +127,11 @@ class StateStore:
         ).rowcount
         self._db.commit()
         if interrupted:
-            log.warning("runs_interrupted", count=interrupted, hint="these runs were going when the daemon died")
+            log.warning(
+                "runs_interrupted",
+                count=interrupted,
+                hint="these runs were going when the daemon died",
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -136,7 +142,9 @@ class StateStore:
             db.execute("PRAGMA synchronous=NORMAL")
             check = db.execute("PRAGMA quick_check").fetchone()
             if not check or check[0] != "ok":
-                raise sqlite3.DatabaseError(f"integrity check failed: {check[0] if check else 'no answer'}")
+                raise sqlite3.DatabaseError(
+                    f"integrity check failed: {check[0] if check else 'no answer'}"
+                )
             db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -165,7 +173,9 @@ class StateStore:
             "SELECT name, last_tick, paused, last_run_id, last_outcome, last_started, last_duration, last_error, last_result FROM jobs"
         ):
             result = json.loads(row[8]) if row[8] is not None else None
-            out[row[0]] = JobRow(row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[7], result)
+            out[row[0]] = JobRow(
+                row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[7], result
+            )
         return out
 
     def shared(self) -> dict[str, Any]:
@@ -178,7 +188,17 @@ class StateStore:
             sql += " WHERE job = ?"
             args = (job,)
         sql += " ORDER BY seq DESC LIMIT ?"
-        cols = ("run_id", "job", "scheduled", "started", "attempts", "duration", "outcome", "error", "trigger")
+        cols = (
+            "run_id",
+            "job",
+            "scheduled",
+            "started",
+            "attempts",
+            "duration",
+            "outcome",
+            "error",
+            "trigger",
+        )
         return [dict(zip(cols, r, strict=True)) for r in self.db.execute(sql, (*args, limit))]
 
     # -- buffered writes -------------------------------------------------------------------
@@ -191,8 +211,20 @@ class StateStore:
         self._paused[job] = paused
         self._dirty()
 
-    def run_started(self, run_id: str, job: str, scheduled: float, started: float, trigger: str) -> None:
-        self._run_rows[run_id] = (run_id, job, scheduled, started, 1, None, "running", None, trigger)
+    def run_started(
+        self, run_id: str, job: str, scheduled: float, started: float, trigger: str
+    ) -> None:
+        self._run_rows[run_id] = (
+            run_id,
+            job,
+            scheduled,
+            started,
+            1,
+            None,
+            "running",
+            None,
+            trigger,
+        )
         self._dirty()
 
     def run_finished(
@@ -208,8 +240,25 @@ class StateStore:
         trigger: str,
         result: Any = None,
     ) -> None:
-        self._run_rows[run_id] = (run_id, job, scheduled, started, attempts, duration, outcome, error, trigger)
-        self._job_last[job] = (run_id, outcome, started, duration, error, None if result is None else _json_or_repr(result))
+        self._run_rows[run_id] = (
+            run_id,
+            job,
+            scheduled,
+            started,
+            attempts,
+            duration,
+            outcome,
+            error,
+            trigger,
+        )
+        self._job_last[job] = (
+            run_id,
+            outcome,
+            started,
+            duration,
+            error,
+            None if result is None else _json_or_repr(result),
+        )
         self._dirty()
 
     def set_shared(self, data: Mapping[str, Any], keys: frozenset[str]) -> None:
@@ -282,14 +331,19 @@ class StateStore:
                     [(job, *row) for job, row in self._job_last.items()],
                 )
             if self._shared:
-                db.executemany("DELETE FROM shared WHERE key=?", [(k,) for k, v in self._shared.items() if v is None])
+                db.executemany(
+                    "DELETE FROM shared WHERE key=?",
+                    [(k,) for k, v in self._shared.items() if v is None],
+                )
                 db.executemany(
                     "INSERT INTO shared (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                     [(k, v) for k, v in self._shared.items() if v is not None],
                 )
             self._flushes += 1
             if self._flushes % 1000 == 0:
-                db.execute("DELETE FROM runs WHERE seq <= (SELECT MAX(seq) FROM runs) - ?", (HISTORY_KEEP,))
+                db.execute(
+                    "DELETE FROM runs WHERE seq <= (SELECT MAX(seq) FROM runs) - ?", (HISTORY_KEEP,)
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
