@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from taskd.run.runtime import Runtime
 
 MAX_BACKOFF = 3600.0
+MAX_LOGGED_RESULT = 300  # characters of JSON; larger results are only stored
 
 SUCCEEDED = "succeeded"
 FAILED = "failed"
@@ -188,6 +189,10 @@ def _finish(
         fields["trigger"] = info.trigger
     if info.error:
         fields["error"] = info.error
+    if result is not None:
+        preview = _preview(result)
+        if preview is not None:
+            fields["result"] = preview
     if outcome == SUCCEEDED:
         rt.log.info("run", **fields)
     elif outcome == CANCELLED:
@@ -214,6 +219,15 @@ def _finish(
                 result=result,
             )
         )
+
+
+def _preview(result: Any) -> Any:
+    """The result itself for the log line when it is small, else None (it is in the store)."""
+    try:
+        text = json.dumps(result)
+    except (TypeError, ValueError):
+        return None
+    return result if len(text) <= MAX_LOGGED_RESULT else None
 
 
 def _record_result(rt: Runtime, job: str, result: Any) -> None:

@@ -1,0 +1,282 @@
+"""The loop that runs inside each process-pool worker (see :mod:`taskd.run.procpool`).
+
+This module is preloaded by the forkserver, so every worker starts with it already imported;
+keep its imports to the standard library and cheap modules, and import heavier ones lazily.
+
+Wire format, both directions: frames of ``u64 big-endian length`` + body.
+
+* parent -> worker, one per run: ``u32 ref length`` + ``ref`` + ``payload``. ``ref`` is a
+  pickled ``(module, qualname, file, version)`` naming the function (empty when the callable
+  travels inside the payload instead); ``version`` changes when the parent loads the module
+  again. ``payload`` pickles ``(args, kwargs)``, or ``(callable, args, kwargs)`` when ``ref``
+  is empty.
+* worker -> parent: one kind byte + a pickle: ``READY`` ``pid`` once at start; ``OK``
+  ``result``; ``ERROR`` ``(exception pickle or None, "Type: message", traceback text)``.
+
+An empty frame, or end of file, from the parent means "exit now, cleanly". (The explicit frame
+matters with the "fork" start method, where sibling workers inherit copies of each other's
+sockets and end of file may never arrive.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+HEADER = struct.Struct(">Q")
+REF_LEN = struct.Struct(">I")
+
+READY = 0
+OK = 1
+ERROR = 2
+
+_PR_SET_PDEATHSIG = 1
+_RECV_CHUNK = 1 << 16
+
+# ref pickles -> resolved callables; a worker serves many runs of few functions, so the
+# second run of a function costs one dict lookup.
+_resolved: dict[bytes, Callable[..., Any]] = {}
+# Modules this worker loaded by path -> the parent's version of each when it was loaded.
+_loaded_by_path: dict[str, object] = {}
+
+
+def main(sock: socket.socket) -> None:
+    """Entry point of a worker process: serve runs from ``sock`` until the parent closes it."""
+    _detach_from_terminal_signals()
+    _die_with_parent()
+    channel = _Channel(sock)
+    try:
+        channel.send(bytes((READY,)) + pickle.dumps(os.getpid()))
+        while True:
+            frame = channel.recv()
+            if not frame:
+                break
+            reply = execute(frame)
+            # Drop the request before blocking for the next one: big arguments must not
+            # count against the worker's memory while it sits idle.
+            del frame
+            channel.send(reply)
+            del reply
+            _flush_std_streams()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent went away; nobody is left to report to
+    finally:
+        sock.close()
+
+
+def execute(frame: bytes | bytearray) -> bytes:
+    """Run the call described by one request frame body; return the reply body.
+
+    Never raises: whatever the job does (``SystemExit`` and ``KeyboardInterrupt`` included)
+    becomes that run's reply, so one bad run cannot take the worker down with it.
+    """
+    try:
+        (ref_len,) = REF_LEN.unpack_from(frame)
+        view = memoryview(frame)
+        if ref_len:
+            func = _resolve(bytes(view[4 : 4 + ref_len]))
+            args, kwargs = pickle.loads(view[4 + ref_len :])
+        else:
+            func, args, kwargs = pickle.loads(view[4:])
+        result = func(*args, **kwargs)
+    except BaseException as exc:
+        return _error_reply(exc)
+    try:
+        return bytes((OK,)) + pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+    except BaseException as exc:
+        summary = f"the result ({type(result).__qualname__}) could not be pickled: {_describe(exc)}"
+        return _error_reply(exc, summary=summary, send_exception=False)
+
+
+def _error_reply(
+    exc: BaseException, *, summary: str | None = None, send_exception: bool = True
+) -> bytes:
+    text = _format_traceback(exc)
+    blob: bytes | None = None
+    if send_exception:
+        try:
+            blob = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            blob = None  # the parent reports it as a JobError with the same text
+    body = (blob, summary or _describe(exc), text)
+    try:
+        return bytes((ERROR,)) + pickle.dumps(body, pickle.HIGHEST_PROTOCOL)
+    except BaseException:
+        # A str subclass with odd pickling, say; plain strings always pickle.
+        return bytes((ERROR,)) + pickle.dumps((None, str(body[1]), str(text)))
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<str() of the exception failed>"
+    name = type(exc).__qualname__
+    return f"{name}: {message}" if message else name
+
+
+def _format_traceback(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(exc))
+    except BaseException:
+        return f"<traceback could not be formatted> {_describe(exc)}\n"
+
+
+def _resolve(ref: bytes) -> Callable[..., Any]:
+    func = _resolved.get(ref)
+    if func is None:
+        module_name, qualname, path, version = pickle.loads(ref)
+        obj: Any = import_module(module_name, path, version)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        func = _resolved[ref] = obj
+    return func
+
+
+def import_module(name: str, path: str | None, version: object = None) -> Any:
+    """Import ``name``; if no such module is importable by name, load it from ``path``.
+
+    Drop-in plugin files are loaded by path under synthetic names that no finder knows, so
+    the worker repeats what the parent's loader did and registers the module the same way
+    (which also lets classes from it unpickle later). A module loaded by path is loaded again
+    when the parent's ``version`` of it changes: the daemon reloads drop-ins on SIGHUP, and a
+    long-lived worker must not keep running the old code.
+    """
+    if name in _loaded_by_path:
+        module = sys.modules.get(name)
+        if module is not None and _loaded_by_path[name] == version:
+            return module
+    else:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # Only "this very module is missing" falls through; a missing dependency of an
+            # importable module is a real error to report as is.
+            if path is None or exc.name is None or not (name + ".").startswith(exc.name + "."):
+                raise
+    if path is None:
+        raise ImportError(f"module {name!r} was loaded by path but no path was sent", name=name)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load module {name!r} from {path!r}", name=name, path=path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        _loaded_by_path.pop(name, None)
+        raise
+    _loaded_by_path[name] = version
+    return module
+
+
+def _detach_from_terminal_signals() -> None:
+    # Ctrl-C and a terminal hang-up reach the whole process group; whether the running
+    # runs stop is the daemon's decision, taken through the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # multiprocessing marks pool workers daemonic, which forbids a job from starting its
+    # own child processes; the pool reaps its workers itself.
+    try:
+        import multiprocessing
+
+        multiprocessing.current_process().daemon = False
+    except Exception:
+        pass
+
+
+def _die_with_parent() -> None:
+    # A worker busy in a long computation never reads its socket, so it would not notice a
+    # kill -9'd daemon; the kernel kills it instead when its parent goes away (the daemon
+    # itself, or the forkserver, which exits when the daemon does).
+    _release_forkserver_lifeline()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass  # best effort: an idle worker still exits on end of file from the parent
+
+
+def _release_forkserver_lifeline() -> None:
+    # multiprocessing hands every forkserver child the write end of the pipe whose end of
+    # file tells the forkserver that the daemon is gone. A busy worker holding it would keep
+    # the forkserver alive after a kill -9 of the daemon, and so never get its parent-death
+    # signal. (A job that wants a forkserver of its own starts a new one anyway.)
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if server is not None and isinstance(fd, int):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+class _Channel:
+    """Blocking framed I/O on the worker's end of the socket pair."""
+
+    __slots__ = ("_buf", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self._sock = sock
+        self._buf = bytearray()
+
+    def recv(self) -> bytes | bytearray | None:
+        """Return the next frame's body, or None at end of file."""
+        buf = self._buf
+        while len(buf) < HEADER.size:
+            chunk = self._sock.recv(_RECV_CHUNK)
+            if not chunk:
+                return None
+            buf += chunk
+        (size,) = HEADER.unpack_from(buf)
+        end = HEADER.size + size
+        if len(buf) >= end:
+            body = bytes(buf[HEADER.size : end])
+            del buf[:end]
+            return body
+        # A big frame: read its remainder straight into place instead of growing the buffer.
+        body_buf = bytearray(size)
+        have = len(buf) - HEADER.size
+        body_buf[:have] = buf[HEADER.size :]
+        buf.clear()
+        view = memoryview(body_buf)
+        while have < size:
+            n = self._sock.recv_into(view[have:])
+            if not n:
+                return None
+            have += n
+        view.release()
+        return body_buf
+
+    def send(self, body: bytes) -> None:
+        header = HEADER.pack(len(body))
+        if len(body) <= _RECV_CHUNK:
+            self._sock.sendall(header + body)
+        else:
+            self._sock.sendall(header)
+            self._sock.sendall(body)

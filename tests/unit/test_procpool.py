@@ -1,0 +1,511 @@
+"""ProcessPool against real worker processes: results, errors, deaths, timeouts, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import math
+import os
+import pickle
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import uvloop
+from structlog.testing import capture_logs
+
+from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, WorkerDied
+from taskd.run.procpool import ProcessPool
+from tests.unit.procpool_funcs import jobs
+
+MiB = 1 << 20
+
+PoolFactory = Callable[..., Awaitable[ProcessPool]]
+
+
+@pytest.fixture
+async def make_pool() -> AsyncIterator[PoolFactory]:
+    """``await make_pool(workers=2, **kw)`` -> a started pool, killed and reaped after the test."""
+    made: list[ProcessPool] = []
+
+    async def create(workers: int = 2, **kw: Any) -> ProcessPool:
+        pool = ProcessPool(workers, **kw)
+        made.append(pool)
+        await pool.start()
+        return pool
+
+    yield create
+    for pool in made:
+        pool.kill()
+        await pool.close()
+        assert pool.pids() == []
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+def read_pid(path: Path) -> int:
+    return int(path.read_text())
+
+
+async def wait_for_pid(path: Path) -> int:
+    await wait_until(path.exists)
+    return read_pid(path)
+
+
+def load_by_path(name: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Load ``path`` under a synthetic module name, the way the drop-in loader does."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie nobody reaps yet counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    return asyncio.get_running_loop().create_task(coro)
+
+
+class TestResults:
+    """Arguments go to the worker and results come back intact."""
+
+    async def test_args_kwargs_and_result_round_trip(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool()
+        assert await pool.run(jobs.add, (2, 3)) == 5
+        nested = {"a": [1, 2.5, None], "b": ("x", b"y"), "c": {1, 2}}
+        assert await pool.run(jobs.echo, (1, nested), {"key": "v"}) == ((1, nested), {"key": "v"})
+
+    async def test_big_arguments_and_results(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool()
+        assert await pool.run(jobs.length, (b"z" * (8 * MiB),)) == 8 * MiB
+        assert await pool.run(jobs.make_bytes, (8 * MiB,)) == b"\xab" * (8 * MiB)
+
+    async def test_builtins_and_partials(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool()
+        assert await pool.run(math.factorial, (10,)) == 3628800
+        assert await pool.run(functools.partial(jobs.add, 40), (2,)) == 42
+
+    async def test_runs_beyond_worker_count_queue_and_all_complete(
+        self, make_pool: PoolFactory
+    ) -> None:
+        pool = await make_pool()
+        tasks = [start(pool.run(jobs.add, (i, i))) for i in range(200)]
+        await asyncio.sleep(0)
+        assert (pool.busy, pool.queued) == (2, 198)
+        assert await asyncio.gather(*tasks) == [2 * i for i in range(200)]
+        assert (pool.busy, pool.queued, pool.size) == (0, 0, 2)
+
+    async def test_queue_is_fifo(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1)
+        finished: list[int] = []
+        tasks = [start(pool.run(jobs.add, (i, 0))) for i in range(20)]
+        for task in tasks:
+            task.add_done_callback(lambda t: finished.append(t.result()))
+        await asyncio.gather(*tasks)
+        assert finished == list(range(20))
+
+    async def test_run_before_start_is_an_error(self) -> None:
+        with pytest.raises(RuntimeError, match="start"):
+            await ProcessPool(1).run(jobs.add, (1, 1))
+
+    async def test_unpicklable_argument_fails_in_caller(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool()
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            await pool.run(lambda: 1)
+        assert pool.busy == 0
+        assert await pool.run(jobs.add, (1, 1)) == 2
+
+
+class TestJobErrors:
+    """A job's exception or bad result fails its run only; the worker lives on."""
+
+    async def test_exception_keeps_type_and_gets_remote_traceback(
+        self, make_pool: PoolFactory
+    ) -> None:
+        pool = await make_pool(workers=1)
+        pids = pool.pids()
+        with pytest.raises(ValueError, match="bad input") as info:
+            await pool.run(jobs.raise_value_error, ("bad input",))
+        notes = "\n".join(getattr(info.value, "__notes__", []))
+        assert f"worker process {pids[0]}" in notes
+        assert "raise_value_error" in notes
+        assert "Traceback" in notes
+        assert pool.pids() == pids
+        assert await pool.run(jobs.add, (1, 2)) == 3
+
+    @pytest.mark.parametrize(
+        ("func", "args", "message"),
+        [
+            (jobs.raise_system_exit, (3,), "SystemExit: 3"),
+            (jobs.raise_keyboard_interrupt, (), "KeyboardInterrupt"),
+            (jobs.raise_unpicklable, ("held a lock",), "UnpicklableError: held a lock"),
+            (jobs.raise_two_arg, (), "TwoArgError: 1 and 2"),
+            (jobs.raise_stop_iteration, (), "StopIteration: done"),
+            (jobs.return_unpicklable, (), "the result (lock) could not be pickled: TypeError"),
+        ],
+        ids=[
+            "SystemExit",
+            "KeyboardInterrupt",
+            "unpicklable",
+            "not-rebuildable",
+            "StopIteration",
+            "unpicklable-result",
+        ],
+    )
+    async def test_becomes_job_error(
+        self, make_pool: PoolFactory, func: Callable[..., Any], args: tuple[Any, ...], message: str
+    ) -> None:
+        pool = await make_pool(workers=1)
+        pids = pool.pids()
+        with pytest.raises(JobError) as info:
+            await pool.run(func, args)
+        assert type(info.value) is JobError
+        assert str(info.value).startswith(message)
+        assert "Remote traceback" in "\n".join(getattr(info.value, "__notes__", []))
+        assert pool.pids() == pids
+        assert await pool.run(jobs.add, (1, 2)) == 3
+
+
+class TestDropInModules:
+    """Functions from files loaded by path under synthetic module names run in workers."""
+
+    async def test_function_and_exception_from_file_loaded_by_path(
+        self, make_pool: PoolFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        source = textwrap.dedent(
+            """
+            import hashlib
+
+            class ChecksumError(Exception):
+                pass
+
+            def digest(data: bytes) -> str:
+                return hashlib.sha256(data).hexdigest()
+
+            def fail(message: str) -> None:
+                raise ChecksumError(message)
+            """
+        )
+        path = tmp_path / "checksum.py"
+        path.write_text(source)
+        module = load_by_path(f"_taskd_dropin_checksum_{os.getpid():08x}", path, monkeypatch)
+
+        pool = await make_pool()
+        results = await asyncio.gather(*(pool.run(module.digest, (b"abc",)) for _ in range(4)))
+        assert results == [module.digest(b"abc")] * 4
+        with pytest.raises(module.ChecksumError, match="corrupt"):
+            await pool.run(module.fail, ("corrupt",))
+
+    async def test_reloaded_file_runs_new_code(
+        self, make_pool: PoolFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = tmp_path / "versioned.py"
+        name = f"_taskd_dropin_versioned_{os.getpid():08x}"
+        pool = await make_pool(workers=1)
+        for version in ("one", "two"):
+            path.write_text(f"def which() -> str:\n    return {version!r}\n")
+            module = load_by_path(name, path, monkeypatch)
+            assert await pool.run(module.which) == version
+
+
+class TestWorkerDeath:
+    """A dying worker fails only its own run and is replaced."""
+
+    @pytest.mark.parametrize("how", ["sigkill", "os_exit", "segfault"])
+    async def test_only_its_run_fails(
+        self, make_pool: PoolFactory, tmp_path: Path, how: str
+    ) -> None:
+        pool = await make_pool(workers=2)
+        before = set(pool.pids())
+        pid_file = tmp_path / "pid"
+        doomed: asyncio.Task[Any]
+        if how == "sigkill":
+            doomed = start(pool.run(jobs.report_pid_and_sleep, (str(pid_file), 30)))
+        elif how == "os_exit":
+            doomed = start(pool.run(jobs.exit_now, (3,)))
+        else:
+            doomed = start(pool.run(jobs.segfault))
+        neighbour = start(pool.run(jobs.sleep_then, (0.3, "neighbour")))
+        queued = start(pool.run(jobs.add, (1, 2)))
+        await asyncio.sleep(0)
+        assert (pool.busy, pool.queued) == (2, 1)
+        if how == "sigkill":
+            os.kill(await wait_for_pid(pid_file), signal.SIGKILL)
+
+        with pytest.raises(WorkerDied) as info:
+            await doomed
+        expected = {"sigkill": "signal SIGKILL", "os_exit": "code 3", "segfault": "signal SIGSEGV"}
+        assert expected[how] in str(info.value)
+        assert await neighbour == "neighbour"
+        assert await queued == 3
+
+        await wait_until(lambda: pool.size == 2)
+        after = set(pool.pids())
+        assert len(after) == 2
+        assert len(after & before) == 1
+        if how == "sigkill":
+            assert read_pid(pid_file) not in after
+        assert await asyncio.gather(*(pool.run(jobs.add, (i, 1)) for i in range(4))) == [1, 2, 3, 4]
+
+
+class TestSignals:
+    """Terminal signals do not reach into runs; workers do not outlive a killed daemon."""
+
+    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+    async def test_terminal_signals_are_ignored(
+        self, make_pool: PoolFactory, tmp_path: Path, sig: signal.Signals
+    ) -> None:
+        pool = await make_pool(workers=1)
+        pid_file = tmp_path / "pid"
+        task = start(pool.run(jobs.report_pid_and_sleep, (str(pid_file), 0.2)))
+        pid = await wait_for_pid(pid_file)
+        os.kill(pid, sig)
+        assert await task == pid
+        assert pool.pids() == [pid]
+
+    async def test_workers_die_with_a_killed_parent(self) -> None:
+        script = textwrap.dedent(
+            """
+            import asyncio, time
+            from taskd.run.procpool import ProcessPool
+
+            async def main():
+                pool = ProcessPool(2)
+                await pool.start()
+                busy = [asyncio.ensure_future(pool.run(time.sleep, (60,))) for _ in range(2)]
+                await asyncio.sleep(0.05)
+                print(*pool.pids(), flush=True)
+                await asyncio.sleep(60)
+
+            asyncio.run(main())
+            """
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 10)
+            pids = [int(p) for p in line.split()]
+            assert len(pids) == 2
+        finally:
+            proc.kill()
+        # stdout reaches end of file only once every process holding it (forkserver and
+        # workers, busy in a 60 s sleep) is gone.
+        await asyncio.wait_for(proc.communicate(), 5)
+        await wait_until(lambda: all(gone(pid) for pid in pids))
+
+
+class TestTimeout:
+    """A run past its timeout has its worker killed; time spent queued does not count."""
+
+    async def test_kills_the_worker(self, make_pool: PoolFactory, tmp_path: Path) -> None:
+        pool = await make_pool(workers=2)
+        pid_file = tmp_path / "pid"
+        with pytest.raises(JobTimeout, match=r"timed out after 0\.3s"):
+            await pool.run(jobs.report_pid_and_sleep, (str(pid_file), 30), timeout=0.3)
+        pid = read_pid(pid_file)
+        assert gone(pid)  # reaped before run() raised, not just signalled
+        assert await pool.run(jobs.add, (2, 2), timeout=5) == 4
+        await wait_until(lambda: pool.size == 2)
+        assert pid not in pool.pids()
+
+    async def test_queued_time_does_not_count(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1)
+        first = start(pool.run(jobs.sleep_then, (0.4, "first")))
+        second = start(pool.run(jobs.sleep_then, (0.0, "second"), timeout=0.2))
+        assert list(await asyncio.gather(first, second)) == ["first", "second"]
+
+
+class TestCancellation:
+    """Cancelling the caller drops a queued run and kills an executing one's worker."""
+
+    async def test_executing_run_kills_its_worker(
+        self, make_pool: PoolFactory, tmp_path: Path
+    ) -> None:
+        pool = await make_pool(workers=2)
+        pid_file = tmp_path / "pid"
+        task = start(pool.run(jobs.report_pid_and_sleep, (str(pid_file), 30)))
+        pid = await wait_for_pid(pid_file)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: gone(pid))
+        await wait_until(lambda: pool.size == 2)
+        assert pid not in pool.pids()
+        assert pool.busy == 0
+        assert await pool.run(jobs.add, (1, 1)) == 2
+
+    async def test_queued_run_is_dropped(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1)
+        pids = pool.pids()
+        running = start(pool.run(jobs.sleep_then, (0.2, "ran")))
+        waiting = start(pool.run(jobs.add, (1, 1)))
+        await asyncio.sleep(0)
+        assert pool.queued == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert pool.queued == 0
+        assert await running == "ran"
+        assert pool.pids() == pids
+
+
+class TestMemoryLimit:
+    """A run whose worker grows past max_memory is killed."""
+
+    async def test_over_the_limit_kills_the_worker(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1, memory_check_interval=0.05)
+        pids = pool.pids()
+        with pytest.raises(MemoryLimitExceeded) as info:
+            await pool.run(jobs.allocate_and_sleep, (200 * MiB, 30), max_memory=100 * MiB)
+        assert f"max_memory={100 * MiB} bytes" in str(info.value)
+        assert gone(pids[0])
+        await wait_until(lambda: pool.size == 1)
+        assert await pool.run(jobs.allocate_and_sleep, (MiB, 0.1), max_memory=500 * MiB) == MiB
+
+
+class TestClose:
+    """close() lets running runs finish up to its timeout, then kills the rest."""
+
+    async def test_waits_for_running_and_queued_runs(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1)
+        pids = pool.pids()
+        running = start(pool.run(jobs.sleep_then, (0.2, "a")))
+        queued = start(pool.run(jobs.sleep_then, (0.0, "b")))
+        await asyncio.sleep(0)
+        await pool.close(timeout=5)
+        assert list(await asyncio.gather(running, queued)) == ["a", "b"]
+        assert pool.pids() == []
+        assert gone(pids[0])
+        with pytest.raises(JobError, match="closed"):
+            await pool.run(jobs.add, (1, 1))
+
+    async def test_kills_what_is_left_after_timeout(
+        self, make_pool: PoolFactory, tmp_path: Path
+    ) -> None:
+        pool = await make_pool(workers=2)
+        pid_file = tmp_path / "pid"
+        stuck = start(pool.run(jobs.report_pid_and_sleep, (str(pid_file), 30)))
+        pid = await wait_for_pid(pid_file)
+        t0 = time.monotonic()
+        await pool.close(timeout=0.2)
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(WorkerDied, match="close"):
+            await stuck
+        assert gone(pid)
+        await pool.close()  # idempotent
+
+
+class TestKill:
+    """kill() stops every worker at once; pending runs fail with WorkerDied."""
+
+    async def test_fails_executing_and_queued_runs(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=2)
+        pids = pool.pids()
+        tasks = [start(pool.run(jobs.sleep_then, (30, i))) for i in range(3)]
+        await asyncio.sleep(0)
+        pool.kill()
+        for task in tasks:
+            with pytest.raises(WorkerDied):
+                await task
+        await pool.close()
+        assert all(gone(pid) for pid in pids)
+
+
+class TestStartFailures:
+    """Workers that die at start-up are retried with back-off, then runs fail clearly."""
+
+    async def test_start_raises_when_no_worker_can_start(self) -> None:
+        class Broken(ProcessPool):
+            worker_main = staticmethod(jobs.broken_worker_main)
+
+        pool = Broken(1)
+        t0 = time.monotonic()
+        with capture_logs() as logs, pytest.raises(JobError, match="cannot start worker"):
+            await pool.start()
+        assert time.monotonic() - t0 < 5
+        assert [e["attempt"] for e in logs if e["event"] == "procpool.worker_start_failed"] == [
+            1,
+            2,
+            3,
+        ]
+        assert pool.pids() == []
+
+    async def test_queued_runs_fail_then_pool_recovers(self, make_pool: PoolFactory) -> None:
+        class Flaky(ProcessPool):
+            worker_main = staticmethod(jobs.flaky_worker_main)
+
+        pool = Flaky(2)
+        await pool.start()
+        marker = jobs.broken_marker()
+        try:
+            with capture_logs():
+                marker.touch()
+                deaths = [start(pool.run(jobs.exit_now, (1,))) for _ in range(2)]
+                for task in deaths:
+                    with pytest.raises(WorkerDied):
+                        await task
+                with pytest.raises(JobError, match="cannot start worker processes"):
+                    await pool.run(jobs.add, (1, 2))  # queued, then failed
+                with pytest.raises(JobError, match="cannot start worker processes"):
+                    await pool.run(jobs.add, (1, 2))  # refused at once
+                marker.unlink()
+                await wait_until(lambda: pool.size == 2)
+            assert await pool.run(jobs.add, (1, 2)) == 3
+        finally:
+            marker.unlink(missing_ok=True)
+            pool.kill()
+            await pool.close()
+
+
+async def _scenario() -> None:
+    async with ProcessPool(2) as pool:
+        assert await pool.run(jobs.add, (1, 2)) == 3
+        with pytest.raises(ValueError, match="x"):
+            await pool.run(jobs.raise_value_error, ("x",))
+        dying = asyncio.ensure_future(pool.run(jobs.exit_now, (5,)))
+        other = asyncio.ensure_future(pool.run(jobs.sleep_then, (0.1, "ok")))
+        with pytest.raises(WorkerDied):
+            await dying
+        assert await other == "ok"
+        with pytest.raises(JobTimeout):
+            await pool.run(jobs.sleep_then, (30,), timeout=0.1)
+        await wait_until(lambda: pool.size == 2)
+        assert await asyncio.gather(*(pool.run(jobs.add, (i, 0)) for i in range(50))) == list(
+            range(50)
+        )
+
+
+class TestEventLoops:
+    """The pool works on both the stdlib loop and uvloop."""
+
+    @pytest.mark.parametrize(
+        "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+    )
+    def test_round_trip_death_and_timeout(
+        self, loop_factory: Callable[[], asyncio.AbstractEventLoop]
+    ) -> None:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_scenario())
