@@ -328,7 +328,13 @@ class Daemon:
         rows = self.store.jobs()
         for name, spec in wanted.items():
             job = self.jobs.get(name)
-            if job is None:
+            back = next((j for j in self.retiring if j.name == name and j.active), None)
+            if job is None and back is not None:
+                self.retiring.remove(back)
+                back.revive(spec)
+                self.jobs[name] = back
+                added.append(name)
+            elif job is None:
                 row = rows.get(name)
                 job = ScheduledJob(spec, self.rt, cursor=None, paused=row.paused if row else False)
                 self.jobs[name] = job

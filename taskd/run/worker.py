@@ -186,6 +186,10 @@ def _detach_from_terminal_signals() -> None:
     # runs stop is the daemon's decision, taken through the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A SIGTERM sent to the whole group (KillMode=control-group, kill -- -PGID) must not kill
+    # a run the daemon is about to drain; the pool stops workers with SIGKILL when it must,
+    # and a daemon that dies takes them along (PR_SET_PDEATHSIG below).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # multiprocessing marks pool workers daemonic, which forbids a job from starting its
     # own child processes; the pool reaps its workers itself.
     try:

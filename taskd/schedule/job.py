@@ -100,6 +100,17 @@ class ScheduledJob:
         self._drop_queue(SkipReason.REMOVED)
         self._poke()
 
+    def revive(self, spec: JobSpec) -> None:
+        """A reload added back a job that was removed while its run was still going: this
+        object takes the job again, so the overlap policy still sees that run."""
+        self.removed = False
+        self.spec = spec
+        self._reset_cursor = True
+        if self.task is None or self.task.done():
+            self.start()
+        else:
+            self._poke()
+
     def stop(self) -> None:
         self._stopping = True
         self._drop_queue(SkipReason.SHUTDOWN)
@@ -223,8 +234,17 @@ class ScheduledJob:
         self.cursor = latest
         if self.rt.store is not None:
             self.rt.store.set_tick(self.name, latest)
-        for t in run:
-            self._fire(t, now)
+        if not run:
+            return
+        refused = self._fire(run[0], now)
+        rest = run[1:]
+        if rest:
+            # Catch-up ticks run one after another, oldest first, whatever ``overlap`` says:
+            # they are a backlog, not ticks that collided with a slow run.
+            if refused is None:
+                self.queue.extend(rest)
+            else:
+                self._skip(rest, refused)
 
     def _skip(self, ticks: list[float], reason: SkipReason, extra_count: int = 0) -> None:
         count = len(ticks) + extra_count
@@ -272,28 +292,32 @@ class ScheduledJob:
 
     # -- starting runs -------------------------------------------------------------------
 
-    def _fire(self, tick: float, now: float, trigger: str = "schedule") -> None:
+    def _fire(self, tick: float, now: float, trigger: str = "schedule") -> SkipReason | None:
+        """Start (or queue) a run for ``tick``; the reason if it was skipped instead."""
         spec = self.spec
+        reason: SkipReason | None = None
         if spec.broken is not None:
-            self._skip([tick], SkipReason.BROKEN)
-            return
-        if self.paused and trigger == "schedule":
-            self._skip([tick], SkipReason.PAUSED)
-            return
-        if self.active:
+            reason = SkipReason.BROKEN
+        elif self.paused and trigger == "schedule":
+            reason = SkipReason.PAUSED
+        elif self.active or self.queue:
             overlap = spec.config.overlap
             if overlap == "skip":
-                self._skip([tick], SkipReason.OVERLAP)
-                return
-            if overlap == "queue":
+                reason = SkipReason.OVERLAP
+            elif overlap == "queue":
                 if len(self.queue) >= QUEUE_LIMIT:
-                    self._skip([tick], SkipReason.QUEUE_FULL)
+                    reason = SkipReason.QUEUE_FULL
                 else:
                     self.queue.append(tick)
-                return
-            if overlap == "replace":
+                    return None
+            elif overlap == "replace":
+                self.queue.clear()
                 self.cancel_runs("replaced by a newer run")
+        if reason is not None:
+            self._skip([tick], reason)
+            return reason
         self.start_run(tick, trigger)
+        return None
 
     def start_run(self, tick: float, trigger: str = "schedule") -> RunInfo:
         rt = self.rt

@@ -102,9 +102,13 @@ class StateStore:
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
-            aside = self.path.with_name(
-                f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
-            )
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            n = 1
+            while any(Path(str(aside) + s).exists() for s in ("", "-wal", "-shm")):
+                # Never replace an earlier copy: each was kept for someone to look at.
+                n += 1
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(self.path) + suffix)
                 if src.exists():
