@@ -31,8 +31,8 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check taskd tests plugins
-	$(BIN)/ruff format --check taskd tests plugins
+	$(BIN)/ruff check taskd tests plugins bench
+	$(BIN)/ruff format --check taskd tests plugins bench
 	$(BIN)/mypy
 
 clean:
