@@ -1,5 +1,6 @@
 """The ``taskd`` command. Exit codes: 0 success, 1 invalid config / failed run, 2 usage,
-3 state_dir unusable (another daemon holds it)."""
+3 state_dir unusable (another daemon holds it); ``taskd run`` exits 78 (EX_CONFIG) on an
+invalid config, so systemd can tell "fix the file" from a crash worth restarting."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from taskd.config import DEFAULT_CONFIG, load_config
 from taskd.errors import ConfigError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EX_CONFIG = 78  # sysexits.h
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -59,13 +61,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         logsetup.configure()
         _print_config_error(exc)
-        return EXIT_FAIL
+        return EX_CONFIG
     logsetup.configure(config.daemon.log_level, config.daemon.log_format)
     try:
         loaded = load_all(path)
     except ConfigError as exc:
         _print_config_error(exc)
-        return EXIT_FAIL
+        return EX_CONFIG
     code = run(daemon.serve(loaded))
     if daemon.rt is not None and daemon.rt.threads.stuck_count:
         # A stuck thread can never be joined and the interpreter would wait for it at exit.

@@ -63,7 +63,8 @@ def load_all(path: Path) -> Loaded:
 class Daemon:
     def __init__(self, config_path: Path, *, notifier: Notifier | None = None) -> None:
         self.config_path = config_path
-        self.notifier = notifier or Notifier.from_env()
+        # Unset: a job's subprocess must not be able to speak to systemd in our name.
+        self.notifier = notifier or Notifier.from_env(unset_environment=True)
         self.jobs: dict[str, ScheduledJob] = {}
         self.retiring: list[ScheduledJob] = []  # removed by a reload, finishing a run
         self.loaded: Loaded | None = None

@@ -54,3 +54,39 @@ class TestStartStop:
         assert f"pid {first.pid}" in refused["error"]
         assert "already running" in refused["error"]
         assert first.proc is not None and first.proc.poll() is None
+
+
+class TestInvalidConfigAtStart:
+    """An invalid config stops `taskd run` before it starts, with EX_CONFIG and every error."""
+
+    def test_exit_78_listing_errors(self, daemon_factory) -> None:
+        d = daemon_factory(
+            """
+            [jobs.greet]
+            type = "hello"
+            every = "1s"
+            timout = "5s"
+            """,
+            {"hello.py": HELLO},
+        )
+        d.start(wait=False)
+        assert d.wait_exit() == 78
+        out = "\n".join(d.raw)
+        assert "jobs.greet.timout" in out and "did you mean 'timeout'?" in out
+        assert not (d.dir / "state" / "taskd.lock").exists()
+
+    def test_options_errors_exit_78_too(self, daemon_factory) -> None:
+        d = daemon_factory(
+            """
+            [jobs.greet]
+            type = "hello"
+            every = "1s"
+            [jobs.greet.options]
+            nmae = "x"
+            """,
+            {"hello.py": HELLO},
+        )
+        d.start(wait=False)
+        assert d.wait_exit() == 78
+        out = "\n".join(d.raw)
+        assert "jobs.greet.options.nmae" in out and "did you mean 'name'?" in out
