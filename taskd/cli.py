@@ -9,14 +9,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from taskd._version import __version__
-from taskd.config import DEFAULT_CONFIG, load_config
+from taskd.config import DEFAULT_CONFIG, load_config, suggest
 from taskd.errors import ConfigError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -34,6 +34,12 @@ def _print_config_error(exc: ConfigError) -> None:
     )
     for issue in exc.issues:
         print(f"  {issue}", file=sys.stderr)
+
+
+def _no_such_job(name: str, known: Iterable[str], path: Path) -> int:
+    hint = suggest(name, known)
+    print(f"taskd: no job {name!r} in {path}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+    return EXIT_FAIL
 
 
 def _plural(n: int, word: str) -> str:
@@ -238,14 +244,7 @@ def cmd_next(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     job = config.jobs.get(args.job)
     if job is None:
-        from taskd.config import suggest
-
-        hint = suggest(args.job, config.jobs)
-        print(
-            f"taskd: no job {args.job!r} in {config.path}" + (f"; {hint}" if hint else ""),
-            file=sys.stderr,
-        )
-        return EXIT_FAIL
+        return _no_such_job(args.job, config.jobs, config.path)
     trigger = make_trigger(job)
     if trigger is None:
         times: list[float] = []
@@ -303,13 +302,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     spec = loaded.specs.get(args.job)
     if spec is None:
-        from taskd.config import suggest
-
-        hint = suggest(args.job, loaded.specs)
-        print(
-            f"taskd: no job {args.job!r} in {path}" + (f"; {hint}" if hint else ""), file=sys.stderr
-        )
-        return EXIT_FAIL
+        return _no_such_job(args.job, loaded.specs, path)
     if spec.broken:
         print(f"taskd: job {args.job!r} is broken: {spec.broken}", file=sys.stderr)
         return EXIT_FAIL

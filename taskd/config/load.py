@@ -129,20 +129,20 @@ class _Collector:
 
 def _string(value: Any) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {_tname(value)}")
+        raise TypeError(f"expected a string, got {type_name(value)}")
     return value
 
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {_tname(value)}")
+        raise TypeError(f"expected true or false, got {type_name(value)}")
     return value
 
 
 def _int_range(low: int, high: int | None = None) -> Callable[[Any], int]:
     def conv(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"expected a whole number, got {_tname(value)}")
+            raise TypeError(f"expected a whole number, got {type_name(value)}")
         if value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"from {low} to {high}"
             raise ValueError(f"must be {bound}, got {value}")
@@ -164,7 +164,8 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], Any]:
     return conv
 
 
-def _tname(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """How a config error names a TOML value's type: "a string", "an array", ..."""
     names = {
         str: "a string",
         bool: "a boolean",
@@ -261,7 +262,7 @@ def load_config(path: str | Path) -> Config:
     jobs_table = data.get("jobs", {})
     jobs: dict[str, JobConfig] = {}
     if not isinstance(jobs_table, dict):
-        c.add("jobs", f"expected tables [jobs.<name>], got {_tname(jobs_table)}")
+        c.add("jobs", f"expected tables [jobs.<name>], got {type_name(jobs_table)}")
     else:
         for name, table in jobs_table.items():
             job = _job(c, name, table, daemon.timezone)
@@ -285,7 +286,7 @@ def _path(base: Path) -> Callable[[Any], Path]:
 
 def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
     if not isinstance(table, dict):
-        c.add("daemon", f"expected a table [daemon], got {_tname(table)}")
+        c.add("daemon", f"expected a table [daemon], got {type_name(table)}")
         return DaemonConfig()
     c.unknown_keys(table, "daemon", DAEMON_KEYS)
     d = DaemonConfig()
@@ -293,12 +294,12 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
 
     def paths(value: Any) -> tuple[Path, ...]:
         if not isinstance(value, list):
-            raise TypeError(f"expected an array of folder paths, got {_tname(value)}")
+            raise TypeError(f"expected an array of folder paths, got {type_name(value)}")
         return tuple(to_path(v) for v in value)
 
     def names(value: Any) -> tuple[str, ...]:
         if not isinstance(value, list):
-            raise TypeError(f"expected an array of strings, got {_tname(value)}")
+            raise TypeError(f"expected an array of strings, got {type_name(value)}")
         return tuple(_string(v) for v in value)
 
     def zone(value: Any) -> str:
@@ -353,7 +354,7 @@ def _at(value: Any, tz: str) -> float:
         return stamp
     if isinstance(value, date | time):
         raise TypeError("expected a full date-time (date and time), got only a date or a time")
-    raise TypeError(f"expected a date-time, got {_tname(value)}")
+    raise TypeError(f"expected a date-time, got {type_name(value)}")
 
 
 def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | None:
@@ -365,7 +366,7 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
             "use letters, digits, '-', '_' and '.', starting with a letter or digit",
         )
     if not isinstance(table, dict):
-        c.add(p, f"expected a table [jobs.{name}], got {_tname(table)}")
+        c.add(p, f"expected a table [jobs.{name}], got {type_name(table)}")
         return None
     before = len(c.issues)
     c.unknown_keys(table, p, JOB_KEYS)
@@ -424,7 +425,7 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
 
     options = table.get("options", {})
     if not isinstance(options, dict):
-        c.add(f"{p}.options", f"expected a table [jobs.{name}.options], got {_tname(options)}")
+        c.add(f"{p}.options", f"expected a table [jobs.{name}.options], got {type_name(options)}")
         options = {}
 
     job = JobConfig(

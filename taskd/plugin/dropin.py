@@ -65,12 +65,19 @@ def load(file: DropinFile) -> ModuleType:
 
 
 def load_path(module_name: str, path: str) -> ModuleType:
+    """The module already imported under ``module_name``, or the file at ``path`` imported so."""
     existing = sys.modules.get(module_name)
     if existing is not None:
         return existing
+    return exec_file(module_name, path)
+
+
+def exec_file(module_name: str, path: str) -> ModuleType:
+    """Execute the file at ``path`` as a new module ``module_name`` (the parent's loader and the
+    process-pool workers both use this, so a drop-in is the same module on both sides)."""
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a Python module")
+        raise ImportError(f"cannot load {path} as a Python module", name=module_name, path=path)
     module = importlib.util.module_from_spec(spec)
     # Registered before exec so pickle (process pool) and dataclasses can find the module.
     sys.modules[module_name] = module

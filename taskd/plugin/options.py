@@ -14,18 +14,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from taskd.config.load import type_name as _tname
 from taskd.plugin.jobtype import JobType
-
-
-def _tname(value: Any) -> str:
-    return {
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a float",
-        list: "an array",
-        dict: "a table",
-    }.get(type(value), type(value).__name__)
 
 
 def _hint_text(hint: Any) -> str:

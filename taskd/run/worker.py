@@ -166,15 +166,11 @@ def import_module(name: str, path: str | None, version: object = None) -> Any:
                 raise
     if path is None:
         raise ImportError(f"module {name!r} was loaded by path but no path was sent", name=name)
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load module {name!r} from {path!r}", name=name, path=path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    from taskd.plugin.dropin import exec_file
+
     try:
-        spec.loader.exec_module(module)
+        module = exec_file(name, path)
     except BaseException:
-        sys.modules.pop(name, None)
         _loaded_by_path.pop(name, None)
         raise
     _loaded_by_path[name] = version
