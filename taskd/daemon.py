@@ -78,7 +78,9 @@ class Daemon:
         self._stopping = False
         self._reload_pending = False
         self._reload_task: asyncio.Task[None] | None = None
-        self._timers: list[asyncio.TimerHandle] = []
+        # The pending handle of each periodic callback (watchdog ping, clock check), replaced on
+        # every run, so a daemon up for months holds two handles, not millions.
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     # -- entry -----------------------------------------------------------------------------
 
@@ -103,7 +105,7 @@ class Daemon:
         finally:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            for timer in self._timers:
+            for timer in self._timers.values():
                 timer.cancel()
             if self.store is not None:
                 self.store.close()
@@ -201,7 +203,7 @@ class Daemon:
             # restarts us, which is the point.
             def ping() -> None:
                 self.notifier.ping()
-                self._timers.append(loop.call_later(interval, ping))
+                self._timers["watchdog"] = loop.call_later(interval, ping)
 
             ping()
         offset = time.time() - loop.time()
@@ -219,9 +221,9 @@ class Daemon:
             if status != last_status:
                 self.notifier.status(status)
                 last_status = status
-            self._timers.append(loop.call_later(CLOCK_CHECK, clock_check))
+            self._timers["clock"] = loop.call_later(CLOCK_CHECK, clock_check)
 
-        self._timers.append(loop.call_later(CLOCK_CHECK, clock_check))
+        self._timers["clock"] = loop.call_later(CLOCK_CHECK, clock_check)
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -278,7 +280,13 @@ class Daemon:
             )
             self.notifier.ready(self._status_line())
             return False
-        added, changed, removed = self._apply(new)
+        try:
+            added, changed, removed = self._apply(new)
+        except Exception as exc:  # a bug while applying must not end reloads for good
+            self.last_reload = {"ok": False, "at": started, "error": repr(exc)}
+            log.exception("reload_apply_failed", error=repr(exc))
+            self.notifier.ready(self._status_line())
+            return False
         self.last_reload = {
             "ok": True,
             "at": started,
