@@ -90,3 +90,58 @@ class TestInvalidConfigAtStart:
         assert d.wait_exit() == 78
         out = "\n".join(d.raw)
         assert "jobs.greet.options.nmae" in out and "did you mean 'name'?" in out
+
+
+FAILING = """
+import taskd
+
+async def boom(ctx) -> None:
+    raise RuntimeError("disk on fire")
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("boom", boom)]
+"""
+
+
+class TestRunLine:
+    """Every run ends in one canonical `run` log line with the fields an operator greps for."""
+
+    def test_success_and_failure_lines(self, daemon_factory) -> None:
+        d = daemon_factory(
+            CONFIG + '\n[jobs.bad]\ntype = "boom"\nevery = "200ms"\n',
+            {"hello.py": HELLO, "boom.py": FAILING},
+        ).start()
+        ok = d.wait_for("run", job="greet", outcome="succeeded")[0]
+        bad = d.wait_for("run", job="bad", outcome="failed")[0]
+        for line in (ok, bad):
+            assert {"job", "run_id", "attempt", "outcome", "duration", "late", "timestamp"} <= set(
+                line
+            )
+            assert line["attempt"] == 1 and line["duration"] >= 0
+        assert ok["result"] == {"hello": "taskd"} and "error" not in ok
+        assert bad["error"] == "RuntimeError: disk on fire" and bad["level"] == "error"
+        assert d.stop() == 0
+        # One line per run: as many `run` lines as history rows for the job.
+        assert len(d.events("run", job="bad")) == len(d.history("bad"))
+
+
+class TestIdle:
+    """An idle daemon sleeps: no busy loop while waiting for far-away ticks."""
+
+    def test_no_spinning_with_many_idle_jobs(self, daemon_factory) -> None:
+        import time
+
+        import psutil
+
+        jobs = "".join(f'\n[jobs.j{i}]\ntype = "hello"\nevery = "1h"\n' for i in range(300))
+        d = daemon_factory(jobs, {"hello.py": HELLO}).start()
+        proc = psutil.Process(d.pid)
+        time.sleep(0.5)  # let start-up work settle
+        before = proc.cpu_times()
+        time.sleep(2.0)
+        after = proc.cpu_times()
+        used = (after.user + after.system) - (before.user + before.system)
+        # A spinning scheduler burns ~2 s of CPU here; a sleeping one next to nothing.
+        assert used < 0.2, f"idle daemon used {used:.3f}s CPU in 2s"
+        assert d.stop() == 0
