@@ -48,7 +48,7 @@ class TestFormat:
         assert "\x1b[" in raw  # coloured on a terminal
         text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
         assert "[info     ] run" in text and "job=a" in text
-        with pytest.raises(ValueError):
+        with pytest.raises(json.JSONDecodeError, match="Expecting value"):
             json.loads(text)
 
     def test_forced_json_on_a_tty(self) -> None:
