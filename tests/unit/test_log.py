@@ -48,8 +48,7 @@ class TestFormat:
         assert "\x1b[" in raw  # coloured on a terminal
         text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
         assert "[info     ] run" in text and "job=a" in text
-        with pytest.raises(json.JSONDecodeError, match="Expecting value"):
-            json.loads(text)
+        assert not text.lstrip().startswith("{")  # a line for people, not a JSON object
 
     def test_forced_json_on_a_tty(self) -> None:
         out = _Tty()
