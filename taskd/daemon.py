@@ -358,6 +358,14 @@ class Daemon:
 
     # -- stop -------------------------------------------------------------------------------
 
+    async def _next_stop_signal(self) -> int:
+        """The next SIGTERM/SIGINT; a SIGHUP while stopping is ignored (logged), not a force."""
+        while True:
+            sig = await self._signals.get()
+            if sig != signal.SIGHUP:
+                return sig
+            log.info("reload_ignored", reason="the daemon is stopping")
+
     async def _shutdown(self) -> int:
         assert self.loaded is not None and self.rt is not None
         self._stopping = True
@@ -374,7 +382,7 @@ class Daemon:
         if runs:
             log.info("draining", runs=len(runs), timeout=d.shutdown_timeout)
             drained = asyncio.ensure_future(asyncio.wait(runs, timeout=d.shutdown_timeout))
-            second = asyncio.ensure_future(self._signals.get())
+            second = asyncio.ensure_future(self._next_stop_signal())
             done, _ = await asyncio.wait({drained, second}, return_when=asyncio.FIRST_COMPLETED)
             if second in done:
                 forced = True

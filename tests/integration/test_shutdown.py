@@ -107,6 +107,17 @@ class TestDrain:
         assert d.events("cancelling_runs") == []
         assert [r["outcome"] for r in d.history("slow")] == ["succeeded"]
 
+    def test_sighup_while_draining_does_not_force(self, daemon_factory) -> None:
+        d = daemon_factory(nap_job(1.0), {"sd.py": SD}).start()
+        d.wait_for("nap_start", job="slow", timeout=3)
+        d.signal(signal.SIGTERM)
+        d.wait_for("draining")
+        d.signal(signal.SIGHUP)
+        assert d.wait_exit(timeout=10) == 0
+        d.wait_for("reload_ignored")
+        assert d.events("forced_stop") == []
+        assert d.events("run", job="slow")[0]["outcome"] == "succeeded"
+
     def test_run_past_shutdown_timeout_is_cancelled(self, daemon_factory) -> None:
         d = daemon_factory(daemon_table("500ms") + nap_job(10.0), {"sd.py": SD}).start()
         d.wait_for("nap_start", job="slow", timeout=3)
