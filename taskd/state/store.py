@@ -92,6 +92,7 @@ class StateStore:
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._flushes = 0
         self.write_errors = 0
+        self.failing = False
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -280,8 +281,9 @@ class StateStore:
             self._flush_handle = loop.call_soon(self._flush_from_loop)
 
     async def durable(self) -> None:
-        """Return once everything written so far is committed."""
-        if self._flush_handle is None:
+        """Return once everything written so far is committed (at once while writes are
+        failing: the runs go on, the store keeps retrying)."""
+        if self._flush_handle is None or self.failing:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -291,12 +293,23 @@ class StateStore:
         self._flush_handle = None
         try:
             self.flush()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self.write_errors += 1
-            # Keep the buffered writes and try again shortly; the daemon goes on meanwhile.
-            log.error("state_write_failed", path=str(self.path), error=str(exc), retry_in="1s")
+            self.failing = True
+            # Keep the buffered writes and try again shortly. Runs waiting for durability go
+            # on regardless: a full disk must not stop every job, and the error is loud.
+            log.error(
+                "state_write_failed",
+                path=str(self.path),
+                error=str(exc),
+                retry_in="1s",
+                hint="runs continue; state and history are kept in memory until the write succeeds",
+            )
             self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_from_loop)
-            return
+        else:
+            if self.failing:
+                log.warning("state_write_recovered", path=str(self.path))
+            self.failing = False
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():

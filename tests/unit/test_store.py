@@ -1,0 +1,92 @@
+"""The state store: batched commits, durability waits, and what a write failure does."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from taskd.state.store import StateStore
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = StateStore(tmp_path / "state.db")
+    s.open()
+    yield s
+    s.close()
+
+
+def _ticks(path: Path) -> dict[str, float]:
+    with sqlite3.connect(path) as db:
+        return dict(db.execute("SELECT name, last_tick FROM jobs"))
+
+
+class TestBatching:
+    """Writes in one loop iteration become one commit; durable() returns after it."""
+
+    async def test_durable_waits_for_the_commit(self, store: StateStore) -> None:
+        store.set_tick("a", 10.0)
+        store.set_tick("b", 20.0)
+        assert _ticks(store.path) == {}  # buffered, not yet committed
+        await store.durable()
+        assert _ticks(store.path) == {"a": 10.0, "b": 20.0}
+
+    async def test_durable_with_nothing_pending_returns_at_once(self, store: StateStore) -> None:
+        await asyncio.wait_for(store.durable(), 0.5)
+
+    async def test_history_round_trip(self, store: StateStore) -> None:
+        store.run_started("r1", "a", 1.0, 1.5, "schedule")
+        await store.durable()
+        assert store.history("a")[0]["outcome"] == "running"
+        store.run_finished(
+            "r1", "a", 1.0, 1.5, 2, 0.25, "failed", "ValueError: x", "schedule", None
+        )
+        await store.durable()
+        row = store.history("a")[0]
+        assert (row["attempts"], row["outcome"], row["error"]) == (2, "failed", "ValueError: x")
+
+
+class TestWriteFailure:
+    """A failing commit is retried and does not hold runs up."""
+
+    async def test_waiters_released_and_write_retried(self, store: StateStore, monkeypatch) -> None:
+        real_flush = store.flush
+        calls = {"n": 0}
+
+        def failing_once() -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            real_flush()
+
+        monkeypatch.setattr(store, "flush", failing_once)
+        store.set_tick("a", 5.0)
+        await store.durable()  # released by the failed commit, not held until the retry
+        assert store.write_errors == 1 and store.failing
+        assert _ticks(store.path) == {}
+        store.set_tick("b", 6.0)
+        await asyncio.wait_for(store.durable(), 0.5)  # while failing: no wait at all
+        for _ in range(30):  # the retry comes ~1 s later and commits what was buffered
+            await asyncio.sleep(0.1)
+            if _ticks(store.path):
+                break
+        assert _ticks(store.path) == {"a": 5.0, "b": 6.0}
+        assert not store.failing
+
+
+class TestReopen:
+    """Runs left 'running' by a dead daemon read as 'interrupted' after a restart."""
+
+    def test_running_becomes_interrupted(self, tmp_path: Path) -> None:
+        s = StateStore(tmp_path / "state.db")
+        s.open()
+        s.run_started("r1", "a", 1.0, 1.0, "schedule")  # no loop: written through
+        s.db.close()  # as a kill -9 would leave it: no close(), no final flush
+        s._db = None
+        again = StateStore(tmp_path / "state.db")
+        again.open()
+        assert again.history("a")[0]["outcome"] == "interrupted"
+        again.close()
