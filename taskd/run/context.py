@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import structlog
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -47,7 +49,9 @@ class JobContext:
     logger bound to job and run id), ``state`` (the :class:`~taskd.state.shared.SharedState`).
     """
 
-    __slots__ = ("_offload", "attempt", "job", "log", "run_id", "scheduled", "state")
+    # log and scheduled are made on first use: most jobs never touch them, and a burst of
+    # 10,000 runs should not pay for 10,000 bound loggers and datetimes it does not need.
+    __slots__ = ("_base_log", "_log", "_offload", "_scheduled", "attempt", "job", "run_id", "state")
 
     def __init__(
         self,
@@ -55,18 +59,37 @@ class JobContext:
         job: str,
         run_id: str,
         attempt: int,
-        scheduled: datetime,
-        log: FilteringBoundLogger,
+        scheduled: datetime | float,
+        log: FilteringBoundLogger | None = None,
         state: SharedState,
         offload: Offloader | None = None,
+        base_log: FilteringBoundLogger | None = None,
     ) -> None:
         self.job = job
         self.run_id = run_id
         self.attempt = attempt
-        self.scheduled = scheduled
-        self.log = log
+        self._scheduled = scheduled
+        self._log = log
+        self._base_log = base_log
         self.state = state
         self._offload: Offloader = offload or _LocalOffloader()
+
+    @property
+    def scheduled(self) -> datetime:
+        """The tick this run belongs to, an aware UTC datetime."""
+        if not isinstance(self._scheduled, datetime):
+            self._scheduled = datetime.fromtimestamp(self._scheduled, UTC)
+        return self._scheduled
+
+    @property
+    def log(self) -> FilteringBoundLogger:
+        """A structlog logger bound to job, run id and attempt."""
+        if self._log is None:
+            base = (
+                self._base_log if self._base_log is not None else structlog.get_logger("taskd.job")
+            )
+            self._log = base.bind(job=self.job, run_id=self.run_id, attempt=self.attempt)
+        return self._log
 
     async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run a blocking call in the daemon's thread pool and await its result."""

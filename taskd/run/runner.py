@@ -43,6 +43,7 @@ class RunInfo:
     error: str | None = None
     result: Any = None
     cancel_reason: str | None = field(default=None)
+    ended: float = 0.0
 
 
 def _error_text(exc: BaseException) -> str:
@@ -60,10 +61,10 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
             job=cfg.name,
             run_id=info.run_id,
             attempt=info.attempt,
-            scheduled=datetime.fromtimestamp(info.scheduled, UTC),
-            log=rt.log.bind(job=cfg.name, run_id=info.run_id, attempt=info.attempt),
+            scheduled=info.scheduled,
             state=rt.shared,
             offload=rt,
+            base_log=rt.log,
         )
         return await with_timeout(jt.func(ctx, **spec.kwargs), cfg.timeout, label)
     if jt.kind == "blocking":
@@ -80,13 +81,10 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
     cfg = spec.config
     store = rt.store
     if store is not None:
+        # On record (the journal) before the job does anything: a restart after a crash
+        # neither runs this tick again nor forgets that the run existed.
         store.run_started(info.run_id, cfg.name, info.scheduled, info.started, info.trigger)
-        # The tick and the run's start reach the disk before the job does anything, so a
-        # restart after a crash neither runs this tick again nor forgets the run existed.
-        await store.durable()
     rt.stats.running += 1
-    scheduled_dt = datetime.fromtimestamp(info.scheduled, UTC)
-    attempt_start = info.started
     try:
         while True:
             if rt.listeners:
@@ -95,7 +93,7 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                         EventKind.STARTED,
                         cfg.name,
                         info.run_id,
-                        scheduled_dt,
+                        _utc(info.scheduled),
                         info.attempt,
                         time.time(),
                     )
@@ -137,7 +135,7 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                     EventKind.RETRYING,
                     cfg.name,
                     info.run_id,
-                    scheduled_dt,
+                    _utc(info.scheduled),
                     info.attempt,
                     time.time(),
                     reason=info.outcome,
@@ -146,18 +144,22 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
             )
             await asyncio.sleep(delay)
             info.attempt += 1
-            attempt_start = time.time()
     finally:
         rt.stats.running -= 1
-        _finish(rt, spec, info, scheduled_dt, attempt_start)
+        info.ended = time.time()
+        # The log line, history row and events are written one loop iteration later: when
+        # many runs start at once, every one of them starts before any end is written.
+        rt.defer(_finish, rt, spec, info)
     return info
 
 
-def _finish(
-    rt: Runtime, spec: JobSpec, info: RunInfo, scheduled_dt: datetime, attempt_start: float
-) -> None:
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
     cfg = spec.config
-    now = time.time()
+    now = info.ended
     duration = now - info.started
     outcome = info.outcome or CANCELLED
     rt.stats.outcomes[(cfg.name, outcome)] += 1
@@ -210,7 +212,7 @@ def _finish(
                 kind,
                 cfg.name,
                 info.run_id,
-                scheduled_dt,
+                _utc(info.scheduled),
                 info.attempt,
                 now,
                 reason=info.cancel_reason if kind is EventKind.CANCELLED else None,

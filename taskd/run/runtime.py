@@ -14,6 +14,8 @@ from taskd.run.events import EventKind, JobEvent
 from taskd.run.executors import ThreadRunner
 
 if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
     from taskd.plugin.manager import PluginHost
     from taskd.run.procpool import ProcessPool
     from taskd.state.shared import SharedState
@@ -51,7 +53,8 @@ class Runtime:
         self._procs: ProcessPool | None = None
         self._procs_lock = asyncio.Lock()
         self.stats = Stats()
-        self.log = structlog.get_logger("taskd.run")
+        self.log: FilteringBoundLogger = structlog.get_logger("taskd.run").bind()
+        self._deferred = 0
         self._prefix = os.urandom(3).hex()
         self._seq = 0
         self.listeners = host.has_impls("taskd_job_event")
@@ -63,6 +66,33 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def refresh_log(self) -> None:
+        """Pick up a new logging configuration (a reload changed log_level/log_format).
+
+        The logger is a concrete one, not structlog's lazy proxy, which would re-resolve the
+        configuration on every call of the hot path."""
+        self.log = structlog.get_logger("taskd.run").bind()
+
+    def defer(self, fn: Callable[..., None], /, *args: Any) -> None:
+        """Call ``fn(*args)`` in the next loop iteration; :meth:`settle` waits for them."""
+        self._deferred += 1
+        asyncio.get_running_loop().call_soon(self._run_deferred, fn, args)
+
+    def _run_deferred(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception:  # bookkeeping must never kill the loop
+            self.log.exception("deferred_failed", call=getattr(fn, "__qualname__", repr(fn)))
+        finally:
+            self._deferred -= 1
+
+    async def settle(self) -> None:
+        """Let deferred bookkeeping (run end lines, history rows) finish."""
+        # The deferred calls are call_soon callbacks: each pass lets one loop iteration run
+        # them, so this never waits on anything but the loop itself.
+        while self._deferred:  # noqa: ASYNC110
+            await asyncio.sleep(0)
 
     def set_host(self, host: PluginHost) -> None:
         self.host = host
@@ -108,8 +138,10 @@ class Runtime:
         return result
 
     async def close(self, *, kill: bool, timeout: float | None = None) -> None:
+        await self.settle()
         if self._procs is not None:
             if kill:
                 self._procs.kill()
             await self._procs.close(timeout=0 if kill else timeout)
         self.threads.shutdown()
+        await self.settle()

@@ -20,7 +20,7 @@ import random
 import time
 from collections import deque
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -53,8 +53,11 @@ class ScheduledJob:
         self.cursor = cursor  # last tick handled (run or skipped); None: never started
         self.paused = paused
         self.next_fire: float | None = None
-        self.active: dict[str, tuple[asyncio.Task[RunInfo], RunInfo]] = {}
-        self.queue: deque[float] = deque()
+        # Runs in flight: run id -> (the task running it, its info). An inline run's task is
+        # this job's own task.
+        self.active: dict[str, tuple[asyncio.Task[Any], RunInfo]] = {}
+        self.queue: deque[tuple[float, str]] = deque()  # (tick, trigger) waiting to run
+        self._busy: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.removed = False
         self._stopping = False
@@ -146,6 +149,7 @@ class ScheduledJob:
                 if not self._stopping and not self.removed:
                     now = time.time()
                     self._fire(now, now)
+                    await self._drain()
                 await self._idle()
                 return
             await self._loop()
@@ -164,6 +168,9 @@ class ScheduledJob:
         if self.cursor is None:
             self.cursor = now
         while not (self._stopping or self.removed):
+            if self.queue and not self.active:
+                await self._drain()  # e.g. left by child runs when a reload made overlap inline
+                now = loop_now()
             if self._reset_cursor:
                 self._reset_cursor = False
                 self.cursor = max(self.cursor, now)
@@ -192,6 +199,8 @@ class ScheduledJob:
                     if self._stopping or self.removed:
                         return
             self._handle_due(tick, now)
+            await self._drain()
+            now = loop_now()
 
     def _handle_due(self, first: float, now: float) -> None:
         spec = self.spec
@@ -242,7 +251,7 @@ class ScheduledJob:
             # Catch-up ticks run one after another, oldest first, whatever ``overlap`` says:
             # they are a backlog, not ticks that collided with a slow run.
             if refused is None:
-                self.queue.extend(rest)
+                self.queue.extend((t, "schedule") for t in rest)
             else:
                 self._skip(rest, refused)
 
@@ -308,7 +317,7 @@ class ScheduledJob:
                 if len(self.queue) >= QUEUE_LIMIT:
                     reason = SkipReason.QUEUE_FULL
                 else:
-                    self.queue.append(tick)
+                    self.queue.append((tick, trigger))
                     return None
             elif overlap == "replace":
                 self.queue.clear()
@@ -316,8 +325,80 @@ class ScheduledJob:
         if reason is not None:
             self._skip([tick], reason)
             return reason
-        self.start_run(tick, trigger)
+        if self._inline:
+            # Run it in this job's own task (see _drain): no task to create, no loop
+            # iteration lost before the job starts.
+            self.queue.append((tick, trigger))
+        else:
+            self.start_run(tick, trigger)
         return None
+
+    @property
+    def _inline(self) -> bool:
+        """skip and queue never run two at once, so the job's own task can run each run
+        itself; replace and allow need a task per run."""
+        return self.spec.config.overlap in ("skip", "queue")
+
+    async def _drain(self) -> None:
+        """Run the queued ticks one after another in this task (inline mode)."""
+        while (
+            self.queue and self._inline and not self.active and not (self._stopping or self.removed)
+        ):
+            tick, trigger = self.queue.popleft()
+            await self._run_inline(tick, trigger)
+
+    async def _run_inline(self, tick: float, trigger: str) -> None:
+        rt = self.rt
+        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), trigger)
+        task = asyncio.current_task()
+        assert task is not None
+        self.active[info.run_id] = (task, info)
+        self._arm_busy()
+        try:
+            await execute(rt, self.spec, info)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # execute records the job's own errors; this is our bug
+            log.error(
+                "run_crashed", job=self.name, run_id=info.run_id, error=repr(exc), exc_info=exc
+            )
+        finally:
+            self.active.pop(info.run_id, None)
+            if self._busy is not None:
+                self._busy.cancel()
+                self._busy = None
+
+    def _arm_busy(self) -> None:
+        """While this task is busy running, a timer handles the ticks that come meanwhile
+        (skipped or queued, per ``overlap``), each at its own time."""
+        trigger = self.spec.trigger
+        if trigger is None or self.cursor is None:
+            return
+        tick = trigger.next_after(self.cursor)
+        if tick is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(tick - time.time(), 0.0) + TIMER_SLACK
+        self._busy = loop.call_at(loop.time() + delay, self._on_busy_tick)
+
+    def _on_busy_tick(self) -> None:
+        self._busy = None
+        if not self.active or self._stopping or self.removed:
+            return
+        try:
+            trigger = self.spec.trigger
+            if trigger is None or self.cursor is None:
+                return
+            now = time.time()
+            if self._reset_cursor:
+                self._reset_cursor = False
+                self.cursor = max(self.cursor, now)
+            tick = trigger.next_after(self.cursor)
+            if tick is not None and tick <= now:  # else the timer was early: re-arm
+                self._handle_due(tick, now)
+            self._arm_busy()
+        except Exception:
+            log.exception("scheduler_crashed", job=self.name)
 
     def start_run(self, tick: float, trigger: str = "schedule") -> RunInfo:
         rt = self.rt
@@ -334,14 +415,19 @@ class ScheduledJob:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("run_crashed", job=self.name, run_id=run_id, error=repr(exc), exc_info=exc)
-        if self.queue and not self.active and not (self._stopping or self.removed):
-            self.start_run(self.queue.popleft())
-        if self.done:
+        if (
+            self.queue
+            and not self.active
+            and not self._inline
+            and not (self._stopping or self.removed)
+        ):
+            self.start_run(*self.queue.popleft())
+        if self.done or (self.queue and self._inline):
             self._poke()
 
     def _drop_queue(self, reason: SkipReason) -> None:
         if self.queue:
-            ticks = list(self.queue)
+            ticks = [tick for tick, _ in self.queue]
             self.queue.clear()
             self._skip(ticks, reason)
 

@@ -3,9 +3,9 @@ state. SQLite in WAL mode: a ``kill -9`` at any instant leaves the file readable
 everything up to the last commit.
 
 Writes are buffered and committed once per event-loop iteration (a burst of 10,000 runs due
-at the same instant is one transaction, not 10,000). A caller that must not go on before its
-write is on disk, such as a run start (a tick must be recorded as fired before the job runs, so
-a restart never runs it twice), awaits :meth:`StateStore.durable`."""
+at the same instant is one transaction, not 10,000). What must be on record before a run
+starts (its tick, and that it started) also goes to the tick journal at once, one write(2)
+each (see taskd.state.journal), so a run never waits for a commit."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from taskd.errors import StateError
+from taskd.state.journal import TickJournal
 
 log = structlog.get_logger("taskd.state")
 
@@ -91,6 +92,8 @@ class StateStore:
         self._waiters: list[asyncio.Future[None]] = []
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._flushes = 0
+        self.journal = TickJournal(path.parent / "ticks.journal")
+        self._journaled = False
         self.write_errors = 0
         self.failing = False
 
@@ -127,6 +130,7 @@ class StateStore:
                 raise StateError(f"cannot create state database {self.path}: {exc2}") from exc2
         except sqlite3.OperationalError as exc:
             raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+        self._replay_journal()
         interrupted = self._db.execute(
             "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
         ).rowcount
@@ -137,6 +141,29 @@ class StateStore:
                 count=interrupted,
                 hint="these runs were going when the daemon died",
             )
+
+    def _replay_journal(self) -> None:
+        """Fold what the journal holds (ticks and run starts not yet committed when the last
+        daemon died) into the database, then empty it."""
+        replay = self.journal.open()
+        if not (replay.ticks or replay.runs):
+            self.journal.reset()
+            return
+        db = self.db
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO jobs (name, last_tick) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+            "last_tick = MAX(COALESCE(jobs.last_tick, excluded.last_tick), excluded.last_tick)",
+            replay.ticks.items(),
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO runs (run_id, job, scheduled, started, outcome, trigger) "
+            "VALUES (?, ?, ?, ?, 'running', ?)",
+            replay.runs,
+        )
+        db.execute("COMMIT")
+        self.journal.reset()
+        log.info("journal_replayed", ticks=len(replay.ticks), runs=len(replay.runs))
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -209,6 +236,10 @@ class StateStore:
     # -- buffered writes -------------------------------------------------------------------
 
     def set_tick(self, job: str, tick: float) -> None:
+        """Record the job's cursor. On record at once (journal), in the database at the end
+        of this loop iteration."""
+        self.journal.tick(job, tick)
+        self._journaled = True
         self._ticks[job] = tick
         self._dirty()
 
@@ -219,6 +250,8 @@ class StateStore:
     def run_started(
         self, run_id: str, job: str, scheduled: float, started: float, trigger: str
     ) -> None:
+        self.journal.run_started(run_id, job, scheduled, started, trigger)
+        self._journaled = True
         self._run_rows[run_id] = (
             run_id,
             job,
@@ -365,6 +398,9 @@ class StateStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if self._journaled:
+            self.journal.reset()
+            self._journaled = False
         self._ticks.clear()
         self._paused.clear()
         self._run_rows.clear()
@@ -386,6 +422,7 @@ class StateStore:
             finally:
                 self._db.close()
                 self._db = None
+                self.journal.close()
         for fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
