@@ -6,6 +6,7 @@ Signals that arrive while starting are queued, not lost, and acted on once start
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import signal
@@ -58,7 +59,9 @@ def load_all(path: Path) -> Loaded:
         log.warning("plugin_folder_problem", path=str(problem.path), problem=problem.message)
     if issues:
         raise ConfigError(issues)
-    return Loaded(config, host, specs)
+    # The key -> line map only serves error messages, which are written by now; the daemon
+    # keeps the config for its lifetime, so drop it (a few hundred bytes per job).
+    return Loaded(dataclasses.replace(config, lines={}), host, specs)
 
 
 class Daemon:

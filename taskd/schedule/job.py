@@ -18,7 +18,6 @@ import asyncio
 import functools
 import random
 import time
-from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,23 @@ def _utc(ts: float) -> datetime:
 
 
 class ScheduledJob:
+    __slots__ = (
+        "_busy",
+        "_reset_cursor",
+        "_stopping",
+        "_wake",
+        "_wake_timer",
+        "active",
+        "cursor",
+        "next_fire",
+        "paused",
+        "queue",
+        "removed",
+        "rt",
+        "spec",
+        "task",
+    )
+
     def __init__(
         self, spec: JobSpec, rt: Runtime, *, cursor: float | None, paused: bool = False
     ) -> None:
@@ -56,12 +72,15 @@ class ScheduledJob:
         # Runs in flight: run id -> (the task running it, its info). An inline run's task is
         # this job's own task.
         self.active: dict[str, tuple[asyncio.Task[Any], RunInfo]] = {}
-        self.queue: deque[tuple[float, str]] = deque()  # (tick, trigger) waiting to run
+        # (tick, trigger) waiting to run; a list, not a deque: it is nearly always empty, and
+        # an empty deque costs 760 bytes per job where a list costs 56.
+        self.queue: list[tuple[float, str]] = []
         self._busy: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.removed = False
         self._stopping = False
         self._wake: asyncio.Future[bool] | None = None
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._reset_cursor = False
 
     @property
@@ -72,8 +91,9 @@ class ScheduledJob:
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(
-            self._main(), name=f"taskd-job:{self.name}"
+            self._loop(), name=f"taskd-job:{self.name}"
         )
+        self.task.add_done_callback(self._task_done)
 
     def update(self, spec: JobSpec) -> None:
         """A reload changed this job: the next tick follows the new definition; runs in
@@ -136,6 +156,9 @@ class ScheduledJob:
     def _poke(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(False)
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
 
     @property
     def done(self) -> bool:
@@ -143,28 +166,26 @@ class ScheduledJob:
 
     # -- the schedule loop -------------------------------------------------------------------
 
-    async def _main(self) -> None:
-        try:
-            if self.spec.trigger is None:  # on = "startup"
-                if not self._stopping and not self.removed:
-                    now = time.time()
-                    self._fire(now, now)
-                    await self._drain()
-                await self._idle()
-                return
-            await self._loop()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug here must not take the daemon (or other jobs) down
-            log.exception("scheduler_crashed", job=self.name)
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # A callback rather than a try/except around the loop: one coroutine frame fewer per
+        # idle job. A bug here is logged and must not take the daemon (or other jobs) down.
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("scheduler_crashed", job=self.name, error=repr(exc), exc_info=exc)
 
     async def _idle(self) -> None:
         while not (self._stopping or self.removed):
-            await self._sleep_until(None)
+            await self._sleep(None)
 
     async def _loop(self) -> None:
         loop_now = time.time
         now = loop_now()
+        if self.spec.trigger is None:  # on = "startup"
+            if not self._stopping and not self.removed:
+                self._fire(now, now)
+                await self._drain()
+            await self._idle()
+            return
         if self.cursor is None:
             self.cursor = now
         while not (self._stopping or self.removed):
@@ -188,13 +209,13 @@ class ScheduledJob:
                 jitter = spec.config.jitter
                 target = tick + (random.uniform(0, jitter) if jitter else 0.0)
                 self.next_fire = target
-                if not await self._sleep_until(target):
+                if not await self._sleep(target):
                     now = loop_now()
                     continue  # poked: reload, stop or clock step; recompute from the cursor
                 now = loop_now()
                 # Never before its time, whatever the timer did.
                 while now < target:
-                    await self._sleep_until(target)
+                    await self._sleep(target)
                     now = loop_now()
                     if self._stopping or self.removed:
                         return
@@ -282,22 +303,17 @@ class ScheduledJob:
             )
         )
 
-    async def _sleep_until(self, when: float | None) -> bool:
-        """Sleep until wall-clock ``when`` (None: until poked). True if the time came, False if
-        poked first."""
+    def _sleep(self, when: float | None) -> asyncio.Future[bool]:
+        """A future that turns True at wall-clock ``when`` (None: never) or False when poked.
+
+        A plain future rather than a coroutine: one frame fewer per idle job."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool] = loop.create_future()
         self._wake = fut
-        handle = None
         if when is not None:
-            delay = when - time.time()
-            handle = loop.call_at(loop.time() + max(delay, 0.0) + TIMER_SLACK, _resolve, fut)
-        try:
-            return await fut
-        finally:
-            if handle is not None:
-                handle.cancel()
-            self._wake = None
+            delay = max(when - time.time(), 0.0) + TIMER_SLACK
+            self._wake_timer = loop.call_at(loop.time() + delay, _resolve, fut)
+        return fut
 
     # -- starting runs -------------------------------------------------------------------
 
@@ -344,7 +360,7 @@ class ScheduledJob:
         while (
             self.queue and self._inline and not self.active and not (self._stopping or self.removed)
         ):
-            tick, trigger = self.queue.popleft()
+            tick, trigger = self.queue.pop(0)
             await self._run_inline(tick, trigger)
 
     async def _run_inline(self, tick: float, trigger: str) -> None:
@@ -421,7 +437,7 @@ class ScheduledJob:
             and not self._inline
             and not (self._stopping or self.removed)
         ):
-            self.start_run(*self.queue.popleft())
+            self.start_run(*self.queue.pop(0))
         if self.done or (self.queue and self._inline):
             self._poke()
 
