@@ -75,12 +75,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_config_error(exc)
         return EX_CONFIG
     code = run(daemon.serve(loaded))
-    if daemon.rt is not None and daemon.rt.threads.stuck_count:
-        # A stuck thread can never be joined and the interpreter would wait for it at exit.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    # Everything is saved and released by now. Leave without the interpreter's exit, which
+    # joins every thread: one stuck in a job (a blocking run past its timeout, a to_thread
+    # call whose run was cancelled) would otherwise hold the process until SIGKILL.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # -- check -------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ EXIT_CONFIG = 1
 EXIT_STATE = 3
 CLOCK_CHECK = 10.0  # seconds between wall-clock step checks
 CLOCK_STEP = 0.5  # a wall-clock jump larger than this re-times every job
-FORCE_GRACE = 2.0  # after cancelling runs, how long to let them unwind
+FORCE_GRACE = 6.0  # after cancelling runs, how long to let them unwind (command: 5 s kill grace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,10 @@ class Daemon:
             for timer in self._timers.values():
                 timer.cancel()
             if self.store is not None:
-                self.store.close()
+                try:
+                    self.store.close()
+                except Exception as exc:  # a failing disk must not keep the lock or skip exit
+                    log.error("state_close_failed", error=repr(exc))
             if self.lock is not None:
                 self.lock.release()
             self.notifier.close()
@@ -344,7 +347,7 @@ class Daemon:
                     self.retiring.append(gone)
                 removed.append(name)
         assert self.store is not None
-        rows = self.store.jobs()
+        paused = self.store.paused_jobs()
         for name, spec in wanted.items():
             job = self.jobs.get(name)
             back = next((j for j in self.retiring if j.name == name and j.active), None)
@@ -354,8 +357,7 @@ class Daemon:
                 self.jobs[name] = back
                 added.append(name)
             elif job is None:
-                row = rows.get(name)
-                job = ScheduledJob(spec, self.rt, cursor=None, paused=row.paused if row else False)
+                job = ScheduledJob(spec, self.rt, cursor=None, paused=name in paused)
                 self.jobs[name] = job
                 job.start()
                 added.append(name)
@@ -381,12 +383,18 @@ class Daemon:
         self._stopping = True
         d = self.loaded.config.daemon
         self.notifier.stopping("stopping: draining runs")
-        await self.loaded.host.daemon_stopping(self._info())
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_task.cancel()
         everyone = [*self.jobs.values(), *self.retiring]
         for job in everyone:
-            job.stop()
+            job.stop()  # first: no new run may start while the stopping hooks run
+        for job in everyone:
+            # A run waiting to retry has nothing to finish: stop it now, not at the deadline.
+            for task, info in list(job.active.values()):
+                if info.in_backoff:
+                    info.cancel_reason = "daemon stopping"
+                    task.cancel()
+        await self.loaded.host.daemon_stopping(self._info())
         runs = [task for job in everyone for task, _ in job.active.values()]
         forced = False
         if runs:

@@ -30,6 +30,7 @@ log = structlog.get_logger("taskd.plugins")
 
 Origin = Literal["entry point", "file", "builtin"]
 ENTRY_POINT_GROUP = "taskd"
+HOOK_TIMEOUT = 60.0  # seconds an async hook implementation may take
 
 
 @dataclass(slots=True)
@@ -253,7 +254,10 @@ class PluginHost:
 
     async def _guard(self, hook: str, plugin: str, awaitable: Awaitable[Any]) -> None:
         try:
-            await awaitable
+            # A notifier that hangs must not pile up one task per event for ever.
+            await asyncio.wait_for(awaitable, HOOK_TIMEOUT)
+        except TimeoutError:
+            log.error("hook_timeout", hook=hook, plugin=plugin, timeout=HOOK_TIMEOUT)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
             log.error(
                 "hook_failed",

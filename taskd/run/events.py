@@ -29,6 +29,7 @@ class SkipReason(enum.StrEnum):
     SHUTDOWN = "shutdown"  # queued behind a running run when the daemon stopped
     REMOVED = "removed"  # queued behind a running run when a reload removed the job
     QUEUE_FULL = "queue_full"  # overlap = "queue" and too many ticks already wait
+    REPLACED = "replaced"  # queued behind a run that overlap = "replace" cancelled
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ class RunInfo:
     result: Any = None
     cancel_reason: str | None = field(default=None)
     ended: float = 0.0
+    in_backoff: bool = False  # waiting to retry: a stop need not wait for it
 
 
 def _error_text(exc: BaseException) -> str:
@@ -103,10 +104,16 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                 info.outcome = SUCCEEDED
                 info.error = None
                 break
-            except asyncio.CancelledError:
-                info.outcome = CANCELLED
-                info.error = info.cancel_reason or "cancelled"
-                raise
+            except asyncio.CancelledError as exc:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling() == 0:
+                    # Nobody cancelled us: the job raised CancelledError itself (a library
+                    # leaking one). That is the job's failure, not a reason to stop.
+                    info.outcome, info.error = FAILED, _error_text(exc) + " (raised by the job)"
+                else:
+                    info.outcome = CANCELLED
+                    info.error = info.cancel_reason or "cancelled"
+                    raise
             except JobTimeout as exc:
                 info.outcome, info.error = TIMED_OUT, str(exc)
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the run's failure
@@ -142,7 +149,15 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                     error=info.error,
                 )
             )
-            await asyncio.sleep(delay)
+            info.in_backoff = True
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                info.outcome = CANCELLED
+                info.error = info.cancel_reason or "cancelled"
+                raise
+            finally:
+                info.in_backoff = False
             info.attempt += 1
     finally:
         rt.stats.running -= 1

@@ -55,7 +55,9 @@ class Runtime:
         self.stats = Stats()
         self.log: FilteringBoundLogger = structlog.get_logger("taskd.run").bind()
         self._deferred = 0
-        self._prefix = os.urandom(3).hex()
+        # 40 random bits per daemon start: run ids must not collide across restarts (the
+        # history is keyed by them).
+        self._prefix = os.urandom(5).hex()
         self._seq = 0
         self.listeners = host.has_impls("taskd_job_event")
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import random
 import time
+from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ import structlog
 
 from taskd.run.events import EventKind, JobEvent, SkipReason
 from taskd.run.runner import RunInfo, execute
+from taskd.schedule.triggers import Every, Trigger
 
 if TYPE_CHECKING:
     from taskd.plugin.resolve import JobSpec
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("taskd.schedule")
 
-MAX_CATCHUP = 1000  # ticks considered per wake-up; more than that are skipped in one event
+MAX_CATCHUP = 1000  # catchup = "all" runs at most this many of the newest due ticks
+MAX_STEPS = 10_000  # ticks stepped through per slice of a long backlog (non-every triggers)
+CLOCK_BACK = 1.0  # a cursor this far in the future means the wall clock went back
 QUEUE_LIMIT = 100  # overlap = "queue": ticks waiting behind a running run
 # uvloop rounds timers to whole milliseconds and can fire up to ~1 ms early; aiming 1 ms past
 # the tick makes an early wake-up (and the re-sleep it costs) rare.
@@ -115,6 +119,7 @@ class ScheduledJob:
         ):
             # A new schedule starts from now: the reload itself is not downtime to catch up on.
             self._reset_cursor = True
+        self._rearm_busy()
         self._poke()
 
     def remove(self) -> None:
@@ -129,6 +134,7 @@ class ScheduledJob:
         self.removed = False
         self.spec = spec
         self._reset_cursor = True
+        self._rearm_busy()
         if self.task is None or self.task.done():
             self.start()
         else:
@@ -172,120 +178,155 @@ class ScheduledJob:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("scheduler_crashed", job=self.name, error=repr(exc), exc_info=exc)
-
-    async def _idle(self) -> None:
-        while not (self._stopping or self.removed):
-            await self._sleep(None)
+        elif not (self._stopping or self.removed):
+            log.error(
+                "scheduler_ended", job=self.name, hint="the job will not run again until a restart"
+            )
 
     async def _loop(self) -> None:
         loop_now = time.time
         now = loop_now()
-        if self.spec.trigger is None:  # on = "startup"
-            if not self._stopping and not self.removed:
-                self._fire(now, now)
-                await self._drain()
-            await self._idle()
-            return
+        if self.spec.trigger is None and not (self._stopping or self.removed):
+            # on = "startup": once, when the job's task starts (not again on a reload).
+            self._fire(now, now)
+            await self._drain()
         if self.cursor is None:
             self.cursor = now
-        while not (self._stopping or self.removed):
-            if self.queue and not self.active:
-                await self._drain()  # e.g. left by child runs when a reload made overlap inline
-                now = loop_now()
-            if self._reset_cursor:
-                self._reset_cursor = False
-                self.cursor = max(self.cursor, now)
-            spec = self.spec
-            trigger = spec.trigger
-            if trigger is None:
-                await self._idle()
-                return
-            tick = trigger.next_after(self.cursor)
-            if tick is None:  # a one-shot that has fired
-                self.next_fire = None
-                await self._idle()
-                return
-            if tick > now:
-                jitter = spec.config.jitter
-                target = tick + (random.uniform(0, jitter) if jitter else 0.0)
-                self.next_fire = target
-                if not await self._sleep(target):
+        try:
+            while not (self._stopping or self.removed):
+                if self.queue and not self.active:
+                    # Left over when a reload switched overlap between inline and task modes.
+                    if self._inline:
+                        await self._drain()
+                    else:
+                        self.start_run(*self.queue.pop(0))
                     now = loop_now()
-                    continue  # poked: reload, stop or clock step; recompute from the cursor
-                now = loop_now()
-                # Never before its time, whatever the timer did.
-                while now < target:
-                    await self._sleep(target)
+                if self.cursor > now + CLOCK_BACK:
+                    # The wall clock stepped back: a cursor in the future would silence the
+                    # job until the clock caught up, even across restarts.
+                    log.warning(
+                        "clock_went_back", job=self.name, cursor=_utc(self.cursor).isoformat()
+                    )
+                    self.cursor = now
+                if self._reset_cursor:
+                    self._reset_cursor = False
+                    self.cursor = max(self.cursor, now)
+                spec = self.spec
+                trigger = spec.trigger
+                tick = None if trigger is None else trigger.next_after(self.cursor)
+                if tick is None:
+                    # on = "startup", or a one-shot that has fired: wait for a reload that
+                    # gives it a schedule again, or for the stop.
+                    self.next_fire = None
+                    await self._sleep(None)
                     now = loop_now()
+                    continue
+                if tick > now:
+                    jitter = spec.config.jitter
+                    target = tick + (random.uniform(0, jitter) if jitter else 0.0)
+                    self.next_fire = target
+                    if not await self._sleep(target):
+                        now = loop_now()
+                        continue  # poked: reload, stop or clock step; recompute from the cursor
+                    now = loop_now()
+                    # Never before its time, whatever the timer did.
+                    while now < target and not (self._stopping or self.removed):
+                        await self._sleep(target)
+                        now = loop_now()
                     if self._stopping or self.removed:
-                        return
-            self._handle_due(tick, now)
-            await self._drain()
-            now = loop_now()
+                        break  # a stop that came with the timer: this tick is not handled
+                if self._handle_due(tick, now):
+                    await asyncio.sleep(0)  # a long backlog is handled in slices
+                await self._drain()
+                now = loop_now()
+        finally:
+            self._drop_queue(SkipReason.SHUTDOWN if self._stopping else SkipReason.REMOVED)
 
-    def _handle_due(self, first: float, now: float) -> None:
+    def _due(self, trigger: Trigger, first: float, now: float) -> tuple[list[float], int, bool]:
+        """The due ticks from ``first`` up to ``now``: the newest MAX_CATCHUP of them (oldest
+        first), how many there were in all, and whether stepping stopped short of ``now``."""
+        if isinstance(trigger, Every):
+            # O(1) however long the daemon was down: a month of every = "1s" is 2.6M ticks.
+            interval, anchor = trigger.interval, trigger.anchor
+            k0 = round((first - anchor) / interval)
+            count = max(int((now - first) // interval) + 1, 1)
+            ticks = [
+                anchor + (k0 + i) * interval for i in range(max(count - MAX_CATCHUP, 0), count)
+            ]
+            while len(ticks) > 1 and ticks[-1] > now:  # float rounding at the edge
+                ticks.pop()
+                count -= 1
+            return ticks, count, False
+        kept: deque[float] = deque(maxlen=MAX_CATCHUP)
+        tick: float | None = first
+        count = 0
+        while tick is not None and tick <= now and count < MAX_STEPS:
+            kept.append(tick)
+            count += 1
+            tick = trigger.next_after(tick)
+        return list(kept), count, tick is not None and tick <= now
+
+    def _handle_due(self, first: float, now: float) -> bool:
+        """Turn the due ticks into runs and skips per catchup/grace. True when only a slice
+        of a very long backlog was handled (the caller yields, then comes back for more)."""
         spec = self.spec
         trigger = spec.trigger
         assert trigger is not None
         cfg = spec.config
-        due = [first]
-        tick: float | None = first
-        truncated = False
-        while True:
-            tick = trigger.next_after(due[-1])
-            if tick is None or tick > now:
-                break
-            if len(due) >= MAX_CATCHUP:
-                truncated = True
-                break
-            due.append(tick)
-        latest = due[-1]
-        if truncated:
-            # Too many to list: jump to the last due tick by stepping, without keeping them.
-            extra = 0
-            while tick is not None and tick <= now:
-                latest, tick, extra = tick, trigger.next_after(tick), extra + 1
-            self._skip(due, SkipReason.MISSED, extra_count=extra)
-            due = [latest]
-        if cfg.catchup == "all":
-            run = due
-        elif cfg.catchup == "latest":
+        ticks, count, more = self._due(trigger, first, now)
+        latest = ticks[-1]
+        if more:
+            run: list[float] = []  # not the newest yet: all of this slice is missed
+        elif cfg.catchup == "all":
+            run = ticks
+        elif cfg.catchup == "latest" or now - latest <= cfg.grace:
             run = [latest]
         else:
-            run = [latest] if now - latest <= cfg.grace else []
-        skipped = due[: len(due) - len(run)] if run else due
+            run = []
+        skipped = count - len(run)
         if skipped:
-            late = [t for t in skipped if now - t > cfg.grace]
-            coalesced = [t for t in skipped if now - t <= cfg.grace]
-            if late:
-                self._skip(late, SkipReason.MISSED)
+            # Of the skipped ticks, those older than grace are missed, the rest coalesced.
+            # Ticks older than the ones kept are older still: missed.
+            kept_skipped = ticks[: len(ticks) - len(run)]
+            coalesced = [t for t in kept_skipped if now - t <= cfg.grace]
+            missed = skipped - len(coalesced)
+            if missed:
+                last_missed = (
+                    kept_skipped[len(kept_skipped) - len(coalesced) - 1]
+                    if len(kept_skipped) > len(coalesced)
+                    else first
+                )
+                self._skip_span(first, last_missed, missed, SkipReason.MISSED)
             if coalesced:
-                self._skip(coalesced, SkipReason.COALESCED)
+                self._skip_span(coalesced[0], coalesced[-1], len(coalesced), SkipReason.COALESCED)
         self.cursor = latest
         if self.rt.store is not None:
             self.rt.store.set_tick(self.name, latest)
-        if not run:
-            return
-        refused = self._fire(run[0], now)
-        rest = run[1:]
-        if rest:
-            # Catch-up ticks run one after another, oldest first, whatever ``overlap`` says:
-            # they are a backlog, not ticks that collided with a slow run.
-            if refused is None:
-                self.queue.extend((t, "schedule") for t in rest)
-            else:
-                self._skip(rest, refused)
+        if run:
+            refused = self._fire(run[0], now)
+            rest = run[1:]
+            if rest:
+                # Catch-up ticks run one after another, oldest first, whatever ``overlap``
+                # says: they are a backlog, not ticks that collided with a slow run.
+                if refused is None:
+                    self.queue.extend((t, "schedule") for t in rest)
+                else:
+                    self._skip_span(rest[0], rest[-1], len(rest), refused)
+        return more
 
-    def _skip(self, ticks: list[float], reason: SkipReason, extra_count: int = 0) -> None:
-        count = len(ticks) + extra_count
+    def _skip(self, ticks: list[float], reason: SkipReason) -> None:
+        self._skip_span(ticks[0], ticks[-1], len(ticks), reason)
+
+    def _skip_span(self, first: float, last: float, count: int, reason: SkipReason) -> None:
+        """One event and one log line for ``count`` skipped ticks from ``first`` to ``last``."""
         fields = {
             "job": self.name,
             "reason": str(reason),
             "count": count,
-            "first": _utc(ticks[0]).isoformat(),
+            "first": _utc(first).isoformat(),
         }
         if count > 1:
-            fields["last"] = _utc(ticks[-1]).isoformat()
+            fields["last"] = _utc(last).isoformat()
         if reason is SkipReason.PAUSED:
             log.debug("skipped", **fields)
         else:
@@ -295,7 +336,7 @@ class ScheduledJob:
                 EventKind.SKIPPED,
                 self.name,
                 "",
-                _utc(ticks[0]),
+                _utc(first),
                 0,
                 time.time(),
                 reason=str(reason),
@@ -321,7 +362,11 @@ class ScheduledJob:
         """Start (or queue) a run for ``tick``; the reason if it was skipped instead."""
         spec = self.spec
         reason: SkipReason | None = None
-        if spec.broken is not None:
+        if self._stopping:
+            reason = SkipReason.SHUTDOWN
+        elif self.removed:
+            reason = SkipReason.REMOVED
+        elif spec.broken is not None:
             reason = SkipReason.BROKEN
         elif self.paused and trigger == "schedule":
             reason = SkipReason.PAUSED
@@ -336,7 +381,7 @@ class ScheduledJob:
                     self.queue.append((tick, trigger))
                     return None
             elif overlap == "replace":
-                self.queue.clear()
+                self._drop_queue(SkipReason.REPLACED)
                 self.cancel_runs("replaced by a newer run")
         if reason is not None:
             self._skip([tick], reason)
@@ -373,6 +418,10 @@ class ScheduledJob:
         try:
             await execute(rt, self.spec, info)
         except asyncio.CancelledError:
+            # An inline run's task is this job's own: a cancel meant for the run alone
+            # (overlap switched to "replace" by a reload) must not end the job's schedule.
+            if info.cancel_reason is not None and not self._stopping and task.uncancel() == 0:
+                return
             raise
         except Exception as exc:  # execute records the job's own errors; this is our bug
             log.error(
@@ -384,13 +433,22 @@ class ScheduledJob:
                 self._busy.cancel()
                 self._busy = None
 
+    def _rearm_busy(self) -> None:
+        """After a reload touched the job during an inline run: time the next tick anew."""
+        if self._busy is not None:
+            self._busy.cancel()
+            self._busy = None
+        if any(task is self.task for task, _ in self.active.values()):
+            self._arm_busy()
+
     def _arm_busy(self) -> None:
         """While this task is busy running, a timer handles the ticks that come meanwhile
         (skipped or queued, per ``overlap``), each at its own time."""
         trigger = self.spec.trigger
         if trigger is None or self.cursor is None:
             return
-        tick = trigger.next_after(self.cursor)
+        base = max(self.cursor, time.time()) if self._reset_cursor else self.cursor
+        tick = trigger.next_after(base)
         if tick is None:
             return
         loop = asyncio.get_running_loop()

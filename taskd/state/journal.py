@@ -18,6 +18,7 @@ format is one tab-separated line per entry:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class TickJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self.errors = 0
+        self._last_error_log = float("-inf")
 
     def open(self) -> Replay:
         """Open for appending and return what an earlier process left in it."""
@@ -79,14 +82,35 @@ class TickJournal:
         self._write(f"R\t{run_id}\t{job}\t{scheduled!r}\t{started!r}\t{trigger}\n")
 
     def _write(self, line: str) -> None:
-        if self._fd is not None:
-            # Job names are [A-Za-z0-9_.-] (checked by the config), so no tab or newline.
-            os.write(self._fd, line.encode())
+        if self._fd is None:
+            return
+        # Job names are [A-Za-z0-9_.-] (checked by the config), so no tab or newline.
+        data = line.encode()
+        try:
+            while data:  # a short write (disk filling up) must not leave a torn line
+                data = data[os.write(self._fd, data) :]
+        except OSError as exc:
+            # The run goes on regardless: a full disk must not stop every job (nor the one
+            # that would clean it up). The price: a crash now could repeat this tick.
+            self.errors += 1
+            now = time.monotonic()
+            if now - self._last_error_log >= 1.0:
+                self._last_error_log = now
+                log.error(
+                    "journal_write_failed",
+                    path=str(self.path),
+                    error=str(exc),
+                    failures=self.errors,
+                    hint="runs continue; a crash before the disk recovers could repeat a tick",
+                )
 
     def reset(self) -> None:
         """Everything written so far is committed to the database: start empty."""
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError as exc:  # it only grows; replay is idempotent
+                log.error("journal_reset_failed", path=str(self.path), error=str(exc))
 
     def close(self) -> None:
         if self._fd is not None:

@@ -22,7 +22,11 @@ class _Tracked(MutableMapping[str, Any]):
         self.changed: set[str] = set()
 
     def __getitem__(self, key: str) -> Any:
-        return self._data[key]
+        value = self._data[key]
+        if isinstance(value, dict | list):
+            # It may be changed in place (state["seen"].append(x)): persist it as changed.
+            self.changed.add(key)
+        return value
 
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
@@ -67,6 +71,8 @@ class SharedState:
         self._listeners.append(listener)
 
     def get(self, key: str, default: Any = None) -> Any:
+        """Read without the lock. Change values only inside ``locked()``: a list or dict got
+        here and changed in place would not be persisted."""
         return self._data.get(key, default)
 
     def __contains__(self, key: object) -> bool:

@@ -28,6 +28,7 @@ log = structlog.get_logger("taskd.state")
 SCHEMA_VERSION = 1
 HISTORY_KEEP = 100_000  # rows; older runs are pruned
 MAX_RESULT_CHARS = 65_536
+MAX_BUFFERED_RUNS = 100_000  # history rows kept in memory while the database is failing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,6 +79,21 @@ def _json_or_repr(value: Any) -> str:
     return text
 
 
+class _CorruptError(sqlite3.DatabaseError):
+    """PRAGMA quick_check found damage."""
+
+
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    if isinstance(exc, _CorruptError):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
 class StateStore:
     """One SQLite file, used only from the event-loop thread."""
 
@@ -106,17 +122,11 @@ class StateStore:
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
-            stamp = time.strftime("%Y%m%dT%H%M%S")
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-            n = 1
-            while any(Path(str(aside) + s).exists() for s in ("", "-wal", "-shm")):
-                # Never replace an earlier copy: each was kept for someone to look at.
-                n += 1
-                aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(self.path) + suffix)
-                if src.exists():
-                    src.rename(Path(str(aside) + suffix))
+            if not _is_corrupt(exc):
+                # Locked by another program, no permission, an I/O error: not corruption.
+                # Moving a good file aside would lose every cursor and pause flag.
+                raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+            aside = self._move_aside()
             log.error(
                 "state_corrupt",
                 path=str(self.path),
@@ -128,19 +138,45 @@ class StateStore:
                 self._db = self._connect()
             except sqlite3.DatabaseError as exc2:
                 raise StateError(f"cannot create state database {self.path}: {exc2}") from exc2
-        except sqlite3.OperationalError as exc:
-            raise StateError(f"cannot open state database {self.path}: {exc}") from exc
-        self._replay_journal()
-        interrupted = self._db.execute(
-            "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
-        ).rowcount
-        self._db.commit()
+        try:
+            self._replay_journal()
+            interrupted = self._db.execute(
+                "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
+            ).rowcount
+        except sqlite3.Error as exc:
+            self._db.close()
+            self._db = None
+            self.journal.close()
+            raise StateError(
+                f"cannot write state database {self.path}: {exc} "
+                "(is another program holding it open for writing?)"
+            ) from exc
         if interrupted:
             log.warning(
                 "runs_interrupted",
                 count=interrupted,
                 hint="these runs were going when the daemon died",
             )
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while any(Path(str(aside) + s).exists() for s in ("", "-wal", "-shm")):
+            # Never replace an earlier copy: each was kept for someone to look at.
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    src.rename(Path(str(aside) + suffix))
+        except OSError as exc:
+            raise StateError(
+                f"state database {self.path} is corrupt and cannot be moved aside ({exc}); "
+                f"move it away by hand"
+            ) from exc
+        return aside
 
     def _replay_journal(self) -> None:
         """Fold what the journal holds (ticks and run starts not yet committed when the last
@@ -166,7 +202,9 @@ class StateStore:
         log.info("journal_replayed", ticks=len(replay.ticks), runs=len(replay.runs))
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # A short busy timeout: the connection is used on the event loop, and another program
+        # holding a lock must cost a failed (retried) flush, not a 5 s stall of every job.
+        db = sqlite3.connect(self.path, timeout=0.25, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives the process being killed (the OS has it);
@@ -174,9 +212,7 @@ class StateStore:
             db.execute("PRAGMA synchronous=NORMAL")
             check = db.execute("PRAGMA quick_check").fetchone()
             if not check or check[0] != "ok":
-                raise sqlite3.DatabaseError(
-                    f"integrity check failed: {check[0] if check else 'no answer'}"
-                )
+                raise _CorruptError(f"integrity check failed: {check[0] if check else 'no answer'}")
             db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -209,6 +245,9 @@ class StateStore:
                 row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[7], result
             )
         return out
+
+    def paused_jobs(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT name FROM jobs WHERE paused != 0")}
 
     def shared(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM shared")}
@@ -305,6 +344,10 @@ class StateStore:
         self._dirty()
 
     def _dirty(self) -> None:
+        if self._db is None:
+            # Closed: a run that unwound after the stop. Its line is logged; its row is not.
+            self._drop_buffers()
+            return
         if self._flush_handle is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -338,6 +381,12 @@ class StateStore:
                 retry_in="1s",
                 hint="runs continue; state and history are kept in memory until the write succeeds",
             )
+            if len(self._run_rows) > MAX_BUFFERED_RUNS:
+                # Memory is not a place to keep history forever while the disk is failing.
+                rows = list(self._run_rows.items())
+                drop = len(rows) - MAX_BUFFERED_RUNS // 2
+                self._run_rows = dict(rows[drop:])
+                log.error("history_dropped", runs=drop, reason="state writes keep failing")
             self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_from_loop)
         else:
             if self.failing:
@@ -401,6 +450,9 @@ class StateStore:
         if self._journaled:
             self.journal.reset()
             self._journaled = False
+        self._drop_buffers()
+
+    def _drop_buffers(self) -> None:
         self._ticks.clear()
         self._paused.clear()
         self._run_rows.clear()

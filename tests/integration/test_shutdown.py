@@ -233,3 +233,35 @@ class TestCommandJob:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
+
+
+HANGING_TO_THREAD = """
+import time
+
+import taskd
+
+
+async def offload(ctx) -> None:
+    ctx.log.info("offloading")
+    await ctx.to_thread(time.sleep, 3600)
+
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("offload", offload)]
+"""
+
+
+class TestHungOffloadedThread:
+    """A to_thread call still going after its run was cancelled does not hold the exit."""
+
+    def test_exit_is_prompt(self, daemon_factory) -> None:
+        d = daemon_factory(
+            '[jobs.off]\ntype = "offload"\non = "startup"\ntimeout = "300ms"\n',
+            {"off.py": HANGING_TO_THREAD},
+        ).start()
+        d.wait_for("run", job="off", outcome="timed_out", timeout=5)
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(timeout=10) == 0
+        assert time.monotonic() - t0 < 5

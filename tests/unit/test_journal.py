@@ -88,3 +88,23 @@ class TestStoreReplay:
         with sqlite3.connect(tmp_path / "state.db") as db:
             assert db.execute("SELECT last_tick FROM jobs WHERE name='a'").fetchone() == (1.0,)
         s.close()
+
+
+class TestWriteFailure:
+    """A journal that cannot be written is logged, never raised into the scheduler."""
+
+    def test_write_error_is_counted_not_raised(self, tmp_path: Path) -> None:
+        import os
+
+        from structlog.testing import capture_logs
+
+        j = TickJournal(tmp_path / "ticks.journal")
+        j.open()
+        assert j._fd is not None
+        os.close(j._fd)  # as good as a disk that refuses every write
+        with capture_logs() as logs:
+            j.tick("a", 1.0)
+            j.run_started("r", "a", 1.0, 1.0, "schedule")
+        assert j.errors == 2
+        assert [e["event"] for e in logs] == ["journal_write_failed"]  # rate-limited
+        j._fd = None

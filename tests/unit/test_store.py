@@ -90,3 +90,46 @@ class TestReopen:
         again.open()
         assert again.history("a")[0]["outcome"] == "interrupted"
         again.close()
+
+
+class TestOpenErrors:
+    """Only a corrupt file is moved aside; a locked or unreadable one is an error."""
+
+    def test_locked_database_is_not_moved_aside(self, tmp_path: Path) -> None:
+        from taskd.errors import StateError
+
+        path = tmp_path / "state.db"
+        first = StateStore(path)
+        first.open()
+        first.set_tick("a", 1.0)
+        first.close()
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StateError, match="locked"):
+                StateStore(path).open()
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert not list(tmp_path.glob("state.db.corrupt-*"))
+        again = StateStore(path)
+        again.open()
+        assert again.jobs()["a"].last_tick == 1.0
+        again.close()
+
+
+class TestSharedStatePersistence:
+    """Values changed in place inside locked() are persisted, not only assignments."""
+
+    async def test_in_place_changes_are_saved(self, store: StateStore) -> None:
+        from taskd.state.shared import SharedState
+
+        shared = SharedState(store.shared())
+        shared.add_listener(store.set_shared)
+        for i in range(3):
+            async with shared.locked() as state:
+                state.setdefault("seen", []).append(i)
+                state.setdefault("counts", {"n": 0})
+                state["counts"]["n"] += 1
+        await store.durable()
+        assert store.shared() == {"seen": [0, 1, 2], "counts": {"n": 3}}

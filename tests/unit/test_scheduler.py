@@ -1,0 +1,198 @@
+"""ScheduledJob in-process: the cases a review found, each pinned by a test."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from taskd.config.model import JobConfig
+from taskd.plugin.jobtype import JobType
+from taskd.plugin.manager import PluginHost
+from taskd.plugin.resolve import JobSpec, make_trigger
+from taskd.run.runtime import Runtime
+from taskd.schedule.job import MAX_CATCHUP, ScheduledJob
+from taskd.state.shared import SharedState
+
+
+def make_spec(func: Callable[..., Any], **cfg: Any) -> JobSpec:
+    schedule = cfg.pop("schedule", "every")
+    if schedule == "every":
+        cfg.setdefault("every", 0.1)
+    config = JobConfig(name=cfg.pop("name", "j"), type="t", schedule=schedule, **cfg)
+    return JobSpec(config, JobType("t", func), make_trigger(config))
+
+
+@pytest.fixture
+def rt() -> Runtime:
+    return Runtime(
+        shared=SharedState(), store=None, host=PluginHost(), thread_workers=2, process_workers=1
+    )
+
+
+@pytest.fixture
+def logs():
+    with capture_logs() as captured:
+        yield captured
+
+
+def runs(logs: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "run" and all(e.get(k) == v for k, v in match.items())]
+
+
+def skips(logs: list[dict[str, Any]], reason: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "skipped" and e["reason"] == reason]
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def stop(job: ScheduledJob, rt: Runtime) -> None:
+    job.stop()
+    job.cancel_runs("test over")
+    if job.task is not None:
+        await asyncio.wait([job.task], timeout=2)
+    await rt.settle()
+
+
+class TestInlineCancel:
+    """Cancelling an inline run (its task is the job's own) must not end the job."""
+
+    async def test_switch_to_replace_mid_run_keeps_scheduling(self, rt: Runtime, logs) -> None:
+        async def slow(ctx: Any) -> None:
+            await asyncio.sleep(0.35)
+
+        job = ScheduledJob(make_spec(slow, every=0.1), rt, cursor=None)
+        job.start()
+        await wait_until(lambda: bool(job.active))
+        job.update(
+            dataclasses.replace(
+                job.spec, config=dataclasses.replace(job.spec.config, overlap="replace")
+            )
+        )
+        await wait_until(lambda: len(runs(logs, outcome="cancelled")) >= 2, timeout=3)
+        assert job.task is not None and not job.task.done()
+        assert not [e for e in logs if e["event"] in ("scheduler_ended", "scheduler_crashed")]
+        await stop(job, rt)
+
+    async def test_job_raising_cancelled_error_is_its_failure(self, rt: Runtime, logs) -> None:
+        async def leaky(ctx: Any) -> None:
+            raise asyncio.CancelledError
+
+        job = ScheduledJob(make_spec(leaky, every=0.05), rt, cursor=None)
+        job.start()
+        await wait_until(lambda: len(runs(logs, outcome="failed")) >= 3)
+        assert "raised by the job" in runs(logs, outcome="failed")[0]["error"]
+        assert job.task is not None and not job.task.done()
+        await stop(job, rt)
+
+
+class TestBackoff:
+    """A run cancelled while waiting to retry is cancelled, not failed."""
+
+    async def test_cancel_during_backoff(self, rt: Runtime, logs) -> None:
+        async def bad(ctx: Any) -> None:
+            raise ValueError("nope")
+
+        job = ScheduledJob(
+            make_spec(bad, every=3600.0, schedule="every", retries=3, retry_backoff=30.0),
+            rt,
+            cursor=time.time() - 3600.0,
+        )
+        job.start()
+        await wait_until(lambda: any(info.in_backoff for _, info in job.active.values()))
+        job.cancel_runs("replaced by a newer run")
+        await wait_until(lambda: bool(runs(logs)))
+        await rt.settle()
+        (line,) = runs(logs)
+        assert line["outcome"] == "cancelled" and line["error"] == "replaced by a newer run"
+        await stop(job, rt)
+
+
+class TestCatchupBacklog:
+    """More due ticks than MAX_CATCHUP: the newest run, the rest are skipped and counted."""
+
+    async def test_all_runs_the_newest_ticks(self, rt: Runtime, logs) -> None:
+        seen: list[float] = []
+
+        async def record(ctx: Any) -> None:
+            seen.append(ctx.scheduled.timestamp())
+
+        now = math.floor(time.time())
+        due = 2 * MAX_CATCHUP
+        job = ScheduledJob(make_spec(record, every=1.0, catchup="all"), rt, cursor=float(now - due))
+        job.start()
+        await wait_until(lambda: len(seen) >= MAX_CATCHUP, timeout=10)
+        (missed,) = skips(logs, "missed")
+        assert missed["count"] == due - MAX_CATCHUP or missed["count"] == due - MAX_CATCHUP + 1
+        assert seen[:MAX_CATCHUP] == sorted(seen[:MAX_CATCHUP])
+        assert seen[0] == float(now - due + missed["count"] + 1)
+        assert len(set(seen)) == len(seen)  # no tick twice
+        await stop(job, rt)
+
+    async def test_every_backlog_is_counted_without_stepping(self, rt: Runtime, logs) -> None:
+        async def nothing(ctx: Any) -> None:
+            return None
+
+        # A month of every = "1s": counted arithmetically, not by 2.6M steps on the loop.
+        start = time.monotonic()
+        job = ScheduledJob(
+            make_spec(nothing, every=1.0, catchup="latest"), rt, cursor=time.time() - 30 * 86400
+        )
+        job.start()
+        await wait_until(lambda: bool(runs(logs)))
+        assert time.monotonic() - start < 1.0
+        total = sum(s["count"] for s in skips(logs, "missed") + skips(logs, "coalesced"))
+        assert 30 * 86400 - 3 <= total <= 30 * 86400
+        await stop(job, rt)
+
+
+class TestSchedulesChangedByReload:
+    """A job that has gone idle takes a new schedule from a reload."""
+
+    async def test_startup_job_gets_an_every(self, rt: Runtime, logs) -> None:
+        async def nothing(ctx: Any) -> None:
+            return None
+
+        job = ScheduledJob(make_spec(nothing, schedule="startup"), rt, cursor=None)
+        job.start()
+        await wait_until(lambda: len(runs(logs)) == 1)
+        await asyncio.sleep(0.2)
+        assert len(runs(logs)) == 1  # once, at start
+        job.update(make_spec(nothing, every=0.05))
+        await wait_until(lambda: len(runs(logs)) >= 4)
+        await stop(job, rt)
+
+
+class TestStop:
+    """Once stopped, nothing new starts; what waited is skipped with a reason."""
+
+    async def test_fire_after_stop_is_a_shutdown_skip(self, rt: Runtime, logs) -> None:
+        async def nothing(ctx: Any) -> None:
+            return None
+
+        job = ScheduledJob(make_spec(nothing, every=3600.0), rt, cursor=None)
+        job.start()
+        await asyncio.sleep(0)
+        job.stop()
+        now = time.time()
+        job._fire(now, now)
+        assert skips(logs, "shutdown") and not job.active
+        await stop(job, rt)
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    yield
+    structlog.reset_defaults()
