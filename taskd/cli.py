@@ -56,7 +56,7 @@ def _emit(data: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from taskd import log as logsetup
     from taskd.daemon import Daemon, load_all
-    from taskd.loop import run
+    from taskd.loop import new_loop
 
     path = _config_path(args)
     daemon = Daemon(path)
@@ -74,10 +74,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return EX_CONFIG
-    code = run(daemon.serve(loaded))
-    # Everything is saved and released by now. Leave without the interpreter's exit, which
-    # joins every thread: one stuck in a job (a blocking run past its timeout, a to_thread
-    # call whose run was cancelled) would otherwise hold the process until SIGKILL.
+    code = new_loop().run_until_complete(daemon.serve(loaded))
+    # Everything is saved and released by now. Leave without closing the loop (asyncio would
+    # wait, unbounded, for its default executor and for tasks that ignore cancellation) and
+    # without the interpreter's exit, which joins every thread: one stuck in a job (a
+    # blocking run past its timeout, a to_thread call whose run was cancelled, a plugin
+    # import that hangs) would otherwise hold the process until SIGKILL.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

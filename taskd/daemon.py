@@ -10,11 +10,12 @@ import dataclasses
 import gc
 import os
 import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -37,6 +38,7 @@ EXIT_CONFIG = 1
 EXIT_STATE = 3
 CLOCK_CHECK = 10.0  # seconds between wall-clock step checks
 CLOCK_STEP = 0.5  # a wall-clock jump larger than this re-times every job
+RELOAD_TIMEOUT = 60.0  # seconds a reload may spend reading the config and importing plugins
 FORCE_GRACE = 6.0  # after cancelling runs, how long to let them unwind (command: 5 s kill grace)
 
 
@@ -150,7 +152,16 @@ class Daemon:
         self.rt = rt
         self.loaded = loaded
         if any(s.jobtype is not None and s.jobtype.kind == "cpu" for s in loaded.specs.values()):
-            await rt.procs()  # warm, so the first cpu run does not pay for forking workers
+            try:
+                await rt.procs()  # warm, so the first cpu run does not pay for forking workers
+            except Exception as exc:
+                # io and blocking jobs must still run; cpu runs fail with the reason, and the
+                # pool is tried again at the next cpu run.
+                log.error(
+                    "procpool_unavailable",
+                    error=repr(exc),
+                    hint="cpu jobs will fail until worker processes can start",
+                )
         rows = self.store.jobs()
         for name, spec in loaded.specs.items():
             if not spec.config.enabled:
@@ -269,12 +280,25 @@ class Daemon:
         try:
             # In a thread: plugin imports and file reads must not stall the loop (and its
             # watchdog pings). Nothing live is touched until this has fully succeeded.
-            new = await asyncio.to_thread(load_all, self.config_path)
-            broken = new.host.broken
+            new = await _in_thread(load_all, self.config_path, timeout=RELOAD_TIMEOUT)
+            # A plugin broken since the start (say, a notifier missing a library) is known
+            # and tolerated, as at start; one that breaks now (an edit with a typo) rejects
+            # the reload, so the working version keeps running.
+            before = {r.origin for r in self.loaded.host.broken}
+            broken = [r for r in new.host.broken if r.origin not in before]
             if broken:
                 raise _ReloadRejected(
                     "plugins failed to load: " + "; ".join(f"{r.origin}: {r.error}" for r in broken)
                 )
+        except TimeoutError:
+            self.last_reload = {"ok": False, "at": started, "error": "timed out"}
+            log.error(
+                "reload_failed",
+                errors=[f"loading config and plugins took longer than {RELOAD_TIMEOUT:g}s"],
+                hint="a plugin's import may hang; the previous config keeps running",
+            )
+            self.notifier.ready(self._status_line())
+            return False
         except (ConfigError, _ReloadRejected) as exc:
             self.last_reload = {"ok": False, "at": started, "error": str(exc)}
             issues = [str(i) for i in exc.issues] if isinstance(exc, ConfigError) else [str(exc)]
@@ -394,7 +418,9 @@ class Daemon:
                 if info.in_backoff:
                     info.cancel_reason = "daemon stopping"
                     task.cancel()
-        await self.loaded.host.daemon_stopping(self._info())
+        # The stopping hooks run alongside the drain, not before it: their time must not come
+        # out of the drain's (systemd's TimeoutStopSec covers both).
+        stopping_hooks = asyncio.ensure_future(self.loaded.host.daemon_stopping(self._info()))
         runs = [task for job in everyone for task, _ in job.active.values()]
         forced = False
         if runs:
@@ -427,6 +453,7 @@ class Daemon:
         tasks = [j.task for j in everyone if j.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=FORCE_GRACE)
+        await asyncio.wait([stopping_hooks], timeout=FORCE_GRACE)
         await self.rt.settle()  # the last runs' log lines and history rows, before the store closes
         await self.loaded.host.drain_hooks()
         stuck = self.rt.threads.stuck_count
@@ -441,3 +468,34 @@ class Daemon:
 
 class _ReloadRejected(Exception):
     pass
+
+
+T = TypeVar("T")
+
+
+async def _in_thread(func: Callable[..., T], /, *args: Any, timeout: float) -> T:
+    """Run ``func`` in a daemon thread of its own and await it for at most ``timeout``.
+
+    Not asyncio.to_thread: a call that never returns (a plugin import that hangs) would sit
+    in the default executor, which asyncio waits for, without limit, when the loop closes."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = func(*args)
+        except BaseException as exc:  # delivered to the awaiting task, not lost in the thread
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name="taskd-load", daemon=True).start()
+    return await asyncio.wait_for(fut, timeout)

@@ -20,6 +20,18 @@ def loop_name() -> str:
     return "uvloop"
 
 
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A new loop of the chosen kind, set as the current one."""
+    if loop_name() == "uvloop":
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    return loop
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     if loop_name() == "uvloop":
         import uvloop

@@ -7,6 +7,7 @@ import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _ORDER = ("ms", "s", "m", "h", "d", "w")
+MAX_DURATION = 100 * 365 * 86400.0  # beyond this, datetime arithmetic overflows
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|[KMGT]|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -63,6 +64,8 @@ def parse_duration(value: object) -> float:
         )
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"a duration must be a finite number >= 0, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{value!r} is more than 100 years; is that what you meant?")
     return seconds
 
 

@@ -278,7 +278,12 @@ def _path(base: Path) -> Callable[[Any], Path]:
         text = _string(value)
         if not text:
             raise ValueError("empty path")
-        p = Path(text).expanduser()
+        if "\x00" in text:
+            raise ValueError("a path cannot contain a NUL character")
+        try:
+            p = Path(text).expanduser()
+        except RuntimeError as exc:  # "~nobody/x"
+            raise ValueError(f"cannot expand {text!r}: {exc}") from None
         return p if p.is_absolute() else base / p
 
     return conv

@@ -9,20 +9,28 @@ runs in flight, is left alone. Process-pool workers load the same file under the
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import re
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 PREFIX = "_taskd_dropin_"
+DIGEST_LEN = 10
 
 
 @dataclass(frozen=True, slots=True)
 class DropinFile:
     path: Path
     module_name: str
+    source: bytes = b""  # the very bytes the name's hash was taken over
+
+
+def digest(path: Path, content: bytes) -> str:
+    return hashlib.sha256(str(path.resolve()).encode() + b"\0" + content).hexdigest()[:DIGEST_LEN]
 
 
 def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, str]]]:
@@ -51,9 +59,8 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
             except OSError as exc:
                 problems.append((path, f"cannot read plugin file: {exc}"))
                 continue
-            digest = hashlib.sha256(str(path.resolve()).encode() + b"\0" + content).hexdigest()[:10]
             stem = re.sub(r"\W", "_", path.stem)
-            found.append(DropinFile(path, f"{PREFIX}{stem}_{digest}"))
+            found.append(DropinFile(path, f"{PREFIX}{stem}_{digest(path, content)}", content))
     return found, problems
 
 
@@ -61,7 +68,10 @@ def load(file: DropinFile) -> ModuleType:
     """Import a drop-in file under its module name, or return it if already imported.
 
     Raises whatever the plugin's import raises; the caller records it as a broken plugin."""
-    return load_path(file.module_name, str(file.path))
+    existing = sys.modules.get(file.module_name)
+    if existing is not None:
+        return existing
+    return exec_file(file.module_name, str(file.path), file.source)
 
 
 def load_path(module_name: str, path: str) -> ModuleType:
@@ -72,17 +82,37 @@ def load_path(module_name: str, path: str) -> ModuleType:
     return exec_file(module_name, path)
 
 
-def exec_file(module_name: str, path: str) -> ModuleType:
-    """Execute the file at ``path`` as a new module ``module_name`` (the parent's loader and the
-    process-pool workers both use this, so a drop-in is the same module on both sides)."""
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a Python module", name=module_name, path=path)
-    module = importlib.util.module_from_spec(spec)
+def exec_file(module_name: str, path: str, source: bytes | None = None) -> ModuleType:
+    """Execute a plugin file as a new module ``module_name`` (the parent's loader and the
+    process-pool workers both use this, so a drop-in is the same module on both sides).
+
+    Compiled from the bytes themselves, never from a cached .pyc, so the code that runs is
+    the code that was hashed. A worker passes no ``source`` and reads the file: if it no
+    longer matches the hash in the module name, the run fails rather than running code the
+    daemon never loaded (or validated options against)."""
+    if source is None:
+        try:
+            source = Path(path).read_bytes()
+        except OSError as exc:
+            raise ImportError(
+                f"cannot read plugin file {path}: {exc}", name=module_name, path=path
+            ) from exc
+        expected = module_name.rsplit("_", 1)[-1] if module_name.startswith(PREFIX) else None
+        if expected is not None and digest(Path(path), source) != expected:
+            raise ImportError(
+                f"plugin file {path} changed on disk since the daemon loaded it; reload taskd "
+                f"(systemctl reload taskd, or SIGHUP) to run the new code",
+                name=module_name,
+                path=path,
+            )
+    code = compile(source, path, "exec", dont_inherit=True)
+    module = types.ModuleType(module_name)
+    module.__file__ = path
+    module.__spec__ = importlib.machinery.ModuleSpec(module_name, None, origin=path)
     # Registered before exec so pickle (process pool) and dataclasses can find the module.
     sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(code, module.__dict__)
     except BaseException:
         sys.modules.pop(module_name, None)
         raise

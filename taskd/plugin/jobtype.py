@@ -51,12 +51,11 @@ class JobType:
                 f"JobType {self.name!r}: an 'async def' function must use kind='io', "
                 f"not {self.kind!r}"
             )
-        if self.kind == "cpu" and (
-            "<locals>" in self.func.__qualname__ or self.func.__name__ == "<lambda>"
-        ):
+        qualname = getattr(self.func, "__qualname__", "")
+        if self.kind == "cpu" and ("<locals>" in qualname or qualname == "<lambda>"):
             raise TypeError(
                 f"JobType {self.name!r}: a cpu job's function must be a module-level def "
-                f"so the worker process can import it, got {self.func.__qualname__!r}"
+                f"so the worker process can import it, got {qualname!r}"
             )
         if not self.description and self.func.__doc__:
             object.__setattr__(

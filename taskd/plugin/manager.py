@@ -45,6 +45,7 @@ class PluginRecord:
     traceback: str | None = None
     module_name: str | None = None
     plugin: object | None = None
+    registered: bool = False
 
     @property
     def broken(self) -> bool:
@@ -135,20 +136,47 @@ class PluginHost:
     def _register(self, record: PluginRecord, obj: object) -> None:
         record.plugin = obj
         self.records.append(record)
+        if self.pm.is_registered(obj):
+            # The same module behind two entry points: the first record owns it.
+            self._broken(record, "already loaded under another name", ValueError(record.origin))
+            return
         try:
             self.pm.register(obj, name=f"{record.source}:{record.origin}")
+            record.registered = True
             # pluggy accepts an implementation of an unknown hook (a typo such as
             # taskd_job_type) until asked; earlier plugins passed, so a failure is this one's.
             self.pm.check_pending()
+            self._check_hook_forms(obj)
         except Exception as exc:  # PluginValidationError, or a name registered twice
             self._broken(record, f"not a valid taskd plugin: {exc}", exc)
+
+    def _check_hook_forms(self, plugin: object) -> None:
+        """Forms pluggy accepts but taskd's one-implementation-at-a-time calls cannot honour."""
+        for name in (
+            "taskd_job_types",
+            "taskd_daemon_started",
+            "taskd_daemon_stopping",
+            "taskd_job_event",
+            "taskd_config_reloaded",
+        ):
+            for impl in getattr(self.pm.hook, name).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                if impl.hookwrapper or getattr(impl, "wrapper", False):
+                    raise TypeError(
+                        f"{name}: hook wrappers are not supported by taskd; write a plain hook"
+                    )
+                if name == "taskd_job_types" and inspect.iscoroutinefunction(impl.function):
+                    raise TypeError(
+                        "taskd_job_types must be a plain def (it is called while loading), not async def"
+                    )
 
     def _broken(self, record: PluginRecord, message: str, exc: BaseException) -> None:
         record.error = message
         record.traceback = "".join(traceback.format_exception(exc))
         if record not in self.records:
             self.records.append(record)
-        if record.plugin is not None and self.pm.is_registered(record.plugin):
+        if record.registered and record.plugin is not None and self.pm.is_registered(record.plugin):
             with contextlib.suppress(Exception):
                 self.pm.unregister(record.plugin)
         log.error(
@@ -239,7 +267,9 @@ class PluginHost:
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
             try:
                 result = impl.function(*[kwargs[name] for name in impl.argnames])
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a plugin never stops us
+            except (
+                BaseException
+            ) as exc:  # CancelledError, GeneratorExit too: a plugin never stops us
                 log.error(
                     "hook_failed",
                     hook=hook,

@@ -757,9 +757,14 @@ class ProcessPool:
         worker.expected = True
         self._doom(worker)
         if worker.returncode is None and worker.pid:
-            # ProcessLookupError: already gone; the sentinel reports it.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGKILL)
+            # The worker leads its own process group (see worker.py): killing the group
+            # takes whatever the run started along (a job's subprocess must not outlive its
+            # timeout). ProcessLookupError: already gone; the sentinel reports it.
+            try:
+                os.killpg(worker.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
 
     def _stop(self, worker: _Worker) -> None:
         """Ask an idle ``worker`` to exit (an empty frame, then end of file); kill it if it

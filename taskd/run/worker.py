@@ -178,14 +178,15 @@ def import_module(name: str, path: str | None, version: object = None) -> Any:
 
 
 def _detach_from_terminal_signals() -> None:
-    # Ctrl-C and a terminal hang-up reach the whole process group; whether the running
-    # runs stop is the daemon's decision, taken through the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # A SIGTERM sent to the whole group (KillMode=control-group, kill -- -PGID) must not kill
-    # a run the daemon is about to drain; the pool stops workers with SIGKILL when it must,
-    # and a daemon that dies takes them along (PR_SET_PDEATHSIG below).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A process group of its own: Ctrl-C and a terminal hang-up reach the daemon's group,
+    # and so does a SIGTERM sent to it (kill -- -PGID); whether running runs stop is the
+    # daemon's decision, taken through the pool. Signals keep their default actions, so the
+    # processes a job starts do not inherit ignored signals, and the pool can kill a run
+    # together with everything it started by killing the worker's group.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
     # multiprocessing marks pool workers daemonic, which forbids a job from starting its
     # own child processes; the pool reaps its workers itself.
     try:

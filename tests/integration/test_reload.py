@@ -245,6 +245,18 @@ class TestReloadRejected:
         more_runs(d, "tick", 3)
         assert d.events("reloaded") == []
 
+    def test_plugin_broken_since_start_does_not_block_reloads(self, daemon_factory) -> None:
+        # A notifier missing a library at start is tolerated then, and still is on reload;
+        # only plugins that break now reject a reload.
+        d = daemon_factory(
+            TICK, {"rel.py": REL, "mailer.py": "import no_such_library_for_taskd\n"}
+        ).start()
+        d.wait_for("run", job="tick", timeout=3)
+        line = reload(d, TICK + '\n[jobs.tock]\ntype = "echo"\nevery = "200ms"\n')
+        assert line["event"] == "reloaded", line
+        assert line["added"] == ["tock"]
+        more_runs(d, "tock", 2)
+
     def test_sighup_storm_is_coalesced(self, daemon_factory) -> None:
         d = daemon_factory(TICK, {"rel.py": REL}).start()
         d.wait_for("run", job="tick", timeout=3)

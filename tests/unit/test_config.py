@@ -823,3 +823,19 @@ class TestAt:
         # silently become midnight.
         (issue,) = issues(write(JOB + 'at = "2026-12-01"\n'))
         assert (issue.path, issue.line) == ("jobs.j.at", 3)
+
+
+class TestPathEdges:
+    """Paths that used to raise from deep inside the standard library are config errors."""
+
+    @pytest.mark.parametrize(
+        ("value", "fragment"),
+        [('"~nosuchuser_taskd/x"', "cannot expand"), ('"state\\u0000x"', "NUL")],
+    )
+    def test_bad_paths(self, tmp_path: Path, value: str, fragment: str) -> None:
+        path = tmp_path / "taskd.toml"
+        path.write_text(f"[daemon]\nstate_dir = {value}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        (issue,) = info.value.issues
+        assert issue.path == "daemon.state_dir" and fragment in issue.message

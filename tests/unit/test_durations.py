@@ -170,3 +170,12 @@ class TestSystemdSizes:
     )
     def test_binary_suffix(self, value: str, expected: int) -> None:
         assert parse_size(value) == expected
+
+
+class TestBounds:
+    """Durations past 100 years are a config error, not an overflow later."""
+
+    @pytest.mark.parametrize("value", [1e300, "99999999999999w", 101 * 365 * 86400])
+    def test_too_long(self, value: object) -> None:
+        with pytest.raises(ValueError, match="more than 100 years"):
+            parse_duration(value)

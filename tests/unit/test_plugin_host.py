@@ -890,3 +890,60 @@ class TestResolve:
             "jobs.b.options.warn_percent",
             "jobs.c.max_memory",
         ]
+
+
+class CancellingEvents(_Rec):
+    @taskd.hookimpl
+    def taskd_job_event(self, event: JobEvent) -> None:
+        self.calls.append((self.label, event.job))
+        raise asyncio.CancelledError  # e.g. .result() on a cancelled future
+
+
+class Wrapping(_Rec):
+    @taskd.hookimpl(hookwrapper=True)
+    def taskd_job_event(self, event: JobEvent) -> Any:
+        yield
+
+
+class AsyncTypes(_Rec):
+    @taskd.hookimpl
+    async def taskd_job_types(self) -> list[Any]:
+        return []
+
+
+class TestHookForms:
+    """What a plugin's hooks may raise or be, found in review."""
+
+    def test_cancelled_error_from_a_sync_hook_is_contained(self) -> None:
+        calls: list[Any] = []
+        host = PluginHost.load(
+            [], entry_points=False, extra=[CancellingEvents(calls, "one"), SyncEvents(calls, "two")]
+        )
+        with capture_logs() as logs:
+            host.job_event(_event("backup"))  # must not raise into the run
+        assert ("two", "backup") in calls
+        assert any(e["event"] == "hook_failed" and "CancelledError" in e["error"] for e in logs)
+
+    @pytest.mark.parametrize(
+        ("cls", "why"), [(Wrapping, "hook wrappers"), (AsyncTypes, "plain def")]
+    )
+    def test_unusable_hook_forms_make_the_plugin_broken(self, cls: type, why: str) -> None:
+        host = PluginHost.load([], entry_points=False, extra=[cls([], "x")])
+        (rec,) = host.records
+        assert rec.broken and why in (rec.error or "")
+
+    def test_same_object_twice_does_not_break_the_first(self) -> None:
+        module = types.ModuleType("twice")
+        exec(
+            "import taskd\n"
+            "def run() -> None: ...\n"
+            "@taskd.hookimpl\n"
+            "def taskd_job_types():\n"
+            "    return [taskd.JobType('twice', run, kind='blocking')]\n",
+            module.__dict__,
+        )
+        host = PluginHost.load([], entry_points=False, extra=[module, module])
+        first, second = host.records
+        assert not first.broken and first.job_types == ["twice"]
+        assert second.broken and "already loaded" in (second.error or "")
+        assert "twice" in host.job_types

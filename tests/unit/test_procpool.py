@@ -22,6 +22,7 @@ import uvloop
 from structlog.testing import capture_logs
 
 from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, WorkerDied
+from taskd.plugin.dropin import digest
 from taskd.run.procpool import ProcessPool
 from tests.unit.procpool_funcs import jobs
 
@@ -209,7 +210,9 @@ class TestDropInModules:
         )
         path = tmp_path / "checksum.py"
         path.write_text(source)
-        module = load_by_path(f"_taskd_dropin_checksum_{os.getpid():08x}", path, monkeypatch)
+        module = load_by_path(
+            f"_taskd_dropin_checksum_{digest(path, path.read_bytes())}", path, monkeypatch
+        )
 
         pool = await make_pool()
         results = await asyncio.gather(*(pool.run(module.digest, (b"abc",)) for _ in range(4)))
@@ -221,12 +224,25 @@ class TestDropInModules:
         self, make_pool: PoolFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         path = tmp_path / "versioned.py"
-        name = f"_taskd_dropin_versioned_{os.getpid():08x}"
         pool = await make_pool(workers=1)
         for version in ("one", "two"):
+            # As the daemon names them: a changed file is a new module (a new content hash).
             path.write_text(f"def which() -> str:\n    return {version!r}\n")
+            name = f"_taskd_dropin_versioned_{digest(path, path.read_bytes())}"
             module = load_by_path(name, path, monkeypatch)
             assert await pool.run(module.which) == version
+
+    async def test_file_changed_on_disk_without_reload_fails_clearly(
+        self, make_pool: PoolFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = tmp_path / "edited.py"
+        path.write_text("def which() -> str:\n    return 'loaded'\n")
+        name = f"_taskd_dropin_edited_{digest(path, path.read_bytes())}"
+        module = load_by_path(name, path, monkeypatch)
+        path.write_text("def which() -> str:\n    return 'edited, not reloaded'\n")
+        pool = await make_pool(workers=1)  # a fresh worker has to read the file
+        with pytest.raises(ImportError, match="changed on disk since the daemon loaded it"):
+            await pool.run(module.which)
 
 
 class TestWorkerDeath:
@@ -272,17 +288,31 @@ class TestWorkerDeath:
 class TestSignals:
     """Terminal signals do not reach into runs; workers do not outlive a killed daemon."""
 
-    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
-    async def test_terminal_signals_are_ignored(
-        self, make_pool: PoolFactory, tmp_path: Path, sig: signal.Signals
+    async def test_workers_lead_their_own_process_group(self, make_pool: PoolFactory) -> None:
+        # Ctrl-C, a terminal hang-up or `kill -- -PGID` reach the daemon's group, not the
+        # workers': the daemon decides what happens to runs.
+        pool = await make_pool(workers=2)
+        for pid in pool.pids():
+            assert os.getpgid(pid) == pid != os.getpgid(0)
+
+    async def test_timeout_kills_what_the_run_started(
+        self, make_pool: PoolFactory, tmp_path: Path
     ) -> None:
         pool = await make_pool(workers=1)
-        pid_file = tmp_path / "pid"
-        task = start(pool.run(jobs.report_pid_and_sleep, (str(pid_file), 0.2)))
-        pid = await wait_for_pid(pid_file)
-        os.kill(pid, sig)
-        assert await task == pid
-        assert pool.pids() == [pid]
+        note = tmp_path / "child"
+        with pytest.raises(JobTimeout):
+            await pool.run(jobs.spawn_child_and_sleep, (str(note), 30.0), timeout=1.0)
+        child_pid, ignored = note.read_text().split()
+        # The job's subprocess did not inherit ignored signals ...
+        assert int(ignored, 16) & ((1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))) == 0
+        # ... and went down with the worker's process group.
+        deadline = time.monotonic() + 3
+        while (
+            psutil.pid_exists(int(child_pid))
+            and psutil.Process(int(child_pid)).status() != psutil.STATUS_ZOMBIE
+        ):
+            assert time.monotonic() < deadline, "the run's subprocess outlived its timeout"
+            await asyncio.sleep(0.05)
 
     async def test_workers_die_with_a_killed_parent(self) -> None:
         script = textwrap.dedent(

@@ -127,3 +127,14 @@ def flaky_worker_main(sock: socket.socket) -> None:
 def broken_worker_main(sock: socket.socket) -> None:
     """A worker entry point that always dies before reporting ready."""
     os._exit(7)
+
+
+def spawn_child_and_sleep(path: str, seconds: float) -> None:
+    """Start a grandchild (a job's own subprocess), note its pid and its ignored signals."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "1000"])
+    with open(f"/proc/{child.pid}/status") as fh:
+        ignored = next(line.split()[1] for line in fh if line.startswith("SigIgn:"))
+    Path(path).write_text(f"{child.pid} {ignored}")
+    time.sleep(seconds)
