@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import datetime as dt
+import enum
 import inspect
 import pathlib
 import types
@@ -14,6 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from taskd.config.durations import parse_duration
 from taskd.config.load import type_name as _tname
 from taskd.plugin.jobtype import JobType
 
@@ -54,11 +56,18 @@ def check_value(value: Any, hint: Any) -> str | None:
     ):
         if not isinstance(value, list):
             return f"expected an array ({_hint_text(hint)}), got {_tname(value)}"
-        if args and origin is not tuple:
-            for i, item in enumerate(value):
-                problem = check_value(item, args[0])
-                if problem:
-                    return f"item {i}: {problem}"
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):  # tuple[int, str]: exactly these items
+                return (
+                    f"expected an array of {len(args)} items ({_hint_text(hint)}), got {len(value)}"
+                )
+            item_hints = list(args)
+        else:
+            item_hints = [args[0]] * len(value) if args else []
+        for i, (item, item_hint) in enumerate(zip(value, item_hints, strict=False)):
+            problem = check_value(item, item_hint)
+            if problem:
+                return f"item {i}: {problem}"
         return None
     if origin in (dict, cabc.Mapping, cabc.MutableMapping):
         if not isinstance(value, dict):
@@ -90,12 +99,29 @@ def check_value(value: Any, hint: Any) -> str | None:
         return None if isinstance(value, list) else f"expected an array, got {_tname(value)}"
     if hint is dict:
         return None if isinstance(value, dict) else f"expected a table, got {_tname(value)}"
-    if hint in (dt.datetime, dt.date, dt.time):
+    if hint is dt.date:  # a datetime is a date to Python, not to a config
+        ok = isinstance(value, dt.date) and not isinstance(value, dt.datetime)
+        return None if ok else f"expected a TOML date, got {_tname(value)}"
+    if hint in (dt.datetime, dt.time):
         return (
             None
             if isinstance(value, hint)
             else f"expected a TOML {hint.__name__}, got {_tname(value)}"
         )
+    if hint is dt.timedelta:
+        try:
+            parse_duration(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        allowed = [m.value for m in hint]
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return None
+        return f"expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+    if isinstance(hint, type):
+        # Any other class: a TOML value has to be one already (bytes, Decimal: it never is).
+        return None if isinstance(value, hint) else f"expected {hint.__name__}, got {_tname(value)}"
     return None
 
 
@@ -111,21 +137,55 @@ def _convert(value: Any, hint: Any) -> Any:
             if arg is not type(None) and check_value(value, arg) is None:
                 return _convert(value, arg)
         return value
-    if origin in (list, tuple, cabc.Sequence) and isinstance(value, list) and args:
-        items = [_convert(v, args[0]) for v in value]
-        return tuple(items) if origin is tuple else items
-    if hint is tuple and isinstance(value, list):
-        return tuple(value)
+    if isinstance(value, list) and origin in (list, tuple, set, frozenset, cabc.Sequence, cabc.Set):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            items = [_convert(v, h) for v, h in zip(value, args, strict=False)]
+        else:
+            items = [_convert(v, args[0]) for v in value] if args else list(value)
+        if origin is tuple:
+            return tuple(items)
+        if origin in (set, cabc.Set):
+            return set(items)
+        return frozenset(items) if origin is frozenset else items
+    if isinstance(value, list) and hint in (tuple, set, frozenset):
+        return hint(value)
+    if hint is dt.timedelta and not isinstance(value, dt.timedelta):
+        return dt.timedelta(seconds=parse_duration(value))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
     return value
+
+
+def option_hints(jt: JobType) -> dict[str, Any]:
+    """Each option parameter's annotation, resolved one by one.
+
+    Not typing.get_type_hints: one name it cannot resolve (a type imported only under
+    TYPE_CHECKING, typically the context's) would cost the type checks of every option.
+    Raises TypeError naming the option whose annotation cannot be resolved."""
+    func = inspect.unwrap(jt.func)
+    namespace = dict(getattr(func, "__globals__", {}))
+    hints: dict[str, Any] = {}
+    for param in _params(jt):
+        annotation = param.annotation
+        if annotation is inspect.Parameter.empty:
+            continue
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # what get_type_hints does, per name
+            except Exception as exc:
+                raise TypeError(
+                    f"the annotation {param.annotation!r} of option {param.name!r} cannot be "
+                    f"resolved ({type(exc).__name__}: {exc}); import the names it uses at module "
+                    f"level, not only under TYPE_CHECKING"
+                ) from None
+        hints[param.name] = annotation
+    return hints
 
 
 def convert_options(jt: JobType, options: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments for the call: checked options converted to what the annotations
     promise (a ``Path`` parameter gets a Path, not the TOML string)."""
-    try:
-        hints = typing.get_type_hints(jt.func)
-    except Exception:
-        return dict(options)
+    hints = option_hints(jt)
     return {k: _convert(v, hints[k]) if k in hints else v for k, v in options.items()}
 
 
@@ -135,6 +195,10 @@ def signature_problem(jt: JobType) -> str | None:
     for p in params:
         if p.kind is inspect.Parameter.POSITIONAL_ONLY and p.default is inspect.Parameter.empty:
             return f"parameter {p.name!r} is positional-only; options are passed by keyword"
+    try:
+        option_hints(jt)
+    except TypeError as exc:
+        return str(exc)
     if jt.kind == "io":
         try:
             first = next(iter(inspect.signature(jt.func).parameters.values()))
@@ -163,9 +227,9 @@ def check_options(jt: JobType, options: Mapping[str, Any]) -> list[tuple[str, st
     problems: list[tuple[str, str, str | None]] = []
     params = _params(jt)
     try:
-        hints = typing.get_type_hints(jt.func)
-    except Exception:  # an annotation that does not resolve must not break loading
-        hints = {}
+        hints = option_hints(jt)
+    except TypeError as exc:
+        return [("", str(exc), None)]
     by_name = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
     for key, value in options.items():
@@ -200,8 +264,8 @@ def check_options(jt: JobType, options: Mapping[str, Any]) -> list[tuple[str, st
 def describe_options(jt: JobType) -> list[dict[str, Any]]:
     """Name, type and default of each option, for ``taskd plugins``."""
     try:
-        hints = typing.get_type_hints(jt.func)
-    except Exception:
+        hints = option_hints(jt)
+    except TypeError:
         hints = {}
     out = []
     for p in _params(jt):

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import pathlib
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import pytest
 
 from taskd.plugin.jobtype import JobType
-from taskd.plugin.options import check_options, check_value, describe_options, signature_problem
+from taskd.plugin.options import (
+    check_options,
+    check_value,
+    convert_options,
+    describe_options,
+    signature_problem,
+)
 
 # Job functions live at module level: annotations are strings here (``from __future__ import
 # annotations``), as in most plugin files, and must still be resolved.
@@ -62,6 +69,32 @@ def star_args(*items: int, size: int = 1) -> None: ...
 
 
 def future_unresolvable(x: NoSuchName = 1) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+
+if TYPE_CHECKING:
+    from taskd import JobContext
+
+
+async def ctx_type_checking_only(ctx: JobContext, count: int = 1) -> None: ...
+
+
+class Speed(enum.Enum):
+    SLOW = "slow"
+    FAST = "fast"
+
+
+def with_enum(speed: Speed = Speed.SLOW) -> None: ...
+
+
+def with_timedelta(age: dt.timedelta) -> None: ...
+
+
+def with_tuple_and_set(
+    pair: tuple[int, str], tags: set[str], nums: tuple[int, ...] = ()
+) -> None: ...
+
+
+def with_bytes(data: bytes) -> None: ...
 
 
 EVERYTHING = JobType("everything", everything, kind="blocking")
@@ -273,10 +306,53 @@ class TestTypes:
             "key 'a': item 0: expected an integer, got a string"
         )
 
-    def test_unresolvable_annotation_does_not_crash(self) -> None:
+    def test_unresolvable_annotation_is_a_clear_problem(self) -> None:
+        # Once, one unresolvable name switched off every option's checks; now it is named.
         jt = JobType("u", future_unresolvable, kind="blocking")
-        assert check_options(jt, {"x": 5}) == []
-        assert "zzz" in problems(jt, {"zzz": 1})
+        problem = signature_problem(jt)
+        assert problem is not None and "'NoSuchName'" in problem and "option 'x'" in problem
+        assert "TYPE_CHECKING" in problem
+        ((key, message, _),) = check_options(jt, {"x": 5})
+        assert key == "" and "cannot be resolved" in message
+
+    def test_context_only_under_type_checking_keeps_option_checks(self) -> None:
+        # The common pattern: the ctx annotation names a TYPE_CHECKING-only import; the
+        # options are still resolved and checked.
+        jt = JobType("c", ctx_type_checking_only)
+        assert signature_problem(jt) is None
+        assert problems(jt, {"count": "three"}) == {
+            "count": ("expected an integer, got a string", None)
+        }
+        assert check_options(jt, {"count": 3}) == []
+
+
+class TestMoreTypes:
+    """Enum, timedelta, tuple and set options are checked and converted."""
+
+    def test_enum(self) -> None:
+        jt = JobType("e", with_enum, kind="blocking")
+        assert check_options(jt, {"speed": "fast"}) == []
+        assert "expected one of 'slow', 'fast'" in problems(jt, {"speed": "warp"})["speed"][0]
+        assert convert_options(jt, {"speed": "fast"}) == {"speed": Speed.FAST}
+
+    def test_timedelta_takes_durations(self) -> None:
+        jt = JobType("t", with_timedelta, kind="blocking")
+        assert check_options(jt, {"age": "1h30m"}) == []
+        assert "cannot read 'soon'" in problems(jt, {"age": "soon"})["age"][0]
+        assert convert_options(jt, {"age": "1h30m"}) == {"age": dt.timedelta(minutes=90)}
+
+    def test_tuple_and_set(self) -> None:
+        jt = JobType("t", with_tuple_and_set, kind="blocking")
+        assert check_options(jt, {"pair": [1, "a"], "tags": ["x", "y"], "nums": [1, 2]}) == []
+        assert "expected an array of 2 items" in problems(jt, {"pair": [1]})["pair"][0]
+        assert "item 1: expected a string" in problems(jt, {"pair": [1, 2]})["pair"][0]
+        assert "item 0: expected an integer" in problems(jt, {"nums": ["x"]})["nums"][0]
+        converted = convert_options(jt, {"pair": [1, "a"], "tags": ["x", "x"], "nums": [3]})
+        assert converted == {"pair": (1, "a"), "tags": {"x"}, "nums": (3,)}
+
+    def test_bytes_is_never_a_toml_value(self) -> None:
+        jt = JobType("b", with_bytes, kind="blocking")
+        assert problems(jt, {"data": "abc"}) == {"data": ("expected bytes, got a string", None)}
 
 
 class TestSignatureProblem:
