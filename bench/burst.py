@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - the log sink for the whole process
 
 
 def _lateness(starts: list[float], due: float) -> dict[str, float]:
@@ -38,6 +39,7 @@ def _lateness(starts: list[float], due: float) -> dict[str, float]:
 async def _floor(n: int, child: bool) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     starts: list[float] = []
+    children: list[asyncio.Task[None]] = []
     due = float(int(time.time()) + 2)
 
     async def run() -> None:
@@ -48,14 +50,14 @@ async def _floor(n: int, child: bool) -> dict[str, float]:
         loop.call_at(loop.time() + (due - time.time()) + 0.001, fut.set_result, None)
         await fut
         if child:
-            loop.create_task(run())
+            children.append(loop.create_task(run()))
         else:
             starts.append(time.time())
 
     tasks = [loop.create_task(job()) for _ in range(n)]
     gc.collect()
     gc.freeze()
-    while len(starts) < n:
+    while len(starts) < n:  # noqa: ASYNC110 - polling is the measurement's own business
         await asyncio.sleep(0.05)
     del tasks
     return _lateness(starts, due)
@@ -74,7 +76,7 @@ async def _taskd(n: int) -> dict[str, float]:
     from taskd.state.shared import SharedState
     from taskd.state.store import StateStore
 
-    logsetup.configure("info", "json", open(os.devnull, "w"))  # noqa: SIM115
+    logsetup.configure("info", "json", DEVNULL)
     starts: list[float] = []
 
     async def trivial(ctx: object) -> None:
@@ -92,7 +94,7 @@ async def _taskd(n: int) -> dict[str, float]:
         ScheduledJob(JobSpec(cfg, jt, At(due)), rt, cursor=None).start()
     gc.collect()
     gc.freeze()  # as the daemon does after start-up
-    while len(starts) < n:
+    while len(starts) < n:  # noqa: ASYNC110 - polling is the measurement's own business
         await asyncio.sleep(0.05)
     await rt.settle()
     store.close()
