@@ -145,6 +145,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         + (f"; {disabled} disabled" if disabled else "")
         + f"), {_plural(len(host.records), 'plugin')}, {_plural(len(host.job_types), 'job type')}"
     )
+    now = time.time()
+    for job in config.jobs.values():
+        if job.schedule == "at" and job.at is not None and job.at <= now and job.enabled:
+            # Valid, but almost certainly not what was meant: say so, without failing.
+            when = datetime.fromtimestamp(job.at, ZoneInfo(job.timezone)).isoformat()
+            print(
+                f"  warning: jobs.{job.name}.at = {when} is in the past; a job seen for the first time then never runs"
+            )
     return EXIT_OK
 
 

@@ -657,3 +657,26 @@ class TestExec:
             assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
         finally:
             db.close()
+
+
+class TestCheckWarnings:
+    """`taskd check` passes a past `at`, but says it will not run."""
+
+    def test_at_in_the_past(self, tmp_path: Path) -> None:
+        (tmp_path / "plugins.d").mkdir()
+        (tmp_path / "plugins.d" / "p.py").write_text(
+            "import taskd\n"
+            "async def noop(ctx) -> None: ...\n"
+            "@taskd.hookimpl\n"
+            "def taskd_job_types():\n"
+            "    return [taskd.JobType('noop', noop)]\n"
+        )
+        (tmp_path / "taskd.toml").write_text(
+            '[daemon]\nplugin_dirs = ["plugins.d"]\nentry_points = false\n'
+            '[jobs.old]\ntype = "noop"\nat = 2020-01-01T00:00:00Z\n'
+            '[jobs.new]\ntype = "noop"\nat = 2099-01-01T00:00:00Z\n'
+        )
+        result = run_cli("check", "-c", str(tmp_path / "taskd.toml"))
+        assert result.returncode == 0, result.stderr
+        assert "warning: jobs.old.at = 2020-01-01T00:00:00+00:00 is in the past" in result.stdout
+        assert "jobs.new" not in result.stdout
