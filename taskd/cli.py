@@ -80,9 +80,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     # without the interpreter's exit, which joins every thread: one stuck in a job (a
     # blocking run past its timeout, a to_thread call whose run was cancelled, a plugin
     # import that hangs) would otherwise hold the process until SIGKILL.
+    _run_exit_finalizers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _run_exit_finalizers() -> None:
+    """What a normal exit would clean up, minus joining threads and child processes:
+    multiprocessing's finalizers remove its temporary directory (the forkserver's socket),
+    which would otherwise be left in /tmp by every daemon run."""
+    try:
+        from multiprocessing import util
+
+        util._run_finalizers()  # type: ignore[attr-defined]  # private, stable since 2.6
+    except Exception:  # best effort: the exit must happen regardless
+        pass
 
 
 # -- check -------------------------------------------------------------------------------------

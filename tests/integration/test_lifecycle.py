@@ -145,3 +145,31 @@ class TestIdle:
         # A spinning scheduler burns ~2 s of CPU here; a sleeping one next to nothing.
         assert used < 0.2, f"idle daemon used {used:.3f}s CPU in 2s"
         assert d.stop() == 0
+
+
+class TestCleanExit:
+    """A stopped daemon leaves nothing behind in /tmp (multiprocessing's temp directory)."""
+
+    def test_no_pymp_directory_left(self, daemon_factory, tmp_path) -> None:
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        d = daemon_factory(
+            '[jobs.h]\ntype = "hello"\nevery = "1h"\n[jobs.c]\ntype = "crunch"\nevery = "1h"\n',
+            {"hello.py": HELLO, "cpu.py": CPU},
+            env={"TMPDIR": str(tmp)},
+        ).start()
+        assert any(p.name.startswith("pymp-") for p in tmp.iterdir())  # the pool made one
+        assert d.stop() == 0
+        assert [p.name for p in tmp.iterdir() if p.name.startswith("pymp-")] == []
+
+
+CPU = """
+import taskd
+
+def crunch(n: int = 10) -> int:
+    return sum(range(n))
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("crunch", crunch, kind="cpu")]
+"""
