@@ -234,7 +234,8 @@ class TestCheck:
     def test_good(self, project: Project) -> None:
         result = run_cli("check", "-c", str(project.config))
         assert result.returncode == 0, result.stderr
-        (line,) = result.stdout.strip().splitlines()
+        line, *warnings = result.stdout.strip().splitlines()
+        assert all(w.startswith("  warning: ") for w in warnings)
         assert line.startswith(f"taskd: {project.config}: OK: 11 jobs (")
         assert "1 cpu" in line
         assert "5 io" in line
