@@ -91,9 +91,14 @@ def _run_exit_finalizers() -> None:
     multiprocessing's finalizers remove its temporary directory (the forkserver's socket),
     which would otherwise be left in /tmp by every daemon run."""
     try:
-        from multiprocessing import util
+        import multiprocessing
+        import shutil
 
-        util._run_finalizers()  # type: ignore[attr-defined]  # private, stable since 2.6
+        # Only the temp directory: other finalizers (a plugin's Queue or Pool) may join
+        # threads or processes, the very waits os._exit is there to skip.
+        tempdir = multiprocessing.current_process()._config.get("tempdir")  # type: ignore[attr-defined]
+        if tempdir:
+            shutil.rmtree(tempdir, ignore_errors=True)
     except Exception:  # best effort: the exit must happen regardless
         pass
 

@@ -405,6 +405,7 @@ class Daemon:
     async def _shutdown(self) -> int:
         assert self.loaded is not None and self.rt is not None
         self._stopping = True
+        self.rt.stopping = True  # a run that fails now is not retried: there is no later
         d = self.loaded.config.daemon
         self.notifier.stopping("stopping: draining runs")
         if self._reload_task is not None and not self._reload_task.done():
@@ -441,19 +442,28 @@ class Daemon:
                 runs=len(left),
                 reason="forced stop" if forced else "shutdown_timeout passed",
             )
+        # From here on one deadline covers everything (cancelled runs unwinding, job tasks,
+        # the stopping hooks), so the stop stays inside systemd's TimeoutStopSec.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FORCE_GRACE
+
+        def remaining() -> float:
+            return max(deadline - loop.time(), 0.0)
+
+        if left:
             for job in everyone:
                 job.cancel_runs("daemon stopping")
             await self.rt.close(kill=True)
-            await asyncio.wait(left, timeout=FORCE_GRACE)
+            await asyncio.wait(left, timeout=remaining())
         else:
-            await self.rt.close(kill=False, timeout=FORCE_GRACE)
-        for job in everyone:
-            if job.task is not None and not job.task.done():
-                job.task.cancel()
-        tasks = [j.task for j in everyone if j.task is not None]
+            await self.rt.close(kill=False, timeout=remaining())
+        tasks = [j.task for j in everyone if j.task is not None and not j.task.done()]
+        for task in tasks:
+            if task not in left:  # an inline run's task was cancelled above already
+                task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=FORCE_GRACE)
-        await asyncio.wait([stopping_hooks], timeout=FORCE_GRACE)
+            await asyncio.wait(tasks, timeout=remaining())
+        await asyncio.wait([stopping_hooks], timeout=remaining() or 0.001)
         await self.rt.settle()  # the last runs' log lines and history rows, before the store closes
         await self.loaded.host.drain_hooks()
         stuck = self.rt.threads.stuck_count

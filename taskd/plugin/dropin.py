@@ -20,6 +20,7 @@ from types import ModuleType
 
 PREFIX = "_taskd_dropin_"
 DIGEST_LEN = 10
+LOADING = "__taskd_loading__"  # set on a module while its file executes
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,13 @@ def load(file: DropinFile) -> ModuleType:
     Raises whatever the plugin's import raises; the caller records it as a broken plugin."""
     existing = sys.modules.get(file.module_name)
     if existing is not None:
+        if getattr(existing, LOADING, False):
+            # An earlier reload timed out while this file's import hung; it is still going.
+            raise ImportError(
+                f"{file.path} is still being imported by an earlier reload (does its import hang?)",
+                name=file.module_name,
+                path=str(file.path),
+            )
         return existing
     return exec_file(file.module_name, str(file.path), file.source)
 
@@ -107,8 +115,13 @@ def exec_file(module_name: str, path: str, source: bytes | None = None) -> Modul
             )
     code = compile(source, path, "exec", dont_inherit=True)
     module = types.ModuleType(module_name)
+    # A real loader, for what plugins may ask of it (importlib.resources, pkgutil.get_data);
+    # the code itself is executed here, from the bytes above.
+    loader = importlib.machinery.SourceFileLoader(module_name, path)
     module.__file__ = path
-    module.__spec__ = importlib.machinery.ModuleSpec(module_name, None, origin=path)
+    module.__loader__ = loader
+    module.__spec__ = importlib.machinery.ModuleSpec(module_name, loader, origin=path)
+    setattr(module, LOADING, True)
     # Registered before exec so pickle (process pool) and dataclasses can find the module.
     sys.modules[module_name] = module
     try:
@@ -116,4 +129,6 @@ def exec_file(module_name: str, path: str, source: bytes | None = None) -> Modul
     except BaseException:
         sys.modules.pop(module_name, None)
         raise
+    finally:
+        delattr(module, LOADING)
     return module

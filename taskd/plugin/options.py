@@ -8,8 +8,11 @@ from __future__ import annotations
 import collections.abc as cabc
 import datetime as dt
 import enum
+import functools
 import inspect
+import os
 import pathlib
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -78,6 +81,8 @@ def check_value(value: Any, hint: Any) -> str | None:
                 if problem:
                     return f"key {k!r}: {problem}"
         return None
+    if origin is os.PathLike:  # os.PathLike[str]
+        return None if isinstance(value, str) else f"expected a path string, got {_tname(value)}"
     if origin is not None:
         return None  # a generic we do not know: let the job check it
     if hint is type(None):
@@ -119,14 +124,23 @@ def check_value(value: Any, hint: Any) -> str | None:
         if any(value == a and type(value) is type(a) for a in allowed):
             return None
         return f"expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+    if hint is os.PathLike:
+        return None if isinstance(value, str) else f"expected a path string, got {_tname(value)}"
     if isinstance(hint, type):
         # Any other class: a TOML value has to be one already (bytes, Decimal: it never is).
-        return None if isinstance(value, hint) else f"expected {hint.__name__}, got {_tname(value)}"
+        try:
+            ok = isinstance(value, hint)
+        except TypeError:  # TypedDict, a Protocol that is not runtime-checkable: let it be
+            return None
+        return None if ok else f"expected {hint.__name__}, got {_tname(value)}"
     return None
 
 
 def _convert(value: Any, hint: Any) -> Any:
-    if hint is pathlib.Path or hint is pathlib.PurePath:
+    if (
+        hint in (pathlib.Path, pathlib.PurePath, os.PathLike)
+        or typing.get_origin(hint) is os.PathLike
+    ):
         return pathlib.Path(value) if isinstance(value, str) else value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -162,8 +176,15 @@ def option_hints(jt: JobType) -> dict[str, Any]:
     Not typing.get_type_hints: one name it cannot resolve (a type imported only under
     TYPE_CHECKING, typically the context's) would cost the type checks of every option.
     Raises TypeError naming the option whose annotation cannot be resolved."""
-    func = inspect.unwrap(jt.func)
-    namespace = dict(getattr(func, "__globals__", {}))
+    func: Any = inspect.unwrap(jt.func)
+    while isinstance(func, functools.partial):
+        func = func.func
+    func = getattr(func, "__func__", func)  # a bound method
+    namespace = getattr(func, "__globals__", None)
+    if namespace is None:  # a callable object: its class's module
+        module = sys.modules.get(getattr(func, "__module__", "") or type(func).__module__)
+        namespace = vars(module) if module is not None else {}
+    namespace = dict(namespace)
     hints: dict[str, Any] = {}
     for param in _params(jt):
         annotation = param.annotation

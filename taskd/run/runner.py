@@ -127,6 +127,10 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                     )
             if info.attempt > cfg.retries:
                 break
+            if rt.stopping:
+                # A retry would wait for a backoff the stop has no time for: the run ends as
+                # it stands (failed or timed out), not held until the drain deadline.
+                break
             delay = min(cfg.retry_backoff * (2 ** (info.attempt - 1)), MAX_BACKOFF)
             rt.log.warning(
                 "run_retrying",

@@ -55,6 +55,7 @@ class Runtime:
         self.stats = Stats()
         self.log: FilteringBoundLogger = structlog.get_logger("taskd.run").bind()
         self._deferred = 0
+        self.stopping = False
         # 40 random bits per daemon start: run ids must not collide across restarts (the
         # history is keyed by them).
         self._prefix = os.urandom(5).hex()

@@ -50,6 +50,7 @@ def _utc(ts: float) -> datetime:
 class ScheduledJob:
     __slots__ = (
         "_busy",
+        "_clock_warned",
         "_reset_cursor",
         "_stopping",
         "_wake",
@@ -80,6 +81,7 @@ class ScheduledJob:
         # an empty deque costs 760 bytes per job where a list costs 56.
         self.queue: list[tuple[float, str]] = []
         self._busy: asyncio.TimerHandle | None = None
+        self._clock_warned: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.removed = False
         self._stopping = False
@@ -156,6 +158,8 @@ class ScheduledJob:
 
     def cancel_runs(self, reason: str) -> None:
         for task, info in self.active.values():
+            if info.cancel_reason is not None and not self._stopping:
+                continue  # already being cancelled: a second cancel would not be absorbed
             info.cancel_reason = reason
             task.cancel()
 
@@ -201,13 +205,19 @@ class ScheduledJob:
                     else:
                         self.start_run(*self.queue.pop(0))
                     now = loop_now()
-                if self.cursor > now + CLOCK_BACK:
-                    # The wall clock stepped back: a cursor in the future would silence the
-                    # job until the clock caught up, even across restarts.
+                    continue  # a stop or reload may have come while draining
+                if self.cursor > now + CLOCK_BACK and self._clock_warned != self.cursor:
+                    # The wall clock stepped back past ticks already handled. They are on
+                    # record and must not run again, so the job waits until the clock passes
+                    # its last tick; say so once.
+                    self._clock_warned = self.cursor
                     log.warning(
-                        "clock_went_back", job=self.name, cursor=_utc(self.cursor).isoformat()
+                        "clock_went_back",
+                        job=self.name,
+                        last_tick=_utc(self.cursor).isoformat(),
+                        waits=round(self.cursor - now, 3),
+                        hint="ticks already run are not run again; check the host's clock",
                     )
-                    self.cursor = now
                 if self._reset_cursor:
                     self._reset_cursor = False
                     self.cursor = max(self.cursor, now)
@@ -242,29 +252,40 @@ class ScheduledJob:
         finally:
             self._drop_queue(SkipReason.SHUTDOWN if self._stopping else SkipReason.REMOVED)
 
-    def _due(self, trigger: Trigger, first: float, now: float) -> tuple[list[float], int, bool]:
+    def _due(
+        self, trigger: Trigger, first: float, now: float
+    ) -> tuple[list[float], int, float | None]:
         """The due ticks from ``first`` up to ``now``: the newest MAX_CATCHUP of them (oldest
-        first), how many there were in all, and whether stepping stopped short of ``now``."""
+        first) and how many there were in all. When stepping stopped short of ``now`` (a
+        long non-``every`` backlog, done in slices), also the newest tick older than the kept
+        ones: the slice ends there, and the kept ones are looked at again with the next."""
         if isinstance(trigger, Every):
             # O(1) however long the daemon was down: a month of every = "1s" is 2.6M ticks.
             interval, anchor = trigger.interval, trigger.anchor
             k0 = round((first - anchor) / interval)
             count = max(int((now - first) // interval) + 1, 1)
+            # Floor division can be one off when now sits on a tick to within rounding: settle
+            # the count on the ticks themselves, computed the way they are everywhere else.
+            while anchor + (k0 + count) * interval <= now:
+                count += 1
+            while count > 1 and anchor + (k0 + count - 1) * interval > now:
+                count -= 1
             ticks = [
                 anchor + (k0 + i) * interval for i in range(max(count - MAX_CATCHUP, 0), count)
             ]
-            while len(ticks) > 1 and ticks[-1] > now:  # float rounding at the edge
-                ticks.pop()
-                count -= 1
-            return ticks, count, False
+            return ticks, count, None
         kept: deque[float] = deque(maxlen=MAX_CATCHUP)
         tick: float | None = first
         count = 0
+        evicted: float | None = None
         while tick is not None and tick <= now and count < MAX_STEPS:
+            if len(kept) == MAX_CATCHUP:
+                evicted = kept[0]
             kept.append(tick)
             count += 1
             tick = trigger.next_after(tick)
-        return list(kept), count, tick is not None and tick <= now
+        more = tick is not None and tick <= now
+        return list(kept), count, evicted if more else None
 
     def _handle_due(self, first: float, now: float) -> bool:
         """Turn the due ticks into runs and skips per catchup/grace. True when only a slice
@@ -273,11 +294,17 @@ class ScheduledJob:
         trigger = spec.trigger
         assert trigger is not None
         cfg = spec.config
-        ticks, count, more = self._due(trigger, first, now)
+        ticks, count, slice_end = self._due(trigger, first, now)
+        if slice_end is not None:
+            # Not the newest ticks yet: skip the ones that cannot be among the newest
+            # MAX_CATCHUP, and come back for the rest (the caller yields in between).
+            self._skip_span(first, slice_end, count - len(ticks), SkipReason.MISSED)
+            self.cursor = slice_end
+            if self.rt.store is not None:
+                self.rt.store.set_tick(self.name, slice_end)
+            return True
         latest = ticks[-1]
-        if more:
-            run: list[float] = []  # not the newest yet: all of this slice is missed
-        elif cfg.catchup == "all":
+        if cfg.catchup == "all":
             run = ticks
         elif cfg.catchup == "latest" or now - latest <= cfg.grace:
             run = [latest]
@@ -312,7 +339,7 @@ class ScheduledJob:
                     self.queue.extend((t, "schedule") for t in rest)
                 else:
                     self._skip_span(rest[0], rest[-1], len(rest), refused)
-        return more
+        return False
 
     def _skip(self, ticks: list[float], reason: SkipReason) -> None:
         self._skip_span(ticks[0], ticks[-1], len(ticks), reason)
@@ -420,9 +447,8 @@ class ScheduledJob:
         except asyncio.CancelledError:
             # An inline run's task is this job's own: a cancel meant for the run alone
             # (overlap switched to "replace" by a reload) must not end the job's schedule.
-            if info.cancel_reason is not None and not self._stopping and task.uncancel() == 0:
-                return
-            raise
+            if info.cancel_reason is None or self._stopping:
+                raise
         except Exception as exc:  # execute records the job's own errors; this is our bug
             log.error(
                 "run_crashed", job=self.name, run_id=info.run_id, error=repr(exc), exc_info=exc
@@ -432,6 +458,11 @@ class ScheduledJob:
             if self._busy is not None:
                 self._busy.cancel()
                 self._busy = None
+            if not self._stopping:
+                # Whatever cancels were aimed at the run (also one the job caught and
+                # swallowed) are spent: none may linger to end this task later.
+                while task.cancelling():
+                    task.uncancel()
 
     def _rearm_busy(self) -> None:
         """After a reload touched the job during an inline run: time the next tick anew."""

@@ -140,6 +140,19 @@ class StateStore:
                 raise StateError(f"cannot create state database {self.path}: {exc2}") from exc2
         try:
             self._replay_journal()
+        except (OSError, sqlite3.Error) as exc:
+            self._db.close()
+            self._db = None
+            self.journal.close()
+            what = (
+                "the tick journal " + str(self.journal.path)
+                if isinstance(exc, OSError)
+                else f"state database {self.path}"
+            )
+            raise StateError(
+                f"cannot replay {what}: {exc} (is another program holding the database open for writing?)"
+            ) from exc
+        try:
             interrupted = self._db.execute(
                 "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
             ).rowcount

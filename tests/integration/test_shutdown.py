@@ -265,3 +265,39 @@ class TestHungOffloadedThread:
         d.signal(signal.SIGTERM)
         assert d.wait_exit(timeout=10) == 0
         assert time.monotonic() - t0 < 5
+
+
+FAILS_SLOWLY = """
+import asyncio
+
+import taskd
+
+
+async def flaky(ctx) -> None:
+    ctx.log.info("attempt", n=ctx.attempt)
+    await asyncio.sleep(0.5)
+    raise RuntimeError("still down")
+
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("flaky", flaky)]
+"""
+
+
+class TestNoRetryWhileStopping:
+    """A run that fails during the drain is not held for a retry backoff the stop cannot wait for."""
+
+    def test_stop_is_not_held_by_backoff(self, daemon_factory) -> None:
+        config = daemon_table("10s") + (
+            '[jobs.f]\ntype = "flaky"\non = "startup"\nretries = 3\nretry_backoff = "60s"\n'
+        )
+        d = daemon_factory(config, {"f.py": FAILS_SLOWLY}).start()
+        d.wait_for("attempt", job="f", timeout=3)
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(timeout=15) == 0
+        assert time.monotonic() - t0 < 4  # not the 10 s shutdown_timeout
+        (run,) = d.events("run", job="f")
+        assert run["outcome"] == "failed" and run["attempt"] == 1
+        assert d.events("cancelling_runs") == []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
+import os
 import pathlib
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypedDict
 
 import pytest
 
@@ -410,3 +412,34 @@ class TestDescribeOptions:
         assert [
             o["name"] for o in describe_options(JobType("k", takes_kwargs, kind="blocking"))
         ] == ["first"]
+
+
+class _Shape(TypedDict):
+    x: int
+
+
+def with_typeddict(shape: _Shape) -> None: ...
+
+
+def with_pathlike(where: os.PathLike[str]) -> None: ...
+
+
+def _base(count: int, label: str = "") -> None: ...
+
+
+class TestAnnotationEdges:
+    """Annotations a second review found mishandled."""
+
+    def test_typeddict_does_not_crash(self) -> None:
+        jt = JobType("t", with_typeddict, kind="blocking")
+        assert check_options(jt, {"shape": {"x": 1}}) == []
+
+    def test_pathlike_takes_a_string_and_gets_a_path(self) -> None:
+        jt = JobType("p", with_pathlike, kind="blocking")
+        assert check_options(jt, {"where": "/srv"}) == []
+        assert convert_options(jt, {"where": "/srv"}) == {"where": pathlib.Path("/srv")}
+
+    def test_partial_resolves_in_its_function_module(self) -> None:
+        jt = JobType("q", functools.partial(_base, label="x"), kind="blocking")
+        assert signature_problem(jt) is None
+        assert "expected an integer" in problems(jt, {"count": "no"})["count"][0]

@@ -947,3 +947,22 @@ class TestHookForms:
         assert not first.broken and first.job_types == ["twice"]
         assert second.broken and "already loaded" in (second.error or "")
         assert "twice" in host.job_types
+
+
+class TestStillLoading:
+    """A module still executing from a timed-out reload is not handed out half-made."""
+
+    def test_loading_module_is_refused(self, tmp_path: Path) -> None:
+        from taskd.plugin import dropin
+
+        path = tmp_path / "slow.py"
+        path.write_text("X = 1\n")
+        (file,) = dropin.scan((tmp_path,))[0]
+        half = types.ModuleType(file.module_name)
+        setattr(half, dropin.LOADING, True)
+        sys.modules[file.module_name] = half
+        try:
+            with pytest.raises(ImportError, match="still being imported by an earlier reload"):
+                dropin.load(file)
+        finally:
+            del sys.modules[file.module_name]

@@ -196,3 +196,83 @@ class TestStop:
 def _reset_structlog():
     yield
     structlog.reset_defaults()
+
+
+class TestSecondReview:
+    """Cases a second review found in the first review's fixes."""
+
+    async def test_slow_unwinding_run_under_replace_keeps_the_job(self, rt: Runtime, logs) -> None:
+        async def stubborn(ctx: Any) -> None:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.35)  # unwinding takes longer than the interval
+                raise
+
+        job = ScheduledJob(make_spec(stubborn, every=0.1), rt, cursor=None)
+        job.start()
+        await wait_until(lambda: bool(job.active))
+        job.update(
+            dataclasses.replace(
+                job.spec, config=dataclasses.replace(job.spec.config, overlap="replace")
+            )
+        )
+        await wait_until(lambda: len(runs(logs, outcome="cancelled")) >= 2, timeout=5)
+        assert job.task is not None and not job.task.done()
+        assert not [e for e in logs if e["event"] in ("scheduler_ended", "scheduler_crashed")]
+        await stop(job, rt)
+
+    async def test_cron_backlog_over_one_slice_runs_the_newest_1000(
+        self, rt: Runtime, logs
+    ) -> None:
+        seen: list[float] = []
+
+        async def record(ctx: Any) -> None:
+            seen.append(ctx.scheduled.timestamp())
+
+        now = math.floor(time.time())
+        backlog = 10_500  # more than one slice of MAX_STEPS ticks
+        job = ScheduledJob(
+            make_spec(record, schedule="cron", cron="* * * * * *", catchup="all"),
+            rt,
+            cursor=float(now - backlog),
+        )
+        job.start()
+        await wait_until(lambda: len(seen) >= MAX_CATCHUP, timeout=20)
+        skipped = sum(s["count"] for s in skips(logs, "missed") + skips(logs, "coalesced"))
+        first_run = seen[0]
+        assert (
+            skipped == first_run - (now - backlog) - 1
+        )  # every tick before the first run, counted
+        assert seen[:MAX_CATCHUP] == [first_run + i for i in range(MAX_CATCHUP)]
+        await stop(job, rt)
+
+    async def test_fired_at_job_does_not_run_again_when_the_clock_goes_back(
+        self, rt: Runtime, logs
+    ) -> None:
+        async def nothing(ctx: Any) -> None:
+            return None
+
+        at = time.time() + 100  # fired at this time, then the clock went back 100 s
+        job = ScheduledJob(make_spec(nothing, schedule="at", at=at), rt, cursor=at)
+        job.start()
+        await asyncio.sleep(0.3)
+        assert runs(logs) == []
+        assert [e["event"] for e in logs].count("clock_went_back") == 1
+        await stop(job, rt)
+
+    @pytest.mark.parametrize("interval", [0.1, 0.3, 1 / 3, 0.01])
+    def test_every_count_on_exact_ticks(self, rt: Runtime, interval: float) -> None:
+        from taskd.schedule.triggers import Every
+
+        async def nothing(ctx: Any) -> None:
+            return None
+
+        job = ScheduledJob(make_spec(nothing, every=interval), rt, cursor=None)
+        trigger = Every(interval)
+        for k, n in ((7, 0), (1234567, 5), (10**9, 999), (3, 2500)):
+            first = trigger.anchor + k * interval
+            now = trigger.anchor + (k + n) * interval  # exactly on a tick
+            ticks, count, more = job._due(trigger, first, now)
+            assert count == n + 1 and more is None
+            assert ticks[-1] <= now and len(ticks) == min(n + 1, MAX_CATCHUP)
