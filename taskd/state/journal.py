@@ -42,6 +42,7 @@ class TickJournal:
         self._fd: int | None = None
         self.errors = 0
         self._last_error_log = float("-inf")
+        self._torn = False
 
     def open(self) -> Replay:
         """Open for appending and return what an earlier process left in it."""
@@ -85,11 +86,15 @@ class TickJournal:
         if self._fd is None:
             return
         # Job names are [A-Za-z0-9_.-] (checked by the config), so no tab or newline.
-        data = line.encode()
+        # After a failed write a torn line may end the file: start on a fresh line so this
+        # entry is not glued to it (replay skips the torn one, not both).
+        data = ("\n" + line if self._torn else line).encode()
         try:
             while data:  # a short write (disk filling up) must not leave a torn line
                 data = data[os.write(self._fd, data) :]
+            self._torn = False
         except OSError as exc:
+            self._torn = True
             # The run goes on regardless: a full disk must not stop every job (nor the one
             # that would clean it up). The price: a crash now could repeat this tick.
             self.errors += 1

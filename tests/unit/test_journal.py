@@ -108,3 +108,26 @@ class TestWriteFailure:
         assert j.errors == 2
         assert [e["event"] for e in logs] == ["journal_write_failed"]  # rate-limited
         j._fd = None
+
+
+class TestTornLine:
+    """After a failed write, the next entry starts on a line of its own."""
+
+    def test_entry_after_failure_survives_replay(self, tmp_path: Path) -> None:
+        import os
+
+        path = tmp_path / "ticks.journal"
+        j = TickJournal(path)
+        j.open()
+        assert j._fd is not None
+        os.write(j._fd, b"T\tb\t4")  # what a write cut short by a full disk leaves
+        real_fd = j._fd
+        j._fd = os.open(os.devnull, os.O_RDONLY)  # every write now fails
+        j.tick("a", 1.0)
+        os.close(j._fd)
+        j._fd = real_fd  # the disk recovers
+        j.tick("a", 2.0)
+        j.close()
+        replay = TickJournal(path).open()
+        assert replay.ticks == {"a": 2.0}
+        assert replay.bad_lines == 1
