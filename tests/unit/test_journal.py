@@ -120,7 +120,7 @@ class TestTornLine:
         j = TickJournal(path)
         j.open()
         assert j._fd is not None
-        os.write(j._fd, b"T\tb\t4")  # what a write cut short by a full disk leaves
+        os.write(j._fd, b"T\tb\t4.5e")  # what a write cut short by a full disk leaves
         real_fd = j._fd
         j._fd = os.open(os.devnull, os.O_RDONLY)  # every write now fails
         j.tick("a", 1.0)
