@@ -82,14 +82,6 @@ def load(file: DropinFile) -> ModuleType:
     return exec_file(file.module_name, str(file.path), file.source)
 
 
-def load_path(module_name: str, path: str) -> ModuleType:
-    """The module already imported under ``module_name``, or the file at ``path`` imported so."""
-    existing = sys.modules.get(module_name)
-    if existing is not None:
-        return existing
-    return exec_file(module_name, path)
-
-
 def exec_file(module_name: str, path: str, source: bytes | None = None) -> ModuleType:
     """Execute a plugin file as a new module ``module_name`` (the parent's loader and the
     process-pool workers both use this, so a drop-in is the same module on both sides).

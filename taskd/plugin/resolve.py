@@ -93,12 +93,3 @@ def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[
                 job, jt, make_trigger(job), kwargs=convert_options(jt, job.options)
             )
     return specs, issues
-
-
-def resolve_or_raise(config: Config, host: PluginHost) -> Mapping[str, JobSpec]:
-    from taskd.errors import ConfigError
-
-    specs, issues = resolve(config, host)
-    if issues:
-        raise ConfigError(issues)
-    return specs

@@ -126,10 +126,6 @@ class Runtime:
                     self._procs = pool
         return self._procs
 
-    @property
-    def procs_started(self) -> ProcessPool | None:
-        return self._procs
-
     async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return await self.threads.call(func, *args, **kwargs)
 

@@ -472,11 +472,6 @@ class StateStore:
         self._job_last.clear()
         self._shared.clear()
 
-    def forget_job(self, job: str) -> None:
-        """Drop a removed job's row (its history stays)."""
-        self.flush()
-        self.db.execute("DELETE FROM jobs WHERE name=?", (job,))
-
     def close(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
