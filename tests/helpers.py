@@ -13,10 +13,40 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+DAEMON_DEFAULTS: dict[str, str] = {
+    "plugin_dirs": '["plugins.d"]',
+    "state_dir": '"state"',
+    "runtime_dir": '"run"',
+    "log_format": '"json"',
+    "log_level": '"debug"',
+    "shutdown_timeout": '"5s"',
+    "process_workers": "2",
+}
+
+
+def daemon_table(**overrides: str) -> str:
+    """The harness's [daemon] table (test paths, JSON logs); values are TOML literals."""
+    values = {**DAEMON_DEFAULTS, **overrides}
+    return "[daemon]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()) + "\n"
+
+
+def poll(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
+    """Return check()'s first truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
+        time.sleep(interval)
 
 
 def _matches(line: dict[str, Any], event: str | None, fields: dict[str, Any]) -> bool:
@@ -53,11 +83,7 @@ class DaemonProc:
         unless the text has its own."""
         text = textwrap.dedent(text)
         if "[daemon]" not in text:
-            text = (
-                '[daemon]\nplugin_dirs = ["plugins.d"]\nstate_dir = "state"\nruntime_dir = "run"\n'
-                'log_format = "json"\nlog_level = "debug"\nshutdown_timeout = "5s"\nprocess_workers = 2\n\n'
-                + text
-            )
+            text = daemon_table() + text
         self.config_path.write_text(text)
 
     def write_plugin(self, name: str, source: str) -> Path:

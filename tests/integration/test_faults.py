@@ -4,15 +4,13 @@ raising hooks, and cpu workers that die, hang or return what cannot be pickled."
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from tests.helpers import DaemonProc
+from tests.helpers import DaemonProc, poll
 
 FT = """
 import taskd
@@ -92,17 +90,6 @@ def work(mode: str = "ok", seconds: float = 0.0, pidfile: str = ""):
 def taskd_job_types():
     return [taskd.JobType("work", work, kind="cpu")]
 """
-
-
-def poll(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
-        time.sleep(interval)
 
 
 def shared(d: DaemonProc) -> dict[str, Any]:

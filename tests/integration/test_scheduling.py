@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import DaemonProc
+from tests.helpers import DaemonProc, poll
 
 SCHED = """
 import asyncio
@@ -59,18 +59,6 @@ def taskd_job_types():
 
 PLUGINS = {"sched.py": SCHED}
 EPS = 1e-6
-
-
-def poll(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
-    """Return check()'s first truthy value; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
-        time.sleep(interval)
 
 
 def on_grid(t: float, step: float) -> bool:

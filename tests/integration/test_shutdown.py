@@ -8,13 +8,11 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from tests.helpers import REPO, DaemonProc
+from tests.helpers import REPO, DaemonProc, daemon_table, poll
 
 SD = """
 import asyncio
@@ -61,28 +59,8 @@ def taskd_job_types():
 """
 
 
-def daemon_table(shutdown_timeout: str) -> str:
-    """The harness's default [daemon] table with another shutdown_timeout."""
-    return (
-        '[daemon]\nplugin_dirs = ["plugins.d"]\nstate_dir = "state"\nruntime_dir = "run"\n'
-        'log_format = "json"\nlog_level = "debug"\nprocess_workers = 2\n'
-        f'shutdown_timeout = "{shutdown_timeout}"\n\n'
-    )
-
-
 def nap_job(seconds: float) -> str:
     return f'[jobs.slow]\ntype = "nap"\non = "startup"\n[jobs.slow.options]\nseconds = {seconds}\n'
-
-
-def poll(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
-        time.sleep(interval)
 
 
 def order(d: DaemonProc, *events: str) -> list[int]:
@@ -119,7 +97,9 @@ class TestDrain:
         assert d.events("run", job="slow")[0]["outcome"] == "succeeded"
 
     def test_run_past_shutdown_timeout_is_cancelled(self, daemon_factory) -> None:
-        d = daemon_factory(daemon_table("500ms") + nap_job(10.0), {"sd.py": SD}).start()
+        d = daemon_factory(
+            daemon_table(shutdown_timeout='"500ms"') + nap_job(10.0), {"sd.py": SD}
+        ).start()
         d.wait_for("nap_start", job="slow", timeout=3)
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
@@ -146,11 +126,11 @@ class TestDrain:
 
     def test_hung_thread_does_not_hold_the_exit(self, daemon_factory, tmp_path: Path) -> None:
         marker = tmp_path / "hanging"
-        config = daemon_table("500ms") + (
+        config = daemon_table(shutdown_timeout='"500ms"') + (
             f'[jobs.hung]\ntype = "hang"\non = "startup"\n[jobs.hung.options]\nmarker = "{marker}"\n'
         )
         d = daemon_factory(config, {"sd.py": SD}).start()
-        poll(marker.exists, timeout=3)
+        poll(marker.exists, timeout=3, interval=0.02)
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
         assert d.wait_exit(timeout=15) == 0
@@ -171,7 +151,7 @@ class TestSignalsDuringStartup:
             {"slow_import.py": SLOW_IMPORT.format(marker=str(marker))},
         )
         d.start(wait=False)
-        poll(marker.exists, timeout=10)
+        poll(marker.exists, timeout=10, interval=0.02)
         assert d.events("started") == []
         return d
 
@@ -225,11 +205,11 @@ class TestCommandJob:
         pgid = d.wait_for("command started", job="sh", timeout=3)[0]["pid"]
         try:
             # The shell and both sleeps (one a grandchild, in the background) are up.
-            poll(lambda: len(group_members(pgid)) >= 2, timeout=2)
+            poll(lambda: len(group_members(pgid)) >= 2, timeout=2, interval=0.02)
             run = d.wait_for("run", job="sh", timeout=5)[0]
             assert run["outcome"] == "timed_out"
             assert run["duration"] < 0.5 + 1.0
-            poll(lambda: group_members(pgid) == [], timeout=2)
+            poll(lambda: group_members(pgid) == [], timeout=2, interval=0.02)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
@@ -289,7 +269,7 @@ class TestNoRetryWhileStopping:
     """A run that fails during the drain is not held for a retry backoff the stop cannot wait for."""
 
     def test_stop_is_not_held_by_backoff(self, daemon_factory) -> None:
-        config = daemon_table("10s") + (
+        config = daemon_table(shutdown_timeout='"10s"') + (
             '[jobs.f]\ntype = "flaky"\non = "startup"\nretries = 3\nretry_backoff = "60s"\n'
         )
         d = daemon_factory(config, {"f.py": FAILS_SLOWLY}).start()
