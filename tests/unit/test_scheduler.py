@@ -66,6 +66,25 @@ async def stop(job: ScheduledJob, rt: Runtime) -> None:
     await rt.settle()
 
 
+async def switch_to_replace_mid_run(
+    func: Callable[..., Any], rt: Runtime, logs: list[dict[str, Any]], timeout: float
+) -> None:
+    """Start a skip job, switch it to overlap = replace while a run is inline, and check the
+    job goes on (two runs cancelled by newer ones, its own task alive, no crash logged)."""
+    job = ScheduledJob(make_spec(func, every=0.1), rt, cursor=None)
+    job.start()
+    await wait_until(lambda: bool(job.active))
+    job.update(
+        dataclasses.replace(
+            job.spec, config=dataclasses.replace(job.spec.config, overlap="replace")
+        )
+    )
+    await wait_until(lambda: len(runs(logs, outcome="cancelled")) >= 2, timeout=timeout)
+    assert job.task is not None and not job.task.done()
+    assert not [e for e in logs if e["event"] in ("scheduler_ended", "scheduler_crashed")]
+    await stop(job, rt)
+
+
 class TestInlineCancel:
     """Cancelling an inline run (its task is the job's own) must not end the job."""
 
@@ -73,18 +92,7 @@ class TestInlineCancel:
         async def slow(ctx: Any) -> None:
             await asyncio.sleep(0.35)
 
-        job = ScheduledJob(make_spec(slow, every=0.1), rt, cursor=None)
-        job.start()
-        await wait_until(lambda: bool(job.active))
-        job.update(
-            dataclasses.replace(
-                job.spec, config=dataclasses.replace(job.spec.config, overlap="replace")
-            )
-        )
-        await wait_until(lambda: len(runs(logs, outcome="cancelled")) >= 2, timeout=3)
-        assert job.task is not None and not job.task.done()
-        assert not [e for e in logs if e["event"] in ("scheduler_ended", "scheduler_crashed")]
-        await stop(job, rt)
+        await switch_to_replace_mid_run(slow, rt, logs, timeout=3)
 
     async def test_job_raising_cancelled_error_is_its_failure(self, rt: Runtime, logs) -> None:
         async def leaky(ctx: Any) -> None:
@@ -209,18 +217,7 @@ class TestSecondReview:
                 await asyncio.sleep(0.35)  # unwinding takes longer than the interval
                 raise
 
-        job = ScheduledJob(make_spec(stubborn, every=0.1), rt, cursor=None)
-        job.start()
-        await wait_until(lambda: bool(job.active))
-        job.update(
-            dataclasses.replace(
-                job.spec, config=dataclasses.replace(job.spec.config, overlap="replace")
-            )
-        )
-        await wait_until(lambda: len(runs(logs, outcome="cancelled")) >= 2, timeout=5)
-        assert job.task is not None and not job.task.done()
-        assert not [e for e in logs if e["event"] in ("scheduler_ended", "scheduler_crashed")]
-        await stop(job, rt)
+        await switch_to_replace_mid_run(stubborn, rt, logs, timeout=5)
 
     async def test_cron_backlog_over_one_slice_runs_the_newest_1000(
         self, rt: Runtime, logs
