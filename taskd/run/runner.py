@@ -183,6 +183,8 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
     outcome = info.outcome or CANCELLED
     rt.stats.outcomes[(cfg.name, outcome)] += 1
     result = info.result if outcome == SUCCEEDED else None
+    # Serialised once, here, for the store, the shared state and the log line alike.
+    stored, result_json, serialisable = _to_json(result)
     if rt.store is not None:
         rt.store.run_finished(
             info.run_id,
@@ -194,10 +196,10 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
             outcome,
             info.error,
             info.trigger,
-            result,
+            result_json,
         )
-    if result is not None:
-        _record_result(rt, cfg.name, result)
+    if result_json is not None:
+        _record_result(rt, cfg.name, stored)
     fields: dict[str, Any] = {
         "job": cfg.name,
         "run_id": info.run_id,
@@ -210,10 +212,8 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
         fields["trigger"] = info.trigger
     if info.error:
         fields["error"] = info.error
-    if result is not None:
-        preview = _preview(result)
-        if preview is not None:
-            fields["result"] = preview
+    if serialisable and result_json is not None and len(result_json) <= MAX_LOGGED_RESULT:
+        fields["result"] = result  # small enough for the line; larger ones are in the store
     if outcome == SUCCEEDED:
         rt.log.info("run", **fields)
     elif outcome == CANCELLED:
@@ -242,22 +242,21 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
         )
 
 
-def _preview(result: Any) -> Any:
-    """The result itself for the log line when it is small, else None (it is in the store)."""
+def _to_json(result: Any) -> tuple[Any, str | None, bool]:
+    """(what to store, its JSON text, whether the result itself was JSON). A result that is
+    not JSON is stored as its repr."""
+    if result is None:
+        return None, None, True
     try:
-        text = json.dumps(result)
+        return result, json.dumps(result), True
     except (TypeError, ValueError):
-        return None
-    return result if len(text) <= MAX_LOGGED_RESULT else None
+        text = repr(result)
+        return text, json.dumps(text), False
 
 
 def _record_result(rt: Runtime, job: str, result: Any) -> None:
-    """A run's return value goes into shared state under the job's name, on the loop thread
-    (thread and process jobs never touch shared state themselves)."""
-    try:
-        json.dumps(result)
-    except (TypeError, ValueError):
-        result = repr(result)
+    """A run's return value (already JSON-checked) goes into shared state under the job's
+    name, on the loop thread (thread and process jobs never touch shared state themselves)."""
     if rt.shared.lock.locked():
         # An io job holds the lock across an await: record once it lets go, still on the loop.
         async def later() -> None:
@@ -266,4 +265,4 @@ def _record_result(rt: Runtime, job: str, result: Any) -> None:
 
         rt.spawn(later())
     else:
-        rt.shared.set_unlocked(job, result)
+        rt.shared.set_unlocked(job, result, checked=True)

@@ -94,13 +94,15 @@ class SharedState:
                 if view.changed:
                     self._notify(frozenset(view.changed))
 
-    def set_unlocked(self, key: str, value: Any) -> None:
+    def set_unlocked(self, key: str, value: Any, *, checked: bool = False) -> None:
         """Record one value from the loop thread without awaiting the lock.
 
         For the daemon itself (results of thread and process runs), which runs on the loop
         thread between awaits and so cannot interleave with a locked section's own step.
+        ``checked``: the caller has already serialised ``value`` to JSON.
         """
-        json.dumps(value)
+        if not checked:
+            json.dumps(value)
         self._data[key] = value
         self._notify(frozenset((key,)))
 

@@ -69,14 +69,11 @@ class JobRow:
     last_result: Any = None
 
 
-def _json_or_repr(value: Any) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = json.dumps(repr(value))
-    if len(text) > MAX_RESULT_CHARS:
-        text = json.dumps(text[:MAX_RESULT_CHARS] + "...(truncated)")
-    return text
+def _bounded(result_json: str | None) -> str | None:
+    """A stored result of at most MAX_RESULT_CHARS (the rest is cut, and says so)."""
+    if result_json is not None and len(result_json) > MAX_RESULT_CHARS:
+        return json.dumps(result_json[:MAX_RESULT_CHARS] + "...(truncated)")
+    return result_json
 
 
 class _CorruptError(sqlite3.DatabaseError):
@@ -328,7 +325,7 @@ class StateStore:
         outcome: str,
         error: str | None,
         trigger: str,
-        result: Any = None,
+        result_json: str | None = None,
     ) -> None:
         self._run_rows[run_id] = (
             run_id,
@@ -347,7 +344,7 @@ class StateStore:
             started,
             duration,
             error,
-            None if result is None else _json_or_repr(result),
+            _bounded(result_json),
         )
         self._dirty()
 
