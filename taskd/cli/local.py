@@ -1,6 +1,4 @@
-"""The ``taskd`` command. Exit codes: 0 success, 1 invalid config / failed run, 2 usage,
-3 state_dir unusable (another daemon holds it); ``taskd run`` exits 78 (EX_CONFIG) on an
-invalid config, so systemd can tell "fix the file" from a crash worth restarting."""
+"""The commands that need no running daemon: run (the daemon itself), check, plugins, next, exec."""
 
 from __future__ import annotations
 
@@ -9,46 +7,23 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from taskd._version import __version__
-from taskd.config import DEFAULT_CONFIG, load_config, suggest
+from taskd.cli.common import (
+    EX_CONFIG,
+    EXIT_FAIL,
+    EXIT_OK,
+    config_path,
+    emit,
+    no_such_job,
+    plural,
+    print_config_error,
+)
+from taskd.config import load_config
 from taskd.errors import ConfigError
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-EX_CONFIG = 78  # sysexits.h
-
-
-def _config_path(args: argparse.Namespace) -> Path:
-    return Path(args.config or os.environ.get("TASKD_CONFIG") or DEFAULT_CONFIG)
-
-
-def _print_config_error(exc: ConfigError) -> None:
-    print(
-        f"taskd: config has {len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''}:",
-        file=sys.stderr,
-    )
-    for issue in exc.issues:
-        print(f"  {issue}", file=sys.stderr)
-
-
-def _no_such_job(name: str, known: Iterable[str], path: Path) -> int:
-    hint = suggest(name, known)
-    print(f"taskd: no job {name!r} in {path}" + (f"; {hint}" if hint else ""), file=sys.stderr)
-    return EXIT_FAIL
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _emit(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
-
 
 # -- run ---------------------------------------------------------------------------------------
 
@@ -58,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from taskd.daemon import Daemon, load_all
     from taskd.loop import new_loop
 
-    path = _config_path(args)
+    path = config_path(args)
     daemon = Daemon(path)
     # First thing: a SIGHUP or SIGTERM during start-up must be queued, not kill us.
     daemon.install_early_signal_handlers()
@@ -66,13 +41,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(path)
     except ConfigError as exc:
         logsetup.configure()
-        _print_config_error(exc)
+        print_config_error(exc)
         return EX_CONFIG
     logsetup.configure(config.daemon.log_level, config.daemon.log_format)
     try:
         loaded = load_all(path)
     except ConfigError as exc:
-        _print_config_error(exc)
+        print_config_error(exc)
         return EX_CONFIG
     code = new_loop().run_until_complete(daemon.serve(loaded))
     # Everything is saved and released by now. Leave without closing the loop (asyncio would
@@ -112,14 +87,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from taskd.plugin.resolve import resolve
 
     logsetup.configure("critical", "console", sys.stderr)  # the report below says it all
-    path = _config_path(args)
+    path = config_path(args)
     try:
         config = load_config(path)
     except ConfigError as exc:
         if args.json:
-            _emit({"ok": False, "errors": [str(i) for i in exc.issues]})
+            emit({"ok": False, "errors": [str(i) for i in exc.issues]})
         else:
-            _print_config_error(exc)
+            print_config_error(exc)
         return EXIT_FAIL
     d = config.daemon
     host = PluginHost.load(d.plugin_dirs, entry_points=d.entry_points, disabled=d.disabled_plugins)
@@ -139,7 +114,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if spec.jobtype is not None:
             kinds[spec.jobtype.kind] = kinds.get(spec.jobtype.kind, 0) + 1
     if args.json:
-        _emit(
+        emit(
             {
                 "ok": not errors,
                 "errors": errors,
@@ -161,7 +136,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(
         f"taskd: {path}: OK: {len(config.jobs)} jobs ({by_kind}"
         + (f"; {disabled} disabled" if disabled else "")
-        + f"), {_plural(len(host.records), 'plugin')}, {_plural(len(host.job_types), 'job type')}"
+        + f"), {plural(len(host.records), 'plugin')}, {plural(len(host.job_types), 'job type')}"
     )
     now = time.time()
     for job in config.jobs.values():
@@ -183,7 +158,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from taskd.plugin.options import describe_options
 
     logsetup.configure("critical", "console", sys.stderr)
-    path = _config_path(args)
+    path = config_path(args)
     dirs: tuple[Path, ...] = ()
     entry_points = True
     disabled: tuple[str, ...] = ()
@@ -196,7 +171,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         if args.config or os.environ.get("TASKD_CONFIG") or path.exists():
-            _print_config_error(exc)
+            print_config_error(exc)
             return EXIT_FAIL
     dirs = dirs + tuple(Path(p).absolute() for p in args.plugin_dir)
     host = PluginHost.load(dirs, entry_points=entry_points, disabled=disabled)
@@ -224,7 +199,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        _emit(
+        emit(
             {
                 "plugins": rows,
                 "conflicts": host.conflicts,
@@ -266,13 +241,13 @@ def cmd_next(args: argparse.Namespace) -> int:
     from taskd.schedule.triggers import upcoming
 
     try:
-        config = load_config(_config_path(args))
+        config = load_config(config_path(args))
     except ConfigError as exc:
-        _print_config_error(exc)
+        print_config_error(exc)
         return EXIT_FAIL
     job = config.jobs.get(args.job)
     if job is None:
-        return _no_such_job(args.job, config.jobs, config.path)
+        return no_such_job(args.job, config.jobs, config.path)
     trigger = make_trigger(job)
     if trigger is None:
         times: list[float] = []
@@ -280,7 +255,7 @@ def cmd_next(args: argparse.Namespace) -> int:
         times = upcoming(trigger, time.time(), args.n)
     zone = ZoneInfo(job.timezone)
     if args.json:
-        _emit(
+        emit(
             {
                 "job": job.name,
                 "schedule": job.schedule_text(),
@@ -311,11 +286,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     from taskd.daemon import load_all
     from taskd.loop import run
 
-    path = _config_path(args)
+    path = config_path(args)
     try:
         config = load_config(path)
     except ConfigError as exc:
-        _print_config_error(exc)
+        print_config_error(exc)
         return EXIT_FAIL
     # Logs to stderr so stdout holds only the result.
     logsetup.configure(
@@ -326,11 +301,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     try:
         loaded = load_all(path)
     except ConfigError as exc:
-        _print_config_error(exc)
+        print_config_error(exc)
         return EXIT_FAIL
     spec = loaded.specs.get(args.job)
     if spec is None:
-        return _no_such_job(args.job, loaded.specs, path)
+        return no_such_job(args.job, loaded.specs, path)
     if spec.broken:
         print(f"taskd: job {args.job!r} is broken: {spec.broken}", file=sys.stderr)
         return EXIT_FAIL
@@ -344,7 +319,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         "result": info.result,
     }
     if args.json:
-        _emit(out)
+        emit(out)
     elif info.outcome == "succeeded":
         print(
             json.dumps(info.result, indent=2, default=repr)
@@ -381,62 +356,3 @@ async def _exec_once(loaded: Any, spec: Any, *, retries: bool) -> Any:
     finally:
         await rt.close(kill=True)
     return info
-
-
-# -- parser ------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="taskd", description="A pluggable async task-runner daemon."
-    )
-    parser.add_argument("--version", action="version", version=f"taskd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument(
-            "-c", "--config", help=f"config file (default: $TASKD_CONFIG or {DEFAULT_CONFIG})"
-        )
-        return p
-
-    add("run", "run the daemon in the foreground").set_defaults(func=cmd_run)
-    p = add("check", "validate the config and plugins; exit 1 listing every error")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_check)
-    p = add("plugins", "list plugins, where they come from, and their job types")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true", help="show options and tracebacks")
-    p.add_argument("--plugin-dir", action="append", default=[], help="also scan this folder")
-    p.set_defaults(func=cmd_plugins)
-    p = add("next", "show a job's upcoming run times (no daemon needed)")
-    p.add_argument("job")
-    p.add_argument("-n", type=int, default=10, help="how many (default 10)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_next)
-    p = add("exec", "run one job once in the foreground and print its result")
-    p.add_argument("job")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-retries", action="store_true", help="one attempt only")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=cmd_exec)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    if getattr(args, "n", 1) < 1:
-        parser.error("-n must be at least 1")
-    try:
-        code: int = args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
