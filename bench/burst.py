@@ -67,9 +67,9 @@ async def _taskd(n: int) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     from taskd import log as logsetup
     from taskd.config.model import JobConfig
+    from taskd.jobspec import JobSpec
     from taskd.plugin.jobtype import JobType
     from taskd.plugin.manager import PluginHost
-    from taskd.plugin.resolve import JobSpec
     from taskd.run.runtime import Runtime
     from taskd.schedule.job import ScheduledJob
     from taskd.schedule.triggers import At

@@ -2,55 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
-from zoneinfo import ZoneInfo
-
 from taskd.config.load import suggest
-from taskd.config.model import Config, JobConfig
+from taskd.config.model import Config
 from taskd.errors import ConfigIssue
-from taskd.plugin.jobtype import JobType
+from taskd.jobspec import JobSpec, make_trigger
 from taskd.plugin.manager import PluginHost
 from taskd.plugin.options import check_options, convert_options
-from taskd.schedule.triggers import At, Cron, Every, Trigger
-
-
-@dataclass(frozen=True, slots=True)
-class JobSpec:
-    """A job ready to schedule. ``broken`` says why it cannot run (its plugin failed)."""
-
-    config: JobConfig
-    jobtype: JobType | None
-    trigger: Trigger | None  # None for on = "startup"
-    broken: str | None = None
-    # The options as the job function receives them (converted per its annotations).
-    kwargs: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    def same_as(self, other: JobSpec) -> bool:
-        """Unchanged for a reload: same config and the very same job function."""
-        if self.config != other.config or self.broken != other.broken:
-            return False
-        if self.jobtype is None or other.jobtype is None:
-            return self.jobtype is other.jobtype
-        return self.jobtype.func is other.jobtype.func and self.jobtype.kind == other.jobtype.kind
-
-
-def make_trigger(job: JobConfig) -> Trigger | None:
-    if job.schedule == "every":
-        assert job.every is not None
-        return Every(job.every)
-    if job.schedule == "cron":
-        assert job.cron is not None
-        return Cron(job.cron, ZoneInfo(job.timezone))
-    if job.schedule == "at":
-        assert job.at is not None
-        return At(job.at)
-    return None
 
 
 def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[ConfigIssue]]:

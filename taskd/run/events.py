@@ -18,6 +18,31 @@ class EventKind(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class Cause(enum.StrEnum):
+    """Why a run exists. Stored as the history row's ``trigger`` column."""
+
+    SCHEDULE = "schedule"  # its tick came
+    CATCHUP = "catchup"  # a tick older than ``grace``, run because of ``catchup``
+    MANUAL = "manual"  # ``taskd trigger``
+    EXEC = "exec"  # ``taskd exec``, outside the daemon
+
+
+class Outcome(enum.StrEnum):
+    """How a run ended (or that it has not: RUNNING, INTERRUPTED in the history)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    RUNNING = "running"  # in the history only: started, not ended yet
+    INTERRUPTED = "interrupted"  # in the history only: the daemon died during the run
+
+    @property
+    def failed(self) -> bool:
+        """An outcome that counts as a failure (for consecutive failures and --failed)."""
+        return self in (Outcome.FAILED, Outcome.TIMED_OUT, Outcome.INTERRUPTED)
+
+
 class SkipReason(enum.StrEnum):
     """Why a tick did not become a run. Every skip carries one and is counted."""
 

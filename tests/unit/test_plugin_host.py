@@ -19,9 +19,10 @@ from structlog.testing import capture_logs
 
 import taskd
 from taskd.config import load_config
+from taskd.jobspec import JobSpec
 from taskd.plugin import dropin
 from taskd.plugin.manager import PluginHost, PluginRecord
-from taskd.plugin.resolve import JobSpec, resolve
+from taskd.plugin.resolve import resolve
 from taskd.run.events import EventKind, JobEvent
 from taskd.schedule.triggers import Cron, Every
 
