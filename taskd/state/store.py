@@ -25,9 +25,11 @@ from taskd.state.journal import TickJournal
 
 log = structlog.get_logger("taskd.state")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HISTORY_KEEP = 100_000  # rows; older runs are pruned
-MAX_RESULT_CHARS = 65_536
+MAX_RESULT_CHARS = 65_536  # a job's last result
+# Each history row keeps less: 100,000 rows of 64 KB would be 6.4 GB of disk.
+MAX_RUN_RESULT_CHARS = 8_192
 MAX_BUFFERED_RUNS = 100_000  # history rows kept in memory while the database is failing
 
 _SCHEMA = """
@@ -37,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_tick REAL,
     paused INTEGER NOT NULL DEFAULT 0,
     last_run_id TEXT, last_outcome TEXT, last_started REAL, last_duration REAL,
-    last_error TEXT, last_result TEXT
+    last_error TEXT, last_result TEXT,
+    failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS runs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,7 +52,8 @@ CREATE TABLE IF NOT EXISTS runs (
     duration REAL,
     outcome TEXT NOT NULL,
     error TEXT,
-    trigger TEXT NOT NULL DEFAULT 'schedule'
+    trigger TEXT NOT NULL DEFAULT 'schedule',
+    result TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, seq);
 CREATE TABLE IF NOT EXISTS shared (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,13 +71,24 @@ class JobRow:
     last_duration: float | None = None
     last_error: str | None = None
     last_result: Any = None
+    failures: int = 0  # consecutive failed runs up to the last one
 
 
-def _bounded(result_json: str | None) -> str | None:
-    """A stored result of at most MAX_RESULT_CHARS (the rest is cut, and says so)."""
-    if result_json is not None and len(result_json) > MAX_RESULT_CHARS:
-        return json.dumps(result_json[:MAX_RESULT_CHARS] + "...(truncated)")
+def _bounded(result_json: str | None, limit: int = MAX_RESULT_CHARS) -> str | None:
+    """A stored result of at most ``limit`` characters of JSON; a longer one is kept as a
+    JSON string holding its cut text, which says so."""
+    if result_json is not None and len(result_json) > limit:
+        return json.dumps(result_json[:limit] + "...(truncated)")
     return result_json
+
+
+# Each step takes a database of the version before it to the next one.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (
+        "ALTER TABLE runs ADD COLUMN result TEXT",
+        "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+    ),
+}
 
 
 class _CorruptError(sqlite3.DatabaseError):
@@ -223,19 +238,47 @@ class StateStore:
             check = db.execute("PRAGMA quick_check").fetchone()
             if not check or check[0] != "ok":
                 raise _CorruptError(f"integrity check failed: {check[0] if check else 'no answer'}")
-            db.executescript(_SCHEMA)
-            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            has_tables = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
+            row = (
+                db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                if has_tables
+                else None
+            )
             if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                db.executescript(_SCHEMA)
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StateError(
                     f"state database {self.path} has schema {row[0]}, newer than this taskd ({SCHEMA_VERSION}); "
                     "upgrade taskd or use another state_dir"
                 )
+            elif int(row[0]) < SCHEMA_VERSION:
+                self._migrate(db, int(row[0]))
         except BaseException:
             db.close()
             raise
         return db
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        """Bring an older database up to SCHEMA_VERSION in one transaction: a crash midway
+        leaves the old version, which the next start migrates again."""
+        db.execute("BEGIN")
+        try:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for sql in _MIGRATIONS[step]:
+                    db.execute(sql)
+            db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        log.info(
+            "state_migrated", path=str(self.path), from_schema=version, to_schema=SCHEMA_VERSION
+        )
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -246,18 +289,32 @@ class StateStore:
     # -- reads -----------------------------------------------------------------------------
 
     def jobs(self) -> dict[str, JobRow]:
+        """Every job's row, including writes still buffered for this loop iteration."""
         out: dict[str, JobRow] = {}
         for row in self.db.execute(
-            "SELECT name, last_tick, paused, last_run_id, last_outcome, last_started, last_duration, last_error, last_result FROM jobs"
+            "SELECT name, last_tick, paused, last_run_id, last_outcome, last_started, last_duration, last_error, last_result, failures FROM jobs"
         ):
             result = json.loads(row[8]) if row[8] is not None else None
             out[row[0]] = JobRow(
-                row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[7], result
+                row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[7], result, row[9]
             )
+        for name, tick in self._ticks.items():
+            out.setdefault(name, JobRow(name)).last_tick = tick
+        for name, paused in self._paused.items():
+            out.setdefault(name, JobRow(name)).paused = paused
+        for name, (
+            run_id,
+            outcome,
+            started,
+            duration,
+            error,
+            _,
+            failures,
+        ) in self._job_last.items():
+            r = out.setdefault(name, JobRow(name))
+            r.last_run_id, r.last_outcome, r.last_started = run_id, outcome, started
+            r.last_duration, r.last_error, r.failures = duration, error, failures
         return out
-
-    def paused_jobs(self) -> set[str]:
-        return {row[0] for row in self.db.execute("SELECT name FROM jobs WHERE paused != 0")}
 
     def shared(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM shared")}
@@ -311,6 +368,7 @@ class StateStore:
             "running",
             None,
             trigger,
+            None,
         )
         self._dirty()
 
@@ -326,7 +384,9 @@ class StateStore:
         error: str | None,
         trigger: str,
         result_json: str | None = None,
+        failures: int = 0,
     ) -> None:
+        """``failures``: the job's consecutive failed runs, this one included."""
         self._run_rows[run_id] = (
             run_id,
             job,
@@ -337,6 +397,7 @@ class StateStore:
             outcome,
             error,
             trigger,
+            _bounded(result_json, MAX_RUN_RESULT_CHARS),
         )
         self._job_last[job] = (
             run_id,
@@ -345,6 +406,7 @@ class StateStore:
             duration,
             error,
             _bounded(result_json),
+            failures,
         )
         self._dirty()
 
@@ -425,18 +487,19 @@ class StateStore:
                 )
             if self._run_rows:
                 db.executemany(
-                    "INSERT INTO runs (run_id, job, scheduled, started, attempts, duration, outcome, error, trigger) "
-                    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET attempts=excluded.attempts, "
-                    "duration=excluded.duration, outcome=excluded.outcome, error=excluded.error",
+                    "INSERT INTO runs (run_id, job, scheduled, started, attempts, duration, outcome, error, trigger, result) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET attempts=excluded.attempts, "
+                    "duration=excluded.duration, outcome=excluded.outcome, error=excluded.error, "
+                    "result=excluded.result",
                     self._run_rows.values(),
                 )
             if self._job_last:
                 db.executemany(
-                    "INSERT INTO jobs (name, last_run_id, last_outcome, last_started, last_duration, last_error, last_result) "
-                    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET last_run_id=excluded.last_run_id, "
+                    "INSERT INTO jobs (name, last_run_id, last_outcome, last_started, last_duration, last_error, last_result, failures) "
+                    "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET last_run_id=excluded.last_run_id, "
                     "last_outcome=excluded.last_outcome, last_started=excluded.last_started, "
                     "last_duration=excluded.last_duration, last_error=excluded.last_error, "
-                    "last_result=COALESCE(excluded.last_result, jobs.last_result)",
+                    "last_result=COALESCE(excluded.last_result, jobs.last_result), failures=excluded.failures",
                     [(job, *row) for job, row in self._job_last.items()],
                 )
             if self._shared:
