@@ -6,84 +6,57 @@ Signals that arrive while starting are queued, not lost, and acted on once start
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from taskd import log as logsetup
-from taskd.config import Config, load_config
-from taskd.errors import ConfigError, StateError
-from taskd.plugin.manager import PluginHost
-from taskd.plugin.resolve import JobSpec, resolve
+from taskd.errors import StateError
+from taskd.reload import Loaded, Reloader, ReloadResult
 from taskd.run.runtime import Runtime
-from taskd.schedule.job import ScheduledJob
+from taskd.schedule.jobset import Diff, JobSet
 from taskd.state.lock import InstanceLock
 from taskd.state.shared import SharedState
 from taskd.state.store import StateStore
 from taskd.systemd import Notifier
 
+if TYPE_CHECKING:
+    from taskd.control.server import ControlServer
+
 log = structlog.get_logger("taskd.daemon")
 
 EXIT_OK = 0
-EXIT_CONFIG = 1
 EXIT_STATE = 3
 CLOCK_CHECK = 10.0  # seconds between wall-clock step checks
 CLOCK_STEP = 0.5  # a wall-clock jump larger than this re-times every job
-RELOAD_TIMEOUT = 60.0  # seconds a reload may spend reading the config and importing plugins
 FORCE_GRACE = 6.0  # after cancelling runs, how long to let them unwind (command: 5 s kill grace)
 
 
-@dataclass(frozen=True, slots=True)
-class Loaded:
-    """A config with its plugins resolved: what a start or a reload works from."""
-
-    config: Config
-    host: PluginHost
-    specs: Mapping[str, JobSpec]
-
-
-def load_all(path: Path) -> Loaded:
-    """Read the config, load plugins, resolve jobs. Raises ConfigError with every problem."""
-    config = load_config(path)
-    d = config.daemon
-    host = PluginHost.load(d.plugin_dirs, entry_points=d.entry_points, disabled=d.disabled_plugins)
-    specs, issues = resolve(config, host)
-    for problem in host.folder_problems:
-        log.warning("plugin_folder_problem", path=str(problem.path), problem=problem.message)
-    if issues:
-        raise ConfigError(issues)
-    # The key -> line map only serves error messages, which are written by now; the daemon
-    # keeps the config for its lifetime, so drop it (a few hundred bytes per job).
-    return Loaded(dataclasses.replace(config, lines={}), host, specs)
-
-
 class Daemon:
+    """Signals, start, serve and stop. The job table is a JobSet, reloads are a Reloader and
+    the control commands live in taskd.control.commands; this class wires them together."""
+
     def __init__(self, config_path: Path, *, notifier: Notifier | None = None) -> None:
-        self.config_path = config_path
+        # Absolute once: a job that calls os.chdir must not break later reloads.
+        self.config_path = config_path.absolute()
         # Unset: a job's subprocess must not be able to speak to systemd in our name.
         self.notifier = notifier or Notifier.from_env(unset_environment=True)
-        self.jobs: dict[str, ScheduledJob] = {}
-        self.retiring: list[ScheduledJob] = []  # removed by a reload, finishing a run
         self.loaded: Loaded | None = None
         self.rt: Runtime | None = None
+        self.jobset: JobSet | None = None
+        self.reloader: Reloader | None = None
+        self.control: ControlServer | None = None
         self.store: StateStore | None = None
         self.lock: InstanceLock | None = None
         self.started_at = time.time()
-        self.last_reload: dict[str, Any] = {}
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._early: list[int] = []
         self._stopping = False
-        self._reload_pending = False
-        self._reload_task: asyncio.Task[None] | None = None
         # The pending handle of each periodic callback (watchdog ping, clock check), replaced on
         # every run, so a daemon up for months holds two handles, not millions.
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -113,6 +86,8 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             for timer in self._timers.values():
                 timer.cancel()
+            if self.control is not None:
+                await self.control.close()
             if self.store is not None:
                 try:
                     self.store.close()
@@ -140,6 +115,21 @@ class Daemon:
             self.store = None
             log.error("cannot_start", error=str(exc))
             return EXIT_STATE
+        # The control socket comes after the lock (a live socket of this state_dir's daemon
+        # can then not be ours to replace) and before READY=1 (a unit ordered after taskd may
+        # use it at once).
+        from taskd.control.commands import Commands
+        from taskd.control.server import ControlServer
+
+        control = ControlServer(
+            d.runtime_dir / "control.sock", Commands(self).handle, group=d.control_group
+        )
+        try:
+            await control.start()
+        except (StateError, OSError) as exc:
+            log.error("cannot_start", error=str(exc))
+            return EXIT_STATE
+        self.control = control
         shared = SharedState(self.store.shared())
         shared.add_listener(self.store.set_shared)
         rt = Runtime(
@@ -163,18 +153,16 @@ class Daemon:
                     hint="cpu jobs will fail until worker processes can start",
                 )
         rows = self.store.jobs()
-        for name, spec in loaded.specs.items():
-            if not spec.config.enabled:
-                continue
-            row = rows.get(name)
-            job = ScheduledJob(
-                spec, rt, cursor=row.last_tick if row else None, paused=row.paused if row else False
-            )
-            self.jobs[name] = job
-            if spec.broken:
-                log.error("job_broken", job=name, error=spec.broken)
-        for job in self.jobs.values():
-            job.start()
+        rt.stats.seed(rows)
+        self.jobset = JobSet(rt)
+        self.jobset.apply(loaded.specs, rows)
+        self.reloader = Reloader(
+            self.config_path,
+            loaded,
+            self._apply,
+            before=self.notifier.reloading,
+            after=self._reloaded,
+        )
         if d.metrics_address:
             log.warning(
                 "metrics_not_available",
@@ -192,29 +180,43 @@ class Daemon:
             "started",
             pid=os.getpid(),
             config=str(loaded.config.path),
-            jobs=len(self.jobs),
-            broken=sorted(n for n, s in loaded.specs.items() if s.broken),
-            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+            jobs=len(self.jobset.jobs),
+            broken=self.jobset.broken(),
+            loop=self.loop_name,
+            control=str(control.path),
         )
         await loaded.host.daemon_started(self._info())
         return EXIT_OK
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def loop_name(self) -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
     def _info(self) -> dict[str, Any]:
-        assert self.loaded is not None
+        assert self.loaded is not None and self.jobset is not None
         return {
             "pid": os.getpid(),
             "config": str(self.loaded.config.path),
             "state_dir": str(self.loaded.config.daemon.state_dir),
-            "jobs": sorted(self.jobs),
+            "jobs": sorted(self.jobset.jobs),
         }
 
     def _status_line(self) -> str:
-        running = sum(len(j.active) for j in self.jobs.values())
-        broken = sum(1 for j in self.jobs.values() if j.spec.broken)
-        text = f"{len(self.jobs)} jobs, {running} running"
+        assert self.jobset is not None
+        jobs = self.jobset
+        text = f"{len(jobs.jobs)} jobs, {jobs.running()} running"
+        broken = len(jobs.broken())
         if broken:
             text += f", {broken} broken"
-        if self.last_reload and not self.last_reload.get("ok"):
+        paused = len(jobs.paused())
+        if paused:
+            text += f", {paused} paused"
+        last = self.reloader.last if self.reloader is not None else None
+        if last is not None and not last.ok:
             text += "; last reload failed"
         return text
 
@@ -237,8 +239,8 @@ class Daemon:
             now_offset = time.time() - loop.time()
             if abs(now_offset - offset) > CLOCK_STEP:
                 log.warning("clock_stepped", by=round(now_offset - offset, 3))
-                for job in self.jobs.values():
-                    job.clock_changed()
+                if self.jobset is not None:
+                    self.jobset.clock_changed()
             offset = now_offset
             status = self._status_line()
             if status != last_status:
@@ -259,93 +261,24 @@ class Daemon:
                 log.info("stopping", signal=signal.Signals(sig).name)
                 return
 
-    def request_reload(self) -> None:
-        """Reload soon. A storm of requests coalesces: one reload runs, at most one waits."""
-        self._reload_pending = True
-        if self._reload_task is None or self._reload_task.done():
-            self._reload_task = asyncio.get_running_loop().create_task(
-                self._reload_loop(), name="taskd-reload"
-            )
+    def request_reload(self) -> asyncio.Future[ReloadResult]:
+        """Reload soon (SIGHUP, the control socket); the future gets the result."""
+        assert self.reloader is not None
+        return self.reloader.request()
 
-    async def _reload_loop(self) -> None:
-        while self._reload_pending and not self._stopping:
-            self._reload_pending = False
-            await self.reload()
-
-    async def reload(self) -> bool:
-        """Validate everything first; apply only a fully valid config. Returns success."""
-        assert self.loaded is not None and self.rt is not None
-        self.notifier.reloading()
-        started = time.time()
-        try:
-            # In a thread: plugin imports and file reads must not stall the loop (and its
-            # watchdog pings). Nothing live is touched until this has fully succeeded.
-            new = await _in_thread(load_all, self.config_path, timeout=RELOAD_TIMEOUT)
-            # A plugin broken since the start (say, a notifier missing a library) is known
-            # and tolerated, as at start; one that breaks now (an edit with a typo) rejects
-            # the reload, so the working version keeps running.
-            before = {r.origin for r in self.loaded.host.broken}
-            broken = [r for r in new.host.broken if r.origin not in before]
-            if broken:
-                raise _ReloadRejected(
-                    "plugins failed to load: " + "; ".join(f"{r.origin}: {r.error}" for r in broken)
-                )
-        except TimeoutError:
-            self.last_reload = {"ok": False, "at": started, "error": "timed out"}
-            log.error(
-                "reload_failed",
-                errors=[f"loading config and plugins took longer than {RELOAD_TIMEOUT:g}s"],
-                hint="a plugin's import may hang; the previous config keeps running",
-            )
-            self.notifier.ready(self._status_line())
-            return False
-        except (ConfigError, _ReloadRejected) as exc:
-            self.last_reload = {"ok": False, "at": started, "error": str(exc)}
-            issues = [str(i) for i in exc.issues] if isinstance(exc, ConfigError) else [str(exc)]
-            log.error(
-                "reload_failed",
-                errors=issues,
-                hint="the previous config keeps running; fix the file and reload again",
-            )
-            self.notifier.ready(self._status_line())
-            return False
-        except Exception as exc:
-            self.last_reload = {"ok": False, "at": started, "error": repr(exc)}
-            log.exception(
-                "reload_failed", error=repr(exc), hint="the previous config keeps running"
-            )
-            self.notifier.ready(self._status_line())
-            return False
-        try:
-            added, changed, removed = self._apply(new)
-        except Exception as exc:  # a bug while applying must not end reloads for good
-            self.last_reload = {"ok": False, "at": started, "error": repr(exc)}
-            log.exception("reload_apply_failed", error=repr(exc))
-            self.notifier.ready(self._status_line())
-            return False
-        self.last_reload = {
-            "ok": True,
-            "at": started,
-            "added": added,
-            "changed": changed,
-            "removed": removed,
-        }
-        log.info(
-            "reloaded",
-            added=added,
-            changed=changed,
-            removed=removed,
-            took=round(time.time() - started, 3),
-        )
-        new.host.config_reloaded(added, changed, removed)
-        self.notifier.ready(self._status_line())
-        return True
-
-    def _apply(self, new: Loaded) -> tuple[list[str], list[str], list[str]]:
-        assert self.loaded is not None and self.rt is not None
+    def _apply(self, new: Loaded) -> Diff:
+        """Make the running daemon match a validated config (the Reloader calls this)."""
+        assert self.loaded is not None and self.rt is not None and self.jobset is not None
+        assert self.store is not None
         old_daemon = self.loaded.config.daemon
         new_daemon = new.config.daemon
-        for key in ("state_dir", "runtime_dir", "thread_workers", "process_workers"):
+        for key in (
+            "state_dir",
+            "runtime_dir",
+            "thread_workers",
+            "process_workers",
+            "control_group",
+        ):
             if getattr(old_daemon, key) != getattr(new_daemon, key):
                 log.warning(
                     "restart_needed",
@@ -359,38 +292,14 @@ class Daemon:
             logsetup.configure(new_daemon.log_level, new_daemon.log_format)
             self.rt.refresh_log()
         self.rt.set_host(new.host)
-        wanted = {n: s for n, s in new.specs.items() if s.config.enabled}
-        added: list[str] = []
-        changed: list[str] = []
-        removed: list[str] = []
-        for name in list(self.jobs):
-            if name not in wanted:
-                gone = self.jobs.pop(name)
-                gone.remove()
-                if gone.active:
-                    self.retiring.append(gone)
-                removed.append(name)
-        assert self.store is not None
-        paused = self.store.paused_jobs()
-        for name, spec in wanted.items():
-            job = self.jobs.get(name)
-            back = next((j for j in self.retiring if j.name == name and j.active), None)
-            if job is None and back is not None:
-                self.retiring.remove(back)
-                back.revive(spec)
-                self.jobs[name] = back
-                added.append(name)
-            elif job is None:
-                job = ScheduledJob(spec, self.rt, cursor=None, paused=name in paused)
-                self.jobs[name] = job
-                job.start()
-                added.append(name)
-            elif not job.spec.same_as(spec):
-                job.update(spec)
-                changed.append(name)
-        self.retiring = [j for j in self.retiring if j.active]
-        self.loaded = Loaded(new.config, new.host, new.specs)
-        return added, changed, removed
+        diff = self.jobset.apply(new.specs, self.store.jobs())
+        self.loaded = new
+        return diff
+
+    def _reloaded(self, result: ReloadResult) -> None:
+        if result.ok and self.loaded is not None:
+            self.loaded.host.config_reloaded(result.added, result.changed, result.removed)
+        self.notifier.ready(self._status_line())
 
     # -- stop -------------------------------------------------------------------------------
 
@@ -403,26 +312,20 @@ class Daemon:
             log.info("reload_ignored", reason="the daemon is stopping")
 
     async def _shutdown(self) -> int:
-        assert self.loaded is not None and self.rt is not None
+        assert self.loaded is not None and self.rt is not None and self.jobset is not None
         self._stopping = True
         self.rt.stopping = True  # a run that fails now is not retried: there is no later
         d = self.loaded.config.daemon
         self.notifier.stopping("stopping: draining runs")
-        if self._reload_task is not None and not self._reload_task.done():
-            self._reload_task.cancel()
-        everyone = [*self.jobs.values(), *self.retiring]
-        for job in everyone:
-            job.stop()  # first: no new run may start while the stopping hooks run
-        for job in everyone:
-            # A run waiting to retry has nothing to finish: stop it now, not at the deadline.
-            for task, info in list(job.active.values()):
-                if info.in_backoff:
-                    info.cancel_reason = "daemon stopping"
-                    task.cancel()
+        if self.control is not None:
+            await self.control.close()  # first: no command may start anything now
+        if self.reloader is not None:
+            self.reloader.close()
+        jobs = self.jobset
+        runs = jobs.stop()
         # The stopping hooks run alongside the drain, not before it: their time must not come
         # out of the drain's (systemd's TimeoutStopSec covers both).
         stopping_hooks = asyncio.ensure_future(self.loaded.host.daemon_stopping(self._info()))
-        runs = [task for job in everyone for task, _ in job.active.values()]
         forced = False
         if runs:
             log.info("draining", runs=len(runs), timeout=d.shutdown_timeout)
@@ -451,13 +354,12 @@ class Daemon:
             return max(deadline - loop.time(), 0.0)
 
         if left:
-            for job in everyone:
-                job.cancel_runs("daemon stopping")
+            jobs.cancel_runs("daemon stopping")
             await self.rt.close(kill=True)
             await asyncio.wait(left, timeout=remaining())
         else:
             await self.rt.close(kill=False, timeout=remaining())
-        tasks = [j.task for j in everyone if j.task is not None and not j.task.done()]
+        tasks = jobs.tasks()
         for task in tasks:
             if task not in left:  # an inline run's task was cancelled above already
                 task.cancel()
@@ -474,38 +376,3 @@ class Daemon:
             uptime=round(time.time() - self.started_at, 3),
         )
         return EXIT_OK
-
-
-class _ReloadRejected(Exception):
-    pass
-
-
-T = TypeVar("T")
-
-
-async def _in_thread(func: Callable[..., T], /, *args: Any, timeout: float) -> T:
-    """Run ``func`` in a daemon thread of its own and await it for at most ``timeout``.
-
-    Not asyncio.to_thread: a call that never returns (a plugin import that hangs) would sit
-    in the default executor, which asyncio waits for, without limit, when the loop closes."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)  # type: ignore[arg-type]
-
-    def target() -> None:
-        try:
-            result = func(*args)
-        except BaseException as exc:  # delivered to the awaiting task, not lost in the thread
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=target, name="taskd-load", daemon=True).start()
-    return await asyncio.wait_for(fut, timeout)

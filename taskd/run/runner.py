@@ -13,20 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 from taskd.errors import JobTimeout
 from taskd.run.context import JobContext
-from taskd.run.events import EventKind, JobEvent
+from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 from taskd.run.executors import with_timeout
 
 if TYPE_CHECKING:
-    from taskd.plugin.resolve import JobSpec
+    from taskd.jobspec import JobSpec
     from taskd.run.runtime import Runtime
 
 MAX_BACKOFF = 3600.0
 MAX_LOGGED_RESULT = 300  # characters of JSON; larger results are only stored
 
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-TIMED_OUT = "timed_out"
-CANCELLED = "cancelled"
+SUCCEEDED = Outcome.SUCCEEDED
+FAILED = Outcome.FAILED
+TIMED_OUT = Outcome.TIMED_OUT
+CANCELLED = Outcome.CANCELLED
 
 
 @dataclass(slots=True)
@@ -37,9 +37,9 @@ class RunInfo:
     job: str
     scheduled: float
     started: float
-    trigger: str
+    cause: Cause
     attempt: int = 1
-    outcome: str | None = None
+    outcome: Outcome | None = None
     error: str | None = None
     result: Any = None
     cancel_reason: str | None = field(default=None)
@@ -84,7 +84,7 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
     if store is not None:
         # On record (the journal) before the job does anything: a restart after a crash
         # neither runs this tick again nor forgets that the run existed.
-        store.run_started(info.run_id, cfg.name, info.scheduled, info.started, info.trigger)
+        store.run_started(info.run_id, cfg.name, info.scheduled, info.started, info.cause)
     rt.stats.running += 1
     try:
         while True:
@@ -181,7 +181,7 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
     now = info.ended
     duration = now - info.started
     outcome = info.outcome or CANCELLED
-    rt.stats.outcomes[(cfg.name, outcome)] += 1
+    failures = rt.stats.record(cfg.name, info.run_id, outcome, info.started, duration, info.error)
     result = info.result if outcome == SUCCEEDED else None
     # Serialised once, here, for the store, the shared state and the log line alike.
     stored, result_json, serialisable = _to_json(result)
@@ -195,8 +195,9 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
             duration,
             outcome,
             info.error,
-            info.trigger,
+            info.cause,
             result_json,
+            failures,
         )
     if result_json is not None:
         _record_result(rt, cfg.name, stored)
@@ -204,12 +205,12 @@ def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
         "job": cfg.name,
         "run_id": info.run_id,
         "attempt": info.attempt,
-        "outcome": outcome,
+        "outcome": str(outcome),
         "duration": round(duration, 6),
         "late": round(info.started - info.scheduled, 6),
     }
-    if info.trigger != "schedule":
-        fields["trigger"] = info.trigger
+    if info.cause is not Cause.SCHEDULE:
+        fields["cause"] = str(info.cause)
     if info.error:
         fields["error"] = info.error
     if serialisable and result_json is not None and len(result_json) <= MAX_LOGGED_RESULT:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from taskd.run.events import EventKind, JobEvent
+from taskd.run.events import EventKind, JobEvent, Outcome
 from taskd.run.executors import ThreadRunner
 
 if TYPE_CHECKING:
@@ -19,20 +20,71 @@ if TYPE_CHECKING:
     from taskd.plugin.manager import PluginHost
     from taskd.run.procpool import ProcessPool
     from taskd.state.shared import SharedState
-    from taskd.state.store import StateStore
+    from taskd.state.store import JobRow, StateStore
 
 T = TypeVar("T")
 
 
-class Stats:
-    """Counters a later /metrics endpoint and ``taskd status`` read."""
+@dataclass(frozen=True, slots=True)
+class LastRun:
+    """A job's latest ended run, as ``taskd jobs`` shows it."""
 
-    __slots__ = ("outcomes", "running", "skips")
+    run_id: str
+    outcome: Outcome
+    started: float
+    duration: float | None
+    error: str | None
+
+
+class Stats:
+    """Counters and each job's latest run, which ``taskd status`` (and later /metrics) read."""
+
+    __slots__ = ("failures", "last", "outcomes", "running", "skips")
 
     def __init__(self) -> None:
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.skips: Counter[tuple[str, str]] = Counter()
         self.running = 0
+        self.last: dict[str, LastRun] = {}
+        self.failures: dict[str, int] = {}  # consecutive failed runs, per job that has any
+
+    def seed(self, rows: Mapping[str, JobRow]) -> None:
+        """The latest runs as stored by the previous daemon (not counted again)."""
+        for name, row in rows.items():
+            if row.last_run_id is not None and row.last_outcome is not None:
+                self.last[name] = LastRun(
+                    row.last_run_id,
+                    Outcome(row.last_outcome),
+                    row.last_started or 0.0,
+                    row.last_duration,
+                    row.last_error,
+                )
+            if row.failures:
+                self.failures[name] = row.failures
+
+    def record(
+        self,
+        job: str,
+        run_id: str,
+        outcome: Outcome,
+        started: float,
+        duration: float | None,
+        error: str | None,
+    ) -> int:
+        """Count an ended run; returns the job's consecutive failures, this run included.
+        A cancelled run neither breaks nor extends a streak."""
+        self.outcomes[(job, outcome)] += 1
+        self.last[job] = LastRun(run_id, outcome, started, duration, error)
+        failures = self.failures.get(job, 0)
+        if outcome.failed:
+            failures += 1
+        elif outcome is Outcome.SUCCEEDED:
+            failures = 0
+        if failures:
+            self.failures[job] = failures
+        else:
+            self.failures.pop(job, None)
+        return failures
 
 
 class Runtime:

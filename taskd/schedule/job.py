@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from taskd.run.events import EventKind, JobEvent, SkipReason
+from taskd.run.events import Cause, EventKind, JobEvent, SkipReason
 from taskd.run.runner import RunInfo, execute
 from taskd.schedule.triggers import Every, Trigger
 
 if TYPE_CHECKING:
-    from taskd.plugin.resolve import JobSpec
+    from taskd.jobspec import JobSpec
     from taskd.run.runtime import Runtime
+
 
 log = structlog.get_logger("taskd.schedule")
 
@@ -43,6 +44,31 @@ QUEUE_LIMIT = 100  # overlap = "queue": ticks waiting behind a running run
 TIMER_SLACK = 0.001
 
 
+class ManualRun:
+    """What a manual trigger waits on: ``started`` and ``ended`` are resolved with the run's
+    RunInfo, or both with the SkipReason when it never runs (refused, or dropped from the
+    queue)."""
+
+    __slots__ = ("ended", "started")
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[RunInfo | SkipReason] = loop.create_future()
+        self.ended: asyncio.Future[RunInfo | SkipReason] = loop.create_future()
+
+    def begin(self, info: RunInfo | SkipReason) -> None:
+        if not self.started.done():
+            self.started.set_result(info)
+
+    def end(self, value: RunInfo | SkipReason) -> None:
+        for fut in (self.started, self.ended):
+            if not fut.done():
+                fut.set_result(value)
+
+
+Waiter = ManualRun
+
+
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
@@ -52,6 +78,7 @@ class ScheduledJob:
         "_busy",
         "_clock_warned",
         "_reset_cursor",
+        "_resumed",
         "_stopping",
         "_wake",
         "_wake_timer",
@@ -77,9 +104,9 @@ class ScheduledJob:
         # Runs in flight: run id -> (the task running it, its info). An inline run's task is
         # this job's own task.
         self.active: dict[str, tuple[asyncio.Task[Any], RunInfo]] = {}
-        # (tick, trigger) waiting to run; a list, not a deque: it is nearly always empty, and
-        # an empty deque costs 760 bytes per job where a list costs 56.
-        self.queue: list[tuple[float, str]] = []
+        # (tick, cause, waiter) waiting to run; a list, not a deque: it is nearly always
+        # empty, and an empty deque costs 760 bytes per job where a list costs 56.
+        self.queue: list[tuple[float, Cause, Waiter | None]] = []
         self._busy: asyncio.TimerHandle | None = None
         self._clock_warned: float | None = None
         self.task: asyncio.Task[None] | None = None
@@ -88,6 +115,9 @@ class ScheduledJob:
         self._wake: asyncio.Future[bool] | None = None
         self._wake_timer: asyncio.TimerHandle | None = None
         self._reset_cursor = False
+        # Resumed with ticks still due from the pause: those that do not run are skipped as
+        # "paused", not "missed" or "coalesced".
+        self._resumed = False
 
     @property
     def name(self) -> str:
@@ -148,9 +178,28 @@ class ScheduledJob:
         self._poke()
 
     def set_paused(self, paused: bool) -> None:
+        """Pause or resume (persisted). While paused no tick is handled and the cursor stays
+        put; on resume the ticks that came meanwhile are a backlog that ``catchup`` decides
+        on, as after downtime, and those that do not run are skipped as ``paused``."""
+        if paused == self.paused:
+            return
         self.paused = paused
         if self.rt.store is not None:
             self.rt.store.set_paused(self.name, paused)
+        if not paused:
+            self._resumed = True
+            self._rearm_busy()
+        self._poke()
+
+    def trigger_now(self, waiter: Waiter | None = None) -> SkipReason | None:
+        """A manual run now (``taskd trigger``), under the job's overlap policy. Returns the
+        reason when it was refused; ``waiter`` is resolved when the run ends (its RunInfo)
+        or its tick is skipped (the reason). The cursor does not move: no tick is used up."""
+        now = time.time()
+        reason = self._fire(now, now, Cause.MANUAL, waiter)
+        if reason is None:
+            self._poke()  # an inline run is started by the job's own task
+        return reason
 
     def clock_changed(self) -> None:
         """The wall clock stepped: recompute the sleep."""
@@ -221,6 +270,12 @@ class ScheduledJob:
                 if self._reset_cursor:
                     self._reset_cursor = False
                     self.cursor = max(self.cursor, now)
+                if self.paused:
+                    # Nothing is handled and the cursor stays: see set_paused.
+                    self.next_fire = None
+                    await self._sleep(None)
+                    now = loop_now()
+                    continue
                 spec = self.spec
                 trigger = spec.trigger
                 tick = None if trigger is None else trigger.next_after(self.cursor)
@@ -232,6 +287,7 @@ class ScheduledJob:
                     now = loop_now()
                     continue
                 if tick > now:
+                    self._resumed = False  # nothing left from the pause
                     jitter = spec.config.jitter
                     target = tick + (random.uniform(0, jitter) if jitter else 0.0)
                     self.next_fire = target
@@ -298,11 +354,17 @@ class ScheduledJob:
         if slice_end is not None:
             # Not the newest ticks yet: skip the ones that cannot be among the newest
             # MAX_CATCHUP, and come back for the rest (the caller yields in between).
-            self._skip_span(first, slice_end, count - len(ticks), SkipReason.MISSED)
+            self._skip_span(
+                first,
+                slice_end,
+                count - len(ticks),
+                SkipReason.PAUSED if self._resumed else SkipReason.MISSED,
+            )
             self.cursor = slice_end
             if self.rt.store is not None:
                 self.rt.store.set_tick(self.name, slice_end)
             return True
+        resumed, self._resumed = self._resumed, False
         latest = ticks[-1]
         if cfg.catchup == "all":
             run = ticks
@@ -323,20 +385,28 @@ class ScheduledJob:
                     if len(kept_skipped) > len(coalesced)
                     else first
                 )
-                self._skip_span(first, last_missed, missed, SkipReason.MISSED)
+                self._skip_span(
+                    first, last_missed, missed, SkipReason.PAUSED if resumed else SkipReason.MISSED
+                )
             if coalesced:
-                self._skip_span(coalesced[0], coalesced[-1], len(coalesced), SkipReason.COALESCED)
+                self._skip_span(
+                    coalesced[0],
+                    coalesced[-1],
+                    len(coalesced),
+                    SkipReason.PAUSED if resumed else SkipReason.COALESCED,
+                )
         self.cursor = latest
         if self.rt.store is not None:
             self.rt.store.set_tick(self.name, latest)
         if run:
-            refused = self._fire(run[0], now)
+            grace = cfg.grace
+            refused = self._fire(run[0], now, _cause(run[0], now, grace))
             rest = run[1:]
             if rest:
                 # Catch-up ticks run one after another, oldest first, whatever ``overlap``
                 # says: they are a backlog, not ticks that collided with a slow run.
                 if refused is None:
-                    self.queue.extend((t, "schedule") for t in rest)
+                    self.queue.extend((t, _cause(t, now, grace), None) for t in rest)
                 else:
                     self._skip_span(rest[0], rest[-1], len(rest), refused)
         return False
@@ -385,7 +455,9 @@ class ScheduledJob:
 
     # -- starting runs -------------------------------------------------------------------
 
-    def _fire(self, tick: float, now: float, trigger: str = "schedule") -> SkipReason | None:
+    def _fire(
+        self, tick: float, now: float, cause: Cause = Cause.SCHEDULE, waiter: Waiter | None = None
+    ) -> SkipReason | None:
         """Start (or queue) a run for ``tick``; the reason if it was skipped instead."""
         spec = self.spec
         reason: SkipReason | None = None
@@ -395,7 +467,7 @@ class ScheduledJob:
             reason = SkipReason.REMOVED
         elif spec.broken is not None:
             reason = SkipReason.BROKEN
-        elif self.paused and trigger == "schedule":
+        elif self.paused and cause is not Cause.MANUAL:
             reason = SkipReason.PAUSED
         elif self.active or self.queue:
             overlap = spec.config.overlap
@@ -405,20 +477,25 @@ class ScheduledJob:
                 if len(self.queue) >= QUEUE_LIMIT:
                     reason = SkipReason.QUEUE_FULL
                 else:
-                    self.queue.append((tick, trigger))
+                    self.queue.append((tick, cause, waiter))
                     return None
             elif overlap == "replace":
                 self._drop_queue(SkipReason.REPLACED)
                 self.cancel_runs("replaced by a newer run")
         if reason is not None:
-            self._skip([tick], reason)
+            if cause is Cause.MANUAL:
+                # A refused manual run is no tick of the schedule: the caller reports it.
+                log.info("trigger_refused", job=self.name, reason=str(reason))
+            else:
+                self._skip([tick], reason)
+            _settle(waiter, reason)
             return reason
         if self._inline:
             # Run it in this job's own task (see _drain): no task to create, no loop
             # iteration lost before the job starts.
-            self.queue.append((tick, trigger))
+            self.queue.append((tick, cause, waiter))
         else:
-            self.start_run(tick, trigger)
+            self.start_run(tick, cause, waiter)
         return None
 
     @property
@@ -432,12 +509,14 @@ class ScheduledJob:
         while (
             self.queue and self._inline and not self.active and not (self._stopping or self.removed)
         ):
-            tick, trigger = self.queue.pop(0)
-            await self._run_inline(tick, trigger)
+            tick, cause, waiter = self.queue.pop(0)
+            await self._run_inline(tick, cause, waiter)
 
-    async def _run_inline(self, tick: float, trigger: str) -> None:
+    async def _run_inline(self, tick: float, cause: Cause, waiter: Waiter | None) -> None:
         rt = self.rt
-        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), trigger)
+        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
+        if waiter is not None:
+            waiter.begin(info)
         task = asyncio.current_task()
         assert task is not None
         self.active[info.run_id] = (task, info)
@@ -455,6 +534,7 @@ class ScheduledJob:
             )
         finally:
             self.active.pop(info.run_id, None)
+            _settle(waiter, info)
             if self._busy is not None:
                 self._busy.cancel()
                 self._busy = None
@@ -488,8 +568,8 @@ class ScheduledJob:
 
     def _on_busy_tick(self) -> None:
         self._busy = None
-        if not self.active or self._stopping or self.removed:
-            return
+        if not self.active or self._stopping or self.removed or self.paused:
+            return  # paused: resuming re-arms
         try:
             trigger = self.spec.trigger
             if trigger is None or self.cursor is None:
@@ -505,18 +585,24 @@ class ScheduledJob:
         except Exception:
             log.exception("scheduler_crashed", job=self.name)
 
-    def start_run(self, tick: float, trigger: str = "schedule") -> RunInfo:
+    def start_run(
+        self, tick: float, cause: Cause = Cause.SCHEDULE, waiter: Waiter | None = None
+    ) -> RunInfo:
         rt = self.rt
-        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), trigger)
+        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
         task = asyncio.get_running_loop().create_task(
             execute(rt, self.spec, info), name=f"taskd-run:{self.name}:{info.run_id}"
         )
         self.active[info.run_id] = (task, info)
-        task.add_done_callback(functools.partial(self._run_done, info.run_id))
+        if waiter is not None:
+            waiter.begin(info)
+        task.add_done_callback(functools.partial(self._run_done, info, waiter))
         return info
 
-    def _run_done(self, run_id: str, task: asyncio.Task[RunInfo]) -> None:
+    def _run_done(self, info: RunInfo, waiter: Waiter | None, task: asyncio.Task[RunInfo]) -> None:
+        run_id = info.run_id
         self.active.pop(run_id, None)
+        _settle(waiter, info)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("run_crashed", job=self.name, run_id=run_id, error=repr(exc), exc_info=exc)
@@ -532,9 +618,22 @@ class ScheduledJob:
 
     def _drop_queue(self, reason: SkipReason) -> None:
         if self.queue:
-            ticks = [tick for tick, _ in self.queue]
-            self.queue.clear()
-            self._skip(ticks, reason)
+            queue, self.queue = self.queue, []
+            ticks = [tick for tick, cause, _ in queue if cause is not Cause.MANUAL]
+            if ticks:
+                self._skip(ticks, reason)
+            for _, _, waiter in queue:
+                _settle(waiter, reason)
+
+
+def _cause(tick: float, now: float, grace: float) -> Cause:
+    """A tick run later than ``grace`` runs because of ``catchup``; others on schedule."""
+    return Cause.CATCHUP if now - tick > grace else Cause.SCHEDULE
+
+
+def _settle(waiter: Waiter | None, value: RunInfo | SkipReason) -> None:
+    if waiter is not None:
+        waiter.end(value)
 
 
 def _resolve(fut: asyncio.Future[bool]) -> None:

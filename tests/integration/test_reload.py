@@ -232,18 +232,39 @@ class TestReloadRejected:
         assert d.events("reloaded") == []
         assert d.proc is not None and d.proc.poll() is None
 
-    @pytest.mark.parametrize("which", ["new_file", "changed_file"])
-    def test_broken_plugin_on_reload_is_rejected(self, daemon_factory, which: str) -> None:
+    def test_plugin_broken_by_an_edit_is_rejected(self, daemon_factory) -> None:
+        """An edit that breaks a plugin that jobs use keeps the working version running."""
         d = daemon_factory(TICK, {"rel.py": REL}).start()
         d.wait_for("run", job="tick", timeout=3)
-        name = "boom.py" if which == "new_file" else "rel.py"
-        d.write_plugin(name, BOOM)
+        d.write_plugin("rel.py", BOOM)
         line = reload(d)
         assert line["event"] == "reload_failed"
         errors = "\n".join(line["errors"])
-        assert name in errors and "boom at import" in errors, errors
+        assert "rel.py" in errors and "boom at import" in errors, errors
+        assert "needed by tick" in errors, errors
         more_runs(d, "tick", 3)
         assert d.events("reloaded") == []
+
+    def test_new_broken_file_no_job_uses_is_a_warning(self, daemon_factory) -> None:
+        """A half-written new plugin file that no job needs does not hold up a reload."""
+        d = daemon_factory(TICK, {"rel.py": REL}).start()
+        d.wait_for("run", job="tick", timeout=3)
+        d.write_plugin("boom.py", BOOM)
+        line = reload(d, TICK + '\n[jobs.tock]\ntype = "echo"\nevery = "200ms"\n')
+        assert line["event"] == "reloaded" and line["added"] == ["tock"], line
+        warning = d.wait_for("reload_warning", timeout=2)[0]["warning"]
+        assert "boom.py" in warning and "no job uses it" in warning, warning
+        more_runs(d, "tock", 2)
+
+    def test_new_broken_file_a_new_job_needs_is_rejected(self, daemon_factory) -> None:
+        d = daemon_factory(TICK, {"rel.py": REL}).start()
+        d.wait_for("run", job="tick", timeout=3)
+        d.write_plugin("boom.py", BOOM)
+        line = reload(d, TICK + '\n[jobs.new]\ntype = "boomer"\nevery = "1s"\n')
+        assert line["event"] == "reload_failed", line
+        errors = "\n".join(line["errors"])
+        assert "boom.py" in errors and "needed by new" in errors, errors
+        more_runs(d, "tick", 2)
 
     def test_plugin_broken_since_start_does_not_block_reloads(self, daemon_factory) -> None:
         # A notifier missing a library at start is tolerated then, and still is on reload;

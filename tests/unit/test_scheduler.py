@@ -14,12 +14,10 @@ import structlog
 from structlog.testing import capture_logs
 
 from taskd.config.model import JobConfig
+from taskd.jobspec import JobSpec, make_trigger
 from taskd.plugin.jobtype import JobType
-from taskd.plugin.manager import PluginHost
-from taskd.plugin.resolve import JobSpec, make_trigger
 from taskd.run.runtime import Runtime
 from taskd.schedule.job import MAX_CATCHUP, ScheduledJob
-from taskd.state.shared import SharedState
 
 
 def make_spec(func: Callable[..., Any], **cfg: Any) -> JobSpec:
@@ -28,13 +26,6 @@ def make_spec(func: Callable[..., Any], **cfg: Any) -> JobSpec:
         cfg.setdefault("every", 0.1)
     config = JobConfig(name=cfg.pop("name", "j"), type="t", schedule=schedule, **cfg)
     return JobSpec(config, JobType("t", func), make_trigger(config))
-
-
-@pytest.fixture
-def rt() -> Runtime:
-    return Runtime(
-        shared=SharedState(), store=None, host=PluginHost(), thread_workers=2, process_workers=1
-    )
 
 
 @pytest.fixture

@@ -1,0 +1,253 @@
+"""Loading a config and its plugins, the rules that reject a reload, and the reload cycle.
+
+Start, SIGHUP and the control socket's ``reload`` all come here: start loads with
+:func:`load_all`; a reload goes through :class:`Reloader`, which coalesces requests, loads in
+a thread, applies the rejection rules (:func:`rejection`) and hands a valid result to the
+daemon's ``apply``. Every reload ends in one :class:`ReloadResult`."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from taskd.config import Config, load_config
+from taskd.errors import ConfigError
+from taskd.jobspec import JobSpec
+from taskd.plugin.manager import PluginHost
+from taskd.plugin.resolve import resolve
+from taskd.schedule.jobset import Diff
+
+log = structlog.get_logger("taskd.daemon")
+
+RELOAD_TIMEOUT = 60.0  # seconds a reload may spend reading the config and importing plugins
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A config with its plugins resolved: what a start or a reload works from."""
+
+    config: Config
+    host: PluginHost
+    specs: Mapping[str, JobSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """How one reload ended. ``errors`` is empty exactly when ``ok``."""
+
+    ok: bool
+    at: float  # when it started (epoch seconds)
+    took: float = 0.0
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_all(path: Path) -> Loaded:
+    """Read the config, load plugins, resolve jobs. Raises ConfigError with every problem."""
+    config = load_config(path)
+    d = config.daemon
+    host = PluginHost.load(d.plugin_dirs, entry_points=d.entry_points, disabled=d.disabled_plugins)
+    specs, issues = resolve(config, host)
+    for problem in host.folder_problems:
+        log.warning("plugin_folder_problem", path=str(problem.path), problem=problem.message)
+    if issues:
+        raise ConfigError(issues)
+    # The key -> line map only serves error messages, which are written by now; the daemon
+    # keeps the config for its lifetime, so drop it (a few hundred bytes per job).
+    return Loaded(dataclasses.replace(config, lines={}), host, specs)
+
+
+def rejection(new: Loaded, old: Loaded) -> tuple[list[str], list[str]]:
+    """The rules for plugins on reload: (errors that reject it, warnings).
+
+    A plugin broken since before (say, a notifier missing a library at start) is known and
+    tolerated, as at start. One that breaks now rejects the reload when a job needs it, so the
+    working version keeps running: an edit with a typo in a plugin that jobs use. A newly
+    broken file that no job needs (a half-written new plugin) is a warning."""
+    before = {r.origin for r in old.host.broken}
+    fresh = [r for r in new.host.broken if r.origin not in before]
+    if not fresh:
+        return [], []
+    texts = [f"{r.origin}: {r.error}" for r in fresh]
+    needed = sorted(
+        name
+        for name, spec in new.specs.items()
+        if spec.broken and spec.config.enabled and not _was_broken(old, name)
+    )
+    if needed:
+        return [f"plugins failed to load: {'; '.join(texts)} (needed by {', '.join(needed)})"], []
+    return [], [f"plugin failed to load, and no job uses it: {t}" for t in texts]
+
+
+def _was_broken(old: Loaded, name: str) -> bool:
+    spec = old.specs.get(name)
+    return spec is not None and spec.broken is not None and spec.config.enabled
+
+
+class Reloader:
+    """Runs reloads one at a time. A storm of requests coalesces: one reload runs, at most
+    one more waits, and every request is answered by the first reload that started after it
+    (so a `taskd reload` right after editing the file never gets an older reload's answer).
+
+    ``apply`` makes the daemon match a valid result and returns what changed."""
+
+    def __init__(
+        self,
+        path: Path,
+        loaded: Loaded,
+        apply: Callable[[Loaded], Diff],
+        *,
+        before: Callable[[], None] = lambda: None,
+        after: Callable[[ReloadResult], None] = lambda r: None,
+    ) -> None:
+        self.path = path
+        self.loaded = loaded
+        self._apply = apply
+        self._before = before
+        self._after = after
+        self.last: ReloadResult | None = None
+        self._waiting: list[asyncio.Future[ReloadResult]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def request(self) -> asyncio.Future[ReloadResult]:
+        """Reload soon; the future gets the result of the reload that serves this request."""
+        fut: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
+        if self.closed:
+            fut.set_exception(RuntimeError("the daemon is stopping"))
+            return fut
+        self._waiting.append(fut)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="taskd-reload")
+        return fut
+
+    def close(self) -> None:
+        """No more reloads (the daemon is stopping): cancel one in progress, fail waiters."""
+        self.closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        waiting, self._waiting = self._waiting, []
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(RuntimeError("the daemon is stopping"))
+
+    async def _loop(self) -> None:
+        while self._waiting and not self.closed:
+            waiting, self._waiting = self._waiting, []
+            result = await self.reload()
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def reload(self) -> ReloadResult:
+        """Validate everything first; apply only a fully valid config."""
+        self._before()
+        started = time.time()
+        result = await self._load_and_apply(started)
+        self.last = result
+        if result.ok:
+            log.info(
+                "reloaded",
+                added=list(result.added),
+                changed=list(result.changed),
+                removed=list(result.removed),
+                took=result.took,
+            )
+        self._after(result)
+        return result
+
+    async def _load_and_apply(self, started: float) -> ReloadResult:
+        def failed(errors: list[str], hint: str) -> ReloadResult:
+            log.error("reload_failed", errors=errors, hint=hint)
+            return ReloadResult(
+                False, started, round(time.time() - started, 3), errors=tuple(errors)
+            )
+
+        try:
+            # In a thread: plugin imports and file reads must not stall the loop (and its
+            # watchdog pings). Nothing live is touched until this has fully succeeded.
+            new = await _in_thread(load_all, self.path, timeout=RELOAD_TIMEOUT)
+        except TimeoutError:
+            return failed(
+                [f"loading config and plugins took longer than {RELOAD_TIMEOUT:g}s"],
+                "a plugin's import may hang; the previous config keeps running",
+            )
+        except ConfigError as exc:
+            return failed(
+                [str(i) for i in exc.issues],
+                "the previous config keeps running; fix the file and reload again",
+            )
+        except Exception as exc:
+            log.exception(
+                "reload_failed", error=repr(exc), hint="the previous config keeps running"
+            )
+            return ReloadResult(False, started, errors=(repr(exc),))
+        errors, warnings = rejection(new, self.loaded)
+        if errors:
+            return failed(
+                errors, "the previous config keeps running; fix the plugin and reload again"
+            )
+        for text in warnings:
+            log.warning("reload_warning", warning=text)
+        try:
+            diff = self._apply(new)
+        except Exception as exc:  # a bug while applying must not end reloads for good
+            log.exception("reload_apply_failed", error=repr(exc))
+            return ReloadResult(
+                False, started, errors=(f"applying the new config failed: {exc!r}",)
+            )
+        self.loaded = new
+        return ReloadResult(
+            True,
+            started,
+            round(time.time() - started, 3),
+            diff.added,
+            diff.changed,
+            diff.removed,
+            warnings=tuple(warnings),
+        )
+
+
+T = TypeVar("T")
+
+
+async def _in_thread(func: Callable[..., T], /, *args: Any, timeout: float) -> T:
+    """Run ``func`` in a daemon thread of its own and await it for at most ``timeout``.
+
+    Not asyncio.to_thread: a call that never returns (a plugin import that hangs) would sit
+    in the default executor, which asyncio waits for, without limit, when the loop closes."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = func(*args)
+        except BaseException as exc:  # delivered to the awaiting task, not lost in the thread
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name="taskd-load", daemon=True).start()
+    return await asyncio.wait_for(fut, timeout)

@@ -1,0 +1,243 @@
+"""JobSet: the one table of scheduled jobs, and the only way it changes.
+
+Start and reload both go through :meth:`JobSet.apply` (start applies the first config to an
+empty set), so a job's stored cursor, its pause flag and the report of a broken job behave the
+same either way. The control commands (status, trigger, pause, resume) and the drain at stop
+read and act on the jobs through it too."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from taskd.run.events import SkipReason
+from taskd.schedule.job import ScheduledJob, Waiter
+
+if TYPE_CHECKING:
+    from taskd.jobspec import JobSpec
+    from taskd.run.runtime import Runtime
+    from taskd.state.store import JobRow
+
+log = structlog.get_logger("taskd.schedule")
+
+
+@dataclass(frozen=True, slots=True)
+class Diff:
+    """What one :meth:`JobSet.apply` changed, by job name (sorted)."""
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    broken: tuple[str, ...] = field(default=(), compare=False)  # added or changed, and broken
+
+
+class NoSuchJob(LookupError):
+    """A control command named a job that is not scheduled."""
+
+
+class JobSet:
+    __slots__ = ("jobs", "retiring", "rt")
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.jobs: dict[str, ScheduledJob] = {}
+        self.retiring: list[ScheduledJob] = []  # removed by a reload, finishing a run
+
+    # -- applying a config ---------------------------------------------------------------------
+
+    def apply(self, specs: Mapping[str, JobSpec], rows: Mapping[str, JobRow]) -> Diff:
+        """Make the table match ``specs`` (disabled jobs are left out). ``rows`` are the stored
+        job rows: a job new to the table starts from its stored cursor and pause flag, so a
+        job removed and added back by a reload is treated as after a restart."""
+        wanted = {n: s for n, s in specs.items() if s.config.enabled}
+        added: list[str] = []
+        changed: list[str] = []
+        removed: list[str] = []
+        for name in list(self.jobs):
+            if name not in wanted:
+                gone = self.jobs.pop(name)
+                gone.remove()
+                if gone.active:
+                    self.retiring.append(gone)
+                removed.append(name)
+        for name, spec in wanted.items():
+            job = self.jobs.get(name)
+            back = next((j for j in self.retiring if j.name == name and j.active), None)
+            if job is None and back is not None:
+                # Removed while its run was still going: this object takes the job again, so
+                # the overlap policy still sees that run.
+                self.retiring.remove(back)
+                back.revive(spec)
+                self.jobs[name] = back
+                added.append(name)
+            elif job is None:
+                row = rows.get(name)
+                job = ScheduledJob(
+                    spec,
+                    self.rt,
+                    cursor=row.last_tick if row else None,
+                    paused=row.paused if row else False,
+                )
+                self.jobs[name] = job
+                job.start()
+                added.append(name)
+            elif not job.spec.same_as(spec):
+                job.update(spec)
+                changed.append(name)
+        self.retiring = [j for j in self.retiring if j.active]
+        broken = []
+        for name in (*added, *changed):
+            error = wanted[name].broken
+            if error:
+                broken.append(name)
+                log.error("job_broken", job=name, error=error)
+        return Diff(
+            tuple(sorted(added)), tuple(sorted(changed)), tuple(sorted(removed)), tuple(broken)
+        )
+
+    # -- control -------------------------------------------------------------------------------
+
+    def get(self, name: str) -> ScheduledJob:
+        job = self.jobs.get(name)
+        if job is None:
+            raise NoSuchJob(name)
+        return job
+
+    def trigger(self, name: str, waiter: Waiter | None = None) -> SkipReason | None:
+        """Run ``name`` now under its overlap policy; the reason when refused. ``waiter``
+        learns when the run starts and ends."""
+        return self.get(name).trigger_now(waiter)
+
+    def set_paused(self, name: str, paused: bool) -> bool:
+        """Pause or resume ``name``; False when it already was."""
+        job = self.get(name)
+        if job.paused == paused:
+            return False
+        job.set_paused(paused)
+        log.info("paused" if paused else "resumed", job=name)
+        return True
+
+    def clock_changed(self) -> None:
+        for job in self.jobs.values():
+            job.clock_changed()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def everyone(self) -> list[ScheduledJob]:
+        return [*self.jobs.values(), *self.retiring]
+
+    def running(self) -> int:
+        return sum(len(j.active) for j in self.everyone())
+
+    def broken(self) -> list[str]:
+        return sorted(n for n, j in self.jobs.items() if j.spec.broken)
+
+    def paused(self) -> list[str]:
+        return sorted(n for n, j in self.jobs.items() if j.paused)
+
+    def status(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One JSON-able row per job, scheduled ones by name, then the retiring ones."""
+        now = time.time() if now is None else now
+        rows = [self._row(j, now, retiring=False) for _, j in sorted(self.jobs.items())]
+        rows += [self._row(j, now, retiring=True) for j in self.retiring if j.active]
+        return rows
+
+    def _row(self, job: ScheduledJob, now: float, *, retiring: bool) -> dict[str, Any]:
+        spec = job.spec
+        cfg = spec.config
+        stats = self.rt.stats
+        runs = [
+            {
+                "run_id": info.run_id,
+                "cause": str(info.cause),
+                "started": info.started,
+                "scheduled": info.scheduled,
+                "attempt": info.attempt,
+                "for": round(now - info.started, 3),
+                "in_backoff": info.in_backoff,
+            }
+            for _, info in job.active.values()
+        ]
+        if retiring:
+            state = "retiring"
+        elif spec.broken:
+            state = "broken"
+        elif runs:
+            state = "running"
+        elif job.paused:
+            state = "paused"
+        else:
+            state = "idle"
+        last = stats.last.get(job.name)
+        return {
+            "name": job.name,
+            "type": cfg.type,
+            "kind": spec.jobtype.kind if spec.jobtype is not None else None,
+            "schedule": cfg.schedule_text(),
+            "state": state,
+            "paused": job.paused,
+            "broken": spec.broken,
+            "overlap": cfg.overlap,
+            "running": runs,
+            "queued": len(job.queue),
+            "next": None if retiring else _next_run(job, now),
+            "last": None
+            if last is None
+            else {
+                "run_id": last.run_id,
+                "outcome": str(last.outcome),
+                "started": last.started,
+                "duration": last.duration,
+                "error": last.error,
+            },
+            "failures": stats.failures.get(job.name, 0),
+        }
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def stop(self) -> list[asyncio.Task[Any]]:
+        """Stop scheduling everywhere; cancel runs that only wait to retry. Returns the run
+        tasks the drain waits for."""
+        everyone = self.everyone()
+        for job in everyone:
+            job.stop()  # first: no new run may start while the stopping hooks run
+        for job in everyone:
+            # A run waiting to retry has nothing to finish: stop it now, not at the deadline.
+            for task, info in list(job.active.values()):
+                if info.in_backoff:
+                    info.cancel_reason = "daemon stopping"
+                    task.cancel()
+        return [task for job in everyone for task, _ in job.active.values()]
+
+    def cancel_runs(self, reason: str) -> None:
+        for job in self.everyone():
+            job.cancel_runs(reason)
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The job tasks still going."""
+        return [j.task for j in self.everyone() if j.task is not None and not j.task.done()]
+
+
+def _next_run(job: ScheduledJob, now: float) -> float | None:
+    """When the job runs next on its schedule: None when paused, broken or never again."""
+    if job.paused or job.spec.broken or job.spec.trigger is None:
+        return None
+    if job.next_fire is not None and job.next_fire > now:
+        return job.next_fire  # the time the job's task sleeps until, jitter included
+    tick = job.spec.trigger.next_after(max(job.cursor or now, now))
+    return tick
+
+
+SKIP_TEXT: dict[str, str] = {
+    SkipReason.OVERLAP: 'a run is already going and overlap = "skip"',
+    SkipReason.QUEUE_FULL: 'too many runs already wait and overlap = "queue"',
+    SkipReason.BROKEN: "the job is broken (its plugin failed to load)",
+    SkipReason.SHUTDOWN: "the daemon is stopping",
+    SkipReason.REMOVED: "the job was removed by a reload",
+    SkipReason.REPLACED: 'a newer run replaced it (overlap = "replace")',
+}
