@@ -6,6 +6,7 @@ the job function is checked against the loaded plugins by :mod:`taskd.plugin.res
 from __future__ import annotations
 
 import difflib
+import grp
 import re
 import stat
 import tomllib
@@ -43,6 +44,7 @@ DAEMON_KEYS = (
     "shutdown_timeout",
     "timezone",
     "metrics_address",
+    "control_group",
     "entry_points",
     "disabled_plugins",
 )
@@ -321,6 +323,19 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
             raise ValueError(f'expected "host:port" such as "127.0.0.1:9464", got {text!r}')
         return text
 
+    def group(value: Any) -> str:
+        text = _string(value)
+        if not text:
+            raise ValueError("empty group name; create the group or remove control_group")
+        try:
+            grp.getgrnam(text)
+        except KeyError:
+            # Checked at load time so `taskd check` catches it, not the first socket bind.
+            raise ValueError(
+                f"no group {text!r} on this host; create the group or remove control_group"
+            ) from None
+        return text
+
     p = "daemon"
     return DaemonConfig(
         plugin_dirs=c.take(table, "plugin_dirs", p, paths, d.plugin_dirs),
@@ -333,6 +348,7 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
         shutdown_timeout=c.take(table, "shutdown_timeout", p, parse_duration, d.shutdown_timeout),
         timezone=c.take(table, "timezone", p, zone, d.timezone),
         metrics_address=c.take(table, "metrics_address", p, address, d.metrics_address),
+        control_group=c.take(table, "control_group", p, group, d.control_group),
         entry_points=c.take(table, "entry_points", p, _bool, d.entry_points),
         disabled_plugins=c.take(table, "disabled_plugins", p, names, d.disabled_plugins),
     )

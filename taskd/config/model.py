@@ -31,6 +31,7 @@ class DaemonConfig:
     shutdown_timeout: float = 30.0
     timezone: str = "UTC"
     metrics_address: str | None = None
+    control_group: str | None = None  # members may use the control socket (mode 0660)
     entry_points: bool = True  # load installed plugins (entry point group "taskd")
     disabled_plugins: tuple[str, ...] = ()  # entry point names or drop-in file stems to skip
 

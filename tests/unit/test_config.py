@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import grp
 import os
 import random
 import textwrap
@@ -567,6 +568,13 @@ DAEMON_TYPES = [
     ("metrics_address", '"127.0.0.1:99999"', 'expected "host:port"'),
     ("metrics_address", '"localhost:http"', 'expected "host:port"'),
     ("disabled_plugins", '"x"', "expected an array of strings, got a string"),
+    ("control_group", "0", "expected a string, got an integer"),
+    ("control_group", '""', "empty group name; create the group or remove control_group"),
+    (
+        "control_group",
+        '"no-such-group-taskd"',
+        "no group 'no-such-group-taskd' on this host; create the group or remove control_group",
+    ),
     ("disabled_plugins", "[true]", "expected a string, got a boolean"),
 ]
 
@@ -595,6 +603,20 @@ class TestDaemonTable:
     def test_good_metrics_addresses(self, write: Write, address: str) -> None:
         cfg = load_config(write(f'[daemon]\nmetrics_address = "{address}"\n'))
         assert cfg.daemon.metrics_address == address
+
+    def test_control_group_that_exists(self, write: Write) -> None:
+        name = grp.getgrgid(os.getgid()).gr_name  # "root" when run as root
+        cfg = load_config(write(f'[daemon]\ncontrol_group = "{name}"\n'))
+        assert cfg.daemon.control_group == name
+
+    def test_control_group_defaults_to_none(self, write: Write) -> None:
+        assert load_config(write("[daemon]\n")).daemon.control_group is None
+
+    def test_unknown_control_group_names_file_line_and_key(self, write: Write) -> None:
+        path = write('[daemon]\nstate_dir = "s"\ncontrol_group = "no-such-group-taskd"\n')
+        text = str(issue_at(path, "daemon.control_group"))
+        assert text.startswith(f"{path}:3: daemon.control_group: no group 'no-such-group-taskd'")
+        assert "create the group or remove control_group" in text
 
 
 JOB_TYPES = [
