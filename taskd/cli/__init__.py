@@ -6,10 +6,12 @@ invalid config, so systemd can tell "fix the file" from a crash worth restarting
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from taskd._version import __version__
+from taskd.cli import history
 from taskd.cli.common import EXIT_USAGE
 from taskd.cli.local import cmd_check, cmd_exec, cmd_next, cmd_plugins, cmd_run
 from taskd.config import DEFAULT_CONFIG
@@ -51,7 +53,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-retries", action="store_true", help="one attempt only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_exec)
+    p = add("history", "show past runs from the state database (no daemon needed)")
+    history.add_arguments(p)
+    p.set_defaults(func=history.cmd_history)
+
+    def remote(
+        name: str, help: str, *, job: bool = False, json: bool = True
+    ) -> argparse.ArgumentParser:
+        p = add(name, help)
+        if job:
+            p.add_argument("job")
+        if json:
+            p.add_argument("--json", action="store_true", help="print the reply as JSON")
+        p.add_argument(
+            "--socket",
+            help="the daemon's control socket (default: $TASKD_SOCKET or runtime_dir/control.sock of the config)",
+        )
+        p.set_defaults(func=_lazy("taskd.cli.remote", f"cmd_{name}"))
+        return p
+
+    remote("status", "the daemon and its jobs at a glance (exit 3 if no daemon runs)")
+    p = remote("jobs", "each job: state, next and last run, outcome, consecutive failures")
+    p.add_argument("job", nargs="?", help="only this job")
+    p = remote("trigger", "run a job now, under its overlap policy", job=True)
+    p.add_argument("--wait", action="store_true", help="wait for the run; exit 1 if it failed")
+    remote("pause", "stop running a job on schedule (persists across restarts)", job=True)
+    remote("resume", "run a paused job on schedule again; missed ticks follow catchup", job=True)
+    remote("reload", "reload the config and plugins; exit 1 with the errors if invalid")
     return parser
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command imported when it runs: `taskd run` must not pay for the others' imports."""
+
+    def call(args: argparse.Namespace) -> int:
+        func: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        return func(args)
+
+    return call
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,8 +30,9 @@ from taskd.errors import ConfigError
 
 def cmd_run(args: argparse.Namespace) -> int:
     from taskd import log as logsetup
-    from taskd.daemon import Daemon, load_all
+    from taskd.daemon import Daemon
     from taskd.loop import new_loop
+    from taskd.reload import load_all
 
     path = config_path(args)
     daemon = Daemon(path)
@@ -237,7 +238,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_next(args: argparse.Namespace) -> int:
-    from taskd.plugin.resolve import make_trigger
+    from taskd.jobspec import make_trigger
     from taskd.schedule.triggers import upcoming
 
     try:
@@ -283,8 +284,8 @@ def cmd_next(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     from taskd import log as logsetup
-    from taskd.daemon import load_all
     from taskd.loop import run
+    from taskd.reload import load_all
 
     path = config_path(args)
     try:
@@ -334,6 +335,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 async def _exec_once(loaded: Any, spec: Any, *, retries: bool) -> Any:
     import dataclasses
 
+    from taskd.run.events import Cause
     from taskd.run.runner import RunInfo, execute
     from taskd.run.runtime import Runtime
     from taskd.state.shared import SharedState
@@ -350,7 +352,7 @@ async def _exec_once(loaded: Any, spec: Any, *, retries: bool) -> Any:
         process_workers=min(d.process_workers or 1, 2),
     )
     now = time.time()
-    info = RunInfo(rt.new_run_id(), spec.name, now, now, "exec")
+    info = RunInfo(rt.new_run_id(), spec.name, now, now, Cause.EXEC)
     try:
         await execute(rt, spec, info)
     finally:
