@@ -186,7 +186,14 @@ class ScheduledJob:
         self.paused = paused
         if self.rt.store is not None:
             self.rt.store.set_paused(self.name, paused)
-        if not paused:
+        if paused:
+            # Scheduled ticks queued behind a running run (overlap = "queue", a catch-up
+            # backlog) do not run either; manual runs already asked for still do.
+            manual = [entry for entry in self.queue if entry[1] is Cause.MANUAL]
+            self.queue = [entry for entry in self.queue if entry[1] is not Cause.MANUAL]
+            self._drop_queue(SkipReason.PAUSED)
+            self.queue = manual
+        else:
             self._resumed = True
             self._rearm_busy()
         self._poke()

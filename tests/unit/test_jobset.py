@@ -229,3 +229,25 @@ class TestPause:
         row = jobs.status()[0]
         assert row["last"]["outcome"] == "succeeded" and row["failures"] == 0
         await close(jobs, rt)
+
+    async def test_pause_drops_ticks_queued_behind_a_run(self, rt: Runtime, logs) -> None:
+        """Queued scheduled ticks do not run once paused (skipped: paused); a queued manual
+        run still does."""
+        jobs = JobSet(rt)
+        jobs.apply({"a": make_spec(slow(0.4), name="a", every=0.1, overlap="queue")}, {})
+        job = jobs.jobs["a"]
+        await wait_until(lambda: len(job.queue) >= 2)
+        manual = ManualRun()
+        jobs.trigger("a", manual)
+        queued_ticks = len(job.queue) - 1
+        jobs.set_paused("a", True)
+        assert [cause for _, cause, _ in job.queue] == [Cause.MANUAL]
+        assert sum(e["count"] for e in skips(logs, "paused")) == queued_ticks
+        info = await asyncio.wait_for(manual.ended, 3)
+        assert isinstance(info, RunInfo) and info.outcome is Outcome.SUCCEEDED
+        await rt.settle()
+        ran = len(runs(logs, job="a"))
+        await asyncio.sleep(0.5)
+        await rt.settle()
+        assert len(runs(logs, job="a")) == ran  # nothing more while paused
+        await close(jobs, rt)
