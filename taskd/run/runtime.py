@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per run, and a frozen init costs 4x
 class LastRun:
     """A job's latest ended run, as ``taskd jobs`` shows it."""
 
