@@ -124,7 +124,9 @@ class Commands:
 
     async def cmd_trigger(self, args: dict[str, Any]) -> Any:
         name = self._job_name(args)
-        wait = bool(args.get("wait", False))
+        wait = args.get("wait", False)
+        if not isinstance(wait, bool):
+            raise ControlError(ErrorCode.BAD_REQUEST, "args.wait: true or false")
         jobs = self.jobs
         manual = ManualRun()
         try:

@@ -139,13 +139,14 @@ def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
     try:
         obj = _loads(line)
     except ValueError as exc:
-        raise ControlError(ErrorCode.BAD_REQUEST, f"the request is {exc}") from None
+        raise ControlError(ErrorCode.BAD_REQUEST, f"bad request line: {exc}") from None
     if not isinstance(obj, dict):
         raise ControlError(ErrorCode.BAD_REQUEST, f"a request is a JSON object, got {_type(obj)}")
     _check_version(obj, "the request", "this daemon")
     cmd = obj.get("cmd")
     if not isinstance(cmd, str) or not cmd:
-        problem = "is missing" if cmd is None else f"must be a non-empty string, got {_type(cmd)}"
+        got = "an empty string" if cmd == "" else _type(cmd)
+        problem = "is missing" if cmd is None else f"must be a non-empty string, got {got}"
         raise ControlError(ErrorCode.BAD_REQUEST, f'the request\'s "cmd" {problem}')
     args = obj.get("args", {})
     if not isinstance(args, dict):

@@ -307,7 +307,8 @@ class ControlServer:
                 _write_and_close(
                     writer,
                     encode_error(
-                        ErrorCode.STOPPING, "taskd is stopping; the request was not finished"
+                        ErrorCode.STOPPING, "taskd is stopping; the request was not finished (a run it started goes on "
+                        "until the drain ends: see taskd history)"
                     ),
                 )
             raise
