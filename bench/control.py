@@ -126,9 +126,7 @@ def main() -> None:
     )
     for jobs, ping, status, jobs_cmd, size, quiet, loaded in rows:
         q = f"{statistics.median(quiet) * 1000:.2f} / {max(quiet) * 1000:.2f}" if quiet else "-"
-        ld = (
-            f"{statistics.median(loaded) * 1000:.2f} / {max(loaded) * 1000:.2f}" if loaded else "-"
-        )
+        ld = f"{statistics.median(loaded) * 1000:.2f} / {max(loaded) * 1000:.2f}" if loaded else "-"
         print(
             f"{jobs:>6}  {_fmt(ping):>22}  {_fmt(status):>22}  {_fmt(jobs_cmd):>22}  "
             f"{size / 1024:>9.0f}  {q:>24}  {ld:>32}"

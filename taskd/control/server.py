@@ -307,8 +307,9 @@ class ControlServer:
                 _write_and_close(
                     writer,
                     encode_error(
-                        ErrorCode.STOPPING, "taskd is stopping; the request was not finished (a run it started goes on "
-                        "until the drain ends: see taskd history)"
+                        ErrorCode.STOPPING,
+                        "taskd is stopping; the request was not finished (a run it started goes on "
+                        "until the drain ends: see taskd history)",
                     ),
                 )
             raise
