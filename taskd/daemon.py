@@ -317,8 +317,10 @@ class Daemon:
         self.rt.stopping = True  # a run that fails now is not retried: there is no later
         d = self.loaded.config.daemon
         self.notifier.stopping("stopping: draining runs")
-        if self.control is not None:
-            await self.control.close()  # first: no command may start anything now
+        # The control socket stays open through the drain: status shows what is draining and
+        # a `trigger --wait` learns its run's outcome; every command that would start or
+        # change something is refused from now on (see control/commands.py). It closes in
+        # serve()'s finally, before the store.
         if self.reloader is not None:
             self.reloader.close()
         jobs = self.jobset

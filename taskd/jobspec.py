@@ -32,7 +32,9 @@ class JobSpec:
 
     def same_as(self, other: JobSpec) -> bool:
         """Unchanged for a reload: same config and the very same job function."""
-        if self.config != other.config or self.broken != other.broken:
+        # Broken or not, not why: a broken job's reason names every plugin that failed, and
+        # one more failing plugin does not change the job.
+        if self.config != other.config or (self.broken is None) != (other.broken is None):
             return False
         if self.jobtype is None or other.jobtype is None:
             return self.jobtype is other.jobtype

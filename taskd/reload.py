@@ -72,25 +72,26 @@ def load_all(path: Path) -> Loaded:
 
 
 def rejection(new: Loaded, old: Loaded) -> tuple[list[str], list[str]]:
-    """The rules for plugins on reload: (errors that reject it, warnings).
+    """The rules for broken plugins on reload: (errors that reject it, warnings).
 
-    A plugin broken since before (say, a notifier missing a library at start) is known and
-    tolerated, as at start. One that breaks now rejects the reload when a job needs it, so the
-    working version keeps running: an edit with a typo in a plugin that jobs use. A newly
-    broken file that no job needs (a half-written new plugin) is a warning."""
-    before = {r.origin for r in old.host.broken}
-    fresh = [r for r in new.host.broken if r.origin not in before]
-    if not fresh:
-        return [], []
-    texts = [f"{r.origin}: {r.error}" for r in fresh]
-    needed = sorted(
+    A reload that would leave a job broken that is not broken now (a new job whose plugin
+    fails to load, an edit with a typo in a plugin that jobs use) is rejected, so the working
+    version keeps running; at start such jobs are tolerated (the rest must run), on reload the
+    operator can still fix the file. A job broken since before stays tolerated. A newly
+    broken plugin file that no job needs (a half-written new plugin) is a warning."""
+    newly = sorted(
         name
         for name, spec in new.specs.items()
         if spec.broken and spec.config.enabled and not _was_broken(old, name)
     )
-    if needed:
-        return [f"plugins failed to load: {'; '.join(texts)} (needed by {', '.join(needed)})"], []
-    return [], [f"plugin failed to load, and no job uses it: {t}" for t in texts]
+    if newly:
+        return [f"jobs.{name} would be broken: {new.specs[name].broken}" for name in newly], []
+    before = {r.origin for r in old.host.broken}
+    return [], [
+        f"plugin failed to load, and no job uses it: {r.origin}: {r.error}"
+        for r in new.host.broken
+        if r.origin not in before
+    ]
 
 
 def _was_broken(old: Loaded, name: str) -> bool:
@@ -120,7 +121,8 @@ class Reloader:
         self._before = before
         self._after = after
         self.last: ReloadResult | None = None
-        self._waiting: list[asyncio.Future[ReloadResult]] = []
+        self._waiting: list[asyncio.Future[ReloadResult]] = []  # asked, not yet begun
+        self._serving: list[asyncio.Future[ReloadResult]] = []  # the reload going now answers
         self._task: asyncio.Task[None] | None = None
         self.closed = False
 
@@ -128,7 +130,7 @@ class Reloader:
         """Reload soon; the future gets the result of the reload that serves this request."""
         fut: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
         if self.closed:
-            fut.set_exception(RuntimeError("the daemon is stopping"))
+            fut.set_result(ReloadResult(False, time.time(), errors=("the daemon is stopping",)))
             return fut
         self._waiting.append(fut)
         if self._task is None or self._task.done():
@@ -136,19 +138,22 @@ class Reloader:
         return fut
 
     def close(self) -> None:
-        """No more reloads (the daemon is stopping): cancel one in progress, fail waiters."""
+        """No more reloads (the daemon is stopping): cancel one in progress; whoever waits
+        gets a failed result saying why."""
         self.closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting, self._serving = [*self._serving, *self._waiting], [], []
+        stopped = ReloadResult(False, time.time(), errors=("the daemon is stopping",))
         for fut in waiting:
             if not fut.done():
-                fut.set_exception(RuntimeError("the daemon is stopping"))
+                fut.set_result(stopped)
 
     async def _loop(self) -> None:
         while self._waiting and not self.closed:
-            waiting, self._waiting = self._waiting, []
+            self._serving, self._waiting = self._waiting, []
             result = await self.reload()
+            waiting, self._serving = self._serving, []
             for fut in waiting:
                 if not fut.done():
                     fut.set_result(result)

@@ -19,10 +19,8 @@ from typing import Any
 __all__ = [
     "NONE",
     "duration",
-    "json_result",
     "json_value",
     "local_time",
-    "local_time_zone_name",
     "one_line",
     "relative",
     "table",
@@ -97,12 +95,6 @@ def local_time(ts: float | None) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
     except (OverflowError, OSError, ValueError):  # beyond what the C library can represent
         return f"@{ts:.0f}"
-
-
-def local_time_zone_name(ts: float | None = None) -> str:
-    """The local zone's abbreviation at ``ts`` (default: now), such as ``CET`` or ``CEST``;
-    for a header or footnote saying which zone :func:`local_time` used."""
-    return time.strftime("%Z", time.localtime(ts))
 
 
 _UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
@@ -187,19 +179,6 @@ def one_line(text: str | None, width: int) -> str:
         out.append(ch)
         used += w
     return "".join(out).rstrip() + ELLIPSIS
-
-
-def json_result(text: str | None, width: int) -> str:
-    """A job's result as stored (JSON text) abbreviated for a table cell of ``width``; see
-    :func:`json_value`. Text that is not valid JSON is shown as text; None (no result) as an
-    empty string."""
-    if text is None:
-        return ""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return one_line(text, width)
-    return json_value(value, width)
 
 
 # How a container is shortened when its compact JSON is too wide, gentlest first: the longest

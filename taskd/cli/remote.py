@@ -41,6 +41,8 @@ def _call(
     try:
         return EXIT_OK, request(socket_path(args), cmd, payload, timeout=timeout)
     except NoDaemon as exc:
+        if getattr(args, "json", False):
+            emit({"ok": False, "error": {"code": "no_daemon", "message": str(exc)}})
         print(f"taskd: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON, None
     except ControlError as exc:

@@ -6,6 +6,7 @@ JSON-able dicts; a refusal raises ControlError with a message that says what to 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -50,8 +51,16 @@ class Commands:
     def jobs(self) -> JobSet:
         jobs = self.daemon.jobset
         if jobs is None:  # the socket opens before the jobs are scheduled
-            raise ControlError(ErrorCode.BUSY, "the daemon is still starting; try again")
+            raise ControlError(ErrorCode.BUSY, "taskd is still starting; try again in a moment")
         return jobs
+
+    def _not_stopping(self) -> None:
+        """Refuse what would start or change something once the stop has begun (the socket
+        stays open through the drain for status and for `trigger --wait` replies)."""
+        if self.daemon.stopping:
+            raise ControlError(
+                ErrorCode.STOPPING, "taskd is stopping: it starts and changes nothing now"
+            )
 
     def _job_name(self, args: dict[str, Any]) -> str:
         name = args.get("job")
@@ -128,24 +137,23 @@ class Commands:
         if not isinstance(wait, bool):
             raise ControlError(ErrorCode.BAD_REQUEST, "args.wait: true or false")
         jobs = self.jobs
+        self._not_stopping()
         manual = ManualRun()
         try:
-            job = jobs.get(name)
+            reason = jobs.trigger(name, manual)
         except NoSuchJob:
             raise self._no_such_job(name) from None
-        # Under overlap = "queue" a run in flight makes this one wait its turn.
-        queued = bool(job.active or job.queue) and job.spec.config.overlap == "queue"
-        reason = jobs.trigger(name, manual)
         if reason is not None:
             raise _refused(name, reason)
-        if queued and not wait:
+        if manual.queued and not wait:
             return {"job": name, "state": "queued"}
-        started = await manual.started
+        # Shielded: a client that goes away cancels this handler, never the run's futures.
+        started = await asyncio.shield(manual.started)
         if isinstance(started, SkipReason):
             raise _refused(name, started)
         if not wait:
             return {"job": name, "state": "started", "run_id": started.run_id}
-        ended = await manual.ended
+        ended = await asyncio.shield(manual.ended)
         if isinstance(ended, SkipReason):
             raise _refused(name, ended)
         return _run_reply(ended)
@@ -157,6 +165,7 @@ class Commands:
         return self._set_paused(self._job_name(args), False)
 
     def _set_paused(self, name: str, paused: bool) -> Any:
+        self._not_stopping()
         try:
             changed = self.jobs.set_paused(name, paused)
         except NoSuchJob:
@@ -164,12 +173,10 @@ class Commands:
         return {"job": name, "paused": paused, "changed": changed}
 
     async def cmd_reload(self, args: dict[str, Any]) -> Any:
-        if self.daemon.reloader is None or self.daemon.stopping:
-            raise ControlError(ErrorCode.BUSY, "the daemon is stopping; nothing to reload")
-        try:
-            result = await self.daemon.request_reload()
-        except RuntimeError as exc:  # the stop began while waiting
-            raise ControlError(ErrorCode.BUSY, str(exc)) from None
+        self._not_stopping()
+        if self.daemon.reloader is None:
+            raise ControlError(ErrorCode.BUSY, "taskd is still starting; try again in a moment")
+        result = await self.daemon.request_reload()
         return result.as_dict()
 
 

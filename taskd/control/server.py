@@ -37,6 +37,9 @@ Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 # sun_path is 108 bytes with the terminating NUL; the kernel refuses longer paths.
 MAX_SOCKET_PATH = 107
 BACKLOG = 128
+# While a request is being handled (a `trigger --wait`, a reload), how often to look whether
+# its client has gone: a gone client's request is dropped, and its slot freed.
+GONE_CHECK = 1.0
 
 
 class ControlSocketError(StateError):
@@ -79,6 +82,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs: one per connection
+        self._gone: set[asyncio.Task[None]] = set()  # connections cancelled: client went away
         self._closing = False
 
     @property
@@ -296,11 +300,23 @@ class ControlServer:
                 if line is None:
                     return
                 handling = True
-                reply = await self._dispatch(line, pid, uid)
+                stop_watching = self._watch_for_hangup(reader)
+                try:
+                    reply = await self._dispatch(line, pid, uid)
+                finally:
+                    stop_watching()
                 handling = False
                 if not await self._send(writer, reply):
                     return
         except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me in self._gone:
+                # The client hung up while its request was handled: nobody to answer.
+                self._gone.discard(me)
+                if me is not None:
+                    me.uncancel()
+                log.info("control_client_gone", pid=pid, uid=uid)
+                return
             # close(): a running handler is cancelled with us; tell its client why the request
             # ends unanswered. No await: we are being cancelled.
             if handling:
@@ -317,6 +333,30 @@ class ControlServer:
             log.exception("control_connection_failed", pid=pid, uid=uid)
         finally:
             writer.close()
+
+    def _watch_for_hangup(self, reader: asyncio.StreamReader) -> Callable[[], None]:
+        """While a request is handled, cancel the connection if its client hangs up (EOF with
+        nothing left unread), so a Ctrl-C'd `trigger --wait` does not hold a slot until its
+        run ends. Returns the function that stops watching."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        handle: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal handle
+            if reader.at_eof() and task is not None:
+                self._gone.add(task)
+                task.cancel()
+            else:
+                handle = loop.call_later(GONE_CHECK, check)
+
+        handle = loop.call_later(GONE_CHECK, check)
+
+        def stop() -> None:
+            if handle is not None:
+                handle.cancel()
+
+        return stop
 
     async def _read_line(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -55,6 +55,7 @@ class SkipReason(enum.StrEnum):
     REMOVED = "removed"  # queued behind a running run when a reload removed the job
     QUEUE_FULL = "queue_full"  # overlap = "queue" and too many ticks already wait
     REPLACED = "replaced"  # queued behind a run that overlap = "replace" cancelled
+    CRASHED = "crashed"  # the job's scheduling task ended by a bug (logged); restart taskd
 
 
 @dataclass(frozen=True, slots=True)

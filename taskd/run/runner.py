@@ -172,6 +172,15 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
     return info
 
 
+def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
+    """Record a run whose task was cancelled before it took its first step (so ``execute``
+    never ran): it ends as cancelled, with a log line and a history row like any other."""
+    info.outcome = CANCELLED
+    info.error = info.cancel_reason or "cancelled"
+    info.ended = time.time()
+    rt.defer(_finish, rt, spec, info)
+
+
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from taskd.run.events import Cause, EventKind, JobEvent, SkipReason
-from taskd.run.runner import RunInfo, execute
+from taskd.run.runner import RunInfo, cancelled_before_start, execute
 from taskd.schedule.triggers import Every, Trigger
 
 if TYPE_CHECKING:
@@ -49,10 +49,11 @@ class ManualRun:
     RunInfo, or both with the SkipReason when it never runs (refused, or dropped from the
     queue)."""
 
-    __slots__ = ("ended", "started")
+    __slots__ = ("ended", "queued", "started")
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
+        self.queued = False  # waits behind a run in flight (overlap = "queue")
         self.started: asyncio.Future[RunInfo | SkipReason] = loop.create_future()
         self.ended: asyncio.Future[RunInfo | SkipReason] = loop.create_future()
 
@@ -66,9 +67,6 @@ class ManualRun:
                 fut.set_result(value)
 
 
-Waiter = ManualRun
-
-
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
@@ -77,7 +75,6 @@ class ScheduledJob:
     __slots__ = (
         "_busy",
         "_clock_warned",
-        "_reset_cursor",
         "_resumed",
         "_stopping",
         "_wake",
@@ -106,7 +103,7 @@ class ScheduledJob:
         self.active: dict[str, tuple[asyncio.Task[Any], RunInfo]] = {}
         # (tick, cause, waiter) waiting to run; a list, not a deque: it is nearly always
         # empty, and an empty deque costs 760 bytes per job where a list costs 56.
-        self.queue: list[tuple[float, Cause, Waiter | None]] = []
+        self.queue: list[tuple[float, Cause, ManualRun | None]] = []
         self._busy: asyncio.TimerHandle | None = None
         self._clock_warned: float | None = None
         self.task: asyncio.Task[None] | None = None
@@ -114,7 +111,6 @@ class ScheduledJob:
         self._stopping = False
         self._wake: asyncio.Future[bool] | None = None
         self._wake_timer: asyncio.TimerHandle | None = None
-        self._reset_cursor = False
         # Resumed with ticks still due from the pause: those that do not run are skipped as
         # "paused", not "missed" or "coalesced".
         self._resumed = False
@@ -134,23 +130,22 @@ class ScheduledJob:
     def update(self, spec: JobSpec) -> None:
         """A reload changed this job: the next tick follows the new definition; runs in
         flight finish under the old one (they hold their own spec)."""
-        old = self.spec
+        old, new = self.spec.config, spec.config
         self.spec = spec
-        if (
-            old.config.schedule,
-            old.config.every,
-            old.config.cron,
-            old.config.at,
-            old.config.timezone,
-        ) != (
-            spec.config.schedule,
-            spec.config.every,
-            spec.config.cron,
-            spec.config.at,
-            spec.config.timezone,
-        ):
-            # A new schedule starts from now: the reload itself is not downtime to catch up on.
-            self._reset_cursor = True
+        rescheduled = (old.schedule, old.every, old.cron, old.at, old.timezone) != (
+            new.schedule,
+            new.every,
+            new.cron,
+            new.at,
+            new.timezone,
+        )
+        # A new schedule starts from now: the reload itself is not downtime to catch up on.
+        # A paused job keeps its cursor: on resume its backlog is decided under the new
+        # schedule, as after a restart with the changed config.
+        if rescheduled and self.cursor is not None and not self.paused:
+            self.cursor = max(self.cursor, time.time())
+            if self.rt.store is not None:
+                self.rt.store.set_tick(self.name, self.cursor)
         self._rearm_busy()
         self._poke()
 
@@ -162,10 +157,11 @@ class ScheduledJob:
 
     def revive(self, spec: JobSpec) -> None:
         """A reload added back a job that was removed while its run was still going: this
-        object takes the job again, so the overlap policy still sees that run."""
+        object takes the job again, so the overlap policy still sees that run. Its cursor
+        stays: the ticks that came while it was removed are handled by ``catchup``, as for a
+        job added back after its run ended."""
         self.removed = False
         self.spec = spec
-        self._reset_cursor = True
         self._rearm_busy()
         if self.task is None or self.task.done():
             self.start()
@@ -177,12 +173,13 @@ class ScheduledJob:
         self._drop_queue(SkipReason.SHUTDOWN)
         self._poke()
 
-    def set_paused(self, paused: bool) -> None:
-        """Pause or resume (persisted). While paused no tick is handled and the cursor stays
-        put; on resume the ticks that came meanwhile are a backlog that ``catchup`` decides
-        on, as after downtime, and those that do not run are skipped as ``paused``."""
+    def set_paused(self, paused: bool) -> bool:
+        """Pause or resume (persisted); False when it already was. While paused no tick is
+        handled and the cursor stays put; on resume the ticks that came meanwhile are a
+        backlog that ``catchup`` decides on, as after downtime, and those that do not run are
+        skipped as ``paused``."""
         if paused == self.paused:
-            return
+            return False
         self.paused = paused
         if self.rt.store is not None:
             self.rt.store.set_paused(self.name, paused)
@@ -197,8 +194,9 @@ class ScheduledJob:
             self._resumed = True
             self._rearm_busy()
         self._poke()
+        return True
 
-    def trigger_now(self, waiter: Waiter | None = None) -> SkipReason | None:
+    def trigger_now(self, waiter: ManualRun | None = None) -> SkipReason | None:
         """A manual run now (``taskd trigger``), under the job's overlap policy. Returns the
         reason when it was refused; ``waiter`` is resolved when the run ends (its RunInfo)
         or its tick is skipped (the reason). The cursor does not move: no tick is used up."""
@@ -242,6 +240,14 @@ class ScheduledJob:
             log.error(
                 "scheduler_ended", job=self.name, hint="the job will not run again until a restart"
             )
+        if not (self._stopping or self.removed):
+            # Inline runs queued for this task will never start: tell whoever waits.
+            self._drop_queue(SkipReason.CRASHED)
+
+    @property
+    def crashed(self) -> bool:
+        """The job's task ended while the job is still meant to run (a bug, logged)."""
+        return self.task is not None and self.task.done() and not (self._stopping or self.removed)
 
     async def _loop(self) -> None:
         loop_now = time.time
@@ -274,9 +280,6 @@ class ScheduledJob:
                         waits=round(self.cursor - now, 3),
                         hint="ticks already run are not run again; check the host's clock",
                     )
-                if self._reset_cursor:
-                    self._reset_cursor = False
-                    self.cursor = max(self.cursor, now)
                 if self.paused:
                     # Nothing is handled and the cursor stays: see set_paused.
                     self.next_fire = None
@@ -463,13 +466,19 @@ class ScheduledJob:
     # -- starting runs -------------------------------------------------------------------
 
     def _fire(
-        self, tick: float, now: float, cause: Cause = Cause.SCHEDULE, waiter: Waiter | None = None
+        self,
+        tick: float,
+        now: float,
+        cause: Cause = Cause.SCHEDULE,
+        waiter: ManualRun | None = None,
     ) -> SkipReason | None:
         """Start (or queue) a run for ``tick``; the reason if it was skipped instead."""
         spec = self.spec
         reason: SkipReason | None = None
         if self._stopping:
             reason = SkipReason.SHUTDOWN
+        elif self.crashed and self._inline:
+            reason = SkipReason.CRASHED  # no task left to run it
         elif self.removed:
             reason = SkipReason.REMOVED
         elif spec.broken is not None:
@@ -485,6 +494,8 @@ class ScheduledJob:
                     reason = SkipReason.QUEUE_FULL
                 else:
                     self.queue.append((tick, cause, waiter))
+                    if waiter is not None:
+                        waiter.queued = True
                     return None
             elif overlap == "replace":
                 self._drop_queue(SkipReason.REPLACED)
@@ -519,7 +530,7 @@ class ScheduledJob:
             tick, cause, waiter = self.queue.pop(0)
             await self._run_inline(tick, cause, waiter)
 
-    async def _run_inline(self, tick: float, cause: Cause, waiter: Waiter | None) -> None:
+    async def _run_inline(self, tick: float, cause: Cause, waiter: ManualRun | None) -> None:
         rt = self.rt
         info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
         if waiter is not None:
@@ -565,8 +576,7 @@ class ScheduledJob:
         trigger = self.spec.trigger
         if trigger is None or self.cursor is None:
             return
-        base = max(self.cursor, time.time()) if self._reset_cursor else self.cursor
-        tick = trigger.next_after(base)
+        tick = trigger.next_after(self.cursor)
         if tick is None:
             return
         loop = asyncio.get_running_loop()
@@ -582,9 +592,6 @@ class ScheduledJob:
             if trigger is None or self.cursor is None:
                 return
             now = time.time()
-            if self._reset_cursor:
-                self._reset_cursor = False
-                self.cursor = max(self.cursor, now)
             tick = trigger.next_after(self.cursor)
             if tick is not None and tick <= now:  # else the timer was early: re-arm
                 self._handle_due(tick, now)
@@ -593,7 +600,7 @@ class ScheduledJob:
             log.exception("scheduler_crashed", job=self.name)
 
     def start_run(
-        self, tick: float, cause: Cause = Cause.SCHEDULE, waiter: Waiter | None = None
+        self, tick: float, cause: Cause = Cause.SCHEDULE, waiter: ManualRun | None = None
     ) -> RunInfo:
         rt = self.rt
         info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
@@ -603,12 +610,22 @@ class ScheduledJob:
         self.active[info.run_id] = (task, info)
         if waiter is not None:
             waiter.begin(info)
-        task.add_done_callback(functools.partial(self._run_done, info, waiter))
+        task.add_done_callback(functools.partial(self._run_done, info, self.spec, waiter))
         return info
 
-    def _run_done(self, info: RunInfo, waiter: Waiter | None, task: asyncio.Task[RunInfo]) -> None:
+    def _run_done(
+        self,
+        info: RunInfo,
+        spec: JobSpec,
+        waiter: ManualRun | None,
+        task: asyncio.Task[RunInfo],
+    ) -> None:
         run_id = info.run_id
         self.active.pop(run_id, None)
+        if info.outcome is None and task.cancelled():
+            # Cancelled before its first step (overlap = "replace" in the same loop
+            # iteration): execute never ran, so record the run here, or it would vanish.
+            cancelled_before_start(self.rt, spec, info)
         _settle(waiter, info)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
@@ -638,7 +655,7 @@ def _cause(tick: float, now: float, grace: float) -> Cause:
     return Cause.CATCHUP if now - tick > grace else Cause.SCHEDULE
 
 
-def _settle(waiter: Waiter | None, value: RunInfo | SkipReason) -> None:
+def _settle(waiter: ManualRun | None, value: RunInfo | SkipReason) -> None:
     if waiter is not None:
         waiter.end(value)
 

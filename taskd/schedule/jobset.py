@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from taskd.run.events import SkipReason
-from taskd.schedule.job import ScheduledJob, Waiter
+from taskd.schedule.job import ManualRun, ScheduledJob
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
@@ -89,6 +89,8 @@ class JobSet:
             elif not job.spec.same_as(spec):
                 job.update(spec)
                 changed.append(name)
+            else:
+                job.spec = spec  # the same job; a broken one's reason may read differently
         self.retiring = [j for j in self.retiring if j.active]
         broken = []
         for name in (*added, *changed):
@@ -108,19 +110,17 @@ class JobSet:
             raise NoSuchJob(name)
         return job
 
-    def trigger(self, name: str, waiter: Waiter | None = None) -> SkipReason | None:
+    def trigger(self, name: str, waiter: ManualRun | None = None) -> SkipReason | None:
         """Run ``name`` now under its overlap policy; the reason when refused. ``waiter``
-        learns when the run starts and ends."""
+        learns whether it queued, and when the run starts and ends. Raises NoSuchJob."""
         return self.get(name).trigger_now(waiter)
 
     def set_paused(self, name: str, paused: bool) -> bool:
-        """Pause or resume ``name``; False when it already was."""
-        job = self.get(name)
-        if job.paused == paused:
-            return False
-        job.set_paused(paused)
-        log.info("paused" if paused else "resumed", job=name)
-        return True
+        """Pause or resume ``name``; False when it already was. Raises NoSuchJob."""
+        changed = self.get(name).set_paused(paused)
+        if changed:
+            log.info("paused" if paused else "resumed", job=name)
+        return changed
 
     def clock_changed(self) -> None:
         for job in self.jobs.values():
@@ -167,6 +167,8 @@ class JobSet:
             state = "retiring"
         elif spec.broken:
             state = "broken"
+        elif job.crashed:
+            state = "crashed"
         elif runs:
             state = "running"
         elif job.paused:
@@ -225,7 +227,7 @@ class JobSet:
 
 def _next_run(job: ScheduledJob, now: float) -> float | None:
     """When the job runs next on its schedule: None when paused, broken or never again."""
-    if job.paused or job.spec.broken or job.spec.trigger is None:
+    if job.paused or job.spec.broken or job.spec.trigger is None or job.crashed:
         return None
     if job.next_fire is not None and job.next_fire > now:
         return job.next_fire  # the time the job's task sleeps until, jitter included
@@ -240,4 +242,5 @@ SKIP_TEXT: dict[str, str] = {
     SkipReason.SHUTDOWN: "the daemon is stopping",
     SkipReason.REMOVED: "the job was removed by a reload",
     SkipReason.REPLACED: 'a newer run replaced it (overlap = "replace")',
+    SkipReason.CRASHED: "the job's scheduler crashed (see the log); restart taskd",
 }

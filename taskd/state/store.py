@@ -87,6 +87,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (
         "ALTER TABLE runs ADD COLUMN result TEXT",
         "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        # Schema 1 kept no streak: a job whose last run failed has failed at least once.
+        "UPDATE jobs SET failures = 1 WHERE last_outcome IN ('failed', 'timed_out', 'interrupted')",
     ),
 }
 

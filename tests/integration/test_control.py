@@ -464,7 +464,9 @@ class TestTrigger:
             assert result.returncode == 1, args
             assert f"job 'off' is disabled in {d.config_path} (enabled = false)" in result.stderr
 
-    def test_wait_interrupted_by_a_stop(self, daemon_factory) -> None:
+    def test_wait_across_a_stop_gets_the_outcome(self, daemon_factory) -> None:
+        """The socket stays open through the drain: a `--wait` learns how its run ended, and
+        while draining, status answers (stopping) and actions are refused."""
         d = daemon_factory(ACTIONS, PLUGINS).start()
         waiting = subprocess.Popen(
             [sys.executable, "-m", "taskd", "trigger", "slow", "--wait", "-c", str(d.config_path)],
@@ -475,12 +477,18 @@ class TestTrigger:
         try:
             poll(lambda: job_rows(d, "slow")["slow"]["running"], timeout=3)
             d.signal(signal.SIGTERM)
+            d.wait_for("draining", timeout=3)
+            status = cli_json(d, "status")
+            assert status["daemon"]["stopping"] is True
+            assert [j["name"] for j in status["jobs"] if j["state"] == "running"] == ["slow"]
+            refused = cli(d, "pause", "slow")
+            assert refused.returncode == 1 and "taskd is stopping" in refused.stderr
             out, err = waiting.communicate(timeout=5)
         finally:
             waiting.kill()
             waiting.communicate()
-        assert waiting.returncode == 1 and out == ""
-        assert "taskd is stopping" in err, err
+        assert waiting.returncode == 0, err
+        assert out.startswith("slow: succeeded"), out
         assert d.wait_exit() == 0
 
     def test_unknown_and_broken_jobs_are_refused(self, daemon_factory) -> None:

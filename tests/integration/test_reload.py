@@ -241,7 +241,7 @@ class TestReloadRejected:
         assert line["event"] == "reload_failed"
         errors = "\n".join(line["errors"])
         assert "rel.py" in errors and "boom at import" in errors, errors
-        assert "needed by tick" in errors, errors
+        assert "jobs.tick would be broken" in errors, errors
         more_runs(d, "tick", 3)
         assert d.events("reloaded") == []
 
@@ -263,7 +263,7 @@ class TestReloadRejected:
         line = reload(d, TICK + '\n[jobs.new]\ntype = "boomer"\nevery = "1s"\n')
         assert line["event"] == "reload_failed", line
         errors = "\n".join(line["errors"])
-        assert "boom.py" in errors and "needed by new" in errors, errors
+        assert "boom.py" in errors and "jobs.new would be broken" in errors, errors
         more_runs(d, "tick", 2)
 
     def test_plugin_broken_since_start_does_not_block_reloads(self, daemon_factory) -> None:
@@ -277,6 +277,30 @@ class TestReloadRejected:
         assert line["event"] == "reloaded", line
         assert line["added"] == ["tock"]
         more_runs(d, "tock", 2)
+
+    def test_job_needing_a_plugin_accepted_broken_earlier_is_rejected(self, daemon_factory) -> None:
+        """A broken file let through as a warning (no job used it) does not let a later job
+        that needs it in broken: that reload is rejected."""
+        d = daemon_factory(TICK, {"rel.py": REL}).start()
+        d.wait_for("run", job="tick", timeout=3)
+        d.write_plugin("boom.py", BOOM)
+        assert reload(d)["event"] == "reloaded"
+        line = reload(d, TICK + '\n[jobs.new]\ntype = "boomer"\nevery = "1s"\n')
+        assert line["event"] == "reload_failed", line
+        assert "jobs.new would be broken" in "\n".join(line["errors"])
+
+    def test_broken_job_is_not_changed_by_another_broken_plugin(self, daemon_factory) -> None:
+        """A job broken since the start stays the same job when one more plugin breaks."""
+        config = TICK + '\n[jobs.mail]\ntype = "mail"\nevery = "1h"\n'
+        d = daemon_factory(
+            config, {"rel.py": REL, "mailer.py": "import no_such_library_for_taskd\n"}
+        ).start()
+        d.wait_for("run", job="tick", timeout=3)
+        d.write_plugin("boom.py", BOOM)
+        line = reload(d)
+        assert line["event"] == "reloaded", line
+        assert line["changed"] == [], line
+        assert len(d.events("job_broken", job="mail")) == 1  # logged at start only
 
     def test_sighup_storm_is_coalesced(self, daemon_factory) -> None:
         d = daemon_factory(TICK, {"rel.py": REL}).start()

@@ -885,3 +885,35 @@ class TestOnUvloop:
 
     def test_other_uid_is_forbidden(self, peer: Peer, open_dir: Path) -> None:
         on_uvloop(other_uid_is_forbidden(peer, open_dir))
+
+
+class TestHangup:
+    """A client that hangs up while its request is handled frees its slot at once."""
+
+    async def test_gone_client_frees_its_slot(self, sock: Path) -> None:
+        started = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def forever(cmd: str, args: dict[str, Any]) -> Any:
+            started.set()
+            try:
+                await asyncio.sleep(3600)  # a `trigger --wait` of a long run
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        async with served(sock, forever, max_clients=1) as server:
+            _reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(encode_request("trigger", {"job": "long", "wait": True}))
+            await writer.drain()
+            await asyncio.wait_for(started.wait(), 2)
+            writer.close()  # Ctrl-C in the client
+            await asyncio.wait_for(cancelled.wait(), 3)
+            await eventually(lambda: server.clients == 0, within=2)
+            # The one slot is free again: a new client is served, not turned away busy.
+            started.clear()
+            _reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(encode_request("x"))
+            await writer.drain()
+            await asyncio.wait_for(started.wait(), 2)
+            writer.close()

@@ -251,3 +251,79 @@ class TestPause:
         await rt.settle()
         assert len(runs(logs, job="a")) == ran  # nothing more while paused
         await close(jobs, rt)
+
+
+class TestReviewRegressions:
+    """Cases an independent review found, each pinned."""
+
+    async def test_replace_twice_in_one_iteration_records_both(self, rt: Runtime, logs) -> None:
+        """A run cancelled by overlap = "replace" before its first step is still a run: it
+        ends cancelled, with its log line (it used to vanish)."""
+        jobs = JobSet(rt)
+        jobs.apply({"a": make_spec(slow(0.2), name="a", every=3600.0, overlap="replace")}, {})
+        await asyncio.sleep(0.02)
+        first, second = ManualRun(), ManualRun()
+        assert jobs.trigger("a", first) is None
+        assert jobs.trigger("a", second) is None  # same iteration: the first never started
+        one = await asyncio.wait_for(first.ended, 2)
+        two = await asyncio.wait_for(second.ended, 2)
+        assert isinstance(one, RunInfo) and one.outcome is Outcome.CANCELLED
+        assert one.error == "replaced by a newer run"
+        assert isinstance(two, RunInfo) and two.outcome is Outcome.SUCCEEDED
+        await rt.settle()
+        outcomes = {e["run_id"]: e["outcome"] for e in runs(logs, job="a")}
+        assert outcomes == {one.run_id: "cancelled", two.run_id: "succeeded"}
+        await close(jobs, rt)
+
+    async def test_trigger_of_a_crashed_scheduler_is_refused(self, rt: Runtime, logs) -> None:
+        """A job whose scheduling task died cannot run inline runs: refuse, don't hang."""
+
+        class Exploding:
+            def next_after(self, t: float) -> float:
+                raise RuntimeError("bug in a trigger")
+
+        spec = make_spec(quick, name="a", every=3600.0)
+        spec = JobSpec(spec.config, spec.jobtype, Exploding())  # type: ignore[arg-type]
+        jobs = JobSet(rt)
+        jobs.apply({"a": spec}, {})
+        await wait_until(lambda: jobs.jobs["a"].crashed)
+        manual = ManualRun()
+        assert jobs.trigger("a", manual) is SkipReason.CRASHED
+        assert manual.ended.result() is SkipReason.CRASHED
+        assert jobs.status()[0]["state"] == "crashed"
+        assert [e for e in logs if e["event"] == "scheduler_crashed"]
+
+    async def test_added_back_while_running_catches_up(self, rt: Runtime, logs) -> None:
+        """Removed during its run and added back: the ticks meanwhile are handled by catchup
+        (here: skipped, counted), not dropped silently."""
+        jobs = JobSet(rt)
+        spec = make_spec(slow(0.6), name="a", every=0.1, catchup="latest")
+        jobs.apply({"a": spec}, {})
+        await wait_until(lambda: bool(jobs.jobs["a"].active))
+        jobs.apply({}, {})
+        await asyncio.sleep(0.35)
+        jobs.apply({"a": spec}, {})
+        await asyncio.sleep(0.6)
+        await rt.settle()
+        handled = sum(e["count"] for e in logs if e["event"] == "skipped") + len(
+            runs(logs, job="a")
+        )
+        assert handled >= 8, logs  # ~1.1 s of 100 ms ticks, every one run or skipped
+        await close(jobs, rt)
+
+    async def test_schedule_change_while_paused_keeps_the_backlog(self, rt: Runtime, logs) -> None:
+        """Paused, then a reload changes the schedule: on resume the backlog is decided (as
+        after a restart with the new config), not dropped without a word."""
+        jobs = JobSet(rt)
+        spec = make_spec(quick, name="a", every=0.1, catchup="latest")
+        jobs.apply({"a": spec}, {})
+        await wait_until(lambda: bool(runs(logs, job="a")))
+        jobs.set_paused("a", True)
+        await asyncio.sleep(0.5)
+        changed = make_spec(quick, name="a", every=0.05, catchup="latest")
+        assert jobs.apply({"a": changed}, {}).changed == ("a",)
+        jobs.set_paused("a", False)
+        await asyncio.sleep(0.05)
+        await rt.settle()
+        assert sum(e["count"] for e in skips(logs, "paused")) >= 5
+        await close(jobs, rt)

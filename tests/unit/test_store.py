@@ -133,3 +133,43 @@ class TestSharedStatePersistence:
                 state["counts"]["n"] += 1
         await store.durable()
         assert store.shared() == {"seen": [0, 1, 2], "counts": {"n": 3}}
+
+
+class TestMigration:
+    """A schema-1 database (taskd before the result column) is brought to schema 2."""
+
+    def test_schema_1_is_migrated_keeping_everything(self, tmp_path: Path) -> None:
+        from tests.unit.test_history_reader import SCHEMA_1
+
+        path = tmp_path / "state.db"
+        with sqlite3.connect(path) as db:
+            db.executescript(SCHEMA_1)
+            db.execute(
+                "INSERT INTO jobs (name, last_tick, paused, last_run_id, last_outcome) "
+                "VALUES ('a', 100.0, 1, 'r1', 'failed'), ('b', 200.0, 0, 'r2', 'succeeded')"
+            )
+            db.execute(
+                "INSERT INTO runs (run_id, job, scheduled, started, outcome) "
+                "VALUES ('r1', 'a', 1.0, 1.0, 'failed')"
+            )
+        db.close()
+        s = StateStore(path)
+        s.open()
+        try:
+            rows = s.jobs()
+            assert (rows["a"].last_tick, rows["a"].paused) == (100.0, True)
+            # Schema 1 kept no streak: a last failure counts as one.
+            assert (rows["a"].failures, rows["b"].failures) == (1, 0)
+            s.run_finished("r3", "b", 3.0, 3.0, 1, 0.1, "succeeded", None, "manual", '{"x": 1}')
+            s.flush()
+        finally:
+            s.close()
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+            assert db.execute("SELECT result FROM runs WHERE run_id='r3'").fetchone() == (
+                '{"x": 1}',
+            )
+            assert db.execute("SELECT outcome FROM runs WHERE run_id='r1'").fetchone() == (
+                "failed",
+            )
+        db.close()
