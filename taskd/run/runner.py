@@ -5,7 +5,6 @@ daemon's problem."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,13 +14,13 @@ from taskd.errors import JobTimeout
 from taskd.run.context import JobContext
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 from taskd.run.executors import with_timeout
+from taskd.run.sinks import RunEnd
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
     from taskd.run.runtime import Runtime
 
 MAX_BACKOFF = 3600.0
-MAX_LOGGED_RESULT = 300  # characters of JSON; larger results are only stored
 
 SUCCEEDED = Outcome.SUCCEEDED
 FAILED = Outcome.FAILED
@@ -186,93 +185,11 @@ def _utc(ts: float) -> datetime:
 
 
 def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
-    cfg = spec.config
-    now = info.ended
-    duration = now - info.started
-    outcome = info.outcome or CANCELLED
-    failures = rt.stats.record(cfg.name, info.run_id, outcome, info.started, duration, info.error)
-    result = info.result if outcome == SUCCEEDED else None
-    # Serialised once, here, for the store, the shared state and the log line alike.
-    stored, result_json, serialisable = _to_json(result)
-    if rt.store is not None:
-        rt.store.run_finished(
-            info.run_id,
-            cfg.name,
-            info.scheduled,
-            info.started,
-            info.attempt,
-            duration,
-            outcome,
-            info.error,
-            info.cause,
-            result_json,
-            failures,
-        )
-    if result_json is not None:
-        _record_result(rt, cfg.name, stored)
-    fields: dict[str, Any] = {
-        "job": cfg.name,
-        "run_id": info.run_id,
-        "attempt": info.attempt,
-        "outcome": str(outcome),
-        "duration": round(duration, 6),
-        "late": round(info.started - info.scheduled, 6),
-    }
-    if info.cause is not Cause.SCHEDULE:
-        fields["cause"] = str(info.cause)
-    if info.error:
-        fields["error"] = info.error
-    if serialisable and result_json is not None and len(result_json) <= MAX_LOGGED_RESULT:
-        fields["result"] = result  # small enough for the line; larger ones are in the store
-    if outcome == SUCCEEDED:
-        rt.log.info("run", **fields)
-    elif outcome == CANCELLED:
-        rt.log.warning("run", **fields)
-    else:
-        rt.log.error("run", **fields)
-    kind = {
-        SUCCEEDED: EventKind.SUCCEEDED,
-        FAILED: EventKind.FAILED,
-        TIMED_OUT: EventKind.TIMED_OUT,
-    }.get(outcome, EventKind.CANCELLED)
-    if rt.listeners:
-        rt.emit(
-            JobEvent(
-                kind,
-                cfg.name,
-                info.run_id,
-                _utc(info.scheduled),
-                info.attempt,
-                now,
-                reason=info.cancel_reason if kind is EventKind.CANCELLED else None,
-                error=info.error,
-                duration=duration,
-                result=result,
-            )
-        )
-
-
-def _to_json(result: Any) -> tuple[Any, str | None, bool]:
-    """(what to store, its JSON text, whether the result itself was JSON). A result that is
-    not JSON is stored as its repr."""
-    if result is None:
-        return None, None, True
-    try:
-        return result, json.dumps(result), True
-    except (TypeError, ValueError):
-        text = repr(result)
-        return text, json.dumps(text), False
-
-
-def _record_result(rt: Runtime, job: str, result: Any) -> None:
-    """A run's return value (already JSON-checked) goes into shared state under the job's
-    name, on the loop thread (thread and process jobs never touch shared state themselves)."""
-    if rt.shared.lock.locked():
-        # An io job holds the lock across an await: record once it lets go, still on the loop.
-        async def later() -> None:
-            async with rt.shared.locked() as data:
-                data[job] = result
-
-        rt.spawn(later())
-    else:
-        rt.shared.set_unlocked(job, result, checked=True)
+    """Hand the ended run to every sink (taskd.run.sinks), each on its own: one that raises
+    is logged and the rest still run."""
+    end = RunEnd.of(spec, info)
+    for sink in rt.sinks:
+        try:
+            sink.run_ended(end)
+        except Exception:  # bookkeeping must never lose the other sinks' work
+            rt.log.exception("sink_failed", sink=type(sink).__name__, job=spec.config.name)

@@ -13,6 +13,7 @@ import structlog
 
 from taskd.run.events import EventKind, JobEvent, Outcome
 from taskd.run.executors import ThreadRunner
+from taskd.run.sinks import RunSink, default_sinks
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -114,6 +115,8 @@ class Runtime:
         self._seq = 0
         self.listeners = host.has_impls("taskd_job_event")
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Where each ended run goes (log, store, shared state, stats, hooks): see sinks.py.
+        self.sinks: list[RunSink] = default_sinks(self)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A background task with a strong reference kept until it ends."""

@@ -1,0 +1,221 @@
+"""Where a run's end goes: one list of sinks, called in order, once per run.
+
+The runner builds one :class:`RunEnd` (the result serialised once) and hands it to each sink:
+stats (counters and the job's failure streak, which the store then records), the store
+(history row and the job's last run), shared state (the result under the job's name), the
+log (the one canonical ``run`` line) and the plugins' event hook. A new consumer (metrics)
+is one more sink; the runner does not change. This is the hot path: a sink does O(1) work
+on the loop thread and never awaits."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from taskd.run.events import Cause, EventKind, JobEvent, Outcome
+
+if TYPE_CHECKING:
+    from taskd.jobspec import JobSpec
+    from taskd.run.runner import RunInfo
+    from taskd.run.runtime import Runtime
+
+MAX_LOGGED_RESULT = 300  # characters of JSON; larger results are only stored
+
+_EVENT_OF = {
+    Outcome.SUCCEEDED: EventKind.SUCCEEDED,
+    Outcome.FAILED: EventKind.FAILED,
+    Outcome.TIMED_OUT: EventKind.TIMED_OUT,
+}
+
+
+@dataclass(slots=True)
+class RunEnd:
+    """One ended run, as every sink sees it."""
+
+    spec: JobSpec
+    info: RunInfo
+    outcome: Outcome
+    duration: float
+    result: Any  # what the job returned (None unless it succeeded)
+    stored: Any  # its JSON-able form: the result itself, or its repr
+    result_json: str | None  # ``stored`` as JSON text, None for no result
+    serialisable: bool  # the result itself was JSON (not a repr)
+    failures: int = 0  # the job's consecutive failures, this run included (StatsSink sets it)
+
+    @classmethod
+    def of(cls, spec: JobSpec, info: RunInfo) -> RunEnd:
+        outcome = info.outcome or Outcome.CANCELLED
+        result = info.result if outcome is Outcome.SUCCEEDED else None
+        stored, result_json, serialisable = _to_json(result)
+        return cls(
+            spec,
+            info,
+            outcome,
+            info.ended - info.started,
+            result,
+            stored,
+            result_json,
+            serialisable,
+        )
+
+
+class RunSink(Protocol):
+    def run_ended(self, end: RunEnd) -> None:
+        """Take note of one ended run. Must not block or await; an exception is logged and
+        the other sinks still run."""
+
+
+def _to_json(result: Any) -> tuple[Any, str | None, bool]:
+    """(what to store, its JSON text, whether the result itself was JSON). A result that is
+    not JSON is stored as its repr."""
+    if result is None:
+        return None, None, True
+    try:
+        return result, json.dumps(result), True
+    except (TypeError, ValueError):
+        text = repr(result)
+        return text, json.dumps(text), False
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class StatsSink:
+    """Counters and each job's latest run and failure streak (status, metrics)."""
+
+    __slots__ = ("rt",)
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def run_ended(self, end: RunEnd) -> None:
+        info = end.info
+        end.failures = self.rt.stats.record(
+            end.spec.config.name, info.run_id, end.outcome, info.started, end.duration, info.error
+        )
+
+
+class StoreSink:
+    """The history row and the job's last run, batched into the next commit."""
+
+    __slots__ = ("rt",)
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def run_ended(self, end: RunEnd) -> None:
+        store = self.rt.store
+        if store is None:
+            return
+        info = end.info
+        store.run_finished(
+            info.run_id,
+            end.spec.config.name,
+            info.scheduled,
+            info.started,
+            info.attempt,
+            end.duration,
+            end.outcome,
+            info.error,
+            info.cause,
+            end.result_json,
+            end.failures,
+        )
+
+
+class SharedStateSink:
+    """A run's return value goes into shared state under the job's name, on the loop thread
+    (thread and process jobs never touch shared state themselves)."""
+
+    __slots__ = ("rt",)
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def run_ended(self, end: RunEnd) -> None:
+        if end.result_json is None:
+            return
+        rt, job, value = self.rt, end.spec.config.name, end.stored
+        if rt.shared.lock.locked():
+            # An io job holds the lock across an await: record once it lets go, still on the
+            # loop.
+            async def later() -> None:
+                async with rt.shared.locked() as data:
+                    data[job] = value
+
+            rt.spawn(later())
+        else:
+            rt.shared.set_unlocked(job, value, checked=True)
+
+
+class LogSink:
+    """The one canonical ``run`` line per run."""
+
+    __slots__ = ("rt",)
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def run_ended(self, end: RunEnd) -> None:
+        info = end.info
+        fields: dict[str, Any] = {
+            "job": end.spec.config.name,
+            "run_id": info.run_id,
+            "attempt": info.attempt,
+            "outcome": str(end.outcome),
+            "duration": round(end.duration, 6),
+            "late": round(info.started - info.scheduled, 6),
+        }
+        if info.cause is not Cause.SCHEDULE:
+            fields["cause"] = str(info.cause)
+        if info.error:
+            fields["error"] = info.error
+        text = end.result_json
+        if end.serialisable and text is not None and len(text) <= MAX_LOGGED_RESULT:
+            fields["result"] = end.result  # small enough for the line; the store has them all
+        log = self.rt.log  # read per run: a reload may have reconfigured logging
+        if end.outcome is Outcome.SUCCEEDED:
+            log.info("run", **fields)
+        elif end.outcome is Outcome.CANCELLED:
+            log.warning("run", **fields)
+        else:
+            log.error("run", **fields)
+
+
+class HookSink:
+    """The plugins' ``taskd_job_event`` hook: the run's end event."""
+
+    __slots__ = ("rt",)
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def run_ended(self, end: RunEnd) -> None:
+        rt = self.rt
+        if not rt.listeners:
+            return
+        info = end.info
+        kind = _EVENT_OF.get(end.outcome, EventKind.CANCELLED)
+        rt.emit(
+            JobEvent(
+                kind,
+                end.spec.config.name,
+                info.run_id,
+                _utc(info.scheduled),
+                info.attempt,
+                info.ended,
+                reason=info.cancel_reason if kind is EventKind.CANCELLED else None,
+                error=info.error,
+                duration=end.duration,
+                result=end.result,
+            )
+        )
+
+
+def default_sinks(rt: Runtime) -> list[RunSink]:
+    """The sinks every daemon has, in order: stats first (the store records the streak it
+    computes), the log line before the hooks (a slow notifier never delays the line)."""
+    return [StatsSink(rt), StoreSink(rt), SharedStateSink(rt), LogSink(rt), HookSink(rt)]
