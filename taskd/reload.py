@@ -8,6 +8,7 @@ daemon's ``apply``. Every reload ends in one :class:`ReloadResult`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -246,13 +247,19 @@ async def _in_thread(func: Callable[..., T], /, *args: Any, timeout: float) -> T
         else:
             fut.set_result(result)  # type: ignore[arg-type]
 
+    def deliver(result: T | None, exc: BaseException | None) -> None:
+        # The loop may be gone by now (a reload cancelled by the stop, then the exit):
+        # nobody waits for the answer then.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, exc)
+
     def target() -> None:
         try:
             result = func(*args)
         except BaseException as exc:  # delivered to the awaiting task, not lost in the thread
-            loop.call_soon_threadsafe(settle, None, exc)
+            deliver(None, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            deliver(result, None)
 
     threading.Thread(target=target, name="taskd-load", daemon=True).start()
     return await asyncio.wait_for(fut, timeout)

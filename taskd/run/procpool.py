@@ -37,7 +37,7 @@ import socket
 import sys
 import threading
 import types
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.context import BaseContext
@@ -305,6 +305,8 @@ class ProcessPool:
         self._broken: str | None = None
         # callable -> (its reference for the worker, its default label)
         self._refs: dict[Any, tuple[bytes, str]] = {}
+        # Workers replaced, by cause (timeout, memory, died, start_failed): for metrics.
+        self.restarts: Counter[str] = Counter()
 
     # -- public API ------------------------------------------------------------------------
 
@@ -727,6 +729,7 @@ class ProcessPool:
             await asyncio.wait_for(wake.wait(), delay)
 
     def _on_start_failed(self, slot: int, failures: int, why: str) -> None:
+        self.restarts["start_failed"] += 1
         self._slot_failures[slot] = failures
         delay = min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_MAX)
         log.error(
@@ -830,6 +833,15 @@ class ProcessPool:
         cast(BaseProcess, worker.proc).close()
         run = worker.run
         worker.run = None
+        if not self._closing and worker.ready.done():
+            reason = worker.kill_reason
+            self.restarts[
+                "timeout"
+                if isinstance(reason, JobTimeout)
+                else "memory"
+                if isinstance(reason, MemoryLimitExceeded)
+                else "died"
+            ] += 1
         if run is not None:
             self._busy -= 1
             exc = worker.kill_reason or WorkerDied(

@@ -130,6 +130,7 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                 # A retry would wait for a backoff the stop has no time for: the run ends as
                 # it stands (failed or timed out), not held until the drain deadline.
                 break
+            rt.stats.retries[cfg.name] += 1
             delay = min(cfg.retry_backoff * (2 ** (info.attempt - 1)), MAX_BACKOFF)
             rt.log.warning(
                 "run_retrying",

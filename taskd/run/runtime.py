@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,12 +24,14 @@ if TYPE_CHECKING:
     from taskd.state.store import JobRow, StateStore
 
 T = TypeVar("T")
+RECENT_FAILURES = 50
 
 
 @dataclass(slots=True)  # not frozen: one is made per run, and a frozen init costs 4x
 class LastRun:
     """A job's latest ended run, as ``taskd jobs`` shows it."""
 
+    job: str
     run_id: str
     outcome: Outcome
     started: float
@@ -40,26 +42,42 @@ class LastRun:
 class Stats:
     """Counters and each job's latest run, which ``taskd status`` (and later /metrics) read."""
 
-    __slots__ = ("failures", "last", "outcomes", "running", "skips")
+    __slots__ = (
+        "failures",
+        "last",
+        "last_success",
+        "outcomes",
+        "recent_failures",
+        "retries",
+        "running",
+        "skips",
+    )
 
     def __init__(self) -> None:
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.skips: Counter[tuple[str, str]] = Counter()
+        self.retries: Counter[str] = Counter()  # by job
         self.running = 0
         self.last: dict[str, LastRun] = {}
+        self.last_success: dict[str, float] = {}  # when each job's latest success ended
         self.failures: dict[str, int] = {}  # consecutive failed runs, per job that has any
+        # The newest failed runs (status page): a ring, so memory stays bounded.
+        self.recent_failures: deque[LastRun] = deque(maxlen=RECENT_FAILURES)
 
     def seed(self, rows: Mapping[str, JobRow]) -> None:
         """The latest runs as stored by the previous daemon (not counted again)."""
         for name, row in rows.items():
             if row.last_run_id is not None and row.last_outcome is not None:
                 self.last[name] = LastRun(
+                    name,
                     row.last_run_id,
                     Outcome(row.last_outcome),
                     row.last_started or 0.0,
                     row.last_duration,
                     row.last_error,
                 )
+                if row.last_outcome == Outcome.SUCCEEDED and row.last_started is not None:
+                    self.last_success[name] = row.last_started + (row.last_duration or 0.0)
             if row.failures:
                 self.failures[name] = row.failures
 
@@ -75,12 +93,14 @@ class Stats:
         """Count an ended run; returns the job's consecutive failures, this run included.
         A cancelled run neither breaks nor extends a streak."""
         self.outcomes[(job, outcome)] += 1
-        self.last[job] = LastRun(run_id, outcome, started, duration, error)
+        last = self.last[job] = LastRun(job, run_id, outcome, started, duration, error)
         failures = self.failures.get(job, 0)
         if outcome.failed:
             failures += 1
+            self.recent_failures.append(last)
         elif outcome is Outcome.SUCCEEDED:
             failures = 0
+            self.last_success[job] = started + (duration or 0.0)
         if failures:
             self.failures[job] = failures
         else:

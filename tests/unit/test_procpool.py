@@ -283,6 +283,7 @@ class TestWorkerDeath:
         if how == "sigkill":
             assert read_pid(pid_file) not in after
         assert await asyncio.gather(*(pool.run(jobs.add, (i, 1)) for i in range(4))) == [1, 2, 3, 4]
+        assert pool.restarts == {"died": 1}  # counted by cause, for metrics
 
 
 class TestSignals:
@@ -357,6 +358,7 @@ class TestTimeout:
             await pool.run(jobs.report_pid_and_sleep, (str(pid_file), 30), timeout=0.3)
         pid = read_pid(pid_file)
         assert gone(pid)  # reaped before run() raised, not just signalled
+        assert pool.restarts == {"timeout": 1}
         assert await pool.run(jobs.add, (2, 2), timeout=5) == 4
         await wait_until(lambda: pool.size == 2)
         assert pid not in pool.pids()
