@@ -330,7 +330,12 @@ class Daemon:
         stopping_hooks = asyncio.ensure_future(self.loaded.host.daemon_stopping(self._info()))
         forced = False
         if runs:
-            log.info("draining", runs=len(runs), timeout=d.shutdown_timeout)
+            log.info(
+                "draining",
+                runs=len(runs),
+                jobs=sorted({j.name for j in jobs.everyone() if j.active}),
+                timeout=d.shutdown_timeout,
+            )
             drained = asyncio.ensure_future(asyncio.wait(runs, timeout=d.shutdown_timeout))
             second = asyncio.ensure_future(self._next_stop_signal())
             done, _ = await asyncio.wait({drained, second}, return_when=asyncio.FIRST_COMPLETED)

@@ -78,7 +78,8 @@ class TestDrain:
         d.wait_for("nap_start", job="slow", timeout=3)
         d.signal(signal.SIGTERM)
         assert d.wait_exit(timeout=10) == 0
-        assert d.events("draining")[0]["runs"] == 1
+        draining = d.events("draining")[0]
+        assert (draining["runs"], draining["jobs"]) == (1, ["slow"])
         run = d.events("run", job="slow")[0]
         assert run["outcome"] == "succeeded"
         assert run["duration"] >= 1.0
