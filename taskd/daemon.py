@@ -19,6 +19,7 @@ from taskd import log as logsetup
 from taskd.errors import StateError
 from taskd.reload import Loaded, Reloader, ReloadResult
 from taskd.run.runtime import Runtime
+from taskd.observe.loopwatch import LoopWatch
 from taskd.schedule.jobset import Diff, JobSet
 from taskd.state.lock import InstanceLock
 from taskd.state.shared import SharedState
@@ -51,6 +52,7 @@ class Daemon:
         self.jobset: JobSet | None = None
         self.reloader: Reloader | None = None
         self.control: ControlServer | None = None
+        self.loopwatch: LoopWatch | None = None
         self.store: StateStore | None = None
         self.lock: InstanceLock | None = None
         self.started_at = time.time()
@@ -82,6 +84,8 @@ class Daemon:
             await self._main_loop()
             return await self._shutdown()
         finally:
+            if self.loopwatch is not None:
+                self.loopwatch.stop()
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             for timer in self._timers.values():
@@ -156,6 +160,9 @@ class Daemon:
         rt.stats.seed(rows)
         self.jobset = JobSet(rt)
         self.jobset.apply(loaded.specs, rows)
+        # Right after the jobs start (no await between): a startup run that blocks the loop
+        # is already watched.
+        self.loopwatch = _loop_watch(d.loop_block_threshold, self.jobset)
         self.reloader = Reloader(
             self.config_path,
             loaded,
@@ -292,6 +299,8 @@ class Daemon:
             logsetup.configure(new_daemon.log_level, new_daemon.log_format)
             self.rt.refresh_log()
         self.rt.set_host(new.host)
+        if self.loopwatch is not None:
+            self.loopwatch.threshold = new_daemon.loop_block_threshold
         diff = self.jobset.apply(new.specs, self.store.jobs())
         self.loaded = new
         return diff
@@ -383,3 +392,15 @@ class Daemon:
             uptime=round(time.time() - self.started_at, 3),
         )
         return EXIT_OK
+
+
+def _loop_watch(threshold: float, jobset: JobSet) -> LoopWatch:
+    """Measure the loop's lag and name whatever blocks it (taskd.observe.loopwatch)."""
+
+    def run_ids(job: str) -> list[str]:
+        scheduled = jobset.jobs.get(job)
+        return list(scheduled.active) if scheduled is not None else []
+
+    watch = LoopWatch(threshold, run_ids)
+    watch.start(asyncio.get_running_loop())
+    return watch

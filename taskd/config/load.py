@@ -42,6 +42,7 @@ DAEMON_KEYS = (
     "process_workers",
     "thread_workers",
     "shutdown_timeout",
+    "loop_block_threshold",
     "timezone",
     "metrics_address",
     "control_group",
@@ -346,6 +347,9 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
         process_workers=c.take(table, "process_workers", p, _int_range(0, 1024), d.process_workers),
         thread_workers=c.take(table, "thread_workers", p, _int_range(1, 1024), d.thread_workers),
         shutdown_timeout=c.take(table, "shutdown_timeout", p, parse_duration, d.shutdown_timeout),
+        loop_block_threshold=c.take(
+            table, "loop_block_threshold", p, _block_threshold, d.loop_block_threshold
+        ),
         timezone=c.take(table, "timezone", p, zone, d.timezone),
         metrics_address=c.take(table, "metrics_address", p, address, d.metrics_address),
         control_group=c.take(table, "control_group", p, group, d.control_group),
@@ -470,6 +474,20 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
         line=c.lines.get(p),
     )
     return job if len(c.issues) == before else None
+
+
+MAX_LOOP_BLOCK_THRESHOLD = 60.0
+
+
+def _block_threshold(value: Any) -> float:
+    seconds = parse_duration(value)
+    # Above a minute the report would come after systemd's watchdog or an operator had
+    # already acted; it is a diagnosis, not a timeout.
+    if not 0 < seconds <= MAX_LOOP_BLOCK_THRESHOLD:
+        raise ValueError(
+            f'must be more than 0 and at most 60s, got {value!r}; the default is "250ms"'
+        )
+    return seconds
 
 
 def _positive_duration(value: Any) -> float:

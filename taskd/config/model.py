@@ -29,6 +29,8 @@ class DaemonConfig:
     process_workers: int = 0  # 0: one per CPU
     thread_workers: int = 8
     shutdown_timeout: float = 30.0
+    # The loop counts as blocked once a callback has held it this long (taskd.observe.loopwatch).
+    loop_block_threshold: float = 0.25
     timezone: str = "UTC"
     metrics_address: str | None = None
     control_group: str | None = None  # members may use the control socket (mode 0660)

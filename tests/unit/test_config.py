@@ -562,6 +562,13 @@ DAEMON_TYPES = [
     ("runtime_dir", "[]", "expected a string, got an array"),
     ("shutdown_timeout", '"forever"', "cannot read 'forever' as a duration"),
     ("shutdown_timeout", "-3", "a duration must be a finite number >= 0"),
+    ("loop_block_threshold", "0", "must be more than 0 and at most 60s"),
+    ("loop_block_threshold", '"0ms"', "must be more than 0 and at most 60s"),
+    ("loop_block_threshold", '"61s"', "must be more than 0 and at most 60s"),
+    ("loop_block_threshold", '"2m"', "must be more than 0 and at most 60s"),
+    ("loop_block_threshold", '"off"', "cannot read 'off' as a duration"),
+    ("loop_block_threshold", "true", "expected a duration"),
+    ("loop_block_threshold", "-1", "a duration must be a finite number >= 0"),
     ("timezone", '"Mars/Olympus"', "unknown time zone 'Mars/Olympus'"),
     ("timezone", "1", "expected a string, got an integer"),
     ("metrics_address", '"9464"', 'expected "host:port"'),
@@ -603,6 +610,16 @@ class TestDaemonTable:
     def test_good_metrics_addresses(self, write: Write, address: str) -> None:
         cfg = load_config(write(f'[daemon]\nmetrics_address = "{address}"\n'))
         assert cfg.daemon.metrics_address == address
+
+    @pytest.mark.parametrize(
+        ("value", "seconds"), [('"200ms"', 0.2), ('"1s"', 1.0), ("0.05", 0.05), ('"60s"', 60.0)]
+    )
+    def test_loop_block_threshold(self, write: Write, value: str, seconds: float) -> None:
+        cfg = load_config(write(f"[daemon]\nloop_block_threshold = {value}\n"))
+        assert cfg.daemon.loop_block_threshold == seconds
+
+    def test_loop_block_threshold_defaults_to_250ms(self, write: Write) -> None:
+        assert load_config(write("[daemon]\n")).daemon.loop_block_threshold == 0.25
 
     def test_control_group_that_exists(self, write: Write) -> None:
         name = grp.getgrgid(os.getgid()).gr_name  # "root" when run as root

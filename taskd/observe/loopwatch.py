@@ -1,0 +1,348 @@
+"""Loop lag, measured all the time, and a blocked loop named: the job, the run and the line.
+
+Two parts, so a healthy loop pays next to nothing:
+
+- a probe: one ``loop.call_later(interval)`` timer that records how late it ran (the loop lag)
+  and re-arms itself. That is the only work on the loop, ten times a second by default;
+- a watchdog thread that wakes every quarter of the threshold and compares the clock with
+  the time the probe is due. While the loop turns it does one subtraction per wake-up.
+
+When the probe is overdue by more than the threshold, the watchdog logs ``loop_blocked`` once
+for that episode, naming the task the loop is running (and so the job and run id) and the
+line the loop thread is executing. The probe logs ``loop_unblocked`` when it runs again.
+
+The watchdog needs the GIL to look: code that holds it without a break (a long C call) is
+reported when it lets go, if the loop has not turned by then."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("taskd.loopwatch")
+
+# Upper bounds in seconds, Prometheus style (a lag equal to a bound counts in its bucket).
+LAG_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+WINDOW = 10.0  # seconds per slot of the rolling maximum
+WINDOWS = 6  # slots kept: lag_max covers the last 50 to 60 seconds
+STACK_DEPTH = 5  # frames given in a report's ``stack``
+MAX_WALK = 256  # frames looked at for the culprit; a deeper stack is recursion, not news
+MIN_WAKE = 0.01  # the watchdog never polls more often than this, whatever the threshold
+JOIN_TIMEOUT = 1.0
+
+
+@dataclass(slots=True)
+class _Episode:
+    """One blocking episode, from the watchdog noticing it to the probe running again."""
+
+    due: float  # when the probe should have run (monotonic)
+    job: str | None
+    run_id: str | None
+
+
+class LoopWatch:
+    """Measures the loop's lag and reports a loop blocked longer than ``threshold`` seconds.
+
+    ``run_ids(job)`` returns the ids of that job's runs in flight; it is called from the
+    watchdog thread (while the loop is stuck), and only when a ``taskd-job:`` task blocks.
+
+    Read by the metrics and the status page, from the loop:
+
+    - ``lag``: the last probe's lag in seconds; ``lag_max``: the largest in the last minute;
+    - ``heartbeat``: ``time.monotonic()`` when the probe last ran;
+    - ``lag_buckets``, ``lag_counts``, ``lag_sum``, ``lag_count``: a histogram of every probe's
+      lag. ``lag_counts`` is per bucket, not cumulative, with one more entry than
+      ``lag_buckets`` for lags above the last bound; :meth:`lag_histogram` gives the
+      cumulative form Prometheus wants;
+    - ``blocked_total``: blocking episodes reported since start.
+
+    ``threshold`` may be changed while running (a reload); the watchdog reads it each time."""
+
+    def __init__(
+        self, threshold: float, run_ids: Callable[[str], list[str]], *, interval: float = 0.1
+    ) -> None:
+        if not threshold > 0 or not interval > 0:
+            raise ValueError(
+                f"threshold and interval must be more than 0, got {threshold!r}, {interval!r}"
+            )
+        self.threshold = threshold
+        self.interval = interval
+        self._run_ids = run_ids
+        self.lag = 0.0
+        self.heartbeat = time.monotonic()
+        self.lag_buckets = LAG_BUCKETS
+        self.lag_counts: list[int] = [0] * (len(LAG_BUCKETS) + 1)
+        self.lag_sum = 0.0
+        self.lag_count = 0
+        self.blocked_total = 0
+        self._max_slot = [0] * WINDOWS  # which WINDOW-long slot each entry of _max_lag is for
+        self._max_lag = [0.0] * WINDOWS
+        # When the probe should next run; infinity while not started, so nothing is overdue.
+        # Written by the probe and read by the watchdog under _lock, with _episode.
+        self._due = math.inf
+        self._lock = threading.Lock()
+        self._episode: _Episode | None = None
+        self._last_change: float | None = None  # when an episode last began or ended
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._failed = False
+        self._skip: _Skip | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the probe and the watchdog thread. Call it from the loop's own thread (the
+        thread whose stack a report shows), with the loop running or about to run."""
+        if self._thread is not None:
+            raise RuntimeError("LoopWatch is already started")
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._skip = _Skip()
+        self._stopped = threading.Event()
+        now = time.monotonic()
+        with self._lock:
+            self._due = now + self.interval
+        self.heartbeat = now
+        self._handle = loop.call_later(self.interval, self._probe)
+        self._thread = threading.Thread(target=self._watch, name="taskd-loopwatch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the probe and the thread, promptly; safe to call twice. Call it from the loop's
+        thread (a timer handle is not to be cancelled from another)."""
+        self._stopped.set()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(JOIN_TIMEOUT)
+        with self._lock:
+            self._due = math.inf
+            episode, self._episode = self._episode, None
+        if episode is not None:  # stopped before the probe ran again
+            now = time.monotonic()
+            self._unblocked(episode, max(now - episode.due, 0.0), now)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def lag_max(self) -> float:
+        """The largest lag the probe measured in the last 50 to 60 seconds."""
+        slot = int(time.monotonic() // WINDOW)
+        return max(
+            (
+                lag
+                for s, lag in zip(self._max_slot, self._max_lag, strict=True)
+                if slot - s < WINDOWS
+            ),
+            default=0.0,
+        )
+
+    @property
+    def blocked(self) -> bool:
+        """A blocking episode has been reported and the loop has not turned since."""
+        return self._episode is not None
+
+    def blocked_recently(self, seconds: float) -> bool:
+        """The loop is blocked, or a blocking episode began or ended in the last ``seconds``."""
+        if self._episode is not None:
+            return True
+        last = self._last_change
+        return last is not None and time.monotonic() - last <= seconds
+
+    def lag_histogram(self) -> list[tuple[float, int]]:
+        """Cumulative ``(upper bound, count)`` pairs, the last one ``(inf, lag_count)``."""
+        pairs: list[tuple[float, int]] = []
+        total = 0
+        for bound, count in zip((*self.lag_buckets, math.inf), self.lag_counts, strict=True):
+            total += count
+            pairs.append((bound, total))
+        return pairs
+
+    # -- the probe, on the loop --------------------------------------------------------------
+
+    def _probe(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            # A timer may fire a hair early (clock resolution); early is not negative lag.
+            lag = max(now - self._due, 0.0)
+            self._due = now + self.interval
+            episode, self._episode = self._episode, None
+        self.lag = lag
+        self.heartbeat = now
+        self.lag_sum += lag
+        self.lag_count += 1
+        self.lag_counts[bisect.bisect_left(self.lag_buckets, lag)] += 1
+        slot = int(now // WINDOW)
+        i = slot % WINDOWS
+        if self._max_slot[i] != slot:
+            self._max_slot[i] = slot
+            self._max_lag[i] = lag
+        elif lag > self._max_lag[i]:
+            self._max_lag[i] = lag
+        if episode is not None:
+            self._unblocked(episode, lag, now)
+        if not self._stopped.is_set() and self._loop is not None:
+            self._handle = self._loop.call_later(self.interval, self._probe)
+
+    def _unblocked(self, episode: _Episode, blocked_for: float, now: float) -> None:
+        self._last_change = now
+        log.info(
+            "loop_unblocked",
+            blocked_for=round(blocked_for, 3),
+            job=episode.job,
+            run_id=episode.run_id,
+        )
+
+    # -- the watchdog thread -----------------------------------------------------------------
+
+    def _watch(self) -> None:
+        stopped = self._stopped
+        while not stopped.wait(max(self.threshold / 4, MIN_WAKE)):
+            try:
+                self._check()
+            except Exception as exc:
+                # A diagnostic must never take the daemon down or flood its log: say it once.
+                if not self._failed:
+                    self._failed = True
+                    with contextlib.suppress(Exception):
+                        log.error("loopwatch_failed", error=repr(exc))
+
+    def _check(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return  # a loop that is not running is not blocked
+        now = time.monotonic()
+        with self._lock:
+            overdue = now - self._due
+            if self._episode is not None or overdue <= self.threshold:
+                return
+            # Looked at and logged under the lock: the probe, which takes it too, cannot then
+            # log loop_unblocked before this episode's loop_blocked line.
+            task = _current_task(loop)
+            name = task.get_name() if task is not None else None
+            job, run_id = self._owner(name)
+            frame, stack = self._where()
+            self._episode = _Episode(self._due, job, run_id)
+            self._last_change = now
+            self.blocked_total += 1
+            log.warning(
+                "loop_blocked",
+                blocked_for=round(overdue, 3),
+                job=job,
+                run_id=run_id,
+                frame=frame,
+                stack=stack,
+                task=name,
+                threshold=self.threshold,
+            )
+
+    def _owner(self, task_name: str | None) -> tuple[str | None, str | None]:
+        """(job, run id) from a task name the scheduler gave (taskd.schedule.job)."""
+        if task_name is None:
+            return None, None
+        kind, _, rest = task_name.partition(":")
+        if kind == "taskd-run":  # taskd-run:<job>:<run id>; neither part has a colon
+            job, _, run_id = rest.partition(":")
+            return job or None, run_id or None
+        if kind == "taskd-job":  # the job's own task, which runs its inline runs
+            try:
+                ids = list(self._run_ids(rest))
+            except Exception:  # the job table may be mid-change: the job name still helps
+                ids = []
+            return rest, ",".join(ids) or None
+        return None, None
+
+    def _where(self) -> tuple[str | None, list[str]]:
+        """The culprit frame ("file:line in function") and the innermost frames of the loop
+        thread's stack, innermost last."""
+        ident = self._loop_thread
+        top = sys._current_frames().get(ident) if ident is not None else None
+        frames: list[FrameType] = []
+        f = top
+        while f is not None and len(frames) < MAX_WALK:
+            frames.append(f)
+            f = f.f_back
+        if not frames:
+            return None, []
+        # The innermost frame outside the standard library, uvloop and taskd is the code that
+        # blocks (a plugin's), even when the wait itself is deeper, in socket.py say. When
+        # taskd itself blocks, no frame qualifies: name the innermost.
+        skip = self._skip or _Skip()
+        culprit = next((f for f in frames if not skip(f.f_code.co_filename)), frames[0])
+        code = culprit.f_code
+        frame = f"{code.co_filename}:{culprit.f_lineno} in {code.co_qualname}"
+        stack = [
+            f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_qualname}"
+            for f in reversed(frames[:STACK_DEPTH])
+        ]
+        return frame, stack
+
+
+def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
+    """The task ``loop`` is running now, looked up from another thread.
+
+    asyncio.current_task() answers only for the calling thread's loop, so this reads asyncio's
+    own map of loop -> current task (``asyncio.tasks._current_tasks``; on CPython 3.11-3.13
+    the C accelerator's dict, which uvloop's tasks use as well). Read-only, one lookup the GIL
+    makes atomic, and for diagnosis only: where the map is missing or differs, a report simply
+    names no job."""
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if not isinstance(tasks, dict):
+        return None
+    task = tasks.get(loop)
+    return task if isinstance(task, asyncio.Task) else None
+
+
+class _Skip:
+    """Which code is not the culprit: the standard library (asyncio, selectors, threading,
+    socket...), uvloop and taskd. Site-packages inside the standard library's folder (a Python
+    without a venv) are not skipped: installed plugins live there."""
+
+    __slots__ = ("always", "keep", "stdlib")
+
+    def __init__(self) -> None:
+        import taskd
+
+        always = [os.path.dirname(taskd.__file__) + os.sep, "<"]  # "<frozen ...>", "<string>"
+        uvloop_file = getattr(sys.modules.get("uvloop"), "__file__", None)
+        if uvloop_file:
+            always.append(os.path.dirname(uvloop_file) + os.sep)
+        self.always = tuple(always)
+        self.stdlib = os.path.dirname(os.__file__) + os.sep
+        self.keep = (self.stdlib + "site-packages" + os.sep, self.stdlib + "dist-packages" + os.sep)
+
+    def __call__(self, filename: str) -> bool:
+        if filename.startswith(self.always):
+            return True
+        return filename.startswith(self.stdlib) and not filename.startswith(self.keep)
