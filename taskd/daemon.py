@@ -17,9 +17,9 @@ import structlog
 
 from taskd import log as logsetup
 from taskd.errors import StateError
+from taskd.observe.loopwatch import LoopWatch
 from taskd.reload import Loaded, Reloader, ReloadResult
 from taskd.run.runtime import Runtime
-from taskd.observe.loopwatch import LoopWatch
 from taskd.schedule.jobset import Diff, JobSet
 from taskd.state.lock import InstanceLock
 from taskd.state.shared import SharedState
@@ -28,6 +28,7 @@ from taskd.systemd import Notifier
 
 if TYPE_CHECKING:
     from taskd.control.server import ControlServer
+    from taskd.observe.http import MetricsServer
 
 log = structlog.get_logger("taskd.daemon")
 
@@ -53,6 +54,7 @@ class Daemon:
         self.reloader: Reloader | None = None
         self.control: ControlServer | None = None
         self.loopwatch: LoopWatch | None = None
+        self.metrics: MetricsServer | None = None
         self.store: StateStore | None = None
         self.lock: InstanceLock | None = None
         self.started_at = time.time()
@@ -92,6 +94,8 @@ class Daemon:
                 timer.cancel()
             if self.control is not None:
                 await self.control.close()
+            if self.metrics is not None:
+                await self.metrics.close()
             if self.store is not None:
                 try:
                     self.store.close()
@@ -145,6 +149,19 @@ class Daemon:
         )
         self.rt = rt
         self.loaded = loaded
+        if d.metrics_address:
+            # Imported only when asked for: aiohttp and prometheus_client cost start-up time
+            # and memory that a daemon without metrics should not pay. Before the pool warms,
+            # so a bind failure leaves no forked workers behind.
+            from taskd.observe.http import MetricsServer
+
+            metrics = MetricsServer(d.metrics_address, self)
+            try:
+                await metrics.start()
+            except StateError as exc:
+                log.error("cannot_start", error=str(exc))
+                return EXIT_STATE
+            self.metrics = metrics
         if any(s.jobtype is not None and s.jobtype.kind == "cpu" for s in loaded.specs.values()):
             try:
                 await rt.procs()  # warm, so the first cpu run does not pay for forking workers
@@ -170,12 +187,6 @@ class Daemon:
             before=self.notifier.reloading,
             after=self._reloaded,
         )
-        if d.metrics_address:
-            log.warning(
-                "metrics_not_available",
-                metrics_address=d.metrics_address,
-                hint="this version has no /metrics endpoint yet; the setting is ignored",
-            )
         self._start_timers()
         # Everything made so far (config, plugins, one task per job) lives as long as the
         # daemon: move it out of the cyclic collector's way, so a full collection during a
@@ -285,6 +296,7 @@ class Daemon:
             "thread_workers",
             "process_workers",
             "control_group",
+            "metrics_address",
         ):
             if getattr(old_daemon, key) != getattr(new_daemon, key):
                 log.warning(

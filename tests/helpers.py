@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +48,21 @@ def poll(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05)
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: last value {value!r}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
 
 
 def _matches(line: dict[str, Any], event: str | None, fields: dict[str, Any]) -> bool:

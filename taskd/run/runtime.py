@@ -76,8 +76,10 @@ class Stats:
                     row.last_duration,
                     row.last_error,
                 )
-                if row.last_outcome == Outcome.SUCCEEDED and row.last_started is not None:
-                    self.last_success[name] = row.last_started + (row.last_duration or 0.0)
+            if row.last_success is not None:
+                # Kept across restarts, so "has not succeeded in X" alerts go on firing for a
+                # job that keeps failing after one.
+                self.last_success[name] = row.last_success
             if row.failures:
                 self.failures[name] = row.failures
 

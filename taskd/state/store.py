@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     paused INTEGER NOT NULL DEFAULT 0,
     last_run_id TEXT, last_outcome TEXT, last_started REAL, last_duration REAL,
     last_error TEXT, last_result TEXT,
-    failures INTEGER NOT NULL DEFAULT 0
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_success REAL
 );
 CREATE TABLE IF NOT EXISTS runs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -72,6 +73,7 @@ class JobRow:
     last_error: str | None = None
     last_result: Any = None
     failures: int = 0  # consecutive failed runs up to the last one
+    last_success: float | None = None  # when the job's latest successful run ended
 
 
 def _bounded(result_json: str | None, limit: int = MAX_RESULT_CHARS) -> str | None:
@@ -87,6 +89,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (
         "ALTER TABLE runs ADD COLUMN result TEXT",
         "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN last_success REAL",
+        "UPDATE jobs SET last_success = last_started + COALESCE(last_duration, 0) "
+        "WHERE last_outcome = 'succeeded'",
         # Schema 1 kept no streak: a job whose last run failed has failed at least once.
         "UPDATE jobs SET failures = 1 WHERE last_outcome IN ('failed', 'timed_out', 'interrupted')",
     ),
@@ -294,11 +299,21 @@ class StateStore:
         """Every job's row, including writes still buffered for this loop iteration."""
         out: dict[str, JobRow] = {}
         for row in self.db.execute(
-            "SELECT name, last_tick, paused, last_run_id, last_outcome, last_started, last_duration, last_error, last_result, failures FROM jobs"
+            "SELECT name, last_tick, paused, last_run_id, last_outcome, last_started, last_duration, last_error, last_result, failures, last_success FROM jobs"
         ):
             result = json.loads(row[8]) if row[8] is not None else None
             out[row[0]] = JobRow(
-                row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[7], result, row[9]
+                row[0],
+                row[1],
+                bool(row[2]),
+                row[3],
+                row[4],
+                row[5],
+                row[6],
+                row[7],
+                result,
+                row[9],
+                row[10],
             )
         for name, tick in self._ticks.items():
             out.setdefault(name, JobRow(name)).last_tick = tick
@@ -312,10 +327,12 @@ class StateStore:
             error,
             _,
             failures,
+            success,
         ) in self._job_last.items():
             r = out.setdefault(name, JobRow(name))
             r.last_run_id, r.last_outcome, r.last_started = run_id, outcome, started
             r.last_duration, r.last_error, r.failures = duration, error, failures
+            r.last_success = success if success is not None else r.last_success
         return out
 
     def shared(self) -> dict[str, Any]:
@@ -409,6 +426,7 @@ class StateStore:
             error,
             _bounded(result_json),
             failures,
+            started + duration if outcome == "succeeded" else None,
         )
         self._dirty()
 
@@ -497,11 +515,12 @@ class StateStore:
                 )
             if self._job_last:
                 db.executemany(
-                    "INSERT INTO jobs (name, last_run_id, last_outcome, last_started, last_duration, last_error, last_result, failures) "
-                    "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET last_run_id=excluded.last_run_id, "
+                    "INSERT INTO jobs (name, last_run_id, last_outcome, last_started, last_duration, last_error, last_result, failures, last_success) "
+                    "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET last_run_id=excluded.last_run_id, "
                     "last_outcome=excluded.last_outcome, last_started=excluded.last_started, "
                     "last_duration=excluded.last_duration, last_error=excluded.last_error, "
-                    "last_result=COALESCE(excluded.last_result, jobs.last_result), failures=excluded.failures",
+                    "last_result=COALESCE(excluded.last_result, jobs.last_result), failures=excluded.failures, "
+                    "last_success=COALESCE(excluded.last_success, jobs.last_success)",
                     [(job, *row) for job, row in self._job_last.items()],
                 )
             if self._shared:

@@ -160,6 +160,7 @@ class TestMigration:
             assert (rows["a"].last_tick, rows["a"].paused) == (100.0, True)
             # Schema 1 kept no streak: a last failure counts as one.
             assert (rows["a"].failures, rows["b"].failures) == (1, 0)
+            assert rows["a"].last_success is None
             s.run_finished("r3", "b", 3.0, 3.0, 1, 0.1, "succeeded", None, "manual", '{"x": 1}')
             s.flush()
         finally:
@@ -173,3 +174,24 @@ class TestMigration:
                 "failed",
             )
         db.close()
+
+
+class TestLastSuccess:
+    """Each job's last success time survives restarts, even while the job keeps failing."""
+
+    def test_kept_across_reopen_and_failures(self, tmp_path: Path) -> None:
+        path = tmp_path / "state.db"
+        s = StateStore(path)
+        s.open()
+        s.run_finished("r1", "a", 1.0, 10.0, 1, 2.5, "succeeded", None, "schedule", None, 0)
+        s.flush()
+        s.run_finished("r2", "a", 2.0, 20.0, 1, 1.0, "failed", "x", "schedule", None, 1)
+        assert s.jobs()["a"].last_success == 12.5  # buffered writes are seen too
+        s.close()
+        s = StateStore(path)
+        s.open()
+        try:
+            row = s.jobs()["a"]
+            assert (row.last_outcome, row.failures, row.last_success) == ("failed", 1, 12.5)
+        finally:
+            s.close()
