@@ -8,11 +8,13 @@ Starts `taskd run` as a process (uvloop, JSON logs to /dev/null, state in a temp
   journal writes each);
 - idle: --idle jobs `every = "1h"` against a daemon with no jobs: RSS difference / jobs,
   and CPU used over 5 s.
-Medians of --repeat. Prints one table; asserts nothing."""
+--metrics: the steady figure again with metrics_address set (the metrics sink's cost),
+interleaved with the plain one. Medians of --repeat. Prints one table; asserts nothing."""
 
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,10 +36,16 @@ def taskd_job_types():
 """
 
 
-def _config(folder: Path, jobs: int, every: str) -> Path:
+def _config(folder: Path, jobs: int, every: str, metrics: bool = False) -> Path:
     (folder / "plugins.d").mkdir(parents=True, exist_ok=True)
     (folder / "plugins.d" / "trivial.py").write_text(PLUGIN)
     head = '[daemon]\nplugin_dirs = ["plugins.d"]\nstate_dir = "state"\nruntime_dir = "run"\nlog_format = "json"\n'
+    if metrics:
+        # The metrics sink runs for every run; nothing scrapes, so this is its cost alone.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        head += f'metrics_address = "127.0.0.1:{port}"\n'
     body = "".join(f'[jobs.j{i}]\ntype = "trivial"\nevery = "{every}"\n' for i in range(jobs))
     path = folder / "taskd.toml"
     path.write_text(head + body)
@@ -66,9 +74,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=30)
 
 
-def steady(rate: int, seconds: float) -> float:
+def steady(rate: int, seconds: float, metrics: bool = False) -> float:
     with tempfile.TemporaryDirectory() as d:
-        proc, p = _start(_config(Path(d), rate, "1s"))
+        proc, p = _start(_config(Path(d), rate, "1s", metrics))
         c0, t0 = _cpu(p), time.time()
         time.sleep(seconds)
         c1, t1 = _cpu(p), time.time()
@@ -99,12 +107,23 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--metrics", action="store_true", help="also a daemon with metrics_address set (its sink)"
+    )
     args = parser.parse_args()
-    per_run = [steady(args.rate, args.seconds) for _ in range(args.repeat)]
+    per_run = []
+    with_metrics = []
+    for _ in range(args.repeat):  # interleaved: the machine's noise hits both alike
+        per_run.append(steady(args.rate, args.seconds))
+        if args.metrics:
+            with_metrics.append(steady(args.rate, args.seconds, metrics=True))
     idles = [idle(args.idle) for _ in range(args.repeat)]
     print(f"taskd run (uvloop), median of {args.repeat}")
     print(f"{'measure':<44} {'value':>12}")
     print(f"{f'CPU per run at {args.rate} runs/s':<44} {statistics.median(per_run) * 1e6:>9.1f} us")
+    if with_metrics:
+        label = "same, metrics_address set"
+        print(f"{label:<44} {statistics.median(with_metrics) * 1e6:>9.1f} us")
     print(
         f"{f'memory per idle job ({args.idle} jobs, RSS)':<44} {statistics.median(i[0] for i in idles):>9.0f} B"
     )
