@@ -115,13 +115,21 @@ def _raw_path(value: Any, base: Path) -> Path | None:
     return p if p.is_absolute() else base / p
 
 
+def print_error_lines(lines: Iterable[str]) -> None:
+    """Lines for stderr; under systemd (stderr is the journal) each carries priority <3>, so
+    `journalctl -p err` shows a rejected config at start or reload."""
+    from taskd.log import is_journal
+
+    prefix = "<3>" if is_journal(sys.stderr) else ""
+    for line in lines:
+        print(prefix + line, file=sys.stderr)
+
+
 def print_config_error(exc: ConfigError) -> None:
-    print(
-        f"taskd: config has {len(exc.issues)} error{'s' if len(exc.issues) != 1 else ''}:",
-        file=sys.stderr,
+    n = len(exc.issues)
+    print_error_lines(
+        [f"taskd: config has {n} error{'s' if n != 1 else ''}:", *(f"  {i}" for i in exc.issues)]
     )
-    for issue in exc.issues:
-        print(f"  {issue}", file=sys.stderr)
 
 
 def no_such_job(name: str, known: Iterable[str], path: Path) -> int:

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from taskd.cli import fmt
-from taskd.cli.common import EXIT_FAIL, EXIT_NO_DAEMON, EXIT_OK, daemon_dirs, emit, plural
+from taskd.cli.common import (
+    EXIT_FAIL,
+    EXIT_NO_DAEMON,
+    EXIT_OK,
+    daemon_dirs,
+    emit,
+    plural,
+    print_error_lines,
+)
 from taskd.control.client import NoDaemon, request
 from taskd.control.protocol import SOCKET_NAME, ControlError
 
@@ -214,13 +222,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
         emit(data)
         return EXIT_OK if data["ok"] else EXIT_FAIL
     if not data["ok"]:
-        print(
-            f"taskd: reload failed; the previous config keeps running "
-            f"({plural(len(data['errors']), 'error')}):",
-            file=sys.stderr,
+        print_error_lines(
+            [
+                "taskd: reload failed; the previous config keeps running "
+                f"({plural(len(data['errors']), 'error')}):",
+                *(f"  {error}" for error in data["errors"]),
+            ]
         )
-        for error in data["errors"]:
-            print(f"  {error}", file=sys.stderr)
         return EXIT_FAIL
     parts = [f"{k} {', '.join(data[k])}" for k in ("added", "changed", "removed") if data[k]]
     print(f"reloaded in {fmt.duration(data['took'])}: {'; '.join(parts) or 'no job changed'}")

@@ -400,10 +400,21 @@ class SdBox:
 
     def journal(self, unit: str, *, since_cursor: str | None = None) -> str:
         """The unit's journal as plain messages (optionally after a cursor)."""
-        args = ["journalctl", "--no-pager", "-o", "cat", "-u", unit]
-        if since_cursor:
-            args += ["--after-cursor", since_cursor]
-        return self.sh(*args).stdout
+        if not since_cursor:
+            return self.sh("journalctl", "--no-pager", "-o", "cat", "-u", unit).stdout
+        # --cursor, dropping the cursor's own entry, not --after-cursor: before systemd 255,
+        # --after-cursor with a match (-u) also drops the first matching entry
+        # (systemd#30288), which lost a test's first line now and then.
+        out = self.sh(
+            "journalctl", "--no-pager", "-o", "json", "-u", unit, "--cursor", since_cursor
+        ).stdout
+        lines = []
+        for raw in out.splitlines():
+            entry = json.loads(raw)
+            message = entry.get("MESSAGE")
+            if entry.get("__CURSOR") != since_cursor and isinstance(message, str):
+                lines.append(message)
+        return "".join(f"{line}\n" for line in lines)
 
     def journal_cursor(self) -> str:
         """The current end of the journal, to read only what comes after it."""

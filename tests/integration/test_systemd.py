@@ -318,6 +318,9 @@ def test_bad_reload_keeps_the_old_config_running(box: SdBox) -> None:
     assert reload.returncode != 0, (reload.stdout, reload.stderr)
     journal = systemd_lines(box, cursor)
     assert "reload failed; the previous config keeps running" in journal, journal
+    # ... filed at priority err (the CLI writes <3> when stderr is the journal).
+    errors = box.sh("journalctl", "-u", UNIT, "-p", "err", "-o", "cat", "--no-pager").stdout
+    assert "reload failed; the previous config keeps running" in errors, errors
     assert "jobs.tick" in journal and "evry" in journal, journal
 
     def failure() -> dict[str, Any] | None:
@@ -368,6 +371,66 @@ def test_stop_drains_runs_and_exits_clean(box: SdBox) -> None:
     assert any(e.get("event") == "stopped" for e in events(box, cursor))
     # The daemon reaped its children itself: systemd found nothing to SIGKILL.
     assert "Killing process" not in systemd_lines(box, cursor)
+
+
+@pytest.mark.systemd
+def test_journal_priorities_filter_by_level(box: SdBox) -> None:
+    """Each line reaches the journal at its level: `-p err` shows the failed run and none of
+    the successful ticks, `-p warning` adds the skips and still no info line."""
+    failing = (
+        '\n[jobs.broken]\ntype = "command"\nevery = "1s"\n[jobs.broken.options]\ncmd = "exit 3"\n'
+        # Overlap (the default "skip"): a 3 s run every second logs `skipped` warnings.
+        '\n[jobs.slow]\ntype = "command"\nevery = "1s"\n[jobs.slow.options]\ncmd = "sleep 3"\n'
+    )
+    # The journal's PRIORITY field for each of the daemon's levels (syslog numbers).
+    priority_of = {"debug": "7", "info": "6", "warning": "4", "error": "3", "critical": "2"}
+    cursor = box.journal_cursor()
+    fresh_start(box, config_toml(extra=failing))
+
+    def at_most(priority: str) -> list[dict[str, Any]]:
+        """The daemon's events that `journalctl -p priority` shows, each checked against the
+        priority journald filed it at."""
+        # --cursor, not --after-cursor: before systemd 255, --after-cursor with a match
+        # (-u, -p) also drops the first matching entry (systemd#30288); the cursor's own
+        # entry is dropped here instead.
+        args = ["--no-pager", "-o", "json", "-u", UNIT, "-p", priority, "--cursor", cursor]
+        found = []
+        for line in box.sh("journalctl", *args).stdout.splitlines():
+            entry = json.loads(line)
+            message = entry.get("MESSAGE")
+            # systemd's own lines about the unit are not JSON; the daemon's all are.
+            if entry["__CURSOR"] == cursor or not str(message).startswith("{"):
+                continue
+            event = json.loads(message)
+            assert entry["PRIORITY"] == priority_of[event["level"]], (entry, event)
+            found.append(event)
+        return found
+
+    def seen() -> bool:
+        got = events(box, cursor)
+        return all(
+            any(e.get("event") == ev and e.get("job") == job for e in got)
+            for ev, job in (("run", "broken"), ("skipped", "slow"), ("run", "tick"))
+        )
+
+    wait_until(seen, timeout=DEADLINE, what="a failed run, a skip and a tick run")
+    # The unfiltered journal has the info lines, so their absence below is the filter's doing.
+    assert tick_runs(box, cursor)
+    errors = at_most("err")
+    assert {e["level"] for e in errors} <= {"error", "critical"}, errors
+    failed = [e for e in errors if e.get("event") == "run" and e.get("job") == "broken"]
+    assert failed and all(e["outcome"] == "failed" for e in failed), errors
+    assert not [e for e in errors if e.get("outcome") == "succeeded"], errors
+    warnings = at_most("warning")
+    assert {e["level"] for e in warnings} <= {"warning", "error", "critical"}, warnings
+    assert any(e.get("event") == "skipped" and e.get("job") == "slow" for e in warnings)
+    assert any(e.get("event") == "run" and e.get("job") == "broken" for e in warnings)
+    # (the tick job may log a warning of its own: a tick coalesced at start-up)
+    assert not [e for e in warnings if e.get("outcome") == "succeeded"], warnings
+    # journald took the `<N>` off: no line kept it as text.
+    assert not re.search(r"^<\d>", systemd_lines(box, cursor), re.M)
+    box.write(CONFIG, config_toml())
+    box.sh("systemctl", "reload", UNIT)
 
 
 @pytest.mark.systemd

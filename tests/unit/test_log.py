@@ -1,16 +1,26 @@
-"""Log set-up: console lines on a terminal, JSON lines otherwise, and the level filter."""
+"""Log set-up: console lines on a terminal, JSON lines otherwise, the level filter, and the
+syslog priority prefix when the stream is the journal."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
 import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
 
 import pytest
 import structlog
 
 from taskd import log as logsetup
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The console's head: short local time, then the level padded to 8.
+_HEAD = r"\d\d:\d\d:\d\d\.\d{3} "
 
 
 class _Tty(io.StringIO):
@@ -19,7 +29,10 @@ class _Tty(io.StringIO):
 
 
 @pytest.fixture(autouse=True)
-def _restore_structlog():
+def _restore_structlog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # The test run itself may be a systemd service: its JOURNAL_STREAM must not leak in.
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
     yield
     structlog.reset_defaults()
     root = logging.getLogger()
@@ -27,6 +40,18 @@ def _restore_structlog():
         if type(handler).__name__ == "_ToStructlog":
             root.removeHandler(handler)
     root.setLevel(logging.WARNING)
+
+
+def _journal_env(monkeypatch: pytest.MonkeyPatch, stream: TextIO) -> None:
+    """Point JOURNAL_STREAM at ``stream``'s fd, as systemd does for a service's stdout."""
+    st = os.fstat(stream.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+
+
+def _console(stream: io.StringIO | None = None) -> io.StringIO:
+    out = stream if stream is not None else io.StringIO()
+    logsetup.configure("debug", "console", out)
+    return out
 
 
 class TestFormat:
@@ -46,8 +71,8 @@ class TestFormat:
         structlog.get_logger("t").info("run", job="a")
         raw = out.getvalue()
         assert "\x1b[" in raw  # coloured on a terminal
-        text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
-        assert "[info     ] run" in text and "job=a" in text
+        text = _ANSI.sub("", raw)
+        assert re.fullmatch(_HEAD + r"info     run job=a\n", text), text
         assert not text.lstrip().startswith("{")  # a line for people, not a JSON object
 
     def test_forced_json_on_a_tty(self) -> None:
@@ -55,6 +80,283 @@ class TestFormat:
         logsetup.configure("info", "json", out)
         structlog.get_logger("t").info("x")
         assert json.loads(out.getvalue())["event"] == "x"
+
+
+class TestJsonUnchanged:
+    """JSON lines are what they were: one object per line, the same keys in the same order."""
+
+    def test_keys_and_order(self) -> None:
+        out = io.StringIO()
+        logsetup.configure("info", "json", out)
+        log = structlog.get_logger("t")
+        log.info("run", job="a", run_id="r1", duration=0.0123, result={"ok": True})
+        log.warning("skipped", job="a", reason="overlap")
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 2
+        first = json.loads(lines[0])
+        assert list(first) == ["job", "run_id", "duration", "result", "event", "level", "timestamp"]
+        assert first["duration"] == 0.0123 and first["result"] == {"ok": True}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", first["timestamp"])
+
+    def test_traceback_stays_inside_the_object(self) -> None:
+        out = io.StringIO()
+        logsetup.configure("info", "json", out)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            structlog.get_logger("t").exception("failed", job="a")
+        (line,) = out.getvalue().splitlines()
+        exc = json.loads(line)["exception"]
+        assert exc[0]["exc_type"] == "ValueError" and exc[0]["exc_value"] == "boom"
+
+
+class TestJournalPriority:
+    """Under the journal each line starts with its syslog priority; elsewhere nothing changes."""
+
+    LEVELS = (
+        ("debug", "<7>"),
+        ("info", "<6>"),
+        ("warning", "<4>"),
+        ("error", "<3>"),
+        ("critical", "<2>"),
+    )
+
+    def test_each_level_gets_its_number(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with open(tmp_path / "stdout", "w+") as out:
+            _journal_env(monkeypatch, out)
+            logsetup.configure("debug", "json", out)
+            log = structlog.get_logger("t")
+            for name, _ in self.LEVELS:
+                getattr(log, name)("ev", job="a", level_was=name)
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                log.exception("crashed", job="a")
+            out.seek(0)
+            lines = out.read().splitlines()
+        expected = [prefix for _, prefix in self.LEVELS] + ["<3>"]
+        assert [line[:3] for line in lines] == expected
+        for line in lines:
+            # journald strips the prefix; what it keeps is still one JSON object.
+            obj = json.loads(line[3:])
+            assert obj["job"] == "a" and "\n" not in line
+        assert json.loads(lines[-1][3:])["exception"][0]["exc_type"] == "ValueError"
+
+    def test_json_after_the_prefix_is_the_same_object(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        plain = io.StringIO()
+        logsetup.configure("info", "json", plain)
+        structlog.get_logger("t").info("run", job="a", duration=0.5, result=[1, "x"])
+        with open(tmp_path / "stdout", "w+") as out:
+            _journal_env(monkeypatch, out)
+            logsetup.configure("info", "json", out)
+            structlog.get_logger("t").info("run", job="a", duration=0.5, result=[1, "x"])
+            out.seek(0)
+            prefixed = out.read()
+        unstamp = re.compile(r'"timestamp": "[^"]*"')
+        assert prefixed.startswith("<6>{")
+        assert unstamp.sub("", prefixed[3:]) == unstamp.sub("", plain.getvalue())
+
+    def test_no_prefix_when_journal_stream_names_another_file(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A job's child inherits JOURNAL_STREAM even when its own stdout goes elsewhere.
+        with open(tmp_path / "journal", "w") as other, open(tmp_path / "stdout", "w+") as out:
+            _journal_env(monkeypatch, other)
+            logsetup.configure("info", "json", out)
+            structlog.get_logger("t").error("run", job="a")
+            out.seek(0)
+            assert out.read().startswith("{")
+
+    @pytest.mark.parametrize("value", ["", "garbage", "1:x", ":"])
+    def test_no_prefix_when_journal_stream_is_malformed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+    ) -> None:
+        monkeypatch.setenv("JOURNAL_STREAM", value)
+        with open(tmp_path / "stdout", "w+") as out:
+            logsetup.configure("info", "json", out)
+            structlog.get_logger("t").error("run", job="a")
+            out.seek(0)
+            assert out.read().startswith("{")
+
+    def test_a_stream_without_a_file_is_never_the_journal(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("JOURNAL_STREAM", "1:1")
+        assert not logsetup.is_journal(io.StringIO())
+
+    def test_stdlib_logging_gets_its_priority_too(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with open(tmp_path / "stdout", "w+") as out:
+            _journal_env(monkeypatch, out)
+            logsetup.configure("info", "json", out)
+            logging.getLogger("asyncio").warning("slow callback")
+            out.seek(0)
+            assert out.read().startswith('<4>{"event": "slow callback"')
+
+    def test_console_in_the_journal_marks_every_line(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # journald files each line on its own: a traceback line without the prefix would be
+        # filed as info and vanish from `journalctl -p err`.
+        with open(tmp_path / "stdout", "w+") as out:
+            _journal_env(monkeypatch, out)
+            logsetup.configure("info", "console", out)
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                structlog.get_logger("t").exception("crashed", job="a")
+            out.seek(0)
+            lines = out.read().splitlines()
+        assert len(lines) > 3 and all(line.startswith("<3>") for line in lines), lines
+        assert "\x1b[" not in "".join(lines)  # not a terminal: no colour
+
+
+class TestConsole:
+    """Lines for people: event, then job, durations in ms or s, short results, tracebacks."""
+
+    def test_run_line(self) -> None:
+        out = _console()
+        structlog.get_logger("t").info(
+            "run",
+            run_id="r1",
+            attempt=1,
+            job="tick",
+            outcome="succeeded",
+            duration=0.0123,
+            late=0.0004,
+            result={"ok": True, "n": 3},
+        )
+        line = out.getvalue()
+        expected = (
+            _HEAD + r"info     run job=tick run_id=r1 attempt=1 outcome=succeeded "
+            r'duration=12\.3ms late=0\.4ms result=\{"ok":true,"n":3\}\n'
+        )
+        assert re.fullmatch(expected, line), line
+
+    def test_order_is_stable_whatever_the_values(self) -> None:
+        out = _console()
+        log = structlog.get_logger("t")
+        log.warning("skipped", reason="overlap", job="a", count=2)
+        log.warning("skipped", reason="paused", job="b", count=1)
+        keys = [re.findall(r" (\w+)=", line) for line in out.getvalue().splitlines()]
+        assert keys == [["job", "reason", "count"]] * 2
+
+    def test_short_local_time(self) -> None:
+        out = _console()
+        before = time.strftime("%H:%M:%S")
+        structlog.get_logger("t").info("x")
+        after = time.strftime("%H:%M:%S")
+        stamp = out.getvalue()[:8]
+        assert before <= stamp <= after or after < before  # (or midnight passed)
+
+    @pytest.mark.parametrize(
+        ("seconds", "shown"),
+        [
+            (0.0123, "12.3ms"),
+            (0.0004, "0.4ms"),
+            (2.3e-05, "0.0ms"),
+            (0, "0.0ms"),
+            (0.25, "250ms"),
+            (0.9996, "1.00s"),
+            (1.25, "1.25s"),
+            (42.04, "42.0s"),
+            (3600.4, "3600s"),
+            (-0.002, "-2.0ms"),
+        ],
+    )
+    def test_durations(self, seconds: float, shown: str) -> None:
+        assert logsetup.seconds(seconds) == shown
+
+    def test_every_duration_key_is_formatted(self) -> None:
+        out = _console()
+        fields = {k: 1.25 for k in sorted(logsetup.DURATION_KEYS)}
+        structlog.get_logger("t").info("x", by=0.5, **fields)
+        line = out.getvalue()
+        for key in logsetup.DURATION_KEYS:
+            assert f" {key}=1.25s" in line, line
+        assert " by=0.5" in line  # not a duration: left as it is
+
+    def test_a_duration_given_as_text_is_left_alone(self) -> None:
+        out = _console()
+        structlog.get_logger("t").warning("state_write_failed", retry_in="1s", flag=True)
+        assert out.getvalue().rstrip().endswith("retry_in=1s flag=True")
+
+    def test_long_result_is_one_short_line(self) -> None:
+        out = _console()
+        result = {"lines": ["first\nsecond"] * 20, "note": "x" * 200}
+        structlog.get_logger("t").info("run", job="a", result=result)
+        line = out.getvalue()
+        assert line.count("\n") == 1
+        shown = line.rstrip("\n").split(" result=", 1)[1]
+        assert len(shown) == logsetup.RESULT_WIDTH and shown.endswith("…")
+        assert shown.startswith('{"lines":["first\\nsecond",')
+
+    def test_result_that_is_not_json_shows_its_repr(self) -> None:
+        class Thing:
+            def __repr__(self) -> str:
+                return "<Thing>"
+
+        assert logsetup.summary(Thing()) == '"<Thing>"'
+        assert logsetup.summary({"a": 1}) == '{"a":1}'
+
+    def test_strings_with_spaces_are_quoted(self) -> None:
+        out = _console()
+        structlog.get_logger("t").error("run", job="a", error="exit code 3\nstderr: no")
+        assert out.getvalue().rstrip().endswith("error='exit code 3\\nstderr: no'")
+
+    def test_traceback_is_printed_as_one(self) -> None:
+        out = _console()
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            structlog.get_logger("t").exception("scheduler_crashed", job="a")
+        lines = out.getvalue().splitlines()
+        assert re.fullmatch(_HEAD + "error    scheduler_crashed job=a", lines[0]), lines[0]
+        assert lines[1] == "Traceback (most recent call last):"
+        assert any(line.strip() == 'raise ValueError("boom")' for line in lines)
+        assert lines[-1] == "ValueError: boom"
+
+    def test_exception_passed_as_exc_info(self) -> None:
+        out = _console()
+        exc: BaseException | None = None
+        try:
+            raise KeyError("k")
+        except KeyError as e:
+            exc = e
+        structlog.get_logger("t").error("run_crashed", job="a", exc_info=exc)
+        text = out.getvalue()
+        assert "\nTraceback (most recent call last):\n" in text
+        assert text.rstrip().endswith("KeyError: 'k'")
+
+    def test_stdlib_traceback_too(self) -> None:
+        out = _console()
+        try:
+            raise OSError("disk")
+        except OSError:
+            logging.getLogger("asyncio").exception("callback failed")
+        lines = out.getvalue().splitlines()
+        assert lines[0].endswith("error    callback failed")
+        assert lines[1] == "Traceback (most recent call last):" and lines[-1] == "OSError: disk"
+
+    @pytest.mark.parametrize(
+        ("stream", "no_color", "coloured"),
+        [(_Tty, "", True), (_Tty, "1", False), (io.StringIO, "", False)],
+    )
+    def test_colour_only_when_on(
+        self, monkeypatch: pytest.MonkeyPatch, stream: Any, no_color: str, coloured: bool
+    ) -> None:
+        if no_color:
+            monkeypatch.setenv("NO_COLOR", no_color)
+        out = _console(stream=stream())
+        structlog.get_logger("t").error("run", job="a")
+        raw = out.getvalue()
+        assert ("\x1b[31m" in raw) is coloured  # red for an error
+        assert _ANSI.sub("", raw).split()[1:4] == ["error", "run", "job=a"]
 
 
 class TestLevel:
