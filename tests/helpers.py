@@ -214,7 +214,9 @@ class DaemonProc:
         return sqlite3.connect(f"file:{self.dir / 'state' / 'state.db'}?mode=ro", uri=True)
 
     def history(self, job: str | None = None) -> list[dict[str, Any]]:
-        with self.db() as db:
+        # closing(): a sqlite3 connection's own `with` only commits; left open until the
+        # garbage collector runs, it would hold the -wal/-shm under later readers.
+        with contextlib.closing(self.db()) as db:
             db.row_factory = sqlite3.Row
             sql = "SELECT * FROM runs" + (" WHERE job = ?" if job else "") + " ORDER BY seq"
             return [dict(r) for r in db.execute(sql, (job,) if job else ())]

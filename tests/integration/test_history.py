@@ -166,7 +166,11 @@ class TestWhileRunning:
         before = state_files(d)
         rows = history_json(d)
         by_job = {r["job"]: r for r in rows}
-        assert by_job["big"]["result"] == {"blob": "x" * 10, "size": 10, "job": "big"}
+        assert by_job["big"]["result"] == {"blob": "x" * 10, "size": 10, "job": "big"}, (
+            rows,
+            before,
+            [r for r in d.raw if '"big"' in r][-5:],
+        )
         # It was running when the daemon died; the next start will record it so.
         assert by_job["long"]["outcome"] == "interrupted"
         assert by_job["long"]["error"] == "the daemon stopped during this run"
