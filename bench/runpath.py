@@ -1,0 +1,82 @@
+"""CPU per run through the run path alone, in-process: execute() of a trivial io job and its
+end (the sinks: stats, store with its commit, shared state, the JSON `run` line to /dev/null,
+hooks), with no scheduling and no daemon around it. Deterministic enough to compare commits.
+
+    .venv/bin/python bench/runpath.py [--runs 4000] [--rounds 5]
+    PYTHONPATH=/path/to/other/worktree .venv/bin/python bench/runpath.py   # another version
+
+Prints the best of --rounds (CPU time per run, process_time); asserts nothing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from taskd import log as logsetup
+from taskd.config.model import JobConfig
+from taskd.jobspec import JobSpec, make_trigger
+from taskd.plugin.jobtype import JobType
+from taskd.plugin.manager import PluginHost
+from taskd.run import runner
+from taskd.run.events import Cause
+from taskd.run.runtime import Runtime
+from taskd.state.shared import SharedState
+from taskd.state.store import StateStore
+
+
+async def trivial(ctx: Any) -> None:
+    return None
+
+
+async def measure(runs: int, rounds: int) -> float:
+    with open(os.devnull, "w") as sink, tempfile.TemporaryDirectory() as tmp:
+        logsetup.configure("info", "json", sink)
+        store = StateStore(Path(tmp) / "state.db")
+        store.open()
+        rt = Runtime(
+            shared=SharedState(),
+            store=store,
+            host=PluginHost(),
+            thread_workers=2,
+            process_workers=1,
+        )
+        rt.refresh_log()
+        cfg = JobConfig(name="j", type="t", schedule="every", every=1.0)
+        spec = JobSpec(cfg, JobType("t", trivial), make_trigger(cfg))
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.process_time()
+            for i in range(runs):
+                now = time.time()
+                info = runner.RunInfo(rt.new_run_id(), "j", now, now, Cause.SCHEDULE)
+                await runner.execute(rt, spec, info)
+                if i % 50 == 49:  # let the deferred ends and the batched commit happen
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
+            await rt.settle()
+            await asyncio.sleep(0)
+            best = min(best, (time.process_time() - t0) / runs)
+        store.close()
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=4000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    per_run = uvloop.run(measure(args.runs, args.rounds))
+    print(f"run path (execute + sinks + commit), best of {args.rounds}: {per_run * 1e6:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
