@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import uvloop
 
@@ -35,8 +35,8 @@ async def trivial(ctx: Any) -> None:
     return None
 
 
-async def measure(runs: int, rounds: int) -> float:
-    with open(os.devnull, "w") as sink, tempfile.TemporaryDirectory() as tmp:
+async def measure(runs: int, rounds: int, sink: TextIO) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
         logsetup.configure("info", "json", sink)
         store = StateStore(Path(tmp) / "state.db")
         store.open()
@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    per_run = uvloop.run(measure(args.runs, args.rounds))
+    with open(os.devnull, "w") as sink:
+        per_run = uvloop.run(measure(args.runs, args.rounds, sink))
     print(f"run path (execute + sinks + commit), best of {args.rounds}: {per_run * 1e6:.1f} us")
 
 
