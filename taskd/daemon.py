@@ -9,7 +9,9 @@ import asyncio
 import gc
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +182,7 @@ class Daemon:
         # Right after the jobs start (no await between): a startup run that blocks the loop
         # is already watched.
         self.loopwatch = _loop_watch(d.loop_block_threshold, self.jobset)
+        self.loopwatch.is_plugin_file = _plugin_files(loaded)
         self.reloader = Reloader(
             self.config_path,
             loaded,
@@ -313,7 +316,16 @@ class Daemon:
         self.rt.set_host(new.host)
         if self.loopwatch is not None:
             self.loopwatch.threshold = new_daemon.loop_block_threshold
-        diff = self.jobset.apply(new.specs, self.store.jobs())
+            self.loopwatch.is_plugin_file = _plugin_files(new)
+        rows = self.store.jobs()
+        diff = self.jobset.apply(new.specs, rows)
+        # Removed jobs' counters go (status and metrics show configured jobs only, and a
+        # daemon that renames jobs for months must not keep every old name); one added back
+        # starts from its stored last run, as at start.
+        self.rt.stats.forget(diff.removed)
+        self.rt.stats.seed({name: rows[name] for name in diff.added if name in rows})
+        if self.metrics is not None:
+            self.metrics.sink.retain(set(self.jobset.jobs))
         self.loaded = new
         return diff
 
@@ -416,3 +428,17 @@ def _loop_watch(threshold: float, jobset: JobSet) -> LoopWatch:
     watch = LoopWatch(threshold, run_ids)
     watch.start(asyncio.get_running_loop())
     return watch
+
+
+def _plugin_files(loaded: Loaded) -> Callable[[str], bool]:
+    """Whether a source file is a plugin's: under a plugin folder, or the module (or package)
+    of an installed plugin. For the blocked-loop report, which names plugin frames first."""
+    roots = [str(p) + os.sep for p in loaded.config.daemon.plugin_dirs]
+    for record in loaded.host.records:
+        module = sys.modules.get(record.module_name or "") or record.plugin
+        path = getattr(module, "__file__", None)
+        if path:
+            is_package = os.path.basename(path) == "__init__.py"
+            roots.append(os.path.dirname(path) + os.sep if is_package else path)
+    prefixes = tuple(roots)
+    return lambda filename: filename.startswith(prefixes)

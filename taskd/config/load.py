@@ -384,7 +384,7 @@ def _at(value: Any, tz: str) -> float:
 
 def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | None:
     p = f"jobs.{name}"
-    if not JOB_NAME.match(name):
+    if not JOB_NAME.fullmatch(name):  # match() would let a trailing newline through
         c.add(
             p,
             f"job name {name!r} is not allowed",

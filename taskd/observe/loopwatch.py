@@ -54,6 +54,8 @@ WINDOWS = 6  # slots kept: lag_max covers the last 50 to 60 seconds
 STACK_DEPTH = 5  # frames given in a report's ``stack``
 MAX_WALK = 256  # frames looked at for the culprit; a deeper stack is recursion, not news
 MIN_WAKE = 0.01  # the watchdog never polls more often than this, whatever the threshold
+# ... nor less often than this: a reload that lowers the threshold takes effect within it.
+MAX_WAKE = 0.25
 JOIN_TIMEOUT = 1.0
 
 
@@ -94,6 +96,10 @@ class LoopWatch:
         self.threshold = threshold
         self.interval = interval
         self._run_ids = run_ids
+        # Which files are plugins' (the daemon sets it: drop-in folders, entry-point modules):
+        # their frames name the culprit first, and only they count as plugin code. Unset, any
+        # code outside the standard library, uvloop and taskd counts. Read from the thread.
+        self.is_plugin_file: Callable[[str], bool] | None = None
         self.lag = 0.0
         self.heartbeat = time.monotonic()
         self.lag_buckets = LAG_BUCKETS
@@ -228,7 +234,7 @@ class LoopWatch:
 
     def _watch(self) -> None:
         stopped = self._stopped
-        while not stopped.wait(max(self.threshold / 4, MIN_WAKE)):
+        while not stopped.wait(min(max(self.threshold / 4, MIN_WAKE), MAX_WAKE)):
             try:
                 self._check()
             except Exception as exc:
@@ -251,8 +257,11 @@ class LoopWatch:
             # log loop_unblocked before this episode's loop_blocked line.
             task = _current_task(loop)
             name = task.get_name() if task is not None else None
-            job, run_id = self._owner(name)
-            frame, stack = self._where()
+            frame, stack, plugin_code = self._where()
+            # No plugin frame on the loop thread: the time went to taskd itself or to threads
+            # holding the GIL (CPU-heavy blocking jobs). The task that happened to be current
+            # did not block anything; blaming it would send the operator to the wrong job.
+            job, run_id = self._owner(name) if plugin_code else (None, None)
             self._episode = _Episode(self._due, job, run_id)
             self._last_change = now
             self.blocked_total += 1
@@ -265,6 +274,14 @@ class LoopWatch:
                 stack=stack,
                 task=name,
                 threshold=self.threshold,
+                **(
+                    {}
+                    if plugin_code
+                    else {
+                        "note": "no plugin code was running on the loop: taskd itself, or "
+                        "threads holding the GIL (CPU-heavy blocking jobs)"
+                    }
+                ),
             )
 
     def _owner(self, task_name: str | None) -> tuple[str | None, str | None]:
@@ -283,9 +300,9 @@ class LoopWatch:
             return rest, ",".join(ids) or None
         return None, None
 
-    def _where(self) -> tuple[str | None, list[str]]:
-        """The culprit frame ("file:line in function") and the innermost frames of the loop
-        thread's stack, innermost last."""
+    def _where(self) -> tuple[str | None, list[str], bool]:
+        """The culprit frame ("file:line in function"), the innermost frames of the loop
+        thread's stack (innermost last), and whether plugin code was on it."""
         ident = self._loop_thread
         top = sys._current_frames().get(ident) if ident is not None else None
         frames: list[FrameType] = []
@@ -294,19 +311,27 @@ class LoopWatch:
             frames.append(f)
             f = f.f_back
         if not frames:
-            return None, []
-        # The innermost frame outside the standard library, uvloop and taskd is the code that
-        # blocks (a plugin's), even when the wait itself is deeper, in socket.py say. When
-        # taskd itself blocks, no frame qualifies: name the innermost.
+            return None, [], False
+        # A plugin's own frame names the culprit best, even when the wait is deeper in a
+        # library it calls (psutil, requests, socket.py); else the innermost frame outside the
+        # standard library, uvloop and taskd. When neither is there, name the innermost.
+        is_plugin = self.is_plugin_file
         skip = self._skip or _Skip()
-        culprit = next((f for f in frames if not skip(f.f_code.co_filename)), frames[0])
+        culprit = None
+        if is_plugin is not None:
+            culprit = next((f for f in frames if is_plugin(f.f_code.co_filename)), None)
+        plugin_code = culprit is not None
+        if culprit is None:
+            culprit = next((f for f in frames if not skip(f.f_code.co_filename)), None)
+            plugin_code = culprit is not None and is_plugin is None
+        culprit = culprit or frames[0]
         code = culprit.f_code
         frame = f"{code.co_filename}:{culprit.f_lineno} in {code.co_qualname}"
         stack = [
             f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_qualname}"
             for f in reversed(frames[:STACK_DEPTH])
         ]
-        return frame, stack
+        return frame, stack, plugin_code
 
 
 def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:

@@ -66,7 +66,13 @@ _LE = (*(_go_float(b) for b in BUCKETS), "+Inf")
 # The outcomes an ended run can have; each job exports all four, zeros included, so that
 # rate() and alerts see a series before the first failure.
 END_OUTCOMES = (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.TIMED_OUT, Outcome.CANCELLED)
-RESTART_CAUSES = ("died", "timeout", "memory", "start_failed")  # ProcessPool.restarts keys
+RESTART_CAUSES = (
+    "died",
+    "killed",
+    "timeout",
+    "memory",
+    "start_failed",
+)  # ProcessPool.restarts keys
 # The label that names a job. Not "job": Prometheus gives every series the scrape job's name
 # under "job" and would rename ours to "exported_job" (kube-state-metrics says job_name too).
 JOB_LABEL = "job_name"
@@ -317,8 +323,9 @@ class DaemonCollector:
         )
         restarts = CounterMetricFamily(
             "taskd_worker_restarts",
-            "Process-pool workers replaced, by cause: died (killed, crashed, exited), "
-            "timeout, memory (past max_memory), start_failed.",
+            "Process-pool workers replaced, by cause: died (crashed, exited, killed from "
+            "outside), killed (by taskd: its run was cancelled), timeout, memory (past "
+            "max_memory), start_failed.",
             labels=["cause"],
         )
         figures = self.processes

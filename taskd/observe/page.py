@@ -85,8 +85,9 @@ def render(
     failures: list[dict[str, Any]],
     lag: dict[str, float],
     refresh: float = 5.0,
+    now: float | None = None,
 ) -> str:
-    """The whole HTML5 document.
+    """The whole HTML5 document, with relative times as seen from ``now`` (default: now).
 
     ``status`` is what the ``status`` control command answers (``{"daemon": {...}, "jobs":
     [...]}``); ``failures`` the newest failed runs (``job, run_id, outcome, started, duration,
@@ -95,7 +96,7 @@ def render(
     seconds. Raises ValueError when ``refresh`` is not a positive number."""
     if not (math.isfinite(refresh) and refresh > 0):
         raise ValueError(f"refresh must be a positive number of seconds, not {refresh!r}")
-    now = time.time()
+    now = time.time() if now is None else now
     daemon: Mapping[str, Any] = status.get("daemon") or {}
     jobs: Sequence[Mapping[str, Any]] = status.get("jobs") or []
     out: list[str] = []

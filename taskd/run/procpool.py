@@ -198,6 +198,18 @@ class _Channel(asyncio.Protocol):
         self._pool._on_channel_lost(self._worker)
 
 
+def _restart_cause(worker: _Worker) -> str:
+    """Why a worker (that was up) is being replaced, for the restart counter: its run's
+    timeout or memory limit; ``killed`` when taskd killed it on purpose for another reason
+    (its run was cancelled, its channel was lost); ``died`` when nobody meant it to go."""
+    reason = worker.kill_reason
+    if isinstance(reason, JobTimeout):
+        return "timeout"
+    if isinstance(reason, MemoryLimitExceeded):
+        return "memory"
+    return "killed" if worker.expected else "died"
+
+
 def _start_process(proc: BaseProcess) -> None:
     with _MP_LOCK:
         proc.start()
@@ -834,14 +846,7 @@ class ProcessPool:
         run = worker.run
         worker.run = None
         if not self._closing and worker.ready.done():
-            reason = worker.kill_reason
-            self.restarts[
-                "timeout"
-                if isinstance(reason, JobTimeout)
-                else "memory"
-                if isinstance(reason, MemoryLimitExceeded)
-                else "died"
-            ] += 1
+            self.restarts[_restart_cause(worker)] += 1
         if run is not None:
             self._busy -= 1
             exc = worker.kill_reason or WorkerDied(

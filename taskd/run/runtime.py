@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -82,6 +82,18 @@ class Stats:
                 self.last_success[name] = row.last_success
             if row.failures:
                 self.failures[name] = row.failures
+
+    def forget(self, jobs: Iterable[str]) -> None:
+        """Drop what is kept per job for jobs no longer configured."""
+        gone = set(jobs)
+        if not gone:
+            return
+        for per_job in (self.last, self.last_success, self.failures, self.retries):
+            for name in gone:
+                per_job.pop(name, None)
+        for counter in (self.outcomes, self.skips):
+            for key in [k for k in counter if k[0] in gone]:
+                del counter[key]
 
     def record(
         self,

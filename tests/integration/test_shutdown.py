@@ -82,7 +82,7 @@ class TestDrain:
         assert (draining["runs"], draining["jobs"]) == (1, ["slow"])
         run = d.events("run", job="slow")[0]
         assert run["outcome"] == "succeeded"
-        assert run["duration"] >= 1.0
+        assert run["duration"] >= 0.99  # the 1 s nap ran to its end (timers may fire ~1 ms early)
         assert d.events("cancelling_runs") == []
         assert [r["outcome"] for r in d.history("slow")] == ["succeeded"]
 

@@ -782,6 +782,10 @@ class TestJobTable:
         assert f"job name {name!r} is not allowed" in issue.message
         assert issue.hint is not None
 
+    def test_trailing_newline_in_a_job_name_is_refused(self, write: Write) -> None:
+        (issue,) = issues(write('[jobs."nl\\n"]\ntype = "x"\nevery = "1s"\n'))
+        assert "job name 'nl\\n' is not allowed" in issue.message, issue
+
     def test_bad_name_and_bad_keys_are_all_reported(self, write: Write) -> None:
         path = write('[jobs."a b"]\ntype = "x"\nevery = "1s"\ntimout = 1\n')
         assert {i.path for i in issues(path)} == {"jobs.a b", "jobs.a b.timout"}

@@ -269,3 +269,67 @@ class TestStop:
         finally:
             watch.stop()
             loop.close()
+
+
+class TestReviewRegressions:
+    """Cases an independent review found, each pinned."""
+
+    async def test_plugin_frame_named_over_a_library_below_it(self) -> None:
+        """A plugin blocked inside a library it calls (psutil here) is named by its own line."""
+        import psutil
+
+        def plugin_code() -> None:
+            psutil.cpu_percent(interval=0.6)  # a library call that blocks
+
+        line = plugin_code.__code__.co_firstlineno + 1
+        watch = LoopWatch(THRESHOLD, no_runs, interval=0.05)
+        watch.is_plugin_file = lambda filename: filename == __file__
+        with structlog.testing.capture_logs() as logs:
+            watch.start(asyncio.get_running_loop())
+            try:
+                await asyncio.sleep(0.2)
+
+                async def run() -> None:
+                    plugin_code()
+
+                await asyncio.get_running_loop().create_task(run(), name="taskd-run:lib:r1")
+                await asyncio.sleep(0.2)
+            finally:
+                watch.stop()
+        (blocked,) = events(logs, "loop_blocked")
+        assert blocked["frame"] == f"{__file__}:{line} in {plugin_code.__qualname__}", blocked
+        assert (blocked["job"], blocked["run_id"]) == ("lib", "r1")
+
+    async def test_no_plugin_code_blames_no_job(self) -> None:
+        """Lag with no plugin frame on the loop (taskd itself, or the GIL held by threads) is
+        reported without naming the task that happened to be current."""
+        watch = LoopWatch(THRESHOLD, no_runs, interval=0.05)
+        watch.is_plugin_file = lambda filename: False  # nothing here is a plugin's
+        with structlog.testing.capture_logs() as logs:
+            watch.start(asyncio.get_running_loop())
+            try:
+                await asyncio.sleep(0.2)
+
+                async def run() -> None:
+                    block(0.6)
+
+                await asyncio.get_running_loop().create_task(run(), name="taskd-run:innocent:r2")
+                await asyncio.sleep(0.2)
+            finally:
+                watch.stop()
+        (blocked,) = events(logs, "loop_blocked")
+        assert (blocked["job"], blocked["run_id"]) == (None, None), blocked
+        assert "GIL" in blocked["note"]
+
+    async def test_lowered_threshold_applies_within_a_quarter_second(self) -> None:
+        watch = LoopWatch(60.0, no_runs, interval=0.05)
+        with structlog.testing.capture_logs() as logs:
+            watch.start(asyncio.get_running_loop())
+            try:
+                await asyncio.sleep(0.3)  # the watchdog is now in a long wait
+                watch.threshold = THRESHOLD  # a reload lowered it
+                block(1.0)
+                await asyncio.sleep(0.2)
+            finally:
+                watch.stop()
+        assert len(events(logs, "loop_blocked")) == 1

@@ -119,7 +119,7 @@ class TestDocument:
     """A whole, self-contained, read-only HTML5 document."""
 
     def test_shape(self) -> None:
-        page = render(status(JOBS), failures=FAILURES, lag=LAG)
+        page = render(now=NOW, status=status(JOBS), failures=FAILURES, lag=LAG)
         assert page.startswith("<!DOCTYPE html>")
         assert page.rstrip().endswith("</html>")
         assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in page
@@ -127,19 +127,19 @@ class TestDocument:
 
     def test_refreshes_itself(self) -> None:
         assert '<meta http-equiv="refresh" content="5">' in render(
-            status(JOBS), failures=[], lag=LAG
+            now=NOW, status=status(JOBS), failures=[], lag=LAG
         )
-        page = render(status(JOBS), failures=[], lag=LAG, refresh=2.5)
+        page = render(now=NOW, status=status(JOBS), failures=[], lag=LAG, refresh=2.5)
         assert '<meta http-equiv="refresh" content="2.5">' in page
         assert '<a href="">Reload now</a>' in page
 
     @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
     def test_bad_refresh(self, bad: float) -> None:
         with pytest.raises(ValueError, match="refresh"):
-            render(status(JOBS), failures=[], lag=LAG, refresh=bad)
+            render(now=NOW, status=status(JOBS), failures=[], lag=LAG, refresh=bad)
 
     def test_nothing_runs_loads_or_writes(self) -> None:
-        page = render(status(JOBS), failures=FAILURES, lag=LAG).lower()
+        page = render(now=NOW, status=status(JOBS), failures=FAILURES, lag=LAG).lower()
         for forbidden in ("<script", "<form", "<input", "<button", "<link", "<img", "src=", "://"):
             assert forbidden not in page, forbidden
         assert 'method="post"' not in page
@@ -155,7 +155,7 @@ class TestDocument:
             "errors": [],
             "warnings": [],
         }
-        page = render(status(JOBS, reload_), failures=[], lag=LAG)
+        page = render(now=NOW, status=status(JOBS, reload_), failures=[], lag=LAG)
         assert "<h1>taskd 1.2.3</h1>" in page
         assert "pid 4242" in page and "up 1h 01m" in page and "loop uvloop" in page
         assert "/etc/taskd/taskd.toml" in page
@@ -166,20 +166,20 @@ class TestDocument:
 
     def test_failed_reload(self) -> None:
         reload_ = {"ok": False, "at": NOW - 5, "took": 0.01, "errors": ["jobs.x: bad cron"]}
-        page = render(status(JOBS, reload_), failures=[], lag={})
+        page = render(now=NOW, status=status(JOBS, reload_), failures=[], lag={})
         assert "failed</span> 5s ago" in page and "jobs.x: bad cron" in page
         assert "last reload failed" in page  # the headline says so too
         assert "last - · max -" in page  # no lag measured yet
 
     def test_no_reload_yet(self) -> None:
-        assert "none since start" in render(status(JOBS), failures=[], lag=LAG)
+        assert "none since start" in render(now=NOW, status=status(JOBS), failures=[], lag=LAG)
 
 
 class TestJobs:
     """Every job is a row with its state, schedule, last outcome, next run and streak."""
 
     def test_every_row(self) -> None:
-        found = rows(render(status(JOBS), failures=[], lag=LAG))
+        found = rows(render(now=NOW, status=status(JOBS), failures=[], lag=LAG))
         assert list(found) == [j["name"] for j in JOBS]
         for j in JOBS:
             assert f">{j['state']}</span>" in found[j["name"]], j["name"]
@@ -189,7 +189,7 @@ class TestJobs:
                 assert ">30s ago</span>" in found[j["name"]], j["name"]
 
     def test_details(self) -> None:
-        found = rows(render(status(JOBS), failures=[], lag=LAG))
+        found = rows(render(now=NOW, status=status(JOBS), failures=[], lag=LAG))
         assert "for 1m 15s (schedule, attempt 2)" in found["backup"]
         assert "every 5s" in found["cleanup"] and "in 4s" in found["cleanup"]
         assert "RuntimeError: disk full" in found["report"]
@@ -199,11 +199,15 @@ class TestJobs:
         assert "restart taskd" in found["ticker"]
 
     def test_no_jobs(self) -> None:
-        assert "No jobs configured." in render(status([]), failures=[], lag=LAG)
+        assert "No jobs configured." in render(now=NOW, status=status([]), failures=[], lag=LAG)
 
     def test_long_error_cut_in_table(self) -> None:
         long = "E" * 10_000
-        found = rows(render(status([job("x", last=last("failed", long))]), failures=[], lag={}))
+        found = rows(
+            render(
+                now=NOW, status=status([job("x", last=last("failed", long))]), failures=[], lag={}
+            )
+        )
         assert "E" * 199 + "…" in found["x"] and "E" * 4001 not in found["x"]
 
 
@@ -211,14 +215,14 @@ class TestFailures:
     """Recent failures, newest first."""
 
     def test_newest_first(self) -> None:
-        page = render(status(JOBS), failures=FAILURES, lag=LAG)
+        page = render(now=NOW, status=status(JOBS), failures=FAILURES, lag=LAG)
         section = page[page.index('id="failures"') :]
         order = [section.index(f"disk full #{i}") for i in (2, 1, 0)]
         assert order == sorted(order)
         assert "Recent failures (3)" in page
 
     def test_none(self) -> None:
-        assert "No failed runs" in render(status(JOBS), failures=[], lag=LAG)
+        assert "No failed runs" in render(now=NOW, status=status(JOBS), failures=[], lag=LAG)
 
 
 class TestEscaping:
@@ -252,7 +256,7 @@ class TestEscaping:
 
     def test_quote_in_attribute(self) -> None:
         # The name lands in an id attribute: its quote must not close it.
-        page = render(status([job(HOSTILE_NAME)]), failures=[], lag={})
+        page = render(now=NOW, status=status([job(HOSTILE_NAME)]), failures=[], lag={})
         assert 'id="job-&quot;&gt;&lt;script&gt;alert(3)&lt;/script&gt;"' in page
 
 

@@ -388,6 +388,7 @@ class TestCancellation:
         assert pid not in pool.pids()
         assert pool.busy == 0
         assert await pool.run(jobs.add, (1, 1)) == 2
+        assert pool.restarts == {"killed": 1}  # on purpose: not counted as died
 
     async def test_queued_run_is_dropped(self, make_pool: PoolFactory) -> None:
         pool = await make_pool(workers=1)

@@ -61,6 +61,14 @@ class TestSinks:
         assert end.result_json == '{"n": 42}'
         assert rt.shared.get("j") == {"n": 42}  # the shared-state sink ran after the raiser
 
+    async def test_forget_drops_a_removed_jobs_counters(self, rt: Runtime) -> None:
+        with capture_logs():
+            await run_once(rt, failing)
+        rt.stats.skips[("j", "overlap")] += 1
+        rt.stats.forget(["j"])
+        stats = rt.stats
+        assert not (stats.last or stats.failures or stats.outcomes or stats.skips)
+
     async def test_stats_run_first_and_set_the_streak(self, rt: Runtime) -> None:
         recorder = Recorder()
         rt.sinks.append(recorder)
