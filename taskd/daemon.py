@@ -20,7 +20,7 @@ import structlog
 from taskd import log as logsetup
 from taskd.errors import StateError
 from taskd.observe.loopwatch import LoopWatch
-from taskd.reload import Loaded, Reloader, ReloadResult
+from taskd.reload import Loaded, Reloader, ReloadResult, _in_thread, load_all
 from taskd.run.runtime import Runtime
 from taskd.schedule.jobset import Diff, JobSet
 from taskd.state.lock import InstanceLock
@@ -39,6 +39,9 @@ EXIT_STATE = 3
 CLOCK_CHECK = 10.0  # seconds between wall-clock step checks
 CLOCK_STEP = 0.5  # a wall-clock jump larger than this re-times every job
 FORCE_GRACE = 6.0  # after cancelling runs, how long to let them unwind (command: 5 s kill grace)
+# _in_thread wants a bound, a start has none of its own: a stop signal ends a slow load now,
+# and under systemd TimeoutStartSec bounds it. A day is none, in effect.
+START_LOAD_TIMEOUT = 86400.0
 
 
 class Daemon:
@@ -69,12 +72,20 @@ class Daemon:
 
     # -- entry -----------------------------------------------------------------------------
 
-    def install_early_signal_handlers(self) -> None:
-        """Before the loop exists: record signals instead of dying on them."""
+    def install_early_signal_handlers(self, received: list[int] | None = None) -> None:
+        """Before the loop exists: record signals instead of dying on them. ``received`` is
+        the list that the entry point's own early handlers record into (taskd.cli installs
+        them before its imports): it becomes this daemon's, so none of those is lost."""
+        if received is not None:
+            self._early = received
+        early = self._early
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self._early.append(signum))
+            signal.signal(sig, lambda signum, frame: early.append(signum))
 
-    async def serve(self, loaded: Loaded) -> int:
+    async def serve(self, loaded: Loaded | None = None) -> int:
+        """Start, run until a stop signal, stop; the exit code. Without ``loaded``, the
+        config and plugins are loaded here, where a stop signal can cut the load short.
+        Raises ConfigError if they are invalid."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signals.put_nowait, int(sig))
@@ -82,6 +93,10 @@ class Daemon:
             self._signals.put_nowait(signum)
         self._early.clear()
         try:
+            if loaded is None:
+                loaded = await self._load()
+                if loaded is None:
+                    return EXIT_OK
             code = await self._start(loaded)
             if code != EXIT_OK:
                 return code
@@ -92,6 +107,9 @@ class Daemon:
                 self.loopwatch.stop()
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            # Not the default actions back: a signal while the store and lock close must not
+            # kill the process half-way (it is recorded and ignored; we are leaving anyway).
+            self.install_early_signal_handlers()
             for timer in self._timers.values():
                 timer.cancel()
             if self.control is not None:
@@ -108,6 +126,46 @@ class Daemon:
             self.notifier.close()
 
     # -- start ------------------------------------------------------------------------------
+
+    async def _load(self) -> Loaded | None:
+        """The config and plugins, loaded in a thread while the loop listens for signals;
+        None if a SIGTERM or SIGINT came first. A plugin import may take seconds or hang for
+        ever: the stop must not wait for it, and the thread is left behind (the exit does not
+        join it). A SIGHUP meanwhile is kept for after the start, as a reload."""
+        hups = 0
+
+        async def stop_signal() -> int:
+            nonlocal hups
+            while True:
+                sig = await self._signals.get()
+                if sig != signal.SIGHUP:
+                    return sig
+                hups += 1
+
+        stop = asyncio.ensure_future(stop_signal())
+        load: asyncio.Future[Loaded] | None = None
+        try:
+            await asyncio.sleep(0)  # one step for `stop`: a signal already queued wins now
+            if not stop.done():
+                load = asyncio.ensure_future(
+                    _in_thread(load_all, self.config_path, timeout=START_LOAD_TIMEOUT)
+                )
+                await asyncio.wait({stop, load}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                log.info(
+                    "stopped_during_start",
+                    signal=signal.Signals(stop.result()).name,
+                    hint="the config and plugins were still loading",
+                )
+                return None
+            assert load is not None
+            return load.result()  # raises ConfigError, as a start on an invalid config must
+        finally:
+            stop.cancel()
+            if load is not None:
+                load.cancel()
+            for _ in range(hups):
+                self._signals.put_nowait(signal.SIGHUP)
 
     async def _start(self, loaded: Loaded) -> int:
         d = loaded.config.daemon

@@ -5,21 +5,60 @@ invalid config, so systemd can tell "fix the file" from a crash worth restarting
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 from taskd._version import __version__
-from taskd.cli import history
-from taskd.cli.common import EXIT_USAGE
-from taskd.cli.local import cmd_check, cmd_exec, cmd_next, cmd_plugins, cmd_run
-from taskd.config import DEFAULT_CONFIG
+
+TYPE_CHECKING = False  # not typing's: see taskd/__init__.py
+if TYPE_CHECKING:
+    import argparse
+
+# Only light imports above: `taskd run` installs its signal handlers in main(), and everything
+# imported before that is time in which a SIGHUP or SIGTERM kills the daemon outright.
+
+# -- early signals -----------------------------------------------------------------------------
+
+EARLY_SIGNALS: list[int] = []
+"""The signals ``taskd run`` received before its event loop listens, oldest first. The
+daemon adopts this list (``Daemon.install_early_signal_handlers``) and acts on each once it
+listens: a SIGTERM then stops the start, a SIGHUP reloads once started."""
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    # Only record: the handler runs between any two bytecodes of the main thread, half-way
+    # through an import, so acting here (logging, raising) could leave things half done.
+    EARLY_SIGNALS.append(signum)
+
+
+def install_early_signal_handlers() -> None:
+    """Record SIGHUP, SIGTERM and SIGINT instead of dying of them (or raising
+    KeyboardInterrupt). Nothing before this can be covered: the interpreter's own start-up,
+    about 15-30 ms after exec, runs with the default actions."""
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _record)
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv``, without argparse: the first word that is not an
+    option (the top-level parser has only -h and --version, which take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
 
 # -- parser ------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: see the note on imports above.
+    import argparse
+
+    from taskd.cli import history
+    from taskd.config import DEFAULT_CONFIG
+
+    local = "taskd.cli.local"
     parser = argparse.ArgumentParser(
         prog="taskd", description="A pluggable async task-runner daemon."
     )
@@ -33,26 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    add("run", "run the daemon in the foreground").set_defaults(func=cmd_run)
+    add("run", "run the daemon in the foreground").set_defaults(func=_lazy(local, "cmd_run"))
     p = add("check", "validate the config and plugins; exit 1 listing every error")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=_lazy(local, "cmd_check"))
     p = add("plugins", "list plugins, where they come from, and their job types")
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="show options and tracebacks")
     p.add_argument("--plugin-dir", action="append", default=[], help="also scan this folder")
-    p.set_defaults(func=cmd_plugins)
+    p.set_defaults(func=_lazy(local, "cmd_plugins"))
     p = add("next", "show a job's upcoming run times (no daemon needed)")
     p.add_argument("job")
     p.add_argument("-n", type=int, default=10, help="how many (default 10)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_next)
+    p.set_defaults(func=_lazy(local, "cmd_next"))
     p = add("exec", "run one job once in the foreground and print its result")
     p.add_argument("job")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-retries", action="store_true", help="one attempt only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=cmd_exec)
+    p.set_defaults(func=_lazy(local, "cmd_exec"))
     p = add("history", "show past runs from the state database (no daemon needed)")
     history.add_arguments(p)
     p.set_defaults(func=history.cmd_history)
@@ -94,6 +133,11 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if _command(sys.argv[1:] if argv is None else argv) == "run":
+        # First thing, before the imports that parsing and the daemon need (100-200 ms).
+        install_early_signal_handlers()
+    from taskd.cli.common import EXIT_USAGE
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -9,7 +9,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from taskd.cli.common import (
@@ -25,19 +25,22 @@ from taskd.cli.common import (
 from taskd.config import load_config
 from taskd.errors import ConfigError
 
+if TYPE_CHECKING:
+    from taskd.daemon import Daemon
+
 # -- run ---------------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from taskd import log as logsetup
+    from taskd.cli import EARLY_SIGNALS
     from taskd.daemon import Daemon
-    from taskd.loop import new_loop
-    from taskd.reload import load_all
 
     path = config_path(args)
     daemon = Daemon(path)
-    # First thing: a SIGHUP or SIGTERM during start-up must be queued, not kill us.
-    daemon.install_early_signal_handlers()
+    # taskd.cli.main has been recording signals since before its imports; the daemon takes
+    # over that list, and acts on what it holds once its loop listens.
+    daemon.install_early_signal_handlers(EARLY_SIGNALS)
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -46,19 +49,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EX_CONFIG
     logsetup.configure(config.daemon.log_level, config.daemon.log_format)
     try:
-        loaded = load_all(path)
+        # Loads the plugins in a thread, so that a SIGTERM during a slow import ends the
+        # start at once (exit 0, nothing started) instead of after the import.
+        code = _run_daemon(daemon)
     except ConfigError as exc:
         print_config_error(exc)
-        return EX_CONFIG
-    code = new_loop().run_until_complete(daemon.serve(loaded))
+        code = EX_CONFIG
     # Everything is saved and released by now. Leave without closing the loop (asyncio would
     # wait, unbounded, for its default executor and for tasks that ignore cancellation) and
     # without the interpreter's exit, which joins every thread: one stuck in a job (a
     # blocking run past its timeout, a to_thread call whose run was cancelled, a plugin
     # import that hangs) would otherwise hold the process until SIGKILL.
     _run_exit_finalizers()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    logsetup.flush_std_streams()  # a closed or full stdout must not stop the exit
     os._exit(code)
 
 
@@ -77,6 +80,28 @@ def _run_exit_finalizers() -> None:
             shutil.rmtree(tempdir, ignore_errors=True)
     except Exception:  # best effort: the exit must happen regardless
         pass
+
+
+def _run_daemon(daemon: Daemon) -> int:
+    """The daemon's serve() on a new loop, to its end: a SystemExit or KeyboardInterrupt from
+    any other task (one a plugin started) is that plugin's failure, logged, and the daemon
+    goes on (taskd.loop.run_main)."""
+    from taskd.loop import Stray, new_loop, run_main
+
+    def plugin_task_raised(stray: Stray) -> None:
+        import structlog
+
+        host = daemon.loaded.host if daemon.loaded is not None else None
+        structlog.get_logger("taskd.plugins").error(
+            "plugin_task_raised",
+            plugin=host.plugin_of(stray.files) if host is not None else None,
+            task=stray.task,
+            coro=stray.coro,
+            error=f"{type(stray.exc).__name__}: {stray.exc}",
+            exc_info=stray.exc,
+        )
+
+    return run_main(new_loop(), daemon.serve(), plugin_task_raised)
 
 
 # -- check -------------------------------------------------------------------------------------

@@ -139,6 +139,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  state:  {d['state_dir']}")
     print(f"  socket: {d['socket']}")
     print(f"  jobs:   {', '.join(counts)}")
+    if d.get("pool_degraded"):
+        print(f"  pool:   DEGRADED: {d['pool_degraded']}")
     if d["stuck_threads"]:
         print(f"  stuck threads: {d['stuck_threads']} (blocking runs past their timeout)")
     if d["state_write_failing"]:

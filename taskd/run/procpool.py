@@ -20,9 +20,17 @@ How it works:
   ``loop.add_reader``: for a forkserver child it turns readable once the forkserver has reaped
   the process and written its exit status, so "the process is gone" is a fact, not a guess.
   That fails only the run the worker was executing, and the worker's supervisor task starts a
-  replacement (with back-off if replacements keep dying before they are ready).
+  replacement.
+* Crash loops are bounded: a slot whose workers keep ending without the pool asking (failed
+  starts, crashes, kills from outside) waits longer before each replacement, and the pool
+  reports itself :attr:`~ProcessPool.degraded` until a worker of that slot is healthy again.
 * Timeouts, cancellation and memory limits SIGKILL the one worker; the run's outcome is
   decided when the signal is sent and delivered once the process is reaped.
+* The daemon's signals (SIGHUP, SIGINT, SIGTERM) are the daemon's: sent to its process group
+  (``kill -TERM -- -PID``, a terminal, ``systemctl kill``) or to a pool process directly, they
+  kill neither the forkserver nor a worker, so a stop drains runs and a reload keeps them. A
+  forkserver that dies anyway (SIGKILL) takes its workers with it (their parent-death signal)
+  and is replaced at the next start.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import types
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import resource_tracker
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any, ClassVar, TypeVar, cast
@@ -59,8 +68,17 @@ log = structlog.get_logger(__name__)
 # A slot whose worker fails to come up this many times in a row counts as unable to start;
 # when every slot is in that state and none is up, queued and new runs fail instead of waiting.
 _GIVE_UP_AFTER = 3
+# Each failed start or unexpected death in a row (a "strike") doubles the wait before the
+# slot's next start, from _BACKOFF_FIRST up to _BACKOFF_MAX: a job that segfaults on every run,
+# or something that kills every new worker, costs a few forks a minute, not five a second.
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 30.0
+# A worker that completes a run, or stays up this long, clears its slot's strikes.
+_STABLE_AFTER = 10.0
+# This many strikes in a row in one slot and the pool reports itself degraded.
+_DEGRADED_AFTER = 3
+# How long a worker that "exited with 255" is given to turn out lost with a dead forkserver.
+_LOSS_CHECK = 0.5
 # A worker reports ready after the forkserver has forked it; the very first start also waits
 # for the forkserver itself to import the main module, which can take a while on a slow host.
 _READY_TIMEOUT = 60.0
@@ -111,12 +129,16 @@ class _Worker:
         "doomed",
         "exited",
         "expected",
+        "forkserver",
+        "forkserver_lost",
         "kill_reason",
+        "loss_check_until",
         "pid",
         "proc",
         "ps",
         "ran",
         "ready",
+        "respawn_in",
         "returncode",
         "run",
         "slot",
@@ -144,6 +166,13 @@ class _Worker:
         self.ran = False
         self.ps: psutil.Process | None = None
         self.stop_timer: asyncio.TimerHandle | None = None
+        # The forkserver that forked it (0: another start method), whether the worker was
+        # lost with it, and until when to look for that (see _collect_exit).
+        self.forkserver = 0
+        self.forkserver_lost = False
+        self.loss_check_until = 0.0
+        # Set when it died unexpectedly: how long its slot waits before starting another.
+        self.respawn_in = 0.0
 
 
 class _Channel(asyncio.Protocol):
@@ -210,9 +239,102 @@ def _restart_cause(worker: _Worker) -> str:
     return "killed" if worker.expected else "died"
 
 
-def _start_process(proc: BaseProcess) -> None:
+def _shield_helpers(start_method: str) -> None:
+    """Block the daemon's signals in this (the spawner) thread before a start.
+
+    A thread's signal mask survives fork and exec, so every helper multiprocessing launches
+    from this thread (the forkserver, the resource tracker, "spawn" workers) starts with them
+    blocked: a SIGTERM or SIGHUP to the daemon's process group, or to the forkserver itself,
+    stays pending for ever instead of killing the forkserver and, through their parent-death
+    signal, every worker it forked. Nothing in those helpers wants these signals: they exit
+    when the daemon's end of their pipe closes. Workers unblock them first thing (see
+    worker.py). The daemon is unaffected: the kernel hands a process-directed signal to a
+    thread that does not block it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _wire.DAEMON_SIGNALS)
+    if start_method != "fork":
+        # multiprocessing launches its resource tracker, when it is not running, in the
+        # same call that launches the forkserver, and then unblocks SIGINT and SIGTERM in the
+        # calling thread (its own way of keeping them from the tracker, which ignores them):
+        # the forkserver would start without them blocked. Launched here, the tracker is
+        # left alone then, and the mask is whole again for what comes next.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _wire.DAEMON_SIGNALS)
+
+
+def _forkserver_server() -> Any:
+    """multiprocessing's forkserver singleton, or None if it was never imported."""
+    return getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
+
+
+def _forkserver_pid() -> int:
+    pid = getattr(_forkserver_server(), "_forkserver_pid", None)
+    return pid if isinstance(pid, int) else 0
+
+
+def _forget_dead_forkserver() -> int:
+    """If the forkserver has died, make the next start launch a new one; return its pid if it
+    had died, else 0.
+
+    multiprocessing replaces a dead forkserver only when it can reap it itself: one reaped by
+    other code (a plugin's ``os.wait()``, SIGCHLD set to SIG_IGN) makes every later start fail
+    with ChildProcessError, for ever. This does what ``ensure_running`` does with a dead one.
+    Private state of the stdlib's, read defensively: the pool's only hook into it.
+    """
+    server = _forkserver_server()
+    lock = getattr(server, "_lock", None)
+    if lock is None:
+        return 0
+    with lock:
+        pid = getattr(server, "_forkserver_pid", None)
+        if not isinstance(pid, int):
+            return 0
+        try:
+            reaped, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            reaped = pid
+        if not reaped:
+            return 0  # still running: the start failed for another reason
+        fd = getattr(server, "_forkserver_alive_fd", None)
+        if isinstance(fd, int):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        server._forkserver_alive_fd = None
+        server._forkserver_address = None
+        server._forkserver_pid = None
+    return pid
+
+
+def _start_process(proc: BaseProcess, start_method: str) -> tuple[int, int]:
+    """Start ``proc``; return the pid of the forkserver that forked it (0 for none) and that
+    of a dead one it replaced (0 if none)."""
+    forkserver = start_method == "forkserver"
     with _MP_LOCK:
-        proc.start()
+        _shield_helpers(start_method)
+        dead = 0
+        try:
+            proc.start()
+        except (OSError, EOFError):
+            # A forkserver that died since the last start: refused connection, lost reply,
+            # or reaped by someone else. Once more with a new one; any other failure stands.
+            dead = _forget_dead_forkserver() if forkserver else 0
+            if not dead:
+                raise
+            _shield_helpers(start_method)
+            proc.start()
+        return (_forkserver_pid() if forkserver else 0), dead
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _backoff(strikes: int) -> float:
+    """The wait before a slot's next start after ``strikes`` unexpected ends in a row."""
+    return min(_BACKOFF_FIRST * 2 ** (strikes - 1), _BACKOFF_MAX) if strikes > 0 else 0.0
 
 
 def _describe_exit(code: int) -> str:
@@ -311,7 +433,12 @@ class ProcessPool:
         self._supervisors: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
         self._slot_up = [False] * n
-        self._slot_failures = [0] * n
+        self._slot_failures = [0] * n  # failed starts in a row: for giving up on runs
+        # Failed starts and unexpected deaths in a row, and what the last one was: for the
+        # back-off and for reporting the pool degraded.
+        self._slot_strikes = [0] * n
+        self._slot_last = [""] * n
+        self._degraded: str | None = None
         self._startup: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._broken: str | None = None
@@ -340,6 +467,18 @@ class ProcessPool:
     def pids(self) -> list[int]:
         """Process ids of the workers counted by :attr:`size`."""
         return sorted(w.pid for w in self._live if not w.doomed)
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the pool is short of workers, or None when it is healthy.
+
+        Set once some slot's workers have failed to start or died unexpectedly
+        ``_DEGRADED_AFTER`` times in a row (a job that crashes on every run, something that
+        kills each new worker); each replacement then waits longer, up to ``_BACKOFF_MAX``
+        seconds. Cleared by itself once a worker of that slot completes a run or stays up
+        ``_STABLE_AFTER`` seconds. Logged as ``procpool.degraded`` and ``procpool.recovered``.
+        """
+        return self._degraded
 
     async def start(self) -> None:
         """Start the workers; return once each is ready (or cannot be started).
@@ -556,6 +695,8 @@ class ProcessPool:
             return  # killed on purpose: that run's outcome was decided then
         worker.run = None
         self._busy -= 1
+        if self._slot_strikes[worker.slot]:
+            self._clear_strikes(worker.slot)  # a worker that completes runs is healthy
         # Hand the worker its next run before waking this run's caller: it stays busy.
         self._release(worker)
         try:
@@ -654,9 +795,10 @@ class ProcessPool:
     async def _supervise(self, slot: int) -> None:
         """Keep one worker alive in ``slot`` until the pool closes."""
         failures = 0
+        wait = 0.0  # before the next start: the back-off after an unexpected end
         while not self._closing:
-            if failures:
-                await self._pause(min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_MAX))
+            if wait:
+                await self._pause(wait)
                 if self._closing:
                     break
             try:
@@ -666,24 +808,28 @@ class ProcessPool:
                     break
                 failures += 1
                 why = str(exc) if isinstance(exc, _StartFailedError) else f"{exc!r}"
-                self._on_start_failed(slot, failures, why)
+                wait = self._strike(slot, why)
+                self._on_start_failed(slot, failures, why, wait)
                 continue
             failures = 0
             self._slot_failures[slot] = 0
             self._slot_up[slot] = True
             self._broken = None
-            self._live.add(worker)
+            if worker.returncode is None:  # it may have died between ready and now
+                self._live.add(worker)
             self._check_startup()
             if self._closing:
                 self._stop(worker)
             else:
                 self._release(worker)
-            await worker.exited
+            # Up this long without dying on its own: whatever killed its predecessors has
+            # stopped (runs or no runs), and the slot starts again from a clean record.
+            await asyncio.wait((worker.exited,), timeout=_STABLE_AFTER)
+            if not worker.exited.done():
+                self._clear_strikes(slot)
+                await worker.exited
             self._slot_up[slot] = False
-            if not (worker.ran or worker.expected):
-                # Died idle before doing any work: treat like a failed start, so something
-                # that kills every new worker does not get a tight respawn loop.
-                failures = 1
+            wait = worker.respawn_in
         self._slot_up[slot] = False
 
     async def _spawn(self, slot: int) -> _Worker:
@@ -698,14 +844,16 @@ class ProcessPool:
             parent_sock.close()
             child_sock.close()
             raise
-        proc = ctx.Process(  # type: ignore[attr-defined]
+        proc: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
             target=type(self).worker_main,
             args=(child_sock,),
             name=f"taskd-procpool-{slot}",
             daemon=True,  # a backstop: multiprocessing terminates daemonic children at exit
         )
         try:
-            await loop.run_in_executor(self._spawner, _start_process, proc)
+            worker.forkserver, dead = await loop.run_in_executor(
+                self._spawner, _start_process, proc, self._mp_context
+            )
         except Exception as exc:
             worker.doomed = True
             cast(asyncio.Transport, worker.transport).close()
@@ -713,6 +861,8 @@ class ProcessPool:
             raise _StartFailedError(f"could not start a worker process: {why}") from exc
         finally:
             child_sock.close()  # the child has its own copy now
+        if dead:
+            log.warning("procpool.forkserver_replaced", dead=dead, new=worker.forkserver)
         worker.proc = proc
         worker.pid = cast(int, proc.pid)
         self._workers.add(worker)
@@ -740,10 +890,9 @@ class ProcessPool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), delay)
 
-    def _on_start_failed(self, slot: int, failures: int, why: str) -> None:
+    def _on_start_failed(self, slot: int, failures: int, why: str, delay: float) -> None:
         self.restarts["start_failed"] += 1
         self._slot_failures[slot] = failures
-        delay = min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_MAX)
         log.error(
             "procpool.worker_start_failed", slot=slot, attempt=failures, error=why, retry_in=delay
         )
@@ -754,6 +903,36 @@ class ProcessPool:
             )
             self._fail_queued(JobError, self._broken)
         self._check_startup()
+
+    def _strike(self, slot: int, what: str) -> float:
+        """``slot``'s worker failed to start or died unexpectedly (``what``); return how long
+        the slot waits before its next start."""
+        strikes = self._slot_strikes[slot] = self._slot_strikes[slot] + 1
+        self._slot_last[slot] = what
+        self._check_health()
+        return _backoff(strikes)
+
+    def _clear_strikes(self, slot: int) -> None:
+        self._slot_strikes[slot] = 0
+        self._check_health()
+
+    def _check_health(self) -> None:
+        """Report the pool degraded, or recovered, when the worst slot's record crosses
+        the line; each change is logged once."""
+        worst = max(range(self._n), key=self._slot_strikes.__getitem__)
+        strikes = self._slot_strikes[worst]
+        if strikes >= _DEGRADED_AFTER:
+            reason = (
+                f"cpu worker processes keep failing ({strikes} in a row; the last: "
+                f"{self._slot_last[worst]}); each replacement waits longer, now "
+                f"{_backoff(strikes):g}s, at most {_BACKOFF_MAX:g}s"
+            )
+            if self._degraded is None:
+                log.warning("procpool.degraded", reason=reason)
+            self._degraded = reason
+        elif self._degraded is not None:
+            self._degraded = None
+            log.info("procpool.recovered")
 
     def _check_startup(self) -> None:
         fut = self._startup
@@ -830,6 +1009,20 @@ class ProcessPool:
             # be waited for.
             loop.call_later(0.001, self._collect_exit, worker)
             return
+        if code == 255 and worker.forkserver and not worker.forkserver_lost:
+            # 255 is also what multiprocessing reports when the forkserver died before it
+            # could send the status (its workers die with it, of their parent-death signal).
+            # Its end of the pipe closes a moment before it shows as dead: give it that
+            # moment, so the run's error names the real cause. (The code itself is cached.)
+            if _process_gone(worker.forkserver):
+                worker.forkserver_lost = True
+            else:
+                now = loop.time()
+                if not worker.loss_check_until:
+                    worker.loss_check_until = now + _LOSS_CHECK
+                if now < worker.loss_check_until:
+                    loop.call_later(0.005, self._collect_exit, worker)
+                    return
         self._on_exit(worker, code)
 
     def _on_exit(self, worker: _Worker, code: int) -> None:
@@ -847,24 +1040,40 @@ class ProcessPool:
         worker.run = None
         if not self._closing and worker.ready.done():
             self.restarts[_restart_cause(worker)] += 1
+        how = self._describe_loss(worker, code)
         if run is not None:
             self._busy -= 1
             exc = worker.kill_reason or WorkerDied(
-                f"{run.label}: worker process {worker.pid} {_describe_exit(code)} while "
-                f"running it; the worker is being replaced"
+                f"{run.label}: worker process {worker.pid} {how} while running it; the worker "
+                f"is being replaced"
             )
             self._settle(run, exc=exc)
         if not worker.expected and worker.ready.done():
+            label = run.label if run is not None else None
+            if not self._closing:
+                what = f"worker process {worker.pid} {how}"
+                worker.respawn_in = self._strike(
+                    worker.slot, f"{what} while running {label}" if label else what
+                )
             log.warning(
                 "procpool.worker_died",
                 pid=worker.pid,
-                exit=_describe_exit(code),
-                run=run.label if run is not None else None,
+                exit=how,
+                run=label,
+                respawn_in=worker.respawn_in,
             )
         if not worker.ready.done():
             worker.ready.set_result(False)
         worker.exited.set_result(code)
         self._check_drained()
+
+    def _describe_loss(self, worker: _Worker, code: int) -> str:
+        if worker.forkserver_lost:
+            return (
+                f"was killed along with the forkserver process {worker.forkserver} that "
+                f"started it, which died"
+            )
+        return _describe_exit(code)
 
     # -- shutting down ---------------------------------------------------------------------
 

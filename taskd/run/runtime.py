@@ -215,6 +215,11 @@ class Runtime:
                     self._procs = pool
         return self._procs
 
+    @property
+    def pool_degraded(self) -> str | None:
+        """Why the process pool is degraded (its workers crash-loop), or None."""
+        return self._procs.degraded if self._procs is not None else None
+
     async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return await self.threads.call(func, *args, **kwargs)
 

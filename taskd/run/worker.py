@@ -31,6 +31,7 @@ import struct
 import sys
 import traceback
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 HEADER = struct.Struct(">Q")
@@ -41,6 +42,9 @@ OK = 1
 ERROR = 2
 
 _PR_SET_PDEATHSIG = 1
+# The signals the daemon acts on (stop, reload); neither a worker nor the forkserver dies of
+# them (see _shield_from_daemon_signals and procpool._shield_helpers).
+DAEMON_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM})
 _RECV_CHUNK = 1 << 16
 
 # ref pickles -> resolved callables; a worker serves many runs of few functions, so the
@@ -48,11 +52,13 @@ _RECV_CHUNK = 1 << 16
 _resolved: dict[bytes, Callable[..., Any]] = {}
 # Modules this worker loaded by path -> the parent's version of each when it was loaded.
 _loaded_by_path: dict[str, object] = {}
+# This worker's pid, set at start: a forked child of a job's has another.
+_worker_pid = 0
 
 
 def main(sock: socket.socket) -> None:
     """Entry point of a worker process: serve runs from ``sock`` until the parent closes it."""
-    _detach_from_terminal_signals()
+    _shield_from_daemon_signals()
     _die_with_parent()
     channel = _Channel(sock)
     try:
@@ -177,16 +183,24 @@ def import_module(name: str, path: str | None, version: object = None) -> Any:
     return module
 
 
-def _detach_from_terminal_signals() -> None:
-    # A process group of its own: Ctrl-C and a terminal hang-up reach the daemon's group,
-    # and so does a SIGTERM sent to it (kill -- -PGID); whether running runs stop is the
-    # daemon's decision, taken through the pool. Signals keep their default actions, so the
-    # processes a job starts do not inherit ignored signals, and the pool can kill a run
-    # together with everything it started by killing the worker's group.
+def _shield_from_daemon_signals() -> None:
+    # A process group of its own: Ctrl-C, a terminal hang-up and `kill -- -PGID` reach the
+    # daemon's group, not this one, and the pool can kill a run together with everything it
+    # started by killing this group.
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
+    # The daemon's signals can still come straight here (`systemctl kill` signals every
+    # process of the service; an operator aiming at the wrong pid): they must not cost the
+    # run, since whether runs stop is the daemon's decision, taken through the pool (with
+    # SIGKILL, which nothing can catch). Caught, not ignored: exec resets a caught signal to
+    # its default, so the commands a job runs do not inherit an ignored SIGTERM.
+    global _worker_pid
+    _worker_pid = os.getpid()
+    for sig in DAEMON_SIGNALS:
+        signal.signal(sig, _on_daemon_signal)
+    # Blocked in the forkserver (see procpool._shield_helpers) and inherited through
+    # fork; a blocked mask would also survive exec into a job's commands.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     # multiprocessing marks pool workers daemonic, which forbids a job from starting its
     # own child processes; the pool reaps its workers itself.
     try:
@@ -195,6 +209,16 @@ def _detach_from_terminal_signals() -> None:
         multiprocessing.current_process().daemon = False
     except Exception:
         pass
+
+
+def _on_daemon_signal(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() == _worker_pid:
+        return
+    # A process the job forked without exec (a multiprocessing "fork" child, say) inherits
+    # this handler: there the signal does what it would by default, so a job can still
+    # stop its own children with SIGTERM.
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _die_with_parent() -> None:
