@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import os
 import re
+import stat
 import sys
 import types
 from dataclasses import dataclass
@@ -21,6 +23,78 @@ from types import ModuleType
 PREFIX = "_taskd_dropin_"
 DIGEST_LEN = 10
 LOADING = "__taskd_loading__"  # set on a module while its file executes
+# The largest plugin file read (1 MiB): hand-written plugins are a few KB, and every file is
+# read whole into memory by `taskd check`, `taskd run`, each reload and each process worker.
+MAX_PLUGIN_BYTES = 1024 * 1024
+_READ_CHUNK = 64 * 1024
+
+
+class PluginFileError(OSError):
+    """A file in a plugin folder that is not read: not a regular file, or too big."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return f"file type {stat.S_IFMT(mode):#o}"
+
+
+def _refusal(path: Path, st: os.stat_result) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        via = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
+        return (
+            f"not a regular file but {_kind(st.st_mode)}{via}; only regular .py files are loaded: "
+            f"remove it, or rename it so that its name does not end in .py"
+        )
+    if st.st_size > MAX_PLUGIN_BYTES:
+        return _too_big(st.st_size)
+    return None
+
+
+def _too_big(size: int | None) -> str:
+    what = f"{size} bytes" if size is not None else "still growing"
+    return (
+        f"plugin file is {what}, over the limit of {MAX_PLUGIN_BYTES} bytes; move the bulk "
+        f"into a module it imports, or install it as a package with an entry point"
+    )
+
+
+def read_source(path: Path) -> bytes:
+    """The bytes of a plugin file, refusing (PluginFileError) anything but a regular file of at
+    most MAX_PLUGIN_BYTES. Never blocks on a FIFO and never reads more than the limit + 1.
+
+    Symlinks are followed: a plugin file linked in from elsewhere is common."""
+    refusal = _refusal(path, os.stat(path))
+    if refusal is not None:
+        raise PluginFileError(refusal)
+    # The file may be swapped (for a FIFO, a device, a bigger file) between stat and open:
+    # O_NONBLOCK so opening a FIFO cannot wait for a writer, O_NOCTTY so a terminal cannot
+    # become ours, and the opened file is checked again before a byte is read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        refusal = _refusal(path, os.fstat(fd))
+        if refusal is not None:
+            raise PluginFileError(refusal)
+        chunks: list[bytes] = []
+        left = MAX_PLUGIN_BYTES + 1  # one byte past the limit tells a file that grew
+        while left > 0:
+            chunk = os.read(fd, min(left, _READ_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise PluginFileError(_too_big(None))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +111,8 @@ def digest(path: Path, content: bytes) -> str:
 def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, str]]]:
     """The plugin files in ``folders`` (in folder order, then by name), and per-folder problems.
 
-    A missing folder is a problem to report, not a crash: the daemon runs without it."""
+    A missing folder is a problem to report, not a crash: the daemon runs without it. So is a
+    ``.py`` entry that is not a regular file of at most MAX_PLUGIN_BYTES (see read_source)."""
     found: list[DropinFile] = []
     problems: list[tuple[Path, str]] = []
     for folder in folders:
@@ -56,7 +131,11 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
             if path.name.startswith(("_", ".")):
                 continue
             try:
-                content = path.read_bytes()
+                content = read_source(path)
+            except PluginFileError as exc:
+                # Reported, and the rest of the folder loads: one odd file must not stop it.
+                problems.append((path, str(exc)))
+                continue
             except OSError as exc:
                 problems.append((path, f"cannot read plugin file: {exc}"))
                 continue
@@ -92,8 +171,8 @@ def exec_file(module_name: str, path: str, source: bytes | None = None) -> Modul
     daemon never loaded (or validated options against)."""
     if source is None:
         try:
-            source = Path(path).read_bytes()
-        except OSError as exc:
+            source = read_source(Path(path))
+        except OSError as exc:  # PluginFileError too
             raise ImportError(
                 f"cannot read plugin file {path}: {exc}", name=module_name, path=path
             ) from exc

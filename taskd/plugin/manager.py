@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import os
 import traceback
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,12 @@ log = structlog.get_logger("taskd.plugins")
 Origin = Literal["entry point", "file", "builtin"]
 ENTRY_POINT_GROUP = "taskd"
 HOOK_TIMEOUT = 60.0  # seconds an async hook implementation may take
+
+
+def _hook_failed(hook: str, plugin: str, exc: BaseException) -> None:
+    log.error(
+        "hook_failed", hook=hook, plugin=plugin, error=f"{type(exc).__name__}: {exc}", exc_info=exc
+    )
 
 
 @dataclass(slots=True)
@@ -258,6 +265,25 @@ class PluginHost:
     def has_impls(self, hook: str) -> bool:
         return bool(getattr(self.pm.hook, hook).get_hookimpls())
 
+    def plugin_of(self, files: Iterable[str]) -> str | None:
+        """The plugin (its name as ``hook_failed`` gives it) that owns the first of ``files``
+        to be a plugin's: a drop-in file, or the module or package of an installed plugin.
+        Given a traceback's files outermost first, that is the plugin whose code ran it."""
+        owners: list[tuple[str, str]] = []  # (file, or package folder + os.sep; name)
+        for record in self.records:
+            path = getattr(record.plugin, "__file__", None)
+            if not isinstance(path, str):
+                continue
+            if os.path.basename(path) == "__init__.py":
+                path = os.path.dirname(path) + os.sep
+            name = self.pm.get_name(record.plugin) if record.registered else None
+            owners.append((path, name or f"{record.source}:{record.origin}"))
+        for file in files:
+            for path, name in owners:
+                if file == path or (path.endswith(os.sep) and file.startswith(path)):
+                    return name
+        return None
+
     # -- hook calls -------------------------------------------------------------------------
 
     def _call_each(self, hook: str, **kwargs: Any) -> list[Awaitable[Any]]:
@@ -267,35 +293,34 @@ class PluginHost:
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
             try:
                 result = impl.function(*[kwargs[name] for name in impl.argnames])
-            except (
-                BaseException
-            ) as exc:  # CancelledError, GeneratorExit too: a plugin never stops us
-                log.error(
-                    "hook_failed",
-                    hook=hook,
-                    plugin=impl.plugin_name,
-                    error=f"{type(exc).__name__}: {exc}",
-                    exc_info=exc,
-                )
+            except BaseException as exc:  # SystemExit, CancelledError too: a plugin never stops us
+                _hook_failed(hook, impl.plugin_name, exc)
                 continue
             if inspect.isawaitable(result):
                 pending.append(self._guard(hook, impl.plugin_name, result))
         return pending
 
     async def _guard(self, hook: str, plugin: str, awaitable: Awaitable[Any]) -> None:
+        # The timeout: a notifier that hangs must not pile up one task per event for ever.
+        deadline = asyncio.timeout(HOOK_TIMEOUT)
         try:
-            # A notifier that hangs must not pile up one task per event for ever.
-            await asyncio.wait_for(awaitable, HOOK_TIMEOUT)
-        except TimeoutError:
-            log.error("hook_timeout", hook=hook, plugin=plugin, timeout=HOOK_TIMEOUT)
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:
-            log.error(
-                "hook_failed",
-                hook=hook,
-                plugin=plugin,
-                error=f"{type(exc).__name__}: {exc}",
-                exc_info=exc,
-            )
+            # Awaited here, in the guard's own task, not in a task of its own as wait_for
+            # would: asyncio re-raises SystemExit and KeyboardInterrupt out of the loop from
+            # whichever task raised them, so only inside this frame can they be caught.
+            async with deadline:
+                await awaitable
+        except TimeoutError as exc:
+            if not deadline.expired():  # the plugin's own TimeoutError
+                _hook_failed(hook, plugin, exc)
+            else:
+                log.error("hook_timeout", hook=hook, plugin=plugin, timeout=HOOK_TIMEOUT)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the daemon is cancelling us (a stopping hook past its time)
+            _hook_failed(hook, plugin, exc)  # the plugin raised it itself
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt, GeneratorExit too
+            _hook_failed(hook, plugin, exc)
 
     def _spawn(self, awaitables: list[Awaitable[Any]]) -> None:
         for aw in awaitables:

@@ -13,18 +13,55 @@ format is one tab-separated line per entry:
 
     T <job> <tick>                          a tick handled (run or skipped)
     R <run_id> <job> <scheduled> <started> <trigger>   a run started
+
+Whatever is read back is checked before use (see ``time_problem``): a line that is not one of
+these, or names no valid job, is skipped with a warning; a time out of range is logged as
+``state_value_invalid`` and ignored. The rest of the journal replays regardless.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from taskd.config.load import JOB_NAME
+from taskd.run.events import Cause
+
 log = structlog.get_logger("taskd.state")
+
+# A stored time (tick, cursor, run start) is taken only within [0, now + MAX_AHEAD]. Every
+# one was "now" or earlier when written; later than now means the clock went back (the
+# scheduler waits for it to catch up), but ten years later is a corrupt value, and so is
+# anything not finite or before 1970. Out of range, a value would crash the scheduler (inf,
+# 1e12: no datetime that far) or have it step a trigger for ever (-1e308).
+MAX_AHEAD = 10 * 365.25 * 86400.0
+RUN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_TRIGGERS = frozenset(c.value for c in Cause)
+# Per replay, lines and values reported one by one; the rest are only counted.
+MAX_REPORTED = 20
+
+
+def time_problem(value: object, now: float) -> str | None:
+    """Why ``value`` cannot be a stored point in time (unix seconds), or None if it can."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"not a number but {type(value).__name__}"
+    if not math.isfinite(value):
+        return "not a finite number"
+    if value < 0:
+        return "before 1970 (negative)"
+    if value > now + MAX_AHEAD:
+        return "more than 10 years ahead of the clock"
+    return None
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "...(truncated)"
 
 
 @dataclass(slots=True)
@@ -33,7 +70,7 @@ class Replay:
 
     ticks: dict[str, float] = field(default_factory=dict)
     runs: list[tuple[str, str, float, float, str]] = field(default_factory=list)
-    bad_lines: int = 0
+    bad_lines: int = 0  # lines skipped: malformed, or holding a value out of range
 
 
 class TickJournal:
@@ -51,41 +88,46 @@ class TickJournal:
             data = self.path.read_bytes()
         except FileNotFoundError:
             data = b""
-        for raw in data.split(b"\n"):
-            if not raw:
-                continue
-            parts = raw.decode("utf-8", "replace").split("\t")
-            try:
-                if parts[0] == "T" and len(parts) == 3:
-                    tick = float(parts[2])
-                    if tick > replay.ticks.get(parts[1], float("-inf")):
-                        replay.ticks[parts[1]] = tick
-                elif parts[0] == "R" and len(parts) == 6:
-                    replay.runs.append(
-                        (parts[1], parts[2], float(parts[3]), float(parts[4]), parts[5])
-                    )
-                else:
-                    raise ValueError(raw)
-            except ValueError:
-                # Only a power cut can leave a torn last line; anything else is not ours.
-                replay.bad_lines += 1
+        now = time.time()
+        for lineno, raw in enumerate(data.split(b"\n"), 1):
+            if raw:
+                self._replay_line(replay, raw, f"{self.path}:{lineno}", now)
         if replay.bad_lines:
             log.warning("journal_lines_skipped", path=str(self.path), count=replay.bad_lines)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return replay
 
+    @staticmethod
+    def _replay_line(replay: Replay, raw: bytes, where: str, now: float) -> None:
+        """Fold one line into ``replay``, or count it as skipped and say why."""
+        try:
+            entry = _parse(raw.decode("utf-8", "replace"), now)
+        except _Unusable as exc:
+            replay.bad_lines += 1
+            if replay.bad_lines <= MAX_REPORTED:  # a journal of garbage: not a log line for each
+                log.warning(exc.event, source=f"tick journal {where}", **exc.fields)
+            return
+        if isinstance(entry, _Tick):
+            if entry.tick > replay.ticks.get(entry.job, -1.0):
+                replay.ticks[entry.job] = entry.tick
+        else:
+            replay.runs.append(entry)
+
     def tick(self, job: str, tick: float) -> None:
+        _check_name(job)
         self._write(f"T\t{job}\t{tick!r}\n")
 
     def run_started(
         self, run_id: str, job: str, scheduled: float, started: float, trigger: str
     ) -> None:
+        _check_name(job)
         self._write(f"R\t{run_id}\t{job}\t{scheduled!r}\t{started!r}\t{trigger}\n")
 
     def _write(self, line: str) -> None:
         if self._fd is None:
             return
-        # Job names are [A-Za-z0-9_.-] (checked by the config), so no tab or newline.
+        # Job names are [A-Za-z0-9_.-] (the config checks them, _check_name again), so no tab
+        # or newline.
         # After a failed write a torn line may end the file: start on a fresh line so this
         # entry is not glued to it (replay skips the torn one, not both).
         data = ("\n" + line if self._torn else line).encode()
@@ -121,3 +163,64 @@ class TickJournal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Tick:
+    job: str
+    tick: float
+
+
+class _Unusable(ValueError):
+    """A journal line that is not used: ``event`` and ``fields`` say why, for the log."""
+
+    def __init__(self, event: str, **fields: str) -> None:
+        super().__init__(event)
+        self.event = event
+        self.fields = fields
+
+
+def _parse(text: str, now: float) -> _Tick | tuple[str, str, float, float, str]:
+    """One journal line: a tick, or a run start as the store's history row wants it."""
+    parts = text.split("\t")
+    if (parts[0], len(parts)) not in (("T", 3), ("R", 6)):
+        # Only a power cut can leave a torn last line; anything else is not ours.
+        raise _Unusable("journal_line_skipped", line=_clip(text), problem="not a T or R entry")
+    job = parts[1] if parts[0] == "T" else parts[2]
+    if not JOB_NAME.fullmatch(job):
+        # The config refuses such a name, so no job of ours wrote it.
+        raise _Unusable("journal_line_skipped", line=_clip(text), problem="invalid job name")
+    if parts[0] == "R" and not (RUN_ID.fullmatch(parts[1]) and parts[5] in _TRIGGERS):
+        raise _Unusable(
+            "journal_line_skipped", line=_clip(text), problem="invalid run id or trigger"
+        )
+    fields = {"tick": parts[2]} if parts[0] == "T" else {"scheduled": parts[3], "started": parts[4]}
+    times: list[float] = []
+    for name, value_text in fields.items():
+        try:
+            value = float(value_text)
+        except ValueError:
+            raise _Unusable(
+                "journal_line_skipped", line=_clip(text), problem=f"{name} is not a number"
+            ) from None
+        problem = time_problem(value, now)
+        if problem is not None:
+            raise _Unusable(
+                "state_value_invalid",
+                job=job,
+                field=name,
+                value=_clip(value_text),
+                problem=problem,
+                action="line ignored",
+            )
+        times.append(value)
+    if parts[0] == "T":
+        return _Tick(job, times[0])
+    return (parts[1], job, times[0], times[1], parts[5])
+
+
+def _check_name(job: str) -> None:
+    # The config checks every name; this is the last line of defence: a name with a tab or a
+    # newline would tear the journal, and after a crash a tick could run twice.
+    if not JOB_NAME.fullmatch(job):
+        raise ValueError(f"job name {job!r} is not valid; it must not reach the tick journal")

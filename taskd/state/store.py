@@ -20,8 +20,10 @@ from typing import Any
 
 import structlog
 
+from taskd.config.load import JOB_NAME
 from taskd.errors import StateError
-from taskd.state.journal import TickJournal
+from taskd.run.events import Outcome
+from taskd.state.journal import MAX_AHEAD, TickJournal, time_problem
 
 log = structlog.get_logger("taskd.state")
 
@@ -31,6 +33,7 @@ MAX_RESULT_CHARS = 65_536  # a job's last result
 # Each history row keeps less: 100,000 rows of 64 KB would be 6.4 GB of disk.
 MAX_RUN_RESULT_CHARS = 8_192
 MAX_BUFFERED_RUNS = 100_000  # history rows kept in memory while the database is failing
+_OUTCOMES = frozenset(o.value for o in Outcome)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -219,10 +222,14 @@ class StateStore:
             return
         db = self.db
         db.execute("BEGIN")
+        # Never back, unless what is stored is not a time at all (inf, text, out of range):
+        # then the journal's checked tick replaces it rather than being lost behind it.
         db.executemany(
             "INSERT INTO jobs (name, last_tick) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
-            "last_tick = MAX(COALESCE(jobs.last_tick, excluded.last_tick), excluded.last_tick)",
-            replay.ticks.items(),
+            "last_tick = CASE WHEN typeof(jobs.last_tick) IN ('real', 'integer') "
+            "AND jobs.last_tick BETWEEN excluded.last_tick AND ? "
+            "THEN jobs.last_tick ELSE excluded.last_tick END",
+            [(job, tick, time.time() + MAX_AHEAD) for job, tick in replay.ticks.items()],
         )
         db.executemany(
             "INSERT OR IGNORE INTO runs (run_id, job, scheduled, started, outcome, trigger) "
@@ -296,25 +303,20 @@ class StateStore:
     # -- reads -----------------------------------------------------------------------------
 
     def jobs(self) -> dict[str, JobRow]:
-        """Every job's row, including writes still buffered for this loop iteration."""
+        """Every job's row, including writes still buffered for this loop iteration.
+
+        What the database holds is checked before use (another program, a disk error or an
+        older bug may have put anything there): a value that is not what taskd writes is
+        logged as ``state_value_invalid`` and read as absent, so the job starts as if new in
+        that respect (no cursor: it starts from now) instead of crashing the start."""
         out: dict[str, JobRow] = {}
+        now = time.time()
         for row in self.db.execute(
             "SELECT name, last_tick, paused, last_run_id, last_outcome, last_started, last_duration, last_error, last_result, failures, last_success FROM jobs"
         ):
-            result = json.loads(row[8]) if row[8] is not None else None
-            out[row[0]] = JobRow(
-                row[0],
-                row[1],
-                bool(row[2]),
-                row[3],
-                row[4],
-                row[5],
-                row[6],
-                row[7],
-                result,
-                row[9],
-                row[10],
-            )
+            checked = self._checked_row(row, now)
+            if checked is not None:
+                out[checked.name] = checked
         for name, tick in self._ticks.items():
             out.setdefault(name, JobRow(name)).last_tick = tick
         for name, paused in self._paused.items():
@@ -334,6 +336,89 @@ class StateStore:
             r.last_duration, r.last_error, r.failures = duration, error, failures
             r.last_success = success if success is not None else r.last_success
         return out
+
+    def _checked_row(self, row: tuple[Any, ...], now: float) -> JobRow | None:
+        """A ``jobs`` row as a JobRow, each value checked; None for a name no job can have."""
+        name = row[0]
+        if not isinstance(name, str) or not JOB_NAME.fullmatch(name):
+            # The config refuses such a name, so no configured job can be meant.
+            self._invalid(repr(name)[:100], "name", name, "not a valid job name", "row ignored")
+            return None
+        last_tick = self._time(name, "last_tick", row[1], now)
+        last_started = self._time(name, "last_started", row[5], now)
+        last_success = self._time(name, "last_success", row[10], now)
+        duration = row[6]
+        if duration is not None and not (
+            isinstance(duration, int | float)
+            and not isinstance(duration, bool)
+            and 0 <= duration <= MAX_AHEAD  # False for nan too
+        ):
+            self._invalid(name, "last_duration", duration, "not a duration of 0 to 10 years")
+            duration = None
+        paused = row[2]
+        if paused not in (0, 1) or isinstance(paused, float):
+            self._invalid(name, "paused", paused, "not 0 or 1", "read as not paused")
+            paused = 0
+        # The two go together: without either, the job has no last run to show.
+        run_id, outcome = row[3], row[4]
+        if not isinstance(run_id, str | None):
+            self._invalid(name, "last_run_id", run_id, "not text")
+            run_id = outcome = None
+        elif outcome is not None and outcome not in _OUTCOMES:
+            self._invalid(name, "last_outcome", outcome, "not a run outcome")
+            run_id = outcome = None
+        error = row[7]
+        if not isinstance(error, str | None):
+            self._invalid(name, "last_error", error, "not text")
+            error = None
+        result: Any = None
+        if row[8] is not None:
+            try:
+                if not isinstance(row[8], str):
+                    raise TypeError(f"{type(row[8]).__name__}, not text")
+                result = json.loads(row[8])
+            except (ValueError, TypeError, RecursionError) as exc:
+                self._invalid(name, "last_result", row[8], f"not JSON: {exc}")
+        failures = row[9]
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+            self._invalid(name, "failures", failures, "not a count")
+            failures = 0
+        return JobRow(
+            name,
+            last_tick,
+            bool(paused),
+            run_id,
+            outcome,
+            last_started,
+            duration,
+            error,
+            result,
+            failures,
+            last_success,
+        )
+
+    def _time(self, job: str, column: str, value: object, now: float) -> float | None:
+        if value is None:
+            return None
+        problem = time_problem(value, now)
+        if problem is not None:
+            self._invalid(job, column, value, problem)
+            return None
+        assert isinstance(value, int | float)  # time_problem checked it
+        return float(value)
+
+    def _invalid(
+        self, job: str, column: str, value: object, problem: str, action: str = "ignored"
+    ) -> None:
+        log.warning(
+            "state_value_invalid",
+            job=job,
+            field=column,
+            value=repr(value)[:200],
+            problem=problem,
+            source=f"state database {self.path}, table jobs",
+            action=action,
+        )
 
     def shared(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM shared")}

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
+import pytest
+from structlog.testing import capture_logs
+
+from taskd.state import journal
 from taskd.state.journal import TickJournal
 from taskd.state.store import StateStore
 
@@ -131,3 +136,100 @@ class TestTornLine:
         replay = TickJournal(path).open()
         assert replay.ticks == {"a": 2.0}
         assert replay.bad_lines == 1
+
+
+BAD_TICKS = ["inf", "-inf", "nan", "1e12", "-1e308", "-5.0", "-0.5"]
+
+
+class TestReplayChecksValues:
+    """A tick out of range is logged and ignored; the rest of the journal replays."""
+
+    @pytest.mark.parametrize("value", BAD_TICKS)
+    def test_bad_tick_is_ignored_and_logged(self, tmp_path: Path, value: str) -> None:
+        path = tmp_path / "ticks.journal"
+        path.write_text(f"T\ta\t5.0\nT\ta\t{value}\nT\tb\t2.0\n")
+        with capture_logs() as logs:
+            replay = TickJournal(path).open()
+        assert replay.ticks == {"a": 5.0, "b": 2.0}
+        assert replay.bad_lines == 1
+        (bad,) = [e for e in logs if e["event"] == "state_value_invalid"]
+        assert (bad["job"], bad["field"], bad["value"]) == ("a", "tick", value)
+        assert bad["source"] == f"tick journal {path}:2"
+
+    @pytest.mark.parametrize("value", BAD_TICKS)
+    def test_bad_run_time_is_ignored_and_logged(self, tmp_path: Path, value: str) -> None:
+        path = tmp_path / "ticks.journal"
+        path.write_text(f"R\tr1\ta\t{value}\t1.0\tschedule\nR\tr2\ta\t1.0\t1.5\tmanual\n")
+        with capture_logs() as logs:
+            replay = TickJournal(path).open()
+        assert replay.runs == [("r2", "a", 1.0, 1.5, "manual")]
+        (bad,) = [e for e in logs if e["event"] == "state_value_invalid"]
+        assert (bad["job"], bad["field"], bad["value"]) == ("a", "scheduled", value)
+
+    def test_a_little_ahead_of_the_clock_is_kept(self, tmp_path: Path) -> None:
+        """The wall clock went back: the scheduler waits for it, so the tick must stay."""
+        ahead = time.time() + 86400.0
+        path = tmp_path / "ticks.journal"
+        path.write_text(f"T\ta\t{ahead!r}\n")
+        assert TickJournal(path).open().ticks == {"a": ahead}
+
+    @pytest.mark.parametrize(
+        ("line", "problem"),
+        [
+            (b"T\ta\tabc\n", "tick is not a number"),  # a string
+            (b"T\ta\t\n", "tick is not a number"),
+            (b"T\ta\t0x10\n", "tick is not a number"),
+            (b"T\ta\n\t5.0\n", "not a T or R entry"),  # a name with a newline tears the line
+            (b"T\ta b\t5.0\n", "invalid job name"),
+            (b"T\ta\r\t5.0\n", "invalid job name"),
+            (b"T\t\t5.0\n", "invalid job name"),
+            (b"T\t-a\t5.0\n", "invalid job name"),
+            (b"T\t\xff\xfe\t5.0\n", "invalid job name"),
+            (b"T\t" + b"a" * 101 + b"\t5.0\n", "invalid job name"),
+            (b"T\ta\t5.0\textra\n", "not a T or R entry"),
+            (b'{"job": "a", "tick": 5.0}\n', "not a T or R entry"),
+            (b"R\tr 1\ta\t1.0\t1.0\tschedule\n", "invalid run id or trigger"),
+            (b"R\tr1\ta\t1.0\t1.0\tbogus\n", "invalid run id or trigger"),
+            (b"R\tr1\ta\t1.0\tsoon\tschedule\n", "started is not a number"),
+        ],
+    )
+    def test_malformed_line_is_skipped_with_a_warning(
+        self, tmp_path: Path, line: bytes, problem: str
+    ) -> None:
+        path = tmp_path / "ticks.journal"
+        path.write_bytes(b"T\tgood\t1.0\n" + line + b"R\tr9\tgood\t1.0\t1.0\tschedule\n")
+        with capture_logs() as logs:
+            replay = TickJournal(path).open()
+        assert replay.ticks == {"good": 1.0}
+        assert replay.runs == [("r9", "good", 1.0, 1.0, "schedule")]
+        skipped = [e for e in logs if e["event"] == "journal_line_skipped"]
+        assert skipped
+        assert skipped[0]["problem"] == problem
+        assert skipped[0]["source"] == f"tick journal {path}:2"
+
+    def test_a_journal_of_garbage_logs_a_bounded_number_of_lines(self, tmp_path: Path) -> None:
+        path = tmp_path / "ticks.journal"
+        path.write_bytes(b"T\ta\tinf\n" * 5000 + b"T\ta\t3.0\n")
+        with capture_logs() as logs:
+            replay = TickJournal(path).open()
+        assert replay.ticks == {"a": 3.0}
+        assert replay.bad_lines == 5000
+        assert len(logs) <= journal.MAX_REPORTED + 1
+        assert logs[-1]["event"] == "journal_lines_skipped"
+        assert logs[-1]["count"] == 5000
+
+
+class TestWriterRefusesBadNames:
+    """A name that would tear a line never reaches the journal, whatever let it through."""
+
+    @pytest.mark.parametrize("name", ["a\n", "a\tb", "", "a b", "\nT\tb\t9e9"])
+    def test_tick_and_run_start_refuse(self, tmp_path: Path, name: str) -> None:
+        path = tmp_path / "ticks.journal"
+        j = TickJournal(path)
+        j.open()
+        with pytest.raises(ValueError, match="not valid"):
+            j.tick(name, 1.0)
+        with pytest.raises(ValueError, match="not valid"):
+            j.run_started("r1", name, 1.0, 1.0, "schedule")
+        j.close()
+        assert path.read_bytes() == b""

@@ -3,11 +3,14 @@ syslog priority prefix when the stream is the journal."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,3 +379,115 @@ class TestLevel:
         logging.getLogger("asyncio").error("something from a library")
         line = json.loads(out.getvalue())
         assert line["event"] == "something from a library" and line["level"] == "error"
+
+
+class _Failing(io.StringIO):
+    """A stream whose writes fail with ``errno`` while ``failing`` is set."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__()
+        self.err = err
+        self.failing = True
+        self.tries = 0
+
+    def write(self, text: str) -> int:
+        self.tries += 1
+        if self.failing:
+            raise OSError(self.err, os.strerror(self.err))
+        return super().write(text)
+
+
+def _null_ids() -> tuple[int, int]:
+    st = os.stat(os.devnull)
+    return st.st_dev, st.st_ino
+
+
+class TestOutputFailures:
+    """A line the output cannot take is dropped and counted, never raised into the caller."""
+
+    def test_reader_of_the_pipe_gone(self) -> None:
+        r, w = os.pipe()
+        os.close(r)
+        with open(w, "w") as stream:  # block-buffered, as stdout on a pipe
+            logsetup.configure("info", "json", stream)
+            before = logsetup.dropped_lines()
+            log = structlog.get_logger("t")
+            for n in range(3):
+                log.info("run", n=n)  # must not raise BrokenPipeError
+            logging.getLogger("asyncio").error("and through stdlib logging")
+            assert logsetup.dropped_lines() == before + 4
+            # Gone for good: the fd is /dev/null now, so Python's own flush cannot fail.
+            st = os.fstat(w)
+            assert (st.st_dev, st.st_ino) == _null_ids()
+            stream.write("late print\n")
+            stream.flush()
+
+    def test_gone_stream_costs_no_write(self) -> None:
+        stream = _Failing(errno.EPIPE)
+        logsetup.configure("info", "json", stream)
+        before = logsetup.dropped_lines()
+        for _ in range(5):
+            structlog.get_logger("t").info("x")
+        assert stream.tries == 1
+        assert logsetup.dropped_lines() == before + 5
+        # A reload's configure() on the same stream keeps it gone (and counted).
+        logsetup.configure("debug", "json", stream)
+        structlog.get_logger("t").info("after reload")
+        assert stream.tries == 1 and logsetup.dropped_lines() == before + 6
+
+    @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO, errno.EDQUOT])
+    def test_full_disk_drops_the_line_and_tries_the_next(self, err: int) -> None:
+        stream = _Failing(err)
+        logsetup.configure("info", "json", stream)
+        before = logsetup.dropped_lines()
+        structlog.get_logger("t").info("lost")
+        stream.failing = False  # room again
+        structlog.get_logger("t").info("kept")
+        assert logsetup.dropped_lines() == before + 1
+        assert [json.loads(x)["event"] for x in stream.getvalue().splitlines()] == ["kept"]
+
+    def test_dev_full(self) -> None:
+        stream = open("/dev/full", "w")  # noqa: SIM115 (its close fails: the bytes are still there)
+        logsetup.configure("info", "json", stream)
+        before = logsetup.dropped_lines()
+        for _ in range(3):
+            structlog.get_logger("t").info("x")
+        assert logsetup.dropped_lines() == before + 3
+        with contextlib.suppress(OSError):
+            stream.close()
+
+    def test_closed_stream(self) -> None:
+        stream = io.StringIO()
+        logsetup.configure("info", "json", stream)
+        stream.close()  # a plugin closed sys.stdout, say
+        before = logsetup.dropped_lines()
+        structlog.get_logger("t").info("x")
+        structlog.get_logger("t").error("y")
+        assert logsetup.dropped_lines() == before + 2
+
+    def test_unencodable_line_costs_that_line_only(self) -> None:
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="ascii", errors="strict", write_through=True)
+        logsetup.configure("info", "console", stream)
+        before = logsetup.dropped_lines()
+        structlog.get_logger("t").info("run", path="caf\udce9")  # a lone surrogate
+        structlog.get_logger("t").info("next")
+        assert logsetup.dropped_lines() == before + 1
+        assert raw.getvalue().decode().rstrip().endswith("next")
+
+    def test_no_stdout_at_all(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # `taskd run >&-`: Python starts with sys.stdout None.
+        monkeypatch.setattr(sys, "stdout", None)
+        monkeypatch.setattr(logsetup, "_std_fds_open", lambda: None)  # not pytest's own fds
+        logsetup.configure("info", "auto")
+        before = logsetup.dropped_lines()
+        structlog.get_logger("t").info("x")
+        assert logsetup.dropped_lines() == before + 1
+        logsetup.flush_std_streams()
+
+    def test_flush_std_streams_never_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(sys, "stdout", _Failing(errno.EPIPE))
+        closed = io.StringIO()
+        closed.close()
+        monkeypatch.setattr(sys, "stderr", closed)
+        logsetup.flush_std_streams()

@@ -5,6 +5,7 @@ Also resolve(): config + plugins -> JobSpecs and issues."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import textwrap
 import types
@@ -441,6 +442,116 @@ class TestModuleNames:
         host = PluginHost.load([folder], entry_points=False)
         assert not record(host, "net").broken
         assert "ping" in host.job_types
+
+
+class TestPluginFileLimits:
+    """Only regular files of at most MAX_PLUGIN_BYTES are read; anything else in a plugin
+    folder is a folder problem naming the path, and the rest of the folder loads."""
+
+    @pytest.fixture
+    def odd_folder(self, plugins: Plugins) -> Path:
+        """net.py (good), a FIFO x.py, z.py -> /dev/zero and a 2 MiB big.py."""
+        folder = plugins({"net.py": GOOD})
+        os.mkfifo(folder / "x.py")
+        (folder / "z.py").symlink_to("/dev/zero")
+        (folder / "big.py").write_text("X = 1\n" + "#" * 99 + "\n" * (2 * 1024 * 1024))
+        return folder
+
+    @pytest.mark.timeout(10)
+    def test_odd_files_are_problems_and_the_rest_loads(self, odd_folder: Path) -> None:
+        host = PluginHost.load([odd_folder], entry_points=False)
+        assert [r.name for r in host.records] == ["net"]
+        assert "ping" in host.job_types
+        problems = {p.path.name: p.message for p in host.folder_problems}
+        assert set(problems) == {"x.py", "z.py", "big.py"}
+        assert "not a regular file but a FIFO" in problems["x.py"]
+        assert "a character device (a symlink to /dev/zero)" in problems["z.py"]
+        assert f"over the limit of {dropin.MAX_PLUGIN_BYTES} bytes" in problems["big.py"]
+
+    @pytest.mark.timeout(10)
+    def test_a_folder_named_py_is_a_problem(self, plugins: Plugins) -> None:
+        folder = plugins({"net.py": GOOD})
+        (folder / "pkg.py").mkdir()
+        files, problems = dropin.scan((folder,))
+        assert [f.path.name for f in files] == ["net.py"]
+        assert [(p.name, "a folder" in m) for p, m in problems] == [("pkg.py", True)]
+
+    def test_symlink_to_a_regular_file_is_followed(self, plugins: Plugins, tmp_path: Path) -> None:
+        elsewhere = tmp_path / "shared" / "net.py"
+        elsewhere.parent.mkdir()
+        elsewhere.write_text(textwrap.dedent(GOOD))
+        folder = plugins({})
+        (folder / "net.py").symlink_to(elsewhere)
+        host = PluginHost.load([folder], entry_points=False)
+        assert host.folder_problems == []
+        assert "ping" in host.job_types
+
+    def test_limit_is_inclusive(self, plugins: Plugins, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(dropin, "MAX_PLUGIN_BYTES", 1000)
+        folder = plugins({"at.py": "#" * 999 + "\n", "over.py": "#" * 1000 + "\n"})
+        files, problems = dropin.scan((folder,))
+        assert [f.path.name for f in files] == ["at.py"]
+        assert len(files[0].source) == 1000
+        assert [p.name for p, _ in problems] == ["over.py"]
+
+    @pytest.mark.timeout(10)
+    def test_fifo_swapped_in_after_stat_does_not_hang(
+        self, plugins: Plugins, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        folder = plugins({"net.py": GOOD, "regular.py": ""})
+        fifo = folder / "x.py"
+        os.mkfifo(fifo)
+        real_stat = os.stat
+
+        def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            # What stat saw before the swap: a regular file.
+            if str(path) == str(fifo):
+                return real_stat(folder / "regular.py")
+            return real_stat(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "stat", stat)
+        files, problems = dropin.scan((folder,))
+        assert [f.path.name for f in files] == ["net.py", "regular.py"]
+        assert [(p.name, "a FIFO" in m) for p, m in problems] == [("x.py", True)]
+
+    @pytest.mark.timeout(10)
+    def test_file_growing_after_stat_is_read_no_further_than_the_limit(
+        self, plugins: Plugins, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        folder = plugins({"small.py": ""})
+        grows = folder / "grows.py"
+        grows.write_text("X = 1\n" * (1024 * 1024))
+        small, inode = os.stat(folder / "small.py"), os.stat(grows).st_ino
+        real_stat, real_fstat, real_read = os.stat, os.fstat, os.read
+        read: list[int] = []
+
+        def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            return small if str(path) == str(grows) else real_stat(path, *args, **kwargs)
+
+        def fstat(fd: int) -> os.stat_result:  # as if it was still small when checked
+            found = real_fstat(fd)
+            return small if found.st_ino == inode else found
+
+        def counting_read(fd: int, n: int) -> bytes:
+            data = real_read(fd, n)
+            read.append(len(data))
+            return data
+
+        monkeypatch.setattr(os, "stat", stat)
+        monkeypatch.setattr(os, "fstat", fstat)
+        monkeypatch.setattr(os, "read", counting_read)
+        files, problems = dropin.scan((folder,))
+        assert [f.path.name for f in files] == ["small.py"]
+        assert [(p.name, "still growing" in m) for p, m in problems] == [("grows.py", True)]
+        assert sum(read) == dropin.MAX_PLUGIN_BYTES + 1
+
+    @pytest.mark.timeout(10)
+    def test_worker_side_read_refuses_a_fifo(self, plugins: Plugins) -> None:
+        """A process-pool worker reads the file again: it must not hang there either."""
+        fifo = plugins({}) / "x.py"
+        os.mkfifo(fifo)
+        with pytest.raises(ImportError, match="not a regular file but a FIFO"):
+            dropin.exec_file(f"{dropin.PREFIX}x_0123456789", str(fifo))
 
 
 def _event(job: str = "j", kind: EventKind = EventKind.FAILED) -> JobEvent:
@@ -967,3 +1078,280 @@ class TestStillLoading:
                 dropin.load(file)
         finally:
             del sys.modules[file.module_name]
+
+
+# -- issue 8, item 5: what a plugin raises, wherever it runs ----------------------------------
+
+
+class AsyncExiting(_Rec):
+    """An async event hook that raises ``self.exc`` (a BaseException, set per test)."""
+
+    exc: BaseException = SystemExit(9)
+
+    @taskd.hookimpl
+    async def taskd_job_event(self, event: JobEvent) -> None:
+        await asyncio.sleep(0)
+        self.calls.append((self.label, event.job))
+        raise self.exc
+
+
+def _loop_factories() -> list[Any]:
+    import uvloop
+
+    return [
+        pytest.param(asyncio.new_event_loop, id="asyncio"),
+        pytest.param(uvloop.new_event_loop, id="uvloop"),
+    ]
+
+
+def _run_alone(factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> BaseException | None:
+    """Run ``coro`` on a loop of its own; what escaped run_until_complete, if anything (a
+    SystemExit that escaped pytest-asyncio's loop would end the test session)."""
+    loop = factory()
+    try:
+        loop.run_until_complete(coro)
+        return None
+    except BaseException as exc:
+        return exc
+    finally:
+        loop.close()
+
+
+class TestAsyncHookExits:
+    """SystemExit and KeyboardInterrupt from an async hook are that hook's failure: asyncio
+    re-raises them out of the loop from any task, so the hook must not run in one of its own."""
+
+    @pytest.mark.parametrize("factory", _loop_factories())
+    @pytest.mark.parametrize(
+        "exc", [SystemExit(9), KeyboardInterrupt("bye")], ids=["SystemExit", "KeyboardInterrupt"]
+    )
+    def test_contained_and_logged(
+        self, factory: Callable[[], asyncio.AbstractEventLoop], exc: BaseException
+    ) -> None:
+        calls: list[Any] = []
+        bad = AsyncExiting(calls, "bad")
+        bad.exc = exc
+        host = PluginHost.load([], entry_points=False, extra=[bad, AsyncEvents(calls, "good")])
+
+        async def deliver() -> None:
+            host.job_event(_event("backup"))
+            await host.drain_hooks()
+
+        with capture_logs() as logs:
+            escaped = _run_alone(factory, deliver())
+        assert escaped is None
+        assert sorted(calls) == [("bad", "backup"), ("good", "backup")]
+        (failed,) = [e for e in logs if e["event"] == "hook_failed"]
+        assert "<bad>" in failed["plugin"]
+        assert failed["error"] == f"{type(exc).__name__}: {exc}"
+
+    async def test_cancelled_error_of_its_own_is_its_failure(self) -> None:
+        calls: list[Any] = []
+        bad = AsyncExiting(calls, "bad")
+        bad.exc = asyncio.CancelledError("from a cancelled future")
+        host = PluginHost.load([], entry_points=False, extra=[bad])
+        with capture_logs() as logs:
+            host.job_event(_event("backup"))
+            await host.drain_hooks()
+        assert [e["error"] for e in logs if e["event"] == "hook_failed"] == [
+            "CancelledError: from a cancelled future"
+        ]
+
+    async def test_timeout_error_of_its_own_is_not_a_timeout(self) -> None:
+        calls: list[Any] = []
+        bad = AsyncExiting(calls, "bad")
+        bad.exc = TimeoutError("upstream timed out")
+        host = PluginHost.load([], entry_points=False, extra=[bad])
+        with capture_logs() as logs:
+            host.job_event(_event("backup"))
+            await host.drain_hooks()
+        assert [e["event"] for e in logs] == ["hook_failed"]
+        assert logs[0]["error"] == "TimeoutError: upstream timed out"
+
+
+class TestRunMain:
+    """taskd.loop.run_main: a SystemExit or KeyboardInterrupt that another task or callback
+    raises out of run_until_complete is reported, and the main task runs on to its end."""
+
+    @pytest.mark.parametrize("factory", _loop_factories())
+    def test_task_raising_system_exit(
+        self, factory: Callable[[], asyncio.AbstractEventLoop]
+    ) -> None:
+        from taskd.loop import Stray, run_main
+
+        async def give_up() -> None:
+            raise SystemExit(4)
+
+        async def main() -> str:
+            for _ in range(3):
+                asyncio.get_running_loop().create_task(give_up(), name="plugin-task")
+                await asyncio.sleep(0.01)
+            return "done"
+
+        strays: list[Stray] = []
+        loop = factory()
+        try:
+            assert run_main(loop, main(), strays.append) == "done"
+        finally:
+            loop.close()
+        assert len(strays) == 3
+        for stray in strays:
+            assert isinstance(stray.exc, SystemExit) and stray.exc.code == 4
+            assert stray.task == "plugin-task"
+            assert stray.coro is not None and stray.coro.startswith(
+                "TestRunMain.test_task_raising_system_exit.<locals>.give_up ("
+            )
+            assert stray.files[0] == __file__
+
+    @pytest.mark.parametrize("factory", _loop_factories())
+    def test_callback_raising_system_exit(
+        self, factory: Callable[[], asyncio.AbstractEventLoop]
+    ) -> None:
+        from taskd.loop import Stray, run_main
+
+        def quit_now() -> None:
+            raise SystemExit("from a callback")
+
+        async def main() -> int:
+            asyncio.get_running_loop().call_soon(quit_now)
+            await asyncio.sleep(0.01)
+            return 7
+
+        strays: list[Stray] = []
+        loop = factory()
+        try:
+            assert run_main(loop, main(), strays.append) == 7
+        finally:
+            loop.close()
+        (stray,) = strays
+        assert stray.task is None
+        assert stray.coro is not None and "quit_now (" in stray.coro
+
+    def test_main_task_own_exit_is_raised(self) -> None:
+        from taskd.loop import run_main
+
+        async def main() -> None:
+            raise SystemExit(3)
+
+        loop = asyncio.new_event_loop()
+        try:
+            with pytest.raises(SystemExit) as info:
+                run_main(loop, main(), lambda stray: pytest.fail(f"reported {stray}"))
+        finally:
+            loop.close()
+        assert info.value.code == 3
+
+    def test_keyboard_interrupt_without_our_sigint_handler_is_raised(self) -> None:
+        # No SIGINT handler on the loop (before the daemon's, or after it is removed): a
+        # KeyboardInterrupt may be a real Ctrl-C, and is not swallowed.
+        import signal
+
+        from taskd.loop import run_main
+
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        async def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        async def main() -> None:
+            asyncio.get_running_loop().create_task(interrupt())
+            await asyncio.sleep(0.05)
+
+        loop = asyncio.new_event_loop()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_main(loop, main(), lambda stray: pytest.fail(f"reported {stray}"))
+            left = asyncio.all_tasks(loop)  # main, left suspended: end it quietly
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        finally:
+            loop.close()
+
+    @pytest.mark.parametrize("factory", _loop_factories())
+    def test_real_sigint_goes_to_the_loop_handler(
+        self, factory: Callable[[], asyncio.AbstractEventLoop]
+    ) -> None:
+        import signal
+
+        from taskd.loop import run_main
+
+        async def main() -> str:
+            loop = asyncio.get_running_loop()
+            got = asyncio.Event()
+            loop.add_signal_handler(signal.SIGINT, got.set)
+            try:
+                signal.raise_signal(signal.SIGINT)
+                await asyncio.wait_for(got.wait(), 2)
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
+            return "stopped by SIGINT"
+
+        loop = factory()
+        try:
+            assert (
+                run_main(loop, main(), lambda stray: pytest.fail(f"reported {stray}"))
+                == "stopped by SIGINT"
+            )
+        finally:
+            loop.close()
+
+    @pytest.mark.parametrize("factory", _loop_factories())
+    def test_signal_while_the_loop_was_left_is_not_lost(
+        self, factory: Callable[[], asyncio.AbstractEventLoop]
+    ) -> None:
+        # uvloop stops listening for signals between two run_until_complete calls: a SIGTERM
+        # then was only acted on at the next signal, and a daemon would not stop.
+        import signal
+
+        from taskd.loop import Stray, run_main
+
+        async def give_up() -> None:
+            raise SystemExit(4)
+
+        async def main() -> bool:
+            loop = asyncio.get_running_loop()
+            got = asyncio.Event()
+            loop.add_signal_handler(signal.SIGUSR1, got.set)
+            try:
+                raising = loop.create_task(give_up())
+                try:
+                    await asyncio.wait_for(got.wait(), 2)
+                except TimeoutError:
+                    return False
+                return raising.done()
+            finally:
+                loop.remove_signal_handler(signal.SIGUSR1)
+
+        def stray(_: Stray) -> None:
+            signal.raise_signal(signal.SIGUSR1)  # the loop is not running now
+
+        loop = factory()
+        try:
+            assert run_main(loop, main(), stray) is True
+        finally:
+            loop.close()
+
+
+class TestPluginOf:
+    """Which plugin a traceback's files belong to."""
+
+    def test_dropin_file(self, plugins: Plugins) -> None:
+        folder = plugins({"a.py": GOOD, "b.py": "import taskd\n"})
+        host = PluginHost.load([folder], entry_points=False)
+        b = str(folder / "b.py")
+        assert host.plugin_of(["/usr/lib/python3/asyncio/tasks.py", b]) == f"file:{b}"
+        assert host.plugin_of([b, str(folder / "a.py")]) == f"file:{b}"  # outermost first
+
+    def test_package_plugin(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        pkg = tmp_path / "taskd_test_pkg"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("import taskd\n")
+        (pkg / "notify.py").write_text("X = 1\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import importlib
+
+        module = importlib.import_module("taskd_test_pkg")
+        host = PluginHost.load([], entry_points=False, extra=[module])
+        assert host.plugin_of([str(pkg / "notify.py")]) is not None
+        assert host.plugin_of([str(tmp_path / "elsewhere.py")]) is None

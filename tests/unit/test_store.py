@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
-from taskd.state.store import StateStore
+from taskd.state.store import JobRow, StateStore
 
 
 @pytest.fixture
@@ -195,3 +199,136 @@ class TestLastSuccess:
             assert (row.last_outcome, row.failures, row.last_success) == ("failed", 1, 12.5)
         finally:
             s.close()
+
+
+def _stored(path: Path, sql: str, *args: object) -> None:
+    """Write into a closed store's database behind taskd's back, as another program could."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(sql, args)
+
+
+def _reopen(
+    path: Path, logs: list[dict[str, Any]] | None = None
+) -> tuple[dict[str, JobRow], list[dict[str, Any]]]:
+    """The rows a new store reads, and the state_value_invalid lines it logged (all the
+    lines it logged go to ``logs``)."""
+    s = StateStore(path)
+    with capture_logs() as captured:
+        s.open()
+        rows = s.jobs()
+    s.close()
+    if logs is not None:
+        logs.extend(captured)
+    return rows, [e for e in captured if e["event"] == "state_value_invalid"]
+
+
+@pytest.fixture
+def closed(tmp_path: Path) -> Path:
+    """A state database holding job "a" (cursor 100.0, one run) and job "b", closed."""
+    s = StateStore(tmp_path / "state.db")
+    s.open()
+    s.set_tick("a", 100.0)
+    s.set_tick("b", 200.0)
+    s.run_finished("r1", "a", 100.0, 100.5, 1, 0.25, "succeeded", None, "schedule", '{"n": 1}')
+    s.close()
+    return s.path
+
+
+BAD_TIMES: list[object] = [
+    math.inf,
+    -math.inf,
+    1e12,
+    -1e308,
+    -5.0,
+    "abc",  # SQLite keeps text that does not look like a number in a REAL column
+    b"\x00",
+]
+
+
+class TestReadBackChecked:
+    """Values read back from the database or the journal are checked: a bad one is logged
+    and read as absent (the job starts as if new), never crashing the start."""
+
+    @pytest.mark.parametrize("value", BAD_TIMES)
+    def test_bad_cursor_in_the_database(self, closed: Path, value: object) -> None:
+        _stored(closed, "UPDATE jobs SET last_tick = ? WHERE name = 'a'", value)
+        rows, invalid = _reopen(closed)
+        assert rows["a"].last_tick is None  # the scheduler starts it from now
+        assert rows["b"].last_tick == 200.0
+        (bad,) = invalid
+        assert (bad["job"], bad["field"], bad["value"]) == ("a", "last_tick", repr(value))
+        assert bad["source"] == f"state database {closed}, table jobs"
+
+    @pytest.mark.parametrize("value", ["inf", "nan", "1e12", "-1e308", "-5.0", "abc"])
+    def test_bad_tick_in_the_journal(self, closed: Path, value: str) -> None:
+        (closed.parent / "ticks.journal").write_text(f"T\tc\t{value}\nT\tb\t300.0\n")
+        logs: list[dict[str, Any]] = []
+        rows, invalid = _reopen(closed, logs)
+        assert "c" not in rows
+        assert rows["b"].last_tick == 300.0  # the rest of the journal replays
+        if value == "abc":  # not a number at all: a malformed line, skipped with a warning
+            assert invalid == []
+            (skipped,) = [e for e in logs if e["event"] == "journal_line_skipped"]
+            assert skipped["problem"] == "tick is not a number"
+        else:
+            (bad,) = invalid
+            assert (bad["job"], bad["field"], bad["value"]) == ("c", "tick", value)
+            assert bad["source"] == f"tick journal {closed.parent / 'ticks.journal'}:1"
+
+    @pytest.mark.parametrize("value", [math.inf, 1e12, "abc"])
+    def test_journal_tick_replaces_a_bad_stored_one(self, closed: Path, value: object) -> None:
+        _stored(closed, "UPDATE jobs SET last_tick = ? WHERE name = 'a'", value)
+        (closed.parent / "ticks.journal").write_text("T\ta\t150.0\n")
+        rows, invalid = _reopen(closed)
+        assert rows["a"].last_tick == 150.0
+        assert invalid == []
+
+    @pytest.mark.parametrize("name", ["a\n", "a\tb", "", "x" * 101, b"a"])
+    def test_row_with_an_invalid_name_is_ignored(self, closed: Path, name: object) -> None:
+        _stored(closed, "INSERT INTO jobs (name, last_tick) VALUES (?, 1.0)", name)
+        rows, invalid = _reopen(closed)
+        assert set(rows) == {"a", "b"}
+        (bad,) = invalid
+        assert (bad["field"], bad["action"]) == ("name", "row ignored")
+
+    @pytest.mark.parametrize(
+        ("column", "value", "read_as"),
+        [
+            ("last_started", math.inf, None),
+            ("last_started", "yesterday", None),
+            ("last_success", -1e308, None),
+            ("last_success", 1e12, None),
+            ("last_duration", math.inf, None),
+            ("last_duration", -1.0, None),
+            ("last_duration", "long", None),
+            ("last_outcome", "exploded", None),
+            ("last_run_id", b"r1", None),  # TEXT affinity keeps a blob a blob
+            ("last_error", b"\xff", None),
+            ("last_result", "{not json", None),
+            ("last_result", "[" * 100_000 + "]" * 100_000, None),
+            ("failures", -3, 0),
+            ("failures", "many", 0),
+            ("failures", 2.5, 0),
+            ("paused", 7, False),
+            ("paused", "yes", False),
+        ],
+    )
+    def test_bad_value_in_another_column(
+        self, closed: Path, column: str, value: object, read_as: object
+    ) -> None:
+        _stored(closed, f"UPDATE jobs SET {column} = ? WHERE name = 'a'", value)
+        rows, invalid = _reopen(closed)
+        assert [e["field"] for e in invalid] == [column]
+        row = rows["a"]
+        assert getattr(row, column) == read_as
+        assert row.last_tick == 100.0  # the rest of the row stands
+        if column in ("last_run_id", "last_outcome"):  # one without the other means nothing
+            assert (row.last_run_id, row.last_outcome) == (None, None)
+
+    def test_good_row_reads_back_unchanged(self, closed: Path) -> None:
+        rows, invalid = _reopen(closed)
+        assert invalid == []
+        a = rows["a"]
+        assert (a.last_tick, a.last_run_id, a.last_outcome) == (100.0, "r1", "succeeded")
+        assert (a.last_started, a.last_duration, a.last_success) == (100.5, 0.25, 100.75)
+        assert (a.last_result, a.failures, a.paused) == ({"n": 1}, 0, False)
