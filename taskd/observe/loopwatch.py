@@ -87,7 +87,7 @@ class LoopWatch:
     ``threshold`` may be changed while running (a reload); the watchdog reads it each time."""
 
     def __init__(
-        self, threshold: float, run_ids: Callable[[str], list[str]], *, interval: float = 0.1
+        self, threshold: float, run_ids: Callable[[str], list[str]], *, interval: float = 0.25
     ) -> None:
         if not threshold > 0 or not interval > 0:
             raise ValueError(
