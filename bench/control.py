@@ -21,18 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+from steady import PLUGIN  # the same trivial io job (bench/ is on the path when run)
+
 from taskd.control.client import request
-
-PLUGIN = """
-import taskd
-
-async def trivial(ctx) -> None:
-    return None
-
-@taskd.hookimpl
-def taskd_job_types():
-    return [taskd.JobType("trivial", trivial)]
-"""
 
 
 def _config(folder: Path, jobs: int) -> Path:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Iterator
+
 import pytest
 
 from taskd.plugin.manager import PluginHost
@@ -15,3 +19,17 @@ def rt() -> Runtime:
     return Runtime(
         shared=SharedState(), store=None, host=PluginHost(), thread_workers=2, process_workers=1
     )
+
+
+@pytest.fixture
+def berlin() -> Iterator[None]:
+    """Europe/Berlin for the test (CET in winter, CEST in summer), the old zone after."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "Europe/Berlin"
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()

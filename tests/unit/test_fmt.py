@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,20 +10,6 @@ from taskd.cli import fmt
 
 # 2026-12-02 14:05:03 UTC
 T = 1796220303.0
-
-
-@pytest.fixture
-def tz() -> Iterator[None]:
-    """Europe/Berlin for the test (CET in winter, CEST in summer), the old zone after."""
-    old = os.environ.get("TZ")
-    os.environ["TZ"] = "Europe/Berlin"
-    time.tzset()
-    yield
-    if old is None:
-        del os.environ["TZ"]
-    else:
-        os.environ["TZ"] = old
-    time.tzset()
 
 
 class TestTable:
@@ -70,7 +54,7 @@ class TestTable:
             fmt.table(["A", "B"], [["1", "2"], ["3"]])
 
 
-@pytest.mark.usefixtures("tz")
+@pytest.mark.usefixtures("berlin")
 class TestLocalTime:
     """Local wall-clock time, honouring TZ, DST included."""
 
