@@ -4,6 +4,7 @@ JobSet, scraped with prometheus_client's own text parser; the sink's buckets at 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from taskd.run.events import Cause, Outcome
 from taskd.run.runner import RunInfo
 from taskd.run.runtime import Runtime
 from taskd.run.sinks import RunEnd
+from taskd.schedule.triggers import Every
 from taskd.schedule.job import ManualRun
 from taskd.schedule.jobset import JobSet
 from taskd.state.store import JobRow
@@ -33,7 +35,11 @@ from tests.unit.procpool_funcs import jobs as pool_jobs
 from tests.unit.test_scheduler import make_spec, wait_until
 
 pytestmark = pytest.mark.timeout(30)
-MISSED_3 = (time.time() // 3600 - 3) * 3600  # an hourly job last ran 3 ticks ago
+# Hourly ticks half an hour either side of now: no tick falls due while a test runs, and the
+# newest missed one is far older than grace (ticks on the hour made these tests fail when a
+# run began in the first minute of an hour: slow's tick was within grace and ran).
+HOURLY = Every(3600.0, anchor=time.time() + 1800)
+MISSED_3 = HOURLY.anchor - 4 * 3600  # an hourly job last ran 3 ticks ago
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -89,11 +95,15 @@ async def slow(ctx: Any) -> None:
     await asyncio.sleep(30)
 
 
+def hourly(func: Any, **cfg: Any) -> JobSpec:
+    return dataclasses.replace(make_spec(func, every=3600.0, **cfg), trigger=HOURLY)
+
+
 def specs(*names: str) -> dict[str, JobSpec]:
     made = {
-        "ok": make_spec(ok, name="ok", every=3600.0),
-        "bad": make_spec(boom, name="bad", every=3600.0, retries=1, retry_backoff=0.01),
-        "slow": make_spec(slow, name="slow", every=3600.0, catchup="none"),
+        "ok": hourly(ok, name="ok"),
+        "bad": hourly(boom, name="bad", retries=1, retry_backoff=0.01),
+        "slow": hourly(slow, name="slow", catchup="none"),
     }
     return {n: made[n] for n in names}
 
