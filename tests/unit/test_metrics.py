@@ -27,9 +27,9 @@ from taskd.run.events import Cause, Outcome
 from taskd.run.runner import RunInfo
 from taskd.run.runtime import Runtime
 from taskd.run.sinks import RunEnd
-from taskd.schedule.triggers import Every
 from taskd.schedule.job import ManualRun
 from taskd.schedule.jobset import JobSet
+from taskd.schedule.triggers import Every
 from taskd.state.store import JobRow
 from tests.unit.procpool_funcs import jobs as pool_jobs
 from tests.unit.test_scheduler import make_spec, wait_until
