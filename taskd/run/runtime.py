@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from taskd.plugin.manager import PluginHost
-    from taskd.run.procpool import ProcessPool
+    from taskd.run.pool import ProcessPool
     from taskd.state.shared import SharedState
     from taskd.state.store import JobRow, StateStore
 
@@ -208,7 +208,7 @@ class Runtime:
         if self._procs is None:
             async with self._procs_lock:
                 if self._procs is None:
-                    from taskd.run.procpool import ProcessPool
+                    from taskd.run.pool import ProcessPool
 
                     pool = ProcessPool(self.process_workers)
                     await pool.start()

@@ -1,4 +1,4 @@
-"""The loop that runs inside each process-pool worker (see :mod:`taskd.run.procpool`).
+"""The loop that runs inside each process-pool worker (see :mod:`taskd.run.pool`).
 
 This module is preloaded by the forkserver, so every worker starts with it already imported;
 keep its imports to the standard library and cheap modules, and import heavier ones lazily.
@@ -43,7 +43,7 @@ ERROR = 2
 
 _PR_SET_PDEATHSIG = 1
 # The signals the daemon acts on (stop, reload); neither a worker nor the forkserver dies of
-# them (see _shield_from_daemon_signals and procpool._shield_helpers).
+# them (see _shield_from_daemon_signals and pool.forkserver.shield_helpers).
 DAEMON_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM})
 _RECV_CHUNK = 1 << 16
 
@@ -198,7 +198,7 @@ def _shield_from_daemon_signals() -> None:
     _worker_pid = os.getpid()
     for sig in DAEMON_SIGNALS:
         signal.signal(sig, _on_daemon_signal)
-    # Blocked in the forkserver (see procpool._shield_helpers) and inherited through
+    # Blocked in the forkserver (see pool.forkserver.shield_helpers) and inherited through
     # fork; a blocked mask would also survive exec into a job's commands.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     # multiprocessing marks pool workers daemonic, which forbids a job from starting its

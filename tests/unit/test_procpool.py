@@ -25,8 +25,7 @@ from structlog.testing import capture_logs
 
 from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, WorkerDied
 from taskd.plugin.dropin import digest
-from taskd.run import procpool
-from taskd.run.procpool import ProcessPool
+from taskd.run.pool import ProcessPool, forkserver, records
 from tests.unit.procpool_funcs import jobs
 
 MiB = 1 << 20
@@ -120,13 +119,13 @@ def fork_and_sleep(path: str, seconds: float) -> None:
 def count_starts(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Record the time of every worker process start from now on."""
     starts: list[float] = []
-    real = procpool._start_process
+    real = forkserver.start_process
 
     def counting(*args: Any) -> Any:
         starts.append(time.monotonic())
         return real(*args)
 
-    monkeypatch.setattr(procpool, "_start_process", counting)
+    monkeypatch.setattr(forkserver, "start_process", counting)
     return starts
 
 
@@ -365,7 +364,7 @@ class TestSignals:
         script = textwrap.dedent(
             """
             import asyncio, time
-            from taskd.run.procpool import ProcessPool
+            from taskd.run.pool import ProcessPool
 
             async def main():
                 pool = ProcessPool(2)
@@ -404,14 +403,12 @@ class TestDaemonSignals:
         started it with a plain forkserver context (tests/plugins_bundled) lacks the blocked
         signals the pool gives its own. Retire it, so the pool starts the forkserver here, as
         in the daemon."""
-        from taskd.run import procpool
-
-        pid = procpool._forkserver_pid()
+        pid = forkserver.forkserver_pid()
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
-            while not procpool._forget_dead_forkserver() and time.monotonic() < deadline:
+            while not forkserver.forget_dead_forkserver() and time.monotonic() < deadline:
                 time.sleep(0.01)
 
     async def test_sigterm_to_the_forkserver_and_workers_costs_no_run(
@@ -515,7 +512,7 @@ class TestCrashLoops:
     async def test_workers_killed_on_every_start(
         self, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(procpool, "_STABLE_AFTER", 1.0, raising=False)
+        monkeypatch.setattr(records, "STABLE_AFTER", 1.0)
         pool = await make_pool(workers=1)
         killed: list[tuple[int, float]] = []
         with capture_logs() as logs:
