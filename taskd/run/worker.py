@@ -34,6 +34,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from taskd.run import proctree
+
 HEADER = struct.Struct(">Q")
 REF_LEN = struct.Struct(">I")
 
@@ -46,6 +48,9 @@ _PR_SET_PDEATHSIG = 1
 # them (see _shield_from_daemon_signals and pool.forkserver.shield_helpers).
 DAEMON_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM})
 _RECV_CHUNK = 1 << 16
+# How long the worker waits for the processes a run left behind to die once SIGKILLed (one
+# stuck in the kernel, on a dead NFS mount say, is left for the next run's clean-up).
+_REAP_TIMEOUT = 2.0
 
 # ref pickles -> resolved callables; a worker serves many runs of few functions, so the
 # second run of a function costs one dict lookup.
@@ -60,6 +65,11 @@ def main(sock: socket.socket) -> None:
     """Entry point of a worker process: serve runs from ``sock`` until the parent closes it."""
     _shield_from_daemon_signals()
     _die_with_parent()
+    # Every process a run starts stays a descendant of this worker, even one that left the
+    # worker's process group and session (setsid) or whose parent exited: so the daemon can
+    # find and kill them with the worker (a timeout, a memory limit) and the worker can kill
+    # what a finished run left behind (see _end_leftovers).
+    proctree.become_subreaper()
     channel = _Channel(sock)
     try:
         channel.send(bytes((READY,)) + pickle.dumps(os.getpid()))
@@ -68,6 +78,7 @@ def main(sock: socket.socket) -> None:
             if not frame:
                 break
             reply = execute(frame)
+            _end_leftovers()
             # Drop the request before blocking for the next one: big arguments must not
             # count against the worker's memory while it sits idle.
             del frame
@@ -102,6 +113,23 @@ def execute(frame: bytes | bytearray) -> bytes:
     except BaseException as exc:
         summary = f"the result ({type(result).__qualname__}) could not be pickled: {_describe(exc)}"
         return _error_reply(exc, summary=summary, send_exception=False)
+
+
+def _end_leftovers() -> None:
+    """Kill and reap every process the run left behind, before its end is reported.
+
+    The rule is systemd's ``KillMode=control-group`` applied to one run: the processes a run
+    starts belong to it and end with it, however they detached themselves. A run that wants
+    its children's output waits for them; something meant to outlive a run belongs in a
+    service of its own. Orphans that already exited are reaped here too: as a subreaper the
+    worker inherits them as zombies, which would otherwise pile up over its many runs.
+    """
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return  # no child at all, so (as a subreaper) no descendant: the common case
+    proctree.kill_tree(os.getpid(), include_root=False)
+    proctree.reap_children(_REAP_TIMEOUT)
 
 
 def _error_reply(

@@ -103,17 +103,19 @@ def bits(*sigs: int) -> int:
 DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
 
 
-def fork_and_sleep(path: str, seconds: float) -> None:
-    """A job that forks without exec, as a multiprocessing "fork" child does; the child
-    writes its pid to ``path`` and sleeps. (Here, not in procpool_funcs: only one test needs
-    it.)"""
-    if os.fork() == 0:
+def fork_and_wait(path: str, seconds: float) -> int:
+    """A job that forks without exec, as a multiprocessing "fork" child does, and waits for
+    the child, which writes its pid to ``path`` and sleeps; return the child's exit code.
+    (Here, not in procpool_funcs: only one test needs it.)"""
+    pid = os.fork()
+    if pid == 0:
         try:
             # Only once it runs: CPython drops a signal that comes between fork() and its
             # own after-fork reset.
             jobs.report_pid_and_sleep(path, seconds)
         finally:
             os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def count_starts(monkeypatch: pytest.MonkeyPatch) -> list[float]:
@@ -441,10 +443,10 @@ class TestDaemonSignals:
     ) -> None:
         pool = await make_pool(workers=1)
         pid_file = tmp_path / "child"
-        await pool.run(fork_and_sleep, (str(pid_file), 30.0))
+        run = start(pool.run(fork_and_wait, (str(pid_file), 30.0)))
         child = await wait_for_pid(pid_file)
         os.kill(child, signal.SIGTERM)
-        await wait_until(lambda: gone(child), timeout=5)
+        assert await asyncio.wait_for(run, 10) == -signal.SIGTERM
         assert await pool.run(jobs.add, (1, 1)) == 2
 
     async def test_a_dead_forkserver_is_replaced(self, make_pool: PoolFactory) -> None:

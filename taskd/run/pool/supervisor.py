@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from typing import cast
 
 from taskd.errors import WorkerDied
+from taskd.run import proctree
 from taskd.run import worker as _wire
 from taskd.run.pool import forkserver, records
 from taskd.run.pool.channel import Channel
@@ -258,9 +259,13 @@ class Supervisor:
         worker.expected = True
         self._doom(worker)
         if worker.returncode is None and worker.pid:
-            # The worker leads its own process group (see worker.py): killing the group
-            # takes whatever the run started along (a job's subprocess must not outlive its
-            # timeout). ProcessLookupError: already gone; the sentinel reports it.
+            # Whatever the run started goes with it (a job's subprocess must not outlive its
+            # timeout), even a process that left the worker's group and session: the worker
+            # is their subreaper, so they are all its descendants while it lives, and they
+            # are frozen and killed before it is. Then the worker's process group (it leads
+            # one, see worker.py), which also covers a system without /proc.
+            # ProcessLookupError: already gone; the sentinel reports it.
+            proctree.kill_tree(worker.pid, include_root=True)
             try:
                 os.killpg(worker.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
