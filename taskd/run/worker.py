@@ -5,13 +5,16 @@ keep its imports to the standard library and cheap modules, and import heavier o
 
 Wire format, both directions: frames of ``u64 big-endian length`` + body.
 
-* parent -> worker, one per run: ``u32 ref length`` + ``ref`` + ``payload``. ``ref`` is a
+* parent -> worker, one per run: ``u64 max_memory`` (bytes, 0 for none) + ``u32 ref length``
+  + ``ref`` + ``payload``. ``ref`` is a
   pickled ``(module, qualname, file, version)`` naming the function (empty when the callable
   travels inside the payload instead); ``version`` changes when the parent loads the module
   again. ``payload`` pickles ``(args, kwargs)``, or ``(callable, args, kwargs)`` when ``ref``
   is empty.
 * worker -> parent: one kind byte + a pickle: ``READY`` ``pid`` once at start; ``OK``
-  ``result``; ``ERROR`` ``(exception pickle or None, "Type: message", traceback text)``.
+  ``result``; ``ERROR`` ``(exception pickle or None, "Type: message", traceback text)``;
+  ``MEMORY`` ``("Type: message", traceback text)`` when an allocation failed at the run's
+  ``max_memory`` (the worker is then replaced).
 
 An empty frame, or end of file, from the parent means "exit now, cleanly". (The explicit frame
 matters with the "fork" start method, where sibling workers inherit copies of each other's
@@ -25,6 +28,7 @@ import importlib
 import importlib.util
 import os
 import pickle
+import resource
 import signal
 import socket
 import struct
@@ -37,11 +41,13 @@ from typing import Any
 from taskd.run import proctree
 
 HEADER = struct.Struct(">Q")
-REF_LEN = struct.Struct(">I")
+# A request's fixed part: max_memory, then the length of the function's reference.
+REQUEST = struct.Struct(">QI")
 
 READY = 0
 OK = 1
 ERROR = 2
+MEMORY = 3
 
 _PR_SET_PDEATHSIG = 1
 # The signals the daemon acts on (stop, reload); neither a worker nor the forkserver dies of
@@ -97,22 +103,71 @@ def execute(frame: bytes | bytearray) -> bytes:
     Never raises: whatever the job does (``SystemExit`` and ``KeyboardInterrupt`` included)
     becomes that run's reply, so one bad run cannot take the worker down with it.
     """
+    max_memory, ref_len = REQUEST.unpack_from(frame)
+    previous = _limit_memory(max_memory)
+    summary: str | None = None
     try:
-        (ref_len,) = REF_LEN.unpack_from(frame)
-        view = memoryview(frame)
-        if ref_len:
-            func = _resolve(bytes(view[4 : 4 + ref_len]))
-            args, kwargs = pickle.loads(view[4 + ref_len :])
+        try:
+            view = memoryview(frame)
+            start = REQUEST.size
+            if ref_len:
+                func = _resolve(bytes(view[start : start + ref_len]))
+                args, kwargs = pickle.loads(view[start + ref_len :])
+            else:
+                func, args, kwargs = pickle.loads(view[start:])
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
         else:
-            func, args, kwargs = pickle.loads(view[4:])
-        result = func(*args, **kwargs)
-    except BaseException as exc:
-        return _error_reply(exc)
+            try:
+                return bytes((OK,)) + pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+            except BaseException as exc:
+                error = exc
+                summary = (
+                    f"the result ({type(result).__qualname__}) could not be pickled: "
+                    f"{_describe(exc)}"
+                )
+            del result
+    finally:
+        # Before the error reply is built: formatting a traceback needs memory too.
+        _restore_memory(previous)
+    if max_memory and isinstance(error, MemoryError):
+        return _memory_reply(error)
+    return _error_reply(error, summary=summary, send_exception=summary is None)
+
+
+def _limit_memory(limit: int) -> int | None:
+    """Cap this process's data segment (RLIMIT_DATA) at ``limit`` bytes for one run; return
+    the soft limit to restore, or None if nothing was changed.
+
+    RLIMIT_DATA counts private writable memory (the heap, the anonymous maps Python's
+    allocator uses for arenas and big objects), not shared libraries or mapped files, so it
+    is the kernel's closest match to the RSS that ``max_memory`` means; RLIMIT_AS counts
+    address space too and fails runs well below the limit. Only the soft limit is lowered:
+    a process without privileges can raise it again up to the hard limit after the run,
+    while a lowered hard limit would bind this worker's later runs for ever.
+    """
+    if not limit:
+        return None
     try:
-        return bytes((OK,)) + pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
-    except BaseException as exc:
-        summary = f"the result ({type(result).__qualname__}) could not be pickled: {_describe(exc)}"
-        return _error_reply(exc, summary=summary, send_exception=False)
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        cap = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    except (OSError, ValueError):
+        return None  # the daemon's RSS watch still applies
+    return soft
+
+
+def _restore_memory(soft: int | None) -> None:
+    if soft is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def _memory_reply(exc: BaseException) -> bytes:
+    return bytes((MEMORY,)) + pickle.dumps((_describe(exc), _format_traceback(exc)))
 
 
 def _end_leftovers() -> None:

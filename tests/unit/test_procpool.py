@@ -599,17 +599,40 @@ class TestCancellation:
 
 
 class TestMemoryLimit:
-    """A run whose worker grows past max_memory is killed."""
+    """max_memory: the kernel refuses allocations past it (RLIMIT_DATA, for that run only);
+    the RSS watch kills a worker that grows past it in memory the limit does not count."""
 
-    async def test_over_the_limit_kills_the_worker(self, make_pool: PoolFactory) -> None:
+    async def test_an_allocation_past_the_limit_fails_the_run(self, make_pool: PoolFactory) -> None:
         pool = await make_pool(workers=1, memory_check_interval=0.05)
         pids = pool.pids()
         with pytest.raises(MemoryLimitExceeded) as info:
             await pool.run(jobs.allocate_and_sleep, (200 * MiB, 30), max_memory=100 * MiB)
-        assert f"max_memory={100 * MiB} bytes" in str(info.value)
+        assert f"max_memory={100 * MiB} bytes (100.0 MiB)" in str(info.value)
+        assert "RLIMIT_DATA" in str(info.value) and "MemoryError" in str(info.value)
+        # Replaced: what the job left in its memory is in doubt.
+        await wait_until(lambda: gone(pids[0]))
+        await wait_until(lambda: pool.size == 1)
+        assert pool.restarts == {"memory": 1}
+        assert await pool.run(jobs.allocate_and_sleep, (MiB, 0.1), max_memory=500 * MiB) == MiB
+
+    async def test_the_limit_holds_for_its_run_only(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1)
+        before = await pool.run(jobs.data_limit)
+        assert await pool.run(jobs.data_limit, max_memory=100 * MiB) == (100 * MiB, before[1])
+        # The same worker, after a limited run: its old soft limit is back, and a run
+        # without max_memory may use more than the last run's limit.
+        assert await pool.run(jobs.data_limit) == before
+        assert await pool.run(jobs.allocate_and_sleep, (200 * MiB, 0)) == 200 * MiB
+        assert pool.restarts == {}
+
+    async def test_rss_the_limit_does_not_count_is_watched(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1, memory_check_interval=0.05)
+        pids = pool.pids()
+        with pytest.raises(MemoryLimitExceeded) as info:
+            await pool.run(jobs.map_shared_and_sleep, (200 * MiB, 30), max_memory=100 * MiB)
+        assert f"over max_memory={100 * MiB} bytes" in str(info.value)
         assert gone(pids[0])
         await wait_until(lambda: pool.size == 1)
-        assert await pool.run(jobs.allocate_and_sleep, (MiB, 0.1), max_memory=500 * MiB) == MiB
 
 
 class TestClose:

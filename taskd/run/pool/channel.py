@@ -119,7 +119,12 @@ class Encoder:
         self._refs: dict[Any, tuple[bytes, str]] = {}
 
     def encode(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+        *,
+        max_memory: int | None = None,
     ) -> tuple[bytes, str]:
         """The request frame for one run, and the label to use when the caller gave none."""
         try:
@@ -138,10 +143,9 @@ class Encoder:
             payload = pickle.dumps((args, kw), pickle.HIGHEST_PROTOCOL)
         else:
             payload = pickle.dumps((func, args, kw), pickle.HIGHEST_PROTOCOL)
-        ref_len = _wire.REF_LEN.size + len(ref)
-        frame = b"".join(
-            (_wire.HEADER.pack(ref_len + len(payload)), _wire.REF_LEN.pack(len(ref)), ref, payload)
-        )
+        head = _wire.REQUEST.pack(max_memory or 0, len(ref))
+        size = len(head) + len(ref) + len(payload)
+        frame = b"".join((_wire.HEADER.pack(size), head, ref, payload))
         return frame, label
 
 

@@ -165,7 +165,7 @@ class ProcessPool:
         if max_memory is not None and max_memory <= 0:
             raise ValueError(f"max_memory must be > 0 bytes, got {max_memory}")
         # Pickling happens here, so arguments that cannot be sent fail in the caller.
-        frame, default_label = self._encoder.encode(func, args, kwargs)
+        frame, default_label = self._encoder.encode(func, args, kwargs, max_memory=max_memory)
         run = Run(
             frame,
             cast(asyncio.AbstractEventLoop, self._loop).create_future(),
@@ -274,10 +274,15 @@ class ProcessPool:
         worker.run = None
         self._busy -= 1
         self._sup.slots.clear(worker.slot)  # a worker that completes runs is healthy
+        kind = frame[0]
+        if kind == _wire.MEMORY:
+            self._settle(run, exc=self._over_memory(worker, run, frame[1:]))
+            self._check_drained()
+            return
         # Hand the worker its next run before waking this run's caller: it stays busy.
         self._release(worker)
         try:
-            if frame[0] == _wire.OK:
+            if kind == _wire.OK:
                 self._settle(run, value=pickle.loads(frame[1:]))
             else:
                 self._settle(run, exc=decode_error(worker.pid, run.label, frame[1:]))
@@ -289,6 +294,21 @@ class ProcessPool:
                     f"unpickled in the daemon: {type(exc).__qualname__}: {exc}"
                 ),
             )
+
+    def _over_memory(self, worker: Worker, run: Run, body: memoryview | bytes) -> BaseException:
+        """An allocation failed at the run's ``max_memory`` in ``worker``, which then replied:
+        the run fails, and the worker is replaced, since what the job left in its memory
+        (half-built module state, a fragmented heap) is in doubt."""
+        summary, text = pickle.loads(body)
+        limit = cast(int, run.max_memory)
+        exc = MemoryLimitExceeded(
+            f"{run.label}: an allocation failed at max_memory={limit} bytes ({mib(limit)}), "
+            f"the limit set on worker process {worker.pid}'s data segment (RLIMIT_DATA) for "
+            f"this run ({summary}); the worker is being replaced"
+        )
+        exc.add_note(f"Remote traceback (worker process {worker.pid}, {run.label}):\n{text}")
+        self._sup.retire(worker, exc)
+        return exc
 
     def _on_run_lost(self, run: Run, exc: BaseException) -> None:
         """The worker running ``run`` ended before it replied."""

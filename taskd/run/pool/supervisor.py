@@ -272,6 +272,13 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
 
+    def retire(self, worker: Worker, reason: BaseException) -> None:
+        """Replace an idle ``worker`` whose last run (failed with ``reason``) left it in
+        doubt: it is asked to exit, and its restart is counted by that reason."""
+        if worker.kill_reason is None:
+            worker.kill_reason = reason
+        self.stop(worker)
+
     def stop(self, worker: Worker) -> None:
         """Ask an idle ``worker`` to exit (an empty frame, then end of file); kill it if it
         lingers."""
