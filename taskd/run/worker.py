@@ -5,8 +5,8 @@ keep its imports to the standard library and cheap modules, and import heavier o
 
 Wire format, both directions: frames of ``u64 big-endian length`` + body.
 
-* parent -> worker, one per run: ``u64 max_memory`` (bytes, 0 for none) + ``u32 ref length``
-  + ``ref`` + ``payload``. ``ref`` is a
+* parent -> worker, one per run: ``u64 max_memory`` + ``u64 max_result`` (bytes, 0 for
+  none) + ``u32 ref length`` + ``ref`` + ``payload``. ``ref`` is a
   pickled ``(module, qualname, file, version)`` naming the function (empty when the callable
   travels inside the payload instead); ``version`` changes when the parent loads the module
   again. ``payload`` pickles ``(args, kwargs)``, or ``(callable, args, kwargs)`` when ``ref``
@@ -14,7 +14,8 @@ Wire format, both directions: frames of ``u64 big-endian length`` + body.
 * worker -> parent: one kind byte + a pickle: ``READY`` ``pid`` once at start; ``OK``
   ``result``; ``ERROR`` ``(exception pickle or None, "Type: message", traceback text)``;
   ``MEMORY`` ``("Type: message", traceback text)`` when an allocation failed at the run's
-  ``max_memory`` (the worker is then replaced).
+  ``max_memory`` (the worker is then replaced); ``TOO_BIG`` ``why`` when the pickled result
+  was over ``max_result``. Error texts are cut to ``limits.MAX_REMOTE_TEXT`` characters.
 
 An empty frame, or end of file, from the parent means "exit now, cleanly". (The explicit frame
 matters with the "fork" start method, where sibling workers inherit copies of each other's
@@ -39,15 +40,21 @@ from types import FrameType
 from typing import Any
 
 from taskd.run import proctree
+from taskd.run.limits import MAX_ERROR_TEXT, MAX_REMOTE_TEXT
+from taskd.run.limits import cut as _cut
 
 HEADER = struct.Struct(">Q")
-# A request's fixed part: max_memory, then the length of the function's reference.
-REQUEST = struct.Struct(">QI")
+# A request's fixed part: max_memory, max_result, the length of the function's reference.
+REQUEST = struct.Struct(">QQI")
+# An exception whose pickle is bigger travels as its (cut) text only: a 5 MB exception message
+# must not cross the pipe, let alone reach the log.
+MAX_ERROR_PICKLE = 65_536
 
 READY = 0
 OK = 1
 ERROR = 2
 MEMORY = 3
+TOO_BIG = 4
 
 _PR_SET_PDEATHSIG = 1
 # The signals the daemon acts on (stop, reload); neither a worker nor the forkserver dies of
@@ -103,9 +110,10 @@ def execute(frame: bytes | bytearray) -> bytes:
     Never raises: whatever the job does (``SystemExit`` and ``KeyboardInterrupt`` included)
     becomes that run's reply, so one bad run cannot take the worker down with it.
     """
-    max_memory, ref_len = REQUEST.unpack_from(frame)
+    max_memory, max_result, ref_len = REQUEST.unpack_from(frame)
     previous = _limit_memory(max_memory)
     summary: str | None = None
+    error: BaseException | None
     try:
         try:
             view = memoryview(frame)
@@ -120,20 +128,43 @@ def execute(frame: bytes | bytearray) -> bytes:
             error = exc
         else:
             try:
-                return bytes((OK,)) + pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+                body = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
             except BaseException as exc:
                 error = exc
                 summary = (
                     f"the result ({type(result).__qualname__}) could not be pickled: "
                     f"{_describe(exc)}"
                 )
+            else:
+                if not max_result or len(body) <= max_result:
+                    return bytes((OK,)) + body
+                # Measured here, so a result too big for the daemon never crosses the pipe
+                # nor is unpickled there.
+                error = None
+                summary = (
+                    f"the result ({type(result).__qualname__}) is {len(body)} bytes pickled, "
+                    f"over max_result_size={max_result} bytes ({_mib(max_result)}); return "
+                    f"less (write big output to a file and return its path) or raise "
+                    f"[daemon] max_result_size"
+                )
+                del body
             del result
     finally:
         # Before the error reply is built: formatting a traceback needs memory too.
         _restore_memory(previous)
+    if error is None:  # the result was too big: nothing was raised
+        return bytes((TOO_BIG,)) + pickle.dumps(summary)
     if max_memory and isinstance(error, MemoryError):
         return _memory_reply(error)
     return _error_reply(error, summary=summary, send_exception=summary is None)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def cut(text: str) -> str:
+    return _cut(text, MAX_REMOTE_TEXT)
 
 
 def _limit_memory(limit: int) -> int | None:
@@ -167,7 +198,8 @@ def _restore_memory(soft: int | None) -> None:
 
 
 def _memory_reply(exc: BaseException) -> bytes:
-    return bytes((MEMORY,)) + pickle.dumps((_describe(exc), _format_traceback(exc)))
+    summary = _cut(_describe(exc), MAX_ERROR_TEXT - 512)
+    return bytes((MEMORY,)) + pickle.dumps((summary, cut(_format_traceback(exc))))
 
 
 def _end_leftovers() -> None:
@@ -190,14 +222,18 @@ def _end_leftovers() -> None:
 def _error_reply(
     exc: BaseException, *, summary: str | None = None, send_exception: bool = True
 ) -> bytes:
-    text = _format_traceback(exc)
+    text = cut(_format_traceback(exc))
     blob: bytes | None = None
     if send_exception:
         try:
             blob = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
         except BaseException:
             blob = None  # the parent reports it as a JobError with the same text
-    body = (blob, summary or _describe(exc), text)
+        if blob is not None and len(blob) > MAX_ERROR_PICKLE:
+            blob = None  # a huge message, say: its (cut) text is enough
+    # The message is cut a little short of what the daemon records, so its own prefix (the
+    # exception type) does not make it cut again, with a marker that undercounts.
+    body = (blob, _cut(summary or _describe(exc), MAX_ERROR_TEXT - 256), text)
     try:
         return bytes((ERROR,)) + pickle.dumps(body, pickle.HIGHEST_PROTOCOL)
     except BaseException:

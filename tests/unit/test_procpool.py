@@ -23,7 +23,7 @@ import pytest
 import uvloop
 from structlog.testing import capture_logs
 
-from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, WorkerDied
+from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, ResultTooLarge, WorkerDied
 from taskd.plugin.dropin import digest
 from taskd.run.pool import ProcessPool, forkserver, records
 from tests.unit.procpool_funcs import jobs
@@ -144,6 +144,34 @@ class TestResults:
         pool = await make_pool()
         assert await pool.run(jobs.length, (b"z" * (8 * MiB),)) == 8 * MiB
         assert await pool.run(jobs.make_bytes, (8 * MiB,)) == b"\xab" * (8 * MiB)
+
+    async def test_a_result_over_max_result_fails_in_the_worker(
+        self, make_pool: PoolFactory
+    ) -> None:
+        pool = await make_pool(workers=1)
+        pids = pool.pids()
+        with pytest.raises(
+            ResultTooLarge, match=r"is 2097\d{3} bytes pickled, over max_result_size=1048576"
+        ):
+            await pool.run(jobs.make_bytes, (2 * MiB,), max_result=MiB)
+        # Not the worker's fault: it serves on.
+        assert await pool.run(jobs.make_bytes, (MiB - 100,), max_result=MiB) == b"\xab" * (
+            MiB - 100
+        )
+        assert pool.pids() == pids
+
+    async def test_a_huge_error_message_is_cut_in_the_worker(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1)
+        with pytest.raises(JobError) as info:
+            await pool.run(jobs.raise_value_error, ("m" * (5 * MiB),))
+        # Its 5 MB pickle stayed in the worker: the text came, cut, with the count.
+        assert not isinstance(info.value, ValueError)
+        assert str(info.value).startswith("ValueError: mmm")
+        assert str(info.value).endswith(
+            f"... [{5 * MiB + len('ValueError: ') - (4096 - 256)} more characters cut]"
+        )
+        with pytest.raises(ValueError, match=r"^short\n"):
+            await pool.run(jobs.raise_value_error, ("short",))
 
     async def test_builtins_and_partials(self, make_pool: PoolFactory) -> None:
         pool = await make_pool()

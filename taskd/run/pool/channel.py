@@ -125,6 +125,7 @@ class Encoder:
         kwargs: Mapping[str, Any] | None,
         *,
         max_memory: int | None = None,
+        max_result: int | None = None,
     ) -> tuple[bytes, str]:
         """The request frame for one run, and the label to use when the caller gave none."""
         try:
@@ -143,7 +144,7 @@ class Encoder:
             payload = pickle.dumps((args, kw), pickle.HIGHEST_PROTOCOL)
         else:
             payload = pickle.dumps((func, args, kw), pickle.HIGHEST_PROTOCOL)
-        head = _wire.REQUEST.pack(max_memory or 0, len(ref))
+        head = _wire.REQUEST.pack(max_memory or 0, max_result or 0, len(ref))
         size = len(head) + len(ref) + len(payload)
         frame = b"".join((_wire.HEADER.pack(size), head, ref, payload))
         return frame, label
@@ -152,7 +153,7 @@ class Encoder:
 def decode_error(pid: int, label: str, body: memoryview | bytes) -> BaseException:
     """The exception to raise for an ``ERROR`` reply of worker ``pid`` running ``label``."""
     blob, summary, text = pickle.loads(body)
-    note = f"Remote traceback (worker process {pid}, {label}):\n{text.rstrip()}"
+    note = f"Remote traceback (worker process {pid}, {label}):\n{text.rstrip()}" if text else ""
     exc: object = None
     if blob is not None:
         try:
@@ -165,7 +166,8 @@ def decode_error(pid: int, label: str, body: memoryview | bytes) -> BaseExceptio
         exc.add_note(note)
         return exc
     err = JobError(summary)
-    err.add_note(note)
+    if note:
+        err.add_note(note)
     if isinstance(exc, BaseException):
         err.__cause__ = exc
     return err

@@ -10,11 +10,12 @@ import pickle
 import socket
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar, cast
 
 import psutil
 
-from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, WorkerDied
+from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, ResultTooLarge, WorkerDied
 from taskd.run import worker as _wire
 from taskd.run.pool.channel import Encoder, decode_error, label_of
 from taskd.run.pool.records import Run, RunState, Worker, mib
@@ -23,6 +24,10 @@ from taskd.run.pool.supervisor import Supervisor
 __all__ = ["ProcessPool"]
 
 T = TypeVar("T")
+
+# A reply bigger than this is unpickled in a thread: building a big object graph takes the
+# loop long enough to delay every other job's timers (about 10 ms a MiB).
+_LOOP_UNPICKLE_MAX = 64 * 1024
 
 
 class ProcessPool:
@@ -61,6 +66,7 @@ class ProcessPool:
         self._busy = 0
         self._drained: asyncio.Future[None] | None = None
         self._encoder = Encoder()
+        self._unpickler: ThreadPoolExecutor | None = None
         self._sup = Supervisor(
             n,
             mp_context,
@@ -137,6 +143,7 @@ class ProcessPool:
         *,
         timeout: float | None = None,
         max_memory: int | None = None,
+        max_result: int | None = None,
         label: str = "",
     ) -> T:
         """Run ``func(*args, **kwargs)`` in a worker process and return its result.
@@ -151,6 +158,10 @@ class ProcessPool:
         ``SystemExit`` and ``KeyboardInterrupt`` from the job also become :class:`JobError`,
         so they cannot stop the daemon. If the caller is cancelled, a queued run is dropped
         and an executing one has its worker killed.
+
+        ``max_result`` (bytes): a result whose pickle is bigger fails the run with a
+        :class:`JobError`, measured in the worker, so it never crosses the pipe. A result of
+        more than ``_LOOP_UNPICKLE_MAX`` bytes is unpickled in a thread, off the loop.
         """
         if not self._started:
             raise RuntimeError("call ProcessPool.start() before run()")
@@ -164,8 +175,12 @@ class ProcessPool:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if max_memory is not None and max_memory <= 0:
             raise ValueError(f"max_memory must be > 0 bytes, got {max_memory}")
+        if max_result is not None and max_result <= 0:
+            raise ValueError(f"max_result must be > 0 bytes, got {max_result}")
         # Pickling happens here, so arguments that cannot be sent fail in the caller.
-        frame, default_label = self._encoder.encode(func, args, kwargs, max_memory=max_memory)
+        frame, default_label = self._encoder.encode(
+            func, args, kwargs, max_memory=max_memory, max_result=max_result
+        )
         run = Run(
             frame,
             cast(asyncio.AbstractEventLoop, self._loop).create_future(),
@@ -207,6 +222,8 @@ class ProcessPool:
             raise
         finally:
             self._sup.shutdown_spawner()
+            if self._unpickler is not None:
+                self._unpickler.shutdown(wait=False)
         self._closed = True
 
     def kill(self) -> None:
@@ -281,19 +298,31 @@ class ProcessPool:
             return
         # Hand the worker its next run before waking this run's caller: it stays busy.
         self._release(worker)
+        if len(frame) > _LOOP_UNPICKLE_MAX:
+            if self._unpickler is None:
+                self._unpickler = ThreadPoolExecutor(1, thread_name_prefix="taskd-unpickle")
+            loop = cast(asyncio.AbstractEventLoop, self._loop)
+            job = loop.run_in_executor(self._unpickler, self._decode, worker.pid, run, frame)
+            job.add_done_callback(lambda done: self._settle(run, **done.result()))
+            return
+        self._settle(run, **self._decode(worker.pid, run, frame))
+
+    @staticmethod
+    def _decode(pid: int, run: Run, frame: memoryview | bytes) -> dict[str, Any]:
+        """A reply's outcome, as keyword arguments of :meth:`_settle`."""
         try:
-            if kind == _wire.OK:
-                self._settle(run, value=pickle.loads(frame[1:]))
-            else:
-                self._settle(run, exc=decode_error(worker.pid, run.label, frame[1:]))
-        except Exception as exc:
-            self._settle(
-                run,
-                exc=JobError(
-                    f"{run.label}: the reply from worker process {worker.pid} could not be "
+            if frame[0] == _wire.OK:
+                return {"value": pickle.loads(frame[1:])}
+            if frame[0] == _wire.TOO_BIG:
+                return {"exc": ResultTooLarge(f"{run.label}: {pickle.loads(frame[1:])}")}
+            return {"exc": decode_error(pid, run.label, frame[1:])}
+        except BaseException as exc:  # whatever unpickling runs, it is this run's failure
+            return {
+                "exc": JobError(
+                    f"{run.label}: the reply from worker process {pid} could not be "
                     f"unpickled in the daemon: {type(exc).__qualname__}: {exc}"
-                ),
-            )
+                )
+            }
 
     def _over_memory(self, worker: Worker, run: Run, body: memoryview | bytes) -> BaseException:
         """An allocation failed at the run's ``max_memory`` in ``worker``, which then replied:
