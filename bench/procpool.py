@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from taskd.run.procpool import ProcessPool
+from taskd.run.pool import ProcessPool
 
 BLOCK = b"x" * (1 << 20)
 

@@ -206,6 +206,7 @@ class Daemon:
             host=loaded.host,
             thread_workers=d.thread_workers,
             process_workers=d.process_workers,
+            max_result_size=d.max_result_size,
         )
         self.rt = rt
         self.loaded = loaded
@@ -372,6 +373,7 @@ class Daemon:
             logsetup.configure(new_daemon.log_level, new_daemon.log_format)
             self.rt.refresh_log()
         self.rt.set_host(new.host)
+        self.rt.max_result_size = new_daemon.max_result_size
         if self.loopwatch is not None:
             self.loopwatch.threshold = new_daemon.loop_block_threshold
             self.loopwatch.is_plugin_file = _plugin_files(new)

@@ -67,3 +67,7 @@ class WorkerDied(JobError):
 
 class MemoryLimitExceeded(JobError, MemoryError):
     """A cpu run's worker process grew past the job's ``max_memory`` and was killed."""
+
+
+class ResultTooLarge(JobError):
+    """A run's result was bigger than ``[daemon] max_result_size``: the run failed."""

@@ -48,6 +48,7 @@ DAEMON_KEYS = (
     "control_group",
     "entry_points",
     "disabled_plugins",
+    "max_result_size",
 )
 JOB_KEYS = (
     "type",
@@ -355,6 +356,7 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
         control_group=c.take(table, "control_group", p, group, d.control_group),
         entry_points=c.take(table, "entry_points", p, _bool, d.entry_points),
         disabled_plugins=c.take(table, "disabled_plugins", p, names, d.disabled_plugins),
+        max_result_size=c.take(table, "max_result_size", p, parse_size, d.max_result_size),
     )
 
 

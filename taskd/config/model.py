@@ -36,6 +36,9 @@ class DaemonConfig:
     control_group: str | None = None  # members may use the control socket (mode 0660)
     entry_points: bool = True  # load installed plugins (entry point group "taskd")
     disabled_plugins: tuple[str, ...] = ()  # entry point names or drop-in file stems to skip
+    # A run's result bigger than this fails the run (cpu: its pickle, measured in the worker;
+    # io and blocking: its JSON text).
+    max_result_size: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from taskd.errors import JobTimeout
+from taskd.errors import JobTimeout, ResultTooLarge
 from taskd.run.context import JobContext
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 from taskd.run.executors import with_timeout
-from taskd.run.sinks import RunEnd
+from taskd.run.limits import cut
+from taskd.run.sinks import RunEnd, encode_result
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
@@ -41,14 +42,37 @@ class RunInfo:
     outcome: Outcome | None = None
     error: str | None = None
     result: Any = None
+    # The result in the form the sinks keep it (see sinks.encode_result), made once.
+    encoded: tuple[Any, str | None, bool] | None = None
     cancel_reason: str | None = field(default=None)
     ended: float = 0.0
     in_backoff: bool = False  # waiting to retry: a stop need not wait for it
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """``Type: message``, cut to MAX_ERROR_TEXT: it goes into the run line, the history row
+    and the event hooks, where a 5 MB exception message would cost 5 MB each run."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<str() of the exception failed>"
+    return cut(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _checked(rt: Runtime, info: RunInfo, result: Any) -> Any:
+    """``result`` once its stored form fits ``max_result_size``; raise if it does not."""
+    info.encoded = encoded = encode_result(result)
+    text = encoded[1]
+    limit = rt.max_result_size
+    if text is not None and len(text) > limit:
+        info.encoded = None
+        raise ResultTooLarge(
+            f"the result ({type(result).__qualname__}) is {len(text)} characters as JSON, "
+            f"over max_result_size={limit} bytes ({limit / (1 << 20):.1f} MiB); return less "
+            f"(write big output to a file and return its path) or raise [daemon] "
+            f"max_result_size"
+        )
+    return result
 
 
 async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
@@ -71,7 +95,13 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         return await rt.threads.run(jt.func, spec.kwargs, cfg.timeout, label)
     pool = await rt.procs()
     return await pool.run(
-        jt.func, (), spec.kwargs, timeout=cfg.timeout, max_memory=cfg.max_memory, label=label
+        jt.func,
+        (),
+        spec.kwargs,
+        timeout=cfg.timeout,
+        max_memory=cfg.max_memory,
+        max_result=rt.max_result_size,
+        label=label,
     )
 
 
@@ -99,7 +129,7 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                     )
                 )
             try:
-                info.result = await _attempt(rt, spec, info)
+                info.result = _checked(rt, info, await _attempt(rt, spec, info))
                 info.outcome = SUCCEEDED
                 info.error = None
                 break
@@ -114,7 +144,7 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                     info.error = info.cancel_reason or "cancelled"
                     raise
             except JobTimeout as exc:
-                info.outcome, info.error = TIMED_OUT, str(exc)
+                info.outcome, info.error = TIMED_OUT, cut(str(exc))
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the run's failure
                 info.outcome, info.error = FAILED, _error_text(exc)
                 if not isinstance(exc, Exception):

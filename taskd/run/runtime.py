@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from taskd.plugin.manager import PluginHost
-    from taskd.run.procpool import ProcessPool
+    from taskd.run.pool import ProcessPool
     from taskd.state.shared import SharedState
     from taskd.state.store import JobRow, StateStore
 
@@ -131,12 +131,15 @@ class Runtime:
         host: PluginHost,
         thread_workers: int,
         process_workers: int,
+        max_result_size: int = 1 << 20,
     ) -> None:
         self.shared = shared
         self.store = store
         self.host = host
         self.threads = ThreadRunner(thread_workers)
         self.process_workers = process_workers or (os.cpu_count() or 1)
+        # [daemon] max_result_size; a reload sets it anew.
+        self.max_result_size = max_result_size
         self._procs: ProcessPool | None = None
         self._procs_lock = asyncio.Lock()
         self.stats = Stats()
@@ -208,7 +211,7 @@ class Runtime:
         if self._procs is None:
             async with self._procs_lock:
                 if self._procs is None:
-                    from taskd.run.procpool import ProcessPool
+                    from taskd.run.pool import ProcessPool
 
                     pool = ProcessPool(self.process_workers)
                     await pool.start()

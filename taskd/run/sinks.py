@@ -48,7 +48,8 @@ class RunEnd:
     def of(cls, spec: JobSpec, info: RunInfo) -> RunEnd:
         outcome = info.outcome or Outcome.CANCELLED
         result = info.result if outcome is Outcome.SUCCEEDED else None
-        stored, result_json, serialisable = _to_json(result)
+        encoded = info.encoded if result is not None else None
+        stored, result_json, serialisable = encoded or encode_result(result)
         return cls(
             spec,
             info,
@@ -67,7 +68,7 @@ class RunSink(Protocol):
         the other sinks still run."""
 
 
-def _to_json(result: Any) -> tuple[Any, str | None, bool]:
+def encode_result(result: Any) -> tuple[Any, str | None, bool]:
     """(what to store, its JSON text, whether the result itself was JSON). A result that is
     not JSON is stored as its repr."""
     if result is None:

@@ -1,17 +1,21 @@
-"""The loop that runs inside each process-pool worker (see :mod:`taskd.run.procpool`).
+"""The loop that runs inside each process-pool worker (see :mod:`taskd.run.pool`).
 
 This module is preloaded by the forkserver, so every worker starts with it already imported;
 keep its imports to the standard library and cheap modules, and import heavier ones lazily.
 
 Wire format, both directions: frames of ``u64 big-endian length`` + body.
 
-* parent -> worker, one per run: ``u32 ref length`` + ``ref`` + ``payload``. ``ref`` is a
+* parent -> worker, one per run: ``u64 max_memory`` + ``u64 max_result`` (bytes, 0 for
+  none) + ``u32 ref length`` + ``ref`` + ``payload``. ``ref`` is a
   pickled ``(module, qualname, file, version)`` naming the function (empty when the callable
   travels inside the payload instead); ``version`` changes when the parent loads the module
   again. ``payload`` pickles ``(args, kwargs)``, or ``(callable, args, kwargs)`` when ``ref``
   is empty.
 * worker -> parent: one kind byte + a pickle: ``READY`` ``pid`` once at start; ``OK``
-  ``result``; ``ERROR`` ``(exception pickle or None, "Type: message", traceback text)``.
+  ``result``; ``ERROR`` ``(exception pickle or None, "Type: message", traceback text)``;
+  ``MEMORY`` ``("Type: message", traceback text)`` when an allocation failed at the run's
+  ``max_memory`` (the worker is then replaced); ``TOO_BIG`` ``why`` when the pickled result
+  was over ``max_result``. Error texts are cut to ``limits.MAX_REMOTE_TEXT`` characters.
 
 An empty frame, or end of file, from the parent means "exit now, cleanly". (The explicit frame
 matters with the "fork" start method, where sibling workers inherit copies of each other's
@@ -25,6 +29,7 @@ import importlib
 import importlib.util
 import os
 import pickle
+import resource
 import signal
 import socket
 import struct
@@ -34,18 +39,31 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from taskd.run import proctree
+from taskd.run.limits import MAX_ERROR_TEXT, MAX_REMOTE_TEXT
+from taskd.run.limits import cut as _cut
+
 HEADER = struct.Struct(">Q")
-REF_LEN = struct.Struct(">I")
+# A request's fixed part: max_memory, max_result, the length of the function's reference.
+REQUEST = struct.Struct(">QQI")
+# An exception whose pickle is bigger travels as its (cut) text only: a 5 MB exception message
+# must not cross the pipe, let alone reach the log.
+MAX_ERROR_PICKLE = 65_536
 
 READY = 0
 OK = 1
 ERROR = 2
+MEMORY = 3
+TOO_BIG = 4
 
 _PR_SET_PDEATHSIG = 1
 # The signals the daemon acts on (stop, reload); neither a worker nor the forkserver dies of
-# them (see _shield_from_daemon_signals and procpool._shield_helpers).
+# them (see _shield_from_daemon_signals and pool.forkserver.shield_helpers).
 DAEMON_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM})
 _RECV_CHUNK = 1 << 16
+# How long the worker waits for the processes a run left behind to die once SIGKILLed (one
+# stuck in the kernel, on a dead NFS mount say, is left for the next run's clean-up).
+_REAP_TIMEOUT = 2.0
 
 # ref pickles -> resolved callables; a worker serves many runs of few functions, so the
 # second run of a function costs one dict lookup.
@@ -60,6 +78,11 @@ def main(sock: socket.socket) -> None:
     """Entry point of a worker process: serve runs from ``sock`` until the parent closes it."""
     _shield_from_daemon_signals()
     _die_with_parent()
+    # Every process a run starts stays a descendant of this worker, even one that left the
+    # worker's process group and session (setsid) or whose parent exited: so the daemon can
+    # find and kill them with the worker (a timeout, a memory limit) and the worker can kill
+    # what a finished run left behind (see _end_leftovers).
+    proctree.become_subreaper()
     channel = _Channel(sock)
     try:
         channel.send(bytes((READY,)) + pickle.dumps(os.getpid()))
@@ -68,6 +91,7 @@ def main(sock: socket.socket) -> None:
             if not frame:
                 break
             reply = execute(frame)
+            _end_leftovers()
             # Drop the request before blocking for the next one: big arguments must not
             # count against the worker's memory while it sits idle.
             del frame
@@ -86,35 +110,130 @@ def execute(frame: bytes | bytearray) -> bytes:
     Never raises: whatever the job does (``SystemExit`` and ``KeyboardInterrupt`` included)
     becomes that run's reply, so one bad run cannot take the worker down with it.
     """
+    max_memory, max_result, ref_len = REQUEST.unpack_from(frame)
+    previous = _limit_memory(max_memory)
+    summary: str | None = None
+    error: BaseException | None
     try:
-        (ref_len,) = REF_LEN.unpack_from(frame)
-        view = memoryview(frame)
-        if ref_len:
-            func = _resolve(bytes(view[4 : 4 + ref_len]))
-            args, kwargs = pickle.loads(view[4 + ref_len :])
+        try:
+            view = memoryview(frame)
+            start = REQUEST.size
+            if ref_len:
+                func = _resolve(bytes(view[start : start + ref_len]))
+                args, kwargs = pickle.loads(view[start + ref_len :])
+            else:
+                func, args, kwargs = pickle.loads(view[start:])
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
         else:
-            func, args, kwargs = pickle.loads(view[4:])
-        result = func(*args, **kwargs)
-    except BaseException as exc:
-        return _error_reply(exc)
+            try:
+                body = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+            except BaseException as exc:
+                error = exc
+                summary = (
+                    f"the result ({type(result).__qualname__}) could not be pickled: "
+                    f"{_describe(exc)}"
+                )
+            else:
+                if not max_result or len(body) <= max_result:
+                    return bytes((OK,)) + body
+                # Measured here, so a result too big for the daemon never crosses the pipe
+                # nor is unpickled there.
+                error = None
+                summary = (
+                    f"the result ({type(result).__qualname__}) is {len(body)} bytes pickled, "
+                    f"over max_result_size={max_result} bytes ({_mib(max_result)}); return "
+                    f"less (write big output to a file and return its path) or raise "
+                    f"[daemon] max_result_size"
+                )
+                del body
+            del result
+    finally:
+        # Before the error reply is built: formatting a traceback needs memory too.
+        _restore_memory(previous)
+    if error is None:  # the result was too big: nothing was raised
+        return bytes((TOO_BIG,)) + pickle.dumps(summary)
+    if max_memory and isinstance(error, MemoryError):
+        return _memory_reply(error)
+    return _error_reply(error, summary=summary, send_exception=summary is None)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def cut(text: str) -> str:
+    return _cut(text, MAX_REMOTE_TEXT)
+
+
+def _limit_memory(limit: int) -> int | None:
+    """Cap this process's data segment (RLIMIT_DATA) at ``limit`` bytes for one run; return
+    the soft limit to restore, or None if nothing was changed.
+
+    RLIMIT_DATA counts private writable memory (the heap, the anonymous maps Python's
+    allocator uses for arenas and big objects), not shared libraries or mapped files, so it
+    is the kernel's closest match to the RSS that ``max_memory`` means; RLIMIT_AS counts
+    address space too and fails runs well below the limit. Only the soft limit is lowered:
+    a process without privileges can raise it again up to the hard limit after the run,
+    while a lowered hard limit would bind this worker's later runs for ever.
+    """
+    if not limit:
+        return None
     try:
-        return bytes((OK,)) + pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
-    except BaseException as exc:
-        summary = f"the result ({type(result).__qualname__}) could not be pickled: {_describe(exc)}"
-        return _error_reply(exc, summary=summary, send_exception=False)
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        cap = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    except (OSError, ValueError):
+        return None  # the daemon's RSS watch still applies
+    return soft
+
+
+def _restore_memory(soft: int | None) -> None:
+    if soft is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def _memory_reply(exc: BaseException) -> bytes:
+    summary = _cut(_describe(exc), MAX_ERROR_TEXT - 512)
+    return bytes((MEMORY,)) + pickle.dumps((summary, cut(_format_traceback(exc))))
+
+
+def _end_leftovers() -> None:
+    """Kill and reap every process the run left behind, before its end is reported.
+
+    The rule is systemd's ``KillMode=control-group`` applied to one run: the processes a run
+    starts belong to it and end with it, however they detached themselves. A run that wants
+    its children's output waits for them; something meant to outlive a run belongs in a
+    service of its own. Orphans that already exited are reaped here too: as a subreaper the
+    worker inherits them as zombies, which would otherwise pile up over its many runs.
+    """
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return  # no child at all, so (as a subreaper) no descendant: the common case
+    proctree.kill_tree(os.getpid(), include_root=False)
+    proctree.reap_children(_REAP_TIMEOUT)
 
 
 def _error_reply(
     exc: BaseException, *, summary: str | None = None, send_exception: bool = True
 ) -> bytes:
-    text = _format_traceback(exc)
+    text = cut(_format_traceback(exc))
     blob: bytes | None = None
     if send_exception:
         try:
             blob = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
         except BaseException:
             blob = None  # the parent reports it as a JobError with the same text
-    body = (blob, summary or _describe(exc), text)
+        if blob is not None and len(blob) > MAX_ERROR_PICKLE:
+            blob = None  # a huge message, say: its (cut) text is enough
+    # The message is cut a little short of what the daemon records, so its own prefix (the
+    # exception type) does not make it cut again, with a marker that undercounts.
+    body = (blob, _cut(summary or _describe(exc), MAX_ERROR_TEXT - 256), text)
     try:
         return bytes((ERROR,)) + pickle.dumps(body, pickle.HIGHEST_PROTOCOL)
     except BaseException:
@@ -198,7 +317,7 @@ def _shield_from_daemon_signals() -> None:
     _worker_pid = os.getpid()
     for sig in DAEMON_SIGNALS:
         signal.signal(sig, _on_daemon_signal)
-    # Blocked in the forkserver (see procpool._shield_helpers) and inherited through
+    # Blocked in the forkserver (see pool.forkserver.shield_helpers) and inherited through
     # fork; a blocked mask would also survive exec into a job's commands.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     # multiprocessing marks pool workers daemonic, which forbids a job from starting its

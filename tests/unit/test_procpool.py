@@ -23,10 +23,9 @@ import pytest
 import uvloop
 from structlog.testing import capture_logs
 
-from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, WorkerDied
+from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, ResultTooLarge, WorkerDied
 from taskd.plugin.dropin import digest
-from taskd.run import procpool
-from taskd.run.procpool import ProcessPool
+from taskd.run.pool import ProcessPool, forkserver, records
 from tests.unit.procpool_funcs import jobs
 
 MiB = 1 << 20
@@ -104,29 +103,31 @@ def bits(*sigs: int) -> int:
 DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
 
 
-def fork_and_sleep(path: str, seconds: float) -> None:
-    """A job that forks without exec, as a multiprocessing "fork" child does; the child
-    writes its pid to ``path`` and sleeps. (Here, not in procpool_funcs: only one test needs
-    it.)"""
-    if os.fork() == 0:
+def fork_and_wait(path: str, seconds: float) -> int:
+    """A job that forks without exec, as a multiprocessing "fork" child does, and waits for
+    the child, which writes its pid to ``path`` and sleeps; return the child's exit code.
+    (Here, not in procpool_funcs: only one test needs it.)"""
+    pid = os.fork()
+    if pid == 0:
         try:
             # Only once it runs: CPython drops a signal that comes between fork() and its
             # own after-fork reset.
             jobs.report_pid_and_sleep(path, seconds)
         finally:
             os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def count_starts(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Record the time of every worker process start from now on."""
     starts: list[float] = []
-    real = procpool._start_process
+    real = forkserver.start_process
 
     def counting(*args: Any) -> Any:
         starts.append(time.monotonic())
         return real(*args)
 
-    monkeypatch.setattr(procpool, "_start_process", counting)
+    monkeypatch.setattr(forkserver, "start_process", counting)
     return starts
 
 
@@ -143,6 +144,34 @@ class TestResults:
         pool = await make_pool()
         assert await pool.run(jobs.length, (b"z" * (8 * MiB),)) == 8 * MiB
         assert await pool.run(jobs.make_bytes, (8 * MiB,)) == b"\xab" * (8 * MiB)
+
+    async def test_a_result_over_max_result_fails_in_the_worker(
+        self, make_pool: PoolFactory
+    ) -> None:
+        pool = await make_pool(workers=1)
+        pids = pool.pids()
+        with pytest.raises(
+            ResultTooLarge, match=r"is 2097\d{3} bytes pickled, over max_result_size=1048576"
+        ):
+            await pool.run(jobs.make_bytes, (2 * MiB,), max_result=MiB)
+        # Not the worker's fault: it serves on.
+        assert await pool.run(jobs.make_bytes, (MiB - 100,), max_result=MiB) == b"\xab" * (
+            MiB - 100
+        )
+        assert pool.pids() == pids
+
+    async def test_a_huge_error_message_is_cut_in_the_worker(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1)
+        with pytest.raises(JobError) as info:
+            await pool.run(jobs.raise_value_error, ("m" * (5 * MiB),))
+        # Its 5 MB pickle stayed in the worker: the text came, cut, with the count.
+        assert not isinstance(info.value, ValueError)
+        assert str(info.value).startswith("ValueError: mmm")
+        assert str(info.value).endswith(
+            f"... [{5 * MiB + len('ValueError: ') - (4096 - 256)} more characters cut]"
+        )
+        with pytest.raises(ValueError, match=r"^short\n"):
+            await pool.run(jobs.raise_value_error, ("short",))
 
     async def test_builtins_and_partials(self, make_pool: PoolFactory) -> None:
         pool = await make_pool()
@@ -365,7 +394,7 @@ class TestSignals:
         script = textwrap.dedent(
             """
             import asyncio, time
-            from taskd.run.procpool import ProcessPool
+            from taskd.run.pool import ProcessPool
 
             async def main():
                 pool = ProcessPool(2)
@@ -404,14 +433,12 @@ class TestDaemonSignals:
         started it with a plain forkserver context (tests/plugins_bundled) lacks the blocked
         signals the pool gives its own. Retire it, so the pool starts the forkserver here, as
         in the daemon."""
-        from taskd.run import procpool
-
-        pid = procpool._forkserver_pid()
+        pid = forkserver.forkserver_pid()
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
-            while not procpool._forget_dead_forkserver() and time.monotonic() < deadline:
+            while not forkserver.forget_dead_forkserver() and time.monotonic() < deadline:
                 time.sleep(0.01)
 
     async def test_sigterm_to_the_forkserver_and_workers_costs_no_run(
@@ -444,10 +471,10 @@ class TestDaemonSignals:
     ) -> None:
         pool = await make_pool(workers=1)
         pid_file = tmp_path / "child"
-        await pool.run(fork_and_sleep, (str(pid_file), 30.0))
+        run = start(pool.run(fork_and_wait, (str(pid_file), 30.0)))
         child = await wait_for_pid(pid_file)
         os.kill(child, signal.SIGTERM)
-        await wait_until(lambda: gone(child), timeout=5)
+        assert await asyncio.wait_for(run, 10) == -signal.SIGTERM
         assert await pool.run(jobs.add, (1, 1)) == 2
 
     async def test_a_dead_forkserver_is_replaced(self, make_pool: PoolFactory) -> None:
@@ -515,7 +542,7 @@ class TestCrashLoops:
     async def test_workers_killed_on_every_start(
         self, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(procpool, "_STABLE_AFTER", 1.0, raising=False)
+        monkeypatch.setattr(records, "STABLE_AFTER", 1.0)
         pool = await make_pool(workers=1)
         killed: list[tuple[int, float]] = []
         with capture_logs() as logs:
@@ -600,17 +627,40 @@ class TestCancellation:
 
 
 class TestMemoryLimit:
-    """A run whose worker grows past max_memory is killed."""
+    """max_memory: the kernel refuses allocations past it (RLIMIT_DATA, for that run only);
+    the RSS watch kills a worker that grows past it in memory the limit does not count."""
 
-    async def test_over_the_limit_kills_the_worker(self, make_pool: PoolFactory) -> None:
+    async def test_an_allocation_past_the_limit_fails_the_run(self, make_pool: PoolFactory) -> None:
         pool = await make_pool(workers=1, memory_check_interval=0.05)
         pids = pool.pids()
         with pytest.raises(MemoryLimitExceeded) as info:
             await pool.run(jobs.allocate_and_sleep, (200 * MiB, 30), max_memory=100 * MiB)
-        assert f"max_memory={100 * MiB} bytes" in str(info.value)
+        assert f"max_memory={100 * MiB} bytes (100.0 MiB)" in str(info.value)
+        assert "RLIMIT_DATA" in str(info.value) and "MemoryError" in str(info.value)
+        # Replaced: what the job left in its memory is in doubt.
+        await wait_until(lambda: gone(pids[0]))
+        await wait_until(lambda: pool.size == 1)
+        assert pool.restarts == {"memory": 1}
+        assert await pool.run(jobs.allocate_and_sleep, (MiB, 0.1), max_memory=500 * MiB) == MiB
+
+    async def test_the_limit_holds_for_its_run_only(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1)
+        before = await pool.run(jobs.data_limit)
+        assert await pool.run(jobs.data_limit, max_memory=100 * MiB) == (100 * MiB, before[1])
+        # The same worker, after a limited run: its old soft limit is back, and a run
+        # without max_memory may use more than the last run's limit.
+        assert await pool.run(jobs.data_limit) == before
+        assert await pool.run(jobs.allocate_and_sleep, (200 * MiB, 0)) == 200 * MiB
+        assert pool.restarts == {}
+
+    async def test_rss_the_limit_does_not_count_is_watched(self, make_pool: PoolFactory) -> None:
+        pool = await make_pool(workers=1, memory_check_interval=0.05)
+        pids = pool.pids()
+        with pytest.raises(MemoryLimitExceeded) as info:
+            await pool.run(jobs.map_shared_and_sleep, (200 * MiB, 30), max_memory=100 * MiB)
+        assert f"over max_memory={100 * MiB} bytes" in str(info.value)
         assert gone(pids[0])
         await wait_until(lambda: pool.size == 1)
-        assert await pool.run(jobs.allocate_and_sleep, (MiB, 0.1), max_memory=500 * MiB) == MiB
 
 
 class TestClose:

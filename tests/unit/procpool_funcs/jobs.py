@@ -138,3 +138,20 @@ def spawn_child_and_sleep(path: str, seconds: float) -> None:
         ignored = next(line.split()[1] for line in fh if line.startswith("SigIgn:"))
     Path(path).write_text(f"{child.pid} {ignored}")
     time.sleep(seconds)
+
+
+def map_shared_and_sleep(nbytes: int, seconds: float) -> int:
+    """Fill a shared anonymous map: resident memory that RLIMIT_DATA does not count."""
+    import mmap
+
+    area = mmap.mmap(-1, nbytes)
+    for pos in range(0, nbytes, 1 << 20):
+        area[pos : pos + (1 << 20)] = b"x" * (1 << 20)
+    time.sleep(seconds)
+    return nbytes
+
+
+def data_limit() -> tuple[int, int]:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_DATA)
