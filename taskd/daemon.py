@@ -206,6 +206,7 @@ class Daemon:
             host=loaded.host,
             thread_workers=d.thread_workers,
             process_workers=d.process_workers,
+            thread_workers_max=d.thread_workers_max,
         )
         self.rt = rt
         self.loaded = loaded
@@ -355,6 +356,7 @@ class Daemon:
             "state_dir",
             "runtime_dir",
             "thread_workers",
+            "thread_workers_max",
             "process_workers",
             "control_group",
             "metrics_address",

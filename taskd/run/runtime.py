@@ -131,11 +131,12 @@ class Runtime:
         host: PluginHost,
         thread_workers: int,
         process_workers: int,
+        thread_workers_max: int = 0,
     ) -> None:
         self.shared = shared
         self.store = store
         self.host = host
-        self.threads = ThreadRunner(thread_workers)
+        self.threads = ThreadRunner(thread_workers, thread_workers_max)
         self.process_workers = process_workers or (os.cpu_count() or 1)
         self._procs: ProcessPool | None = None
         self._procs_lock = asyncio.Lock()
