@@ -107,7 +107,11 @@ class ThreadPool:
             if self.exhausted:
                 raise ThreadPoolExhausted(self._why_exhausted())
             self._queue.append(work)
-            self._spawn_if_needed()
+            try:
+                self._spawn_if_needed()
+            except BaseException:
+                self._queue.pop()  # the caller gets the error; the call must not run later
+                raise
             self._cond.notify()
         return work
 
@@ -117,6 +121,7 @@ class ThreadPool:
         True when it became stuck."""
         dropped: list[Work] = []
         why = ""
+        spawn_error: BaseException | None = None
         with self._cond:
             if work.state == "queued":
                 self._remove_queued(work)
@@ -142,7 +147,10 @@ class ThreadPool:
                     item.state = "done"
                 why = self._why_exhausted()
             else:
-                self._spawn_if_needed()  # a replacement, if calls wait
+                try:
+                    self._spawn_if_needed()  # a replacement, if calls wait
+                except Exception as exc:  # the caller's own error (a timeout) must win
+                    spawn_error = exc
             free = self._free()
         log.error(
             "thread_stuck",
@@ -154,6 +162,8 @@ class ThreadPool:
             hint="a thread cannot be killed; it is replaced until thread_workers_max threads "
             "are stuck, and it holds its thread until its call returns",
         )
+        if spawn_error is not None:
+            log.error("thread_start_failed", error=repr(spawn_error), stuck=stuck)
         if started_exhausted:
             log.error("thread_pool_exhausted", reason=why, stuck=stuck, max=self.limit)
             for item in dropped:
@@ -216,6 +226,7 @@ class ThreadPool:
                 thread.start()
             except BaseException:  # out of threads (RuntimeError) or memory: count it back
                 self._threads -= 1
+                self._seq -= 1
                 raise
 
     def _remove_queued(self, work: Work) -> None:

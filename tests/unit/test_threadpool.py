@@ -132,6 +132,28 @@ class TestReplacement:
             pool.submit(leave, "exit").future.result(5)
         assert pool.submit(lambda: "alive", "next").future.result(5) == "alive"
 
+    def test_a_thread_that_cannot_start_fails_the_call_not_later(
+        self, gate: Gate, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        pool = ThreadPool(1, 3)
+        busy = pool.submit(gate.call(), "busy")
+        gate.wait_entered()
+        waiting = pool.submit(lambda: "next", "next")
+
+        def no_thread(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        with capture_logs() as logs:
+            assert pool.give_up(busy)  # its replacement cannot start: logged, not raised
+        assert count(logs, "thread_start_failed") == 1
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            pool.submit(lambda: "never", "refused")
+        assert pool.status().queued == 1  # only "next", which waits for a thread
+        monkeypatch.undo()
+        gate.open.set()
+        assert waiting.future.result(5) == "next"
+
     def test_workers_above_the_cap_is_a_bug(self) -> None:
         with pytest.raises(ValueError, match="workers <= limit"):
             ThreadPool(4, 3)
