@@ -17,9 +17,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from taskd.config import load_config
+from taskd.config.model import JobConfig
 from taskd.errors import ConfigError, JobTimeout, ThreadPoolExhausted
+from taskd.jobspec import JobSpec, make_trigger
+from taskd.plugin.jobtype import JobType
+from taskd.plugin.manager import PluginHost
+from taskd.run.events import SkipReason
 from taskd.run.executors import ThreadRunner
+from taskd.run.runtime import Runtime
 from taskd.run.threadpool import ThreadPool, Work
+from taskd.schedule.job import ManualRun, ScheduledJob
+from taskd.state.shared import SharedState
+from tests.unit.test_scheduler import stop, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -351,3 +360,71 @@ class TestConfig:
         (issue,) = info.value.issues
         assert (issue.path, issue.line) == ("daemon.thread_workers_max", 3)
         assert message in issue.message
+
+
+class TestScheduling:
+    """The scheduler skips blocking runs as ``exhausted``, also ticks that were queued."""
+
+    def blocking_job(self, rt: Runtime, fn: Callable[[], Any], **cfg: Any) -> ScheduledJob:
+        # Fired by hand only: a one-shot far in the future never fires on its own.
+        config = JobConfig(name="b", type="t", schedule="at", at=4070908800.0, **cfg)
+        spec = JobSpec(config, JobType("t", fn, kind="blocking"), make_trigger(config))
+        job = ScheduledJob(spec, rt, cursor=None)
+        job.start()
+        return job
+
+    async def test_queued_ticks_are_skipped_when_the_pool_becomes_exhausted(
+        self, gate: Gate
+    ) -> None:
+        rt = Runtime(
+            shared=SharedState(),
+            store=None,
+            host=PluginHost(),
+            thread_workers=1,
+            process_workers=1,
+            thread_workers_max=1,
+        )
+        job = self.blocking_job(rt, gate.call(), overlap="queue", timeout=0.3)
+        first, queued = ManualRun(), [ManualRun(), ManualRun()]
+        assert job.trigger_now(first) is None
+        await asyncio.to_thread(gate.wait_entered)
+        for waiter in queued:
+            assert job.trigger_now(waiter) is None and waiter.queued
+        # The run in flight times out: its thread was the only one the cap allows.
+        info = await asyncio.wait_for(first.ended, 5)
+        assert not isinstance(info, SkipReason) and info.outcome == "timed_out"
+        assert rt.threads.exhausted
+        for waiter in queued:
+            assert await asyncio.wait_for(waiter.ended, 5) is SkipReason.EXHAUSTED
+        assert job.trigger_now() is SkipReason.EXHAUSTED
+        gate.open.set()
+        await wait_until(lambda: not rt.threads.exhausted)
+        again = ManualRun()
+        assert job.trigger_now(again) is None
+        gate.open.set()
+        ended = await asyncio.wait_for(again.ended, 5)
+        assert not isinstance(ended, SkipReason) and ended.outcome == "succeeded"
+        await stop(job, rt)
+        rt.threads.shutdown()
+
+    async def test_a_scheduled_tick_is_a_counted_skip(self, rt: Runtime, gate: Gate) -> None:
+        hang = self.blocking_job(rt, gate.call(), timeout=0.05)
+        for _ in range(rt.threads.limit):
+            waiter = ManualRun()
+            hang.trigger_now(waiter)
+            await asyncio.wait_for(waiter.ended, 5)
+        assert rt.threads.exhausted
+        config = JobConfig(name="tick", type="t", schedule="every", every=0.05)
+        spec = JobSpec(config, JobType("t", lambda: 1, kind="blocking"), make_trigger(config))
+        with capture_logs() as logs:
+            tick = ScheduledJob(spec, rt, cursor=None)
+            tick.start()
+            await wait_until(lambda: rt.stats.skips[("tick", "exhausted")] >= 2)
+        skipped = [e for e in logs if e["event"] == "skipped"]
+        assert skipped and all(e["reason"] == "exhausted" for e in skipped)
+        assert not [e for e in logs if e["event"] == "run"]
+        gate.open.set()
+        await wait_until(lambda: rt.stats.outcomes[("tick", "succeeded")] >= 1)
+        await stop(tick, rt)
+        await stop(hang, rt)
+        rt.threads.shutdown()
