@@ -207,6 +207,7 @@ class Daemon:
             thread_workers=d.thread_workers,
             process_workers=d.process_workers,
             max_result_size=d.max_result_size,
+            thread_workers_max=d.thread_workers_max,
         )
         self.rt = rt
         self.loaded = loaded
@@ -356,6 +357,7 @@ class Daemon:
             "state_dir",
             "runtime_dir",
             "thread_workers",
+            "thread_workers_max",
             "process_workers",
             "control_group",
             "metrics_address",

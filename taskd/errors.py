@@ -61,6 +61,11 @@ class JobTimeout(JobError, TimeoutError):
     """A run (one attempt) exceeded its job's ``timeout``."""
 
 
+class ThreadPoolExhausted(JobError):
+    """No thread can be had for a blocking call: every one ``thread_workers_max`` allows is
+    stuck in a call that outlived its run."""
+
+
 class WorkerDied(JobError):
     """The worker process executing a run died (killed, out of memory, segfault, os._exit)."""
 

@@ -375,6 +375,7 @@ async def _exec_once(loaded: Any, spec: Any, *, retries: bool) -> Any:
         host=loaded.host,
         thread_workers=d.thread_workers,
         process_workers=min(d.process_workers or 1, 2),
+        thread_workers_max=d.thread_workers_max,
     )
     now = time.time()
     info = RunInfo(rt.new_run_id(), spec.name, now, now, Cause.EXEC)

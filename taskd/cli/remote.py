@@ -141,8 +141,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  jobs:   {', '.join(counts)}")
     if d.get("pool_degraded"):
         print(f"  pool:   DEGRADED: {d['pool_degraded']}")
-    if d["stuck_threads"]:
-        print(f"  stuck threads: {d['stuck_threads']} (blocking runs past their timeout)")
+    threads = d.get("threads") or {}
+    if threads.get("exhausted"):
+        print(f"  threads: EXHAUSTED: {threads['exhausted']}")
+    elif d["stuck_threads"]:
+        cap = f", replaced up to {threads['max']} threads" if threads else ""
+        print(f"  stuck threads: {d['stuck_threads']} (blocking runs past their timeout{cap})")
     if d["state_write_failing"]:
         print("  state:  WRITES FAILING (runs go on; see the log)")
     print(f"  reload: {_reload_summary(d['last_reload'], now)}")

@@ -41,6 +41,7 @@ DAEMON_KEYS = (
     "log_format",
     "process_workers",
     "thread_workers",
+    "thread_workers_max",
     "shutdown_timeout",
     "loop_block_threshold",
     "timezone",
@@ -339,6 +340,17 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
         return text
 
     p = "daemon"
+    thread_workers = c.take(table, "thread_workers", p, _int_range(1, 1024), d.thread_workers)
+    thread_workers_max = c.take(
+        table, "thread_workers_max", p, _int_range(0, 4096), d.thread_workers_max
+    )
+    if 0 < thread_workers_max < thread_workers:
+        c.add(
+            f"{p}.thread_workers_max",
+            f"must be at least thread_workers ({thread_workers}), got {thread_workers_max}",
+            "raise it, or remove it for the default of twice thread_workers",
+        )
+        thread_workers_max = d.thread_workers_max
     return DaemonConfig(
         plugin_dirs=c.take(table, "plugin_dirs", p, paths, d.plugin_dirs),
         state_dir=c.take(table, "state_dir", p, to_path, d.state_dir),
@@ -346,7 +358,8 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
         log_level=c.take(table, "log_level", p, _choice(LOG_LEVELS), d.log_level),
         log_format=c.take(table, "log_format", p, _choice(LOG_FORMATS), d.log_format),
         process_workers=c.take(table, "process_workers", p, _int_range(0, 1024), d.process_workers),
-        thread_workers=c.take(table, "thread_workers", p, _int_range(1, 1024), d.thread_workers),
+        thread_workers=thread_workers,
+        thread_workers_max=thread_workers_max,
         shutdown_timeout=c.take(table, "shutdown_timeout", p, parse_duration, d.shutdown_timeout),
         loop_block_threshold=c.take(
             table, "loop_block_threshold", p, _block_threshold, d.loop_block_threshold

@@ -28,6 +28,11 @@ class DaemonConfig:
     log_format: LogFormat = "auto"
     process_workers: int = 0  # 0: one per CPU
     thread_workers: int = 8
+    # Most threads the blocking pool may have, stuck ones included; 0: 2 x thread_workers.
+    # Each thread stuck in a call that outlived its run is replaced up to this cap, so the
+    # default keeps full capacity through as many hangs as there are workers; the cap is
+    # there because each stuck thread keeps its stack and whatever the call holds.
+    thread_workers_max: int = 0
     shutdown_timeout: float = 30.0
     # The loop counts as blocked once a callback has held it this long (taskd.observe.loopwatch).
     loop_block_threshold: float = 0.25

@@ -114,6 +114,8 @@ class Commands:
                 "broken": len(jobs.broken()),
                 "retiring": len(jobs.retiring),
                 "stuck_threads": rt.threads.stuck_count if rt is not None else 0,
+                # The blocking pool: its size, cap, threads, and why it is exhausted (if so).
+                "threads": rt.threads.status().as_dict() if rt is not None else None,
                 # Why the process pool is degraded (workers crash-looping), None when fine.
                 "pool_degraded": rt.pool_degraded if rt is not None else None,
                 "state_write_failing": bool(d.store is not None and d.store.failing),

@@ -269,6 +269,17 @@ class DaemonCollector:
             rt.threads.stuck_count if rt is not None else 0,
         )
         yield _gauge(
+            "taskd_thread_pool_exhausted",
+            "1 while every thread daemon.thread_workers_max allows is stuck (blocking runs "
+            "are skipped as exhausted), else 0.",
+            1.0 if rt is not None and rt.threads.exhausted else 0.0,
+        )
+        yield _gauge(
+            "taskd_thread_pool_threads",
+            "Threads of the blocking pool (stuck ones included); at most thread_workers_max.",
+            rt.threads.status().alive if rt is not None else 0,
+        )
+        yield _gauge(
             "taskd_event_loop_lag_seconds",
             "How late the event loop ran its latest lag probe (a timed callback).",
             float(getattr(watch, "lag", 0.0)),

@@ -172,6 +172,8 @@ def _health(daemon: Mapping[str, Any]) -> tuple[str, str]:
         return "last reload failed", "bad"
     if daemon.get("state_write_failing"):
         return "state writes failing", "bad"
+    if (daemon.get("threads") or {}).get("exhausted"):
+        return "thread pool exhausted", "bad"
     if daemon.get("stuck_threads"):
         return "stuck threads", "bad"
     return "running", "ok"

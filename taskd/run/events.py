@@ -56,6 +56,7 @@ class SkipReason(enum.StrEnum):
     QUEUE_FULL = "queue_full"  # overlap = "queue" and too many ticks already wait
     REPLACED = "replaced"  # queued behind a run that overlap = "replace" cancelled
     CRASHED = "crashed"  # the job's scheduling task ended by a bug (logged); restart taskd
+    EXHAUSTED = "exhausted"  # a blocking run, and every thread thread_workers_max allows is stuck
 
 
 @dataclass(frozen=True, slots=True)

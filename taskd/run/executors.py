@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import structlog
-
 from taskd.errors import JobTimeout
+from taskd.run.threadpool import PoolStatus, ThreadPool, Work
 
-log = structlog.get_logger("taskd.run")
 T = TypeVar("T")
 
 
@@ -35,61 +30,57 @@ async def with_timeout(awaitable: Awaitable[T], timeout: float | None, what: str
 
 
 class ThreadRunner:
-    """A bounded thread pool that knows which of its runs are stuck.
+    """The asyncio side of the thread pool (taskd.run.threadpool) for blocking runs and
+    ``ctx.to_thread``.
 
-    A thread cannot be killed. A blocking run past its timeout is given up on: its run fails
-    with JobTimeout and it is counted as stuck until its thread returns, if ever. The daemon
-    exits after the drain deadline without joining stuck threads (see Daemon)."""
+    A thread cannot be killed. A call whose run is given up on (timed out, or cancelled while
+    the call still runs) is stuck until it returns, if ever: the pool replaces its thread, up
+    to ``limit`` threads, and past that it is exhausted and refuses calls (the scheduler skips
+    blocking runs as ``exhausted`` meanwhile). The daemon exits after the drain deadline
+    without joining stuck threads (see Daemon)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, limit: int = 0) -> None:
         self.workers = workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taskd-job")
-        self._lock = threading.Lock()
-        self.stuck: dict[Future[Any], tuple[str, float]] = {}
-        self.stuck_total = 0
+        # 0: twice thread_workers (see DaemonConfig.thread_workers_max for why).
+        self.limit = limit or 2 * workers
+        self.pool = ThreadPool(workers, self.limit)
 
     async def run(
         self, func: Callable[..., T], kwargs: Mapping[str, Any], timeout: float | None, label: str
     ) -> T:
-        cfut = self._pool.submit(functools.partial(func, **kwargs))
-        try:
-            return await with_timeout(asyncio.wrap_future(cfut), timeout, label)
-        except BaseException:
-            # Timed out or cancelled while the thread still runs: it cannot be stopped.
-            if not cfut.done() and not cfut.cancel():
-                self._mark_stuck(cfut, label)
-            raise
-
-    def _mark_stuck(self, cfut: Future[Any], label: str) -> None:
-        with self._lock:
-            self.stuck[cfut] = (label, time.time())
-            self.stuck_total += 1
-            count = len(self.stuck)
-        log.error(
-            "thread_stuck",
-            run=label,
-            stuck=count,
-            workers=self.workers,
-            hint="a thread cannot be killed; it keeps a thread_workers slot until its call returns",
-        )
-        cfut.add_done_callback(self._unstuck)
-
-    def _unstuck(self, cfut: Future[Any]) -> None:
-        with self._lock:
-            label, since = self.stuck.pop(cfut, ("?", time.time()))
-        log.warning("thread_unstuck", run=label, stuck_for=round(time.time() - since, 3))
+        work = self.pool.submit(functools.partial(func, **kwargs), label)
+        result: T = await self._wait(work, timeout, label)
+        return result
 
     async def call(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """For ``ctx.to_thread``: no timeout of its own (the run's timeout applies)."""
-        return await asyncio.wrap_future(
-            self._pool.submit(functools.partial(func, *args, **kwargs))
-        )
+        """For ``ctx.to_thread``: no timeout of its own (the run's timeout applies, by
+        cancelling this; the call is then stuck like a blocking run's)."""
+        label = f"to_thread {getattr(func, '__qualname__', type(func).__name__)}"
+        work = self.pool.submit(functools.partial(func, *args, **kwargs), label)
+        result: T = await self._wait(work, None, label)
+        return result
+
+    async def _wait(self, work: Work, timeout: float | None, label: str) -> Any:
+        try:
+            return await with_timeout(asyncio.wrap_future(work.future), timeout, label)
+        except BaseException:
+            # Timed out or cancelled: a queued call is dropped, a running one is stuck (a
+            # no-op when the call itself raised).
+            self.pool.give_up(work)
+            raise
 
     @property
     def stuck_count(self) -> int:
-        with self._lock:
-            return len(self.stuck)
+        return self.pool.stuck_count
+
+    @property
+    def exhausted(self) -> bool:
+        """No blocking call can get a thread until a stuck one returns."""
+        return self.pool.exhausted
+
+    def status(self) -> PoolStatus:
+        return self.pool.status()
 
     def shutdown(self) -> None:
-        # Never wait: a stuck thread would hang the daemon's exit.
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Never waits: a stuck thread would hang the daemon's exit.
+        self.pool.shutdown()

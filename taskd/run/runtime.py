@@ -132,11 +132,12 @@ class Runtime:
         thread_workers: int,
         process_workers: int,
         max_result_size: int = 1 << 20,
+        thread_workers_max: int = 0,
     ) -> None:
         self.shared = shared
         self.store = store
         self.host = host
-        self.threads = ThreadRunner(thread_workers)
+        self.threads = ThreadRunner(thread_workers, thread_workers_max)
         self.process_workers = process_workers or (os.cpu_count() or 1)
         # [daemon] max_result_size; a reload sets it anew.
         self.max_result_size = max_result_size

@@ -264,6 +264,8 @@ class ScheduledJob:
                     # Left over when a reload switched overlap between inline and task modes.
                     if self._inline:
                         await self._drain()
+                    elif self._no_thread:
+                        self._drop_queue(SkipReason.EXHAUSTED)
                     else:
                         self.start_run(*self.queue.pop(0))
                     now = loop_now()
@@ -485,6 +487,8 @@ class ScheduledJob:
             reason = SkipReason.BROKEN
         elif self.paused and cause is not Cause.MANUAL:
             reason = SkipReason.PAUSED
+        elif self._no_thread:
+            reason = SkipReason.EXHAUSTED  # refused now, not queued behind stuck threads
         elif self.active or self.queue:
             overlap = spec.config.overlap
             if overlap == "skip":
@@ -517,6 +521,12 @@ class ScheduledJob:
         return None
 
     @property
+    def _no_thread(self) -> bool:
+        """A blocking run could get no thread: every one the pool may have is stuck."""
+        jt = self.spec.jobtype
+        return jt is not None and jt.kind == "blocking" and self.rt.threads.exhausted
+
+    @property
     def _inline(self) -> bool:
         """skip and queue never run two at once, so the job's own task can run each run
         itself; replace and allow need a task per run."""
@@ -527,6 +537,10 @@ class ScheduledJob:
         while (
             self.queue and self._inline and not self.active and not (self._stopping or self.removed)
         ):
+            if self._no_thread:
+                # The pool was exhausted after these ticks were queued: they cannot start.
+                self._drop_queue(SkipReason.EXHAUSTED)
+                break
             tick, cause, waiter = self.queue.pop(0)
             await self._run_inline(tick, cause, waiter)
 
@@ -636,7 +650,10 @@ class ScheduledJob:
             and not self._inline
             and not (self._stopping or self.removed)
         ):
-            self.start_run(*self.queue.pop(0))
+            if self._no_thread:
+                self._drop_queue(SkipReason.EXHAUSTED)
+            else:
+                self.start_run(*self.queue.pop(0))
         if self.done or (self.queue and self._inline):
             self._poke()
 

@@ -243,4 +243,9 @@ SKIP_TEXT: dict[str, str] = {
     SkipReason.REMOVED: "the job was removed by a reload",
     SkipReason.REPLACED: 'a newer run replaced it (overlap = "replace")',
     SkipReason.CRASHED: "the job's scheduler crashed (see the log); restart taskd",
+    SkipReason.EXHAUSTED: (
+        "the thread pool is exhausted: every thread [daemon] thread_workers_max allows is "
+        "stuck in a blocking call that outlived its run; fix the job that hangs (see "
+        "thread_stuck in the log) and restart taskd, or raise thread_workers_max"
+    ),
 }
