@@ -121,9 +121,14 @@ def audit(state_dir: Path) -> list[str]:
     DynamicUser picks it at start); the daemon checks it itself when it starts."""
     try:
         st = os.stat(state_dir)
-    except FileNotFoundError:  # made at start: the folders above must be safe
-        problem = TrustChecker().parents_problem(os.path.realpath(state_dir))
+    except FileNotFoundError:  # made at start, in the nearest folder that exists: it must be safe
+        existing = os.path.realpath(state_dir)
+        while not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
+        problem = TrustChecker().parents_problem(os.path.join(existing, "state_dir"))
         return [] if problem is None else [f"state_dir {state_dir} cannot be trusted: {problem}"]
+    except PermissionError:  # not this user's to look into (/var/lib/private is 0700)
+        return []
     except OSError as exc:
         return [f"cannot check state_dir {state_dir}: {exc.strerror or exc}"]
     checker = TrustChecker(euid=st.st_uid)
