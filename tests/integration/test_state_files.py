@@ -155,9 +155,11 @@ class TestModes:
         refused(d, f"{journal} is owned by nobody", f"chown root {journal}")
 
     def test_created_0600_in_a_0700_folder(self, daemon_factory) -> None:
-        os.umask(old := os.umask(0o022))  # what `make run` has: files 0644 by default
-        assert old & 0o077 == 0o022, "this test needs the usual umask 022"
-        d = daemon(daemon_factory).start()
+        old = os.umask(0o022)  # the daemon inherits the usual umask: files 0644 by default
+        try:
+            d = daemon(daemon_factory).start()
+        finally:
+            os.umask(old)
         d.wait_for("run", job="hello")
         sd = d.dir / "state"
         names = {"state.db", "state.db-wal", "state.db-shm", "ticks.journal", "taskd.lock"}
