@@ -130,6 +130,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         errors.append(f"{record.origin}: plugin {record.name!r} is broken: {record.error}")
     for problem in host.folder_problems:
         errors.append(f"{problem.path}: {problem.message}")
+    from taskd.state.files import audit
+
+    errors.extend(audit(d.state_dir))  # what `taskd run` would refuse to start on
     for spec in specs.values():
         if spec.broken:
             line = config.line_of(f"jobs.{spec.name}.type")

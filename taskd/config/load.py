@@ -28,6 +28,7 @@ from taskd.config.model import (
     JobConfig,
 )
 from taskd.errors import ConfigError, ConfigIssue
+from taskd.trust import TrustChecker
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
@@ -243,6 +244,16 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     return data, text
 
 
+def _untrusted(file: Path) -> str | None:
+    """Why the config file may not be used (taskd.trust): whoever can change it decides
+    which plugin folders the daemon runs code from. None when it is safe."""
+    try:
+        problem = TrustChecker().path_problem(file, "config file")
+    except OSError as exc:  # removed since it was read
+        return f"cannot check config file: {exc.strerror or exc}"
+    return None if problem is None else f"refused: {problem}"
+
+
 def _single(path: Path, message: str) -> ConfigError:
     return ConfigError([ConfigIssue(str(path), "", message)])
 
@@ -251,6 +262,9 @@ def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError listing every problem found."""
     file = Path(path).expanduser().absolute()
     data, text = read_toml(file)
+    refused = _untrusted(file)
+    if refused is not None:
+        raise _single(file, refused)
     c = _Collector(file, text)
     base = file.parent
 

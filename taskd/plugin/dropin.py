@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from taskd.trust import TrustChecker
+
 PREFIX = "_taskd_dropin_"
 DIGEST_LEN = 10
 LOADING = "__taskd_loading__"  # set on a module while its file executes
@@ -102,6 +104,9 @@ class DropinFile:
     path: Path
     module_name: str
     source: bytes = b""  # the very bytes the name's hash was taken over
+    # Why the file is not loaded though it is a plugin file (taskd.trust: others could change
+    # it); the loader records it as a broken plugin, so the jobs that need it show the reason.
+    refused: str | None = None
 
 
 def digest(path: Path, content: bytes) -> str:
@@ -112,9 +117,15 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
     """The plugin files in ``folders`` (in folder order, then by name), and per-folder problems.
 
     A missing folder is a problem to report, not a crash: the daemon runs without it. So is a
-    ``.py`` entry that is not a regular file of at most MAX_PLUGIN_BYTES (see read_source)."""
+    ``.py`` entry that is not a regular file of at most MAX_PLUGIN_BYTES (see read_source).
+
+    A folder or file that others could change (taskd.trust: owned by another non-root user,
+    writable by group or others, or so is a folder on its path, a symlink's target's
+    included) is not read: each such file comes back with ``refused`` set, and a refused
+    folder is also a problem, so that one with no ``.py`` file yet is reported too."""
     found: list[DropinFile] = []
     problems: list[tuple[Path, str]] = []
+    trust = TrustChecker()
     for folder in folders:
         if not folder.exists():
             problems.append((folder, "plugin folder does not exist"))
@@ -127,8 +138,27 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
         except OSError as exc:
             problems.append((folder, f"cannot list plugin folder: {exc}"))
             continue
+        try:
+            folder_refused = trust.path_problem(folder, "plugin folder", folder=True)
+        except OSError as exc:
+            folder_refused = f"cannot check plugin folder {folder}: {exc.strerror or exc}"
+        if folder_refused is not None:
+            problems.append((folder, folder_refused))
         for path in entries:
             if path.name.startswith(("_", ".")):
+                continue
+            stem = re.sub(r"\W", "_", path.stem)
+            try:
+                # Not a regular file (a FIFO, a link to a device, a dangling link): read_source
+                # below reports it as what it is.
+                regular = os.path.isfile(path)
+                refused = folder_refused or (
+                    trust.path_problem(path, "plugin file") if regular else None
+                )
+            except OSError as exc:  # removed meanwhile: read_source says so
+                refused = None if isinstance(exc, FileNotFoundError) else str(exc)
+            if refused is not None:
+                found.append(DropinFile(path, f"{PREFIX}{stem}_refused", refused=refused))
                 continue
             try:
                 content = read_source(path)
@@ -139,7 +169,6 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
             except OSError as exc:
                 problems.append((path, f"cannot read plugin file: {exc}"))
                 continue
-            stem = re.sub(r"\W", "_", path.stem)
             found.append(DropinFile(path, f"{PREFIX}{stem}_{digest(path, content)}", content))
     return found, problems
 

@@ -133,6 +133,9 @@ class PluginHost:
         record = PluginRecord(
             name=file.path.stem, source="file", origin=str(file.path), module_name=file.module_name
         )
+        if file.refused is not None:  # not safe to run (taskd.trust): never imported
+            self._broken(record, f"refused: {file.refused}", PermissionError(file.refused))
+            return
         try:
             module: ModuleType = dropin.load(file)
         except BaseException as exc:  # SyntaxError, SystemExit at import: still just this plugin

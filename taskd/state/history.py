@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import quote
 
 from taskd.errors import StateError
+from taskd.state import files
 from taskd.state.store import SCHEMA_VERSION
 
 __all__ = ["FAILED_OUTCOMES", "TRUNCATED_MARK", "NoStateDatabase", "is_truncated", "read_history"]
@@ -89,6 +90,9 @@ def read_history(
         before = _identity(db_path)
         if before is None:
             raise NoStateDatabase(db_path)
+        # SQLite follows a symlink to the database: one planted in a state_dir that others
+        # can write would have root read (and, with mode=ro, create a -shm beside) any file.
+        files.refuse_links(db_path)
         immutable = not daemon_up and not _journal_present(db_path)
         try:
             with _connect(db_path, immutable=immutable) as db:
@@ -116,7 +120,11 @@ def daemon_running(state_dir: Path) -> bool:
     another reason than not existing, the answer is "maybe", taken as yes: that only ever
     chooses the more careful way to open the database."""
     try:
-        fd = os.open(state_dir / "taskd.lock", os.O_RDONLY | os.O_CLOEXEC)
+        # Never through a symlink, and never waiting: a link to a FIFO would hang the read.
+        fd = os.open(
+            state_dir / "taskd.lock",
+            os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+        )
     except FileNotFoundError:
         return False
     except OSError:
@@ -134,7 +142,7 @@ def daemon_running(state_dir: Path) -> bool:
 
 def _identity(path: Path) -> tuple[int, int, int, int] | None:
     try:
-        st = path.stat()
+        st = path.lstat()
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -146,7 +154,7 @@ def _journal_present(db_path: Path) -> bool:
     # A -wal may hold commits the database file lacks; a -journal (a rollback-mode database
     # some other tool wrote) may hold a half-done transaction to undo. Either needs SQLite's
     # normal reading path, which immutable=1 skips.
-    return any(Path(f"{db_path}{suffix}").exists() for suffix in ("-wal", "-journal"))
+    return any(os.path.lexists(f"{db_path}{suffix}") for suffix in ("-wal", "-journal"))
 
 
 @contextlib.contextmanager

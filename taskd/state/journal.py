@@ -31,7 +31,9 @@ from pathlib import Path
 import structlog
 
 from taskd.config.load import JOB_NAME
+from taskd.errors import StateError
 from taskd.run.events import Cause
+from taskd.state import files
 
 log = structlog.get_logger("taskd.state")
 
@@ -45,6 +47,14 @@ RUN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _TRIGGERS = frozenset(c.value for c in Cause)
 # Per replay, lines and values reported one by one; the rest are only counted.
 MAX_REPORTED = 20
+# Replay reads the journal in chunks, so its memory is bounded by the jobs (one tick each)
+# and the run starts kept, not by the file: it grows without bound only while the database
+# keeps failing. A run start replayed only marks that run "interrupted" in the history; past
+# this many, the oldest are dropped (counted and logged). The same bound as the store's
+# buffer of history rows while writes fail.
+MAX_REPLAY_RUNS = 100_000
+MAX_LINE_BYTES = 4096  # the longest line taskd writes is about 250 bytes
+_READ_CHUNK = 1024 * 1024
 
 
 def time_problem(value: object, now: float) -> str | None:
@@ -69,8 +79,16 @@ class Replay:
     """What a journal held: the latest tick per job, and the runs it saw start."""
 
     ticks: dict[str, float] = field(default_factory=dict)
+    # The newest MAX_REPLAY_RUNS run starts; older ones are counted in runs_dropped.
     runs: list[tuple[str, str, float, float, str]] = field(default_factory=list)
     bad_lines: int = 0  # lines skipped: malformed, or holding a value out of range
+    runs_dropped: int = 0
+
+    def trim(self) -> None:
+        drop = len(self.runs) - MAX_REPLAY_RUNS
+        if drop > 0:
+            del self.runs[:drop]
+            self.runs_dropped += drop
 
 
 class TickJournal:
@@ -82,19 +100,54 @@ class TickJournal:
         self._torn = False
 
     def open(self) -> Replay:
-        """Open for appending and return what an earlier process left in it."""
+        """Open for appending and return what an earlier process left in it.
+
+        Opened without following a symlink (taskd.state.files), and read through that same
+        descriptor a chunk at a time: memory stays bounded whatever the journal's size (it
+        holds one loop iteration's worth normally, but grows while the database is failing)."""
         replay = Replay()
+        fd = files.open_file(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            data = b""
-        now = time.time()
-        for lineno, raw in enumerate(data.split(b"\n"), 1):
-            if raw:
-                self._replay_line(replay, raw, f"{self.path}:{lineno}", now)
+            now = time.time()
+            lineno = 0
+            offset = 0
+            rest = b""
+            skipping = False  # inside a line too long to be ours, until its newline
+            while True:
+                chunk = os.pread(fd, _READ_CHUNK, offset)
+                if not chunk:
+                    break
+                offset += len(chunk)
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for raw in lines:
+                    lineno += 1
+                    if skipping:
+                        skipping = False
+                    elif raw:
+                        self._replay_line(replay, raw, f"{self.path}:{lineno}", now)
+                if len(rest) > MAX_LINE_BYTES and not skipping:
+                    replay.bad_lines += 1
+                    skipping = True
+                if skipping:
+                    rest = b""
+            if rest and not skipping:
+                self._replay_line(replay, rest, f"{self.path}:{lineno + 1}", now)
+        except OSError as exc:
+            os.close(fd)
+            raise StateError(f"cannot read the tick journal {self.path}: {exc}") from exc
+        replay.trim()
         if replay.bad_lines:
             log.warning("journal_lines_skipped", path=str(self.path), count=replay.bad_lines)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if replay.runs_dropped:
+            log.warning(
+                "journal_runs_dropped",
+                path=str(self.path),
+                count=replay.runs_dropped,
+                kept=MAX_REPLAY_RUNS,
+                hint="the oldest run starts in the journal are not added to the history",
+            )
+        self._fd = fd
         return replay
 
     @staticmethod
@@ -112,6 +165,8 @@ class TickJournal:
                 replay.ticks[entry.job] = entry.tick
         else:
             replay.runs.append(entry)
+            if len(replay.runs) >= 2 * MAX_REPLAY_RUNS:  # trimmed in bulk: amortised O(1)
+                replay.trim()
 
     def tick(self, job: str, tick: float) -> None:
         _check_name(job)

@@ -6,7 +6,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from taskd.errors import AlreadyRunningError, StateError
+from taskd.errors import AlreadyRunningError
+from taskd.state import files
 
 
 class InstanceLock:
@@ -20,13 +21,9 @@ class InstanceLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StateError(
-                f"cannot create lock file {self.path}: {exc.strerror or exc}; check state_dir"
-            ) from exc
+        # The first thing the daemon does with state_dir: an untrusted one stops it here.
+        files.prepare_dir(self.path.parent)
+        fd = files.open_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

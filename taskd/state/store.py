@@ -23,6 +23,7 @@ import structlog
 from taskd.config.load import JOB_NAME
 from taskd.errors import StateError
 from taskd.run.events import Outcome
+from taskd.state import files
 from taskd.state.journal import MAX_AHEAD, TickJournal, time_problem
 
 log = structlog.get_logger("taskd.state")
@@ -140,7 +141,7 @@ class StateStore:
     def open(self) -> None:
         """Open (creating if needed). A file that is not a readable taskd database is moved
         aside with a loud error and a new one started: never overwritten in place."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        files.prepare_dir(self.path.parent)
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
@@ -166,6 +167,8 @@ class StateStore:
             self._db.close()
             self._db = None
             self.journal.close()
+            if isinstance(exc, StateError):  # a refused journal file: says what to do itself
+                raise
             what = (
                 "the tick journal " + str(self.journal.path)
                 if isinstance(exc, OSError)
@@ -241,6 +244,8 @@ class StateStore:
         log.info("journal_replayed", ticks=len(replay.ticks), runs=len(replay.runs))
 
     def _connect(self) -> sqlite3.Connection:
+        # SQLite opens the files by path and follows a symlink there: check them first.
+        files.prepare_database(self.path)
         # A short busy timeout: the connection is used on the event loop, and another program
         # holding a lock must cost a failed (retried) flush, not a 5 s stall of every job.
         db = sqlite3.connect(self.path, timeout=0.25, isolation_level=None, check_same_thread=False)

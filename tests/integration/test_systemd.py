@@ -274,7 +274,7 @@ def test_jobs_run_under_the_service_hardening(box: SdBox) -> None:
     assert 61184 <= uid <= 65519, uid
     # The StateDirectory lives under /var/lib/private, owned by that UID, mode as configured.
     owner = box.sh("stat", "-c", "%u %a", "/var/lib/private/taskd").stdout.split()
-    assert owner == [str(uid), "750"]
+    assert owner == [str(uid), "700"]
     assert box.sh("ls", "/var/lib/private/taskd").stdout.split(), "no state written"
 
 
@@ -478,13 +478,120 @@ def test_crash_is_restarted(box: SdBox) -> None:
     wait_until(lambda: tick_runs(box, later), timeout=DEADLINE, what="tick runs after restart")
 
 
+# What `systemd-analyze security` still flags, each on purpose (the unit file says why), and
+# ProtectHome= for the test drop-in's ProtectHome=tmpfs (the shipped =yes passes).
+DELIBERATE_EXPOSURE = {
+    "SystemCallFilter=~@resources",
+    "SystemCallFilter=~@privileged",
+    "RootDirectory=/RootImage=",
+    "RestrictAddressFamilies=~AF_UNIX",
+    "RestrictAddressFamilies=~AF_(INET|INET6)",
+    "ProcSubset=",
+    "PrivateNetwork=",
+    "ProtectHome=",
+    "DeviceAllow=",
+    "IPAddressDeny=",
+}
+# Measured in the box (systemd 252) with the test drop-in, and offline on the shipped file:
+# 1.3 both. UMask=0077 took a 0.1 item off the list, which the rounded total does not show;
+# the list above is the finer check.
+EXPOSURE_BOUND = 1.3
+
+
+def security_table(out: str) -> dict[str, bool]:
+    """`systemd-analyze security` rows: setting name -> passed (✓) or flagged (✗)."""
+    rows = {}
+    for line in out.splitlines():
+        match = re.match(r"^([✓✗])\s+(\S+)\s", line)
+        if match:
+            rows[match.group(2)] = match.group(1) == "✓"
+    return rows
+
+
 @pytest.mark.systemd
 def test_security_exposure(box: SdBox) -> None:
-    """systemd-analyze security on the running unit stays at the level the unit file records."""
+    """systemd-analyze security on the running unit: at most the measured exposure, only the
+    deliberate exposures flagged, and the settings that matter most on."""
     ensure_running(box)
     out = box.sh("systemd-analyze", "security", "--no-pager", UNIT).stdout
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
     assert match, out
-    # 1.3 with the test drop-in (ProtectHome=tmpfs costs 0.1 over the shipped =yes); the
-    # margin absorbs scoring changes between systemd versions, not dropped hardening.
-    assert float(match.group(1)) <= 1.6, out
+    assert float(match.group(1)) <= EXPOSURE_BOUND, out
+    table = security_table(out)
+    flagged = {name for name, ok in table.items() if not ok}
+    assert flagged == DELIBERATE_EXPOSURE, out
+    for setting in (
+        "UMask=",
+        "User=/DynamicUser=",
+        "NoNewPrivileges=",
+        "ProtectSystem=",
+        "PrivateTmp=",
+        "PrivateDevices=",
+        "PrivateUsers=",
+        "MemoryDenyWriteExecute=",
+        "SystemCallArchitectures=",
+        "CapabilityBoundingSet=~CAP_SYS_ADMIN",
+    ):
+        assert table.get(setting) is True, (setting, out)
+
+
+# A cpu job (checksum, the process pool: forkserver, semaphores in /dev/shm), a blocking job
+# (system_health, the thread pool) and a job's command that creates a file in the
+# StateDirectory (UMask=0077 makes it 0600).
+EVERY_KIND = f"""
+[jobs.touch]
+type = "command"
+on = "startup"
+[jobs.touch.options]
+cmd = "touch /var/lib/taskd/from-a-job"
+
+[jobs.sums]
+type = "checksum"
+every = "1s"
+[jobs.sums.options]
+paths = ["{PROJECT / "plugins"}"]
+
+[jobs.health]
+type = "system_health"
+every = "1s"
+[jobs.health.options]
+disk_percent = 100.0
+memory_percent = 100.0
+"""
+
+
+@pytest.mark.systemd
+def test_hardened_unit_runs_every_kind_and_creates_0600(box: SdBox) -> None:
+    """Under the hardened unit: a cpu and a blocking job succeed, a reload and a stop work,
+    and every file in the StateDirectory (the daemon's, and one a job's command made) is
+    0600 in a 0700 folder (taskd's own modes, and UMask=0077 for the job's)."""
+    cursor = box.journal_cursor()
+    before = fresh_start(box, config_toml(extra=EVERY_KIND))
+
+    def succeeded(job: str, after: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in events(box, after)
+            if e.get("event") == "run" and e.get("job") == job and e.get("outcome") == "succeeded"
+        ]
+
+    for job in ("sums", "health", "touch"):
+        wait_until(lambda j=job: succeeded(j, cursor), timeout=DEADLINE, what=f"a {job} run")
+    failed = [e for e in events(box, cursor) if e.get("event") == "run" and e.get("error")]
+    assert not failed, failed
+    reloaded = box.journal_cursor()
+    box.sh("systemctl", "reload", UNIT)
+    assert any(e.get("event") == "reloaded" for e in events(box, reloaded))
+    for job in ("sums", "health"):
+        wait_until(lambda j=job: succeeded(j, reloaded), timeout=DEADLINE, what=f"{job} again")
+    after = running(box)
+    assert after and after["MainPID"] == before["MainPID"], after
+    listing = box.sh("find", "/var/lib/private/taskd", "-printf", "%y %m %p\n").stdout
+    entries = [line.split(" ", 2) for line in listing.splitlines()]
+    assert ["d", "700", "/var/lib/private/taskd"] in entries, listing
+    files = {path.rsplit("/", 1)[1]: mode for kind, mode, path in entries if kind == "f"}
+    assert {"state.db", "ticks.journal", "taskd.lock", "from-a-job"} <= set(files), listing
+    assert set(files.values()) == {"600"}, listing
+    box.sh("systemctl", "stop", UNIT)
+    s = state(box)
+    assert (s["ActiveState"], s["Result"], s["ExecMainStatus"]) == ("inactive", "success", "0")

@@ -210,6 +210,7 @@ class TestReplayChecksValues:
     def test_a_journal_of_garbage_logs_a_bounded_number_of_lines(self, tmp_path: Path) -> None:
         path = tmp_path / "ticks.journal"
         path.write_bytes(b"T\ta\tinf\n" * 5000 + b"T\ta\t3.0\n")
+        path.chmod(0o600)  # as taskd makes it (a 0644 one is narrowed, with a line of its own)
         with capture_logs() as logs:
             replay = TickJournal(path).open()
         assert replay.ticks == {"a": 3.0}
@@ -233,3 +234,25 @@ class TestWriterRefusesBadNames:
             j.run_started("r1", name, 1.0, 1.0, "schedule")
         j.close()
         assert path.read_bytes() == b""
+
+
+class TestReplayIsBounded:
+    """Replay reads the journal a chunk at a time: its memory does not grow with the file."""
+
+    def test_an_overlong_line_is_skipped_and_the_rest_replays(self, tmp_path: Path) -> None:
+        path = tmp_path / "ticks.journal"
+        garbage = b"x" * (3 * 1024 * 1024)  # spans chunks; no line of ours is this long
+        path.write_bytes(b"T\ta\t1.0\n" + garbage + b"\nT\tb\t2.0\n" + garbage)
+        replay = TickJournal(path).open()
+        assert replay.ticks == {"a": 1.0, "b": 2.0}
+        assert replay.bad_lines == 2
+
+    def test_only_the_newest_run_starts_are_kept(self, tmp_path: Path, monkeypatch) -> None:
+        monkeypatch.setattr(journal, "MAX_REPLAY_RUNS", 3)
+        path = tmp_path / "ticks.journal"
+        path.write_text("".join(f"R\tr{i}\ta\t1.0\t1.5\tschedule\n" for i in range(10)))
+        with capture_logs() as logs:
+            replay = TickJournal(path).open()
+        assert [r[0] for r in replay.runs] == ["r7", "r8", "r9"]
+        assert replay.runs_dropped == 7
+        assert any(e["event"] == "journal_runs_dropped" and e["count"] == 7 for e in logs)
