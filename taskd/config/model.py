@@ -36,6 +36,8 @@ class DaemonConfig:
     control_group: str | None = None  # members may use the control socket (mode 0660)
     entry_points: bool = True  # load installed plugins (entry point group "taskd")
     disabled_plugins: tuple[str, ...] = ()  # entry point names or drop-in file stems to skip
+    history_max_runs: int = 100_000  # runs kept in the history, the newest by start
+    history_max_age: float | None = None  # seconds; runs that started longer ago go
 
 
 @dataclass(frozen=True, slots=True)

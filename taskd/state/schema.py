@@ -1,6 +1,9 @@
 """The state database's tables, their version, and the ordered steps that bring an older
-file up to date. A new column or table is one more entry in MIGRATIONS and one more in
-SCHEMA_VERSION; nothing else changes."""
+file up to date. A new column, index or table is one more Migration at the end of
+MIGRATIONS (and the same change in _SCHEMA, which new files get); SCHEMA_VERSION follows.
+
+Nothing is written before the file is known to be taskd's and not newer than this taskd:
+another program's file is refused untouched, and a newer one is never downgraded."""
 
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ from pathlib import Path
 import structlog
 
 from taskd.errors import StateError
+from taskd.state.dbfile import APPLICATION_ID, ForeignDatabase, configure, identify, rollback
 
 log = structlog.get_logger("taskd.state")
 
-SCHEMA_VERSION = 2
+# 3: runs_started (history retention by age), application_id.
+SCHEMA_VERSION = 3
 
 # The tables of a new database (the latest schema); an older file is migrated to the same.
 _SCHEMA = """
@@ -42,6 +47,7 @@ CREATE TABLE IF NOT EXISTS runs (
     result TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, seq);
+CREATE INDEX IF NOT EXISTS runs_started ON runs (started);
 CREATE TABLE IF NOT EXISTS shared (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -54,7 +60,8 @@ class Migration:
     statements: tuple[str, ...]
 
 
-# In order; each applied in its own transaction together with the version it reaches.
+# In order; each applied in its own transaction together with the version it reaches, so a
+# crash (or a full disk) midway leaves the file at the last step completed.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
@@ -69,39 +76,82 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE last_outcome IN ('failed', 'timed_out', 'interrupted')",
         ),
     ),
+    Migration(
+        3,
+        (
+            "CREATE INDEX IF NOT EXISTS runs_started ON runs (started)",
+            f"PRAGMA application_id = {APPLICATION_ID}",
+        ),
+    ),
 )
+assert [m.to for m in MIGRATIONS] == list(range(2, SCHEMA_VERSION + 1))
 
 
 def prepare(db: sqlite3.Connection, path: Path) -> None:
-    """Create the tables in a new file, or bring an older one up to SCHEMA_VERSION."""
-    has_tables = db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
-    ).fetchone()
-    row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if has_tables else None
-    if row is None:
-        db.executescript(_SCHEMA)
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-    elif int(row[0]) > SCHEMA_VERSION:
-        raise StateError(
-            f"state database {path} has schema {row[0]}, newer than this taskd ({SCHEMA_VERSION}); "
-            "upgrade taskd or use another state_dir"
+    """Check what the file is, then create the tables in a new file or bring an older one
+    up to SCHEMA_VERSION. Raises ForeignDatabase for another program's file and StateError
+    for one written by a newer taskd; in both cases nothing has been written."""
+    ident = identify(db)
+    reason = ident.foreign_reason()
+    if reason is not None:
+        raise ForeignDatabase(
+            f"{path} is not a taskd state database: {reason}. taskd has not changed it. "
+            "If state_dir points at another program's folder, set [daemon] state_dir to a "
+            "folder of taskd's own; if the file is not needed there, move it away "
+            f"(mv {path} {path}.old) and start again"
         )
-    elif int(row[0]) < SCHEMA_VERSION:
-        _migrate(db, path, int(row[0]))
+    version = 0
+    if not ident.new:
+        try:
+            version = int(ident.schema or "")
+        except ValueError:
+            raise StateError(
+                f"state database {path} has an unreadable schema version {ident.schema!r}; "
+                f"move it away (mv {path} {path}.old) to start with empty state"
+            ) from None
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state database {path} has schema {version}, newer than this taskd "
+                f"({SCHEMA_VERSION}); it was written by a newer taskd and is not downgraded: "
+                "run that taskd (or a newer one), or give this one another state_dir"
+            )
+        if version < 1:
+            raise StateError(f"state database {path} has an impossible schema version {version}")
+    configure(db)
+    if ident.new:
+        _create(db)
+    elif version < SCHEMA_VERSION:
+        _migrate(db, path, version)
+
+
+def _create(db: sqlite3.Connection) -> None:
+    db.execute("BEGIN")
+    try:
+        for sql in _SCHEMA.split(";"):
+            if sql.strip():
+                db.execute(sql)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute("COMMIT")
+    except BaseException:
+        rollback(db)
+        raise
 
 
 def _migrate(db: sqlite3.Connection, path: Path, version: int) -> None:
-    """Bring an older database up to SCHEMA_VERSION in one transaction: a crash midway
-    leaves the old version, which the next start migrates again."""
-    db.execute("BEGIN")
-    try:
-        for step in MIGRATIONS:
-            if step.to > version:
-                for sql in step.statements:
-                    db.execute(sql)
-        db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    log.info("state_migrated", path=str(path), from_schema=version, to_schema=SCHEMA_VERSION)
+    """Apply each step past ``version`` in its own transaction with the version it reaches:
+    a crash midway leaves the last version completed, which the next start goes on from."""
+    for step in MIGRATIONS:
+        if step.to <= version:
+            continue
+        db.execute("BEGIN")
+        try:
+            for sql in step.statements:
+                db.execute(sql)
+            db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(step.to),))
+            db.execute("COMMIT")
+        except BaseException:
+            rollback(db)
+            raise
+        log.info("state_migrated", path=str(path), from_schema=version, to_schema=step.to)
+        version = step.to

@@ -20,8 +20,17 @@ from typing import Any
 import structlog
 
 from taskd.errors import StateError
-from taskd.state.dbfile import connect, is_corrupt, move_aside
+from taskd.state.dbfile import (
+    ForeignDatabase,
+    connect,
+    describe,
+    is_corrupt,
+    is_io_error,
+    move_aside,
+    rollback,
+)
 from taskd.state.journal import MAX_AHEAD, TickJournal
+from taskd.state.retention import Retention, count_runs
 from taskd.state.rows import JOB_COLUMNS, JobRow, RowChecker
 from taskd.state.schema import prepare
 from taskd.state.writes import MAX_RESULT_CHARS, MAX_RUN_RESULT_CHARS, Pending, bounded
@@ -30,20 +39,22 @@ __all__ = ["MAX_RESULT_CHARS", "MAX_RUN_RESULT_CHARS", "JobRow", "StateStore"]
 
 log = structlog.get_logger("taskd.state")
 
-HISTORY_KEEP = 100_000  # rows; older runs are pruned
 MAX_BUFFERED_RUNS = 100_000  # history rows kept in memory while the database is failing
 
 
 class StateStore:
     """One SQLite file, used only from the event-loop thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retention: Retention | None = None) -> None:
         self.path = path
+        # Settable: a reload changes it, the next commit applies it.
+        self.retention = retention or Retention()
+        self._run_count = 0  # rows in the runs table, as of the last commit
+        self._io_failed = False  # the disk failed a read or write since the file was opened
         self._db: sqlite3.Connection | None = None
         self._pending = Pending()
         self._waiters: list[asyncio.Future[None]] = []
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._flushes = 0
         self.journal = TickJournal(path.parent / "ticks.journal")
         self._journaled = False
         self.write_errors = 0
@@ -52,30 +63,23 @@ class StateStore:
     # -- opening ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (creating if needed). A file that is not a readable taskd database is moved
-        aside with a loud error and a new one started: never overwritten in place."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (creating if needed). A damaged file is moved aside with a loud error and a
+        new one started, never overwritten in place; another program's SQLite file, or one
+        of a newer taskd, is refused (StateError) and left as it was."""
         try:
-            self._db = self._connect()
-        except sqlite3.DatabaseError as exc:
-            if not is_corrupt(exc):
-                # Locked by another program, no permission, an I/O error: not corruption.
-                # Moving a good file aside would lose every cursor and pause flag.
-                raise StateError(f"cannot open state database {self.path}: {exc}") from exc
-            aside = move_aside(self.path, "corrupt")
-            log.error(
-                "state_corrupt",
-                path=str(self.path),
-                moved_to=str(aside),
-                error=str(exc),
-                action="started with empty state; the old file is kept for inspection",
-            )
-            try:
-                self._db = self._connect()
-            except sqlite3.DatabaseError as exc2:
-                raise StateError(f"cannot create state database {self.path}: {exc2}") from exc2
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = self._open_db()
+        except OSError as exc:  # StateError included
+            if isinstance(exc, StateError):
+                raise
+            raise StateError(f"cannot open state database {self.path}: {describe(exc)}") from exc
         try:
             self._replay_journal()
+            interrupted = self._db.execute(
+                "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
+            ).rowcount
+            self._run_count = count_runs(self._db)
+            self._prune()
         except (OSError, sqlite3.Error) as exc:
             self._db.close()
             self._db = None
@@ -85,27 +89,51 @@ class StateStore:
                 if isinstance(exc, OSError)
                 else f"state database {self.path}"
             )
-            raise StateError(
-                f"cannot replay {what}: {exc} (is another program holding the database open for writing?)"
-            ) from exc
-        try:
-            interrupted = self._db.execute(
-                "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
-            ).rowcount
-        except sqlite3.Error as exc:
-            self._db.close()
-            self._db = None
-            self.journal.close()
-            raise StateError(
-                f"cannot write state database {self.path}: {exc} "
-                "(is another program holding it open for writing?)"
-            ) from exc
+            hint = "" if is_io_error(exc) else " (is another program holding it open for writing?)"
+            raise StateError(f"cannot write {what}: {describe(exc)}{hint}") from exc
         if interrupted:
             log.warning(
                 "runs_interrupted",
                 count=interrupted,
                 hint="these runs were going when the daemon died",
             )
+
+    def _open_db(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except ForeignDatabase:
+            raise  # not ours: not moved, not written
+        except sqlite3.DatabaseError as exc:
+            if not is_corrupt(exc):
+                # Locked by another program, no permission, an I/O error, a full disk: not
+                # damage. Moving a good file aside would lose every cursor and pause flag.
+                raise StateError(
+                    f"cannot open state database {self.path}: {describe(exc)}"
+                ) from exc
+            aside = move_aside(self.path, "corrupt")
+            log.error(
+                "state_corrupt",
+                path=str(self.path),
+                moved_to=str(aside),
+                error=str(exc),
+                action="started with empty state; the old file is kept for inspection",
+            )
+            try:
+                return self._connect()
+            except sqlite3.DatabaseError as exc2:
+                raise StateError(
+                    f"cannot create state database {self.path}: {describe(exc2)}"
+                ) from exc2
+
+    def _prune(self) -> None:
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            self._run_count = self.retention.prune(db, self._run_count, time.time())
+            db.execute("COMMIT")
+        except BaseException:
+            rollback(db)
+            raise
 
     def _replay_journal(self) -> None:
         """Fold what the journal holds (ticks and run starts not yet committed when the last
@@ -307,6 +335,7 @@ class StateStore:
         try:
             self.flush()
         except (sqlite3.Error, OSError) as exc:
+            self._io_failed = self._io_failed or is_io_error(exc)
             self.write_errors += 1
             self.failing = True
             # Keep the buffered writes and try again shortly. Runs waiting for durability go
@@ -314,7 +343,7 @@ class StateStore:
             log.error(
                 "state_write_failed",
                 path=str(self.path),
-                error=str(exc),
+                error=describe(exc, after_io_error=self._io_failed),
                 retry_in="1s",
                 hint="runs continue; state and history are kept in memory until the write succeeds",
             )
@@ -340,16 +369,12 @@ class StateStore:
         db = self.db
         db.execute("BEGIN")
         try:
-            self._pending.write(db)
-            self._flushes += 1
-            if self._flushes % 1000 == 0:
-                db.execute(
-                    "DELETE FROM runs WHERE seq <= (SELECT MAX(seq) FROM runs) - ?", (HISTORY_KEEP,)
-                )
+            count = self.retention.prune(db, self._run_count + self._pending.write(db), time.time())
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            rollback(db)
             raise
+        self._run_count = count
         if self._journaled:
             self.journal.reset()
             self._journaled = False

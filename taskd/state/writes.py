@@ -47,8 +47,9 @@ class Pending:
         self.job_last.clear()
         self.shared.clear()
 
-    def write(self, db: sqlite3.Connection) -> None:
-        """Execute the writes inside the caller's transaction."""
+    def write(self, db: sqlite3.Connection) -> int:
+        """Execute the writes inside the caller's transaction; the history rows added."""
+        added = 0
         if self.ticks:
             db.executemany(
                 "INSERT INTO jobs (name, last_tick) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET last_tick=excluded.last_tick",
@@ -60,12 +61,20 @@ class Pending:
                 self.paused.items(),
             )
         if self.runs:
-            db.executemany(
-                "INSERT INTO runs (run_id, job, scheduled, started, attempts, duration, outcome, error, trigger, result) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET attempts=excluded.attempts, "
-                "duration=excluded.duration, outcome=excluded.outcome, error=excluded.error, "
-                "result=excluded.result",
+            # Not an upsert: SQLite spends an AUTOINCREMENT number on each, even one that
+            # updates, and the count of rows added is what retention needs.
+            added = db.executemany(
+                "INSERT OR IGNORE INTO runs (run_id, job, scheduled, started, attempts, duration, outcome, error, trigger, result) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
                 self.runs.values(),
+            ).rowcount
+            db.executemany(
+                "UPDATE runs SET attempts=?, duration=?, outcome=?, error=?, result=? WHERE run_id=?",
+                [
+                    (r[4], r[5], r[6], r[7], r[9], r[0])
+                    for r in self.runs.values()
+                    if r[6] != "running"
+                ],
             )
         if self.job_last:
             db.executemany(
@@ -86,3 +95,4 @@ class Pending:
                 "INSERT INTO shared (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 [(k, v) for k, v in self.shared.items() if v is not None],
             )
+        return added
