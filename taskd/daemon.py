@@ -178,7 +178,7 @@ class Daemon:
         except OSError as exc:  # StateError, or a full or failing disk writing the pid
             self.lock.release()
             self.lock = None
-            error = str(exc) if isinstance(exc, StateError) else describe(exc)
+            error = str(exc) if isinstance(exc, StateError) else describe(exc, where=d.state_dir)
             log.error("cannot_start", error=error, state_dir=str(d.state_dir))
             return EXIT_STATE
         self.store = StateStore(d.state_dir / "state.db", _retention(d))

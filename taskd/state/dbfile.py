@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -49,18 +50,33 @@ def is_io_error(exc: BaseException) -> bool:
     return _primary(exc) == _SQLITE_IOERR or getattr(exc, "errno", None) == errno.EIO
 
 
-def describe(exc: BaseException, *, after_io_error: bool = False) -> str:
+def _no_space(where: Path | None) -> bool:
+    """Whether the filesystem holding ``where`` has no space left for us."""
+    if where is None:
+        return False
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail == 0
+
+
+def describe(exc: BaseException, *, where: Path | None = None, after_io_error: bool = False) -> str:
     """What a failed read or write of a state file means, in words an operator can act on.
-    ``after_io_error``: the disk already failed a read or write since the file was opened,
-    so damage seen now is most likely that failure's doing, not a bug or another program."""
+    ``where``: a path on the state filesystem, looked at when SQLite reports an I/O error
+    (it does so for a full disk too, e.g. SQLITE_IOERR_SHMSIZE, and Python does not give
+    the errno). ``after_io_error``: the disk already failed a read or write since the file
+    was opened, so damage seen now is most likely that failure's doing."""
     name = getattr(exc, "sqlite_errorname", None)
     raw = f"{exc} ({name})" if name else str(exc)
     primary = _primary(exc)
     code = getattr(exc, "errno", None)
+    if primary == _SQLITE_IOERR and _no_space(where):
+        return f"disk full: {raw}; free space on the filesystem holding state_dir"
     if primary == _SQLITE_IOERR or code == errno.EIO:
         return (
             f"I/O error: {raw}; the disk or filesystem under state_dir failed a read or write "
-            "(see the kernel log, dmesg); taskd keeps retrying"
+            "(see the kernel log, dmesg)"
         )
     if after_io_error and primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return (

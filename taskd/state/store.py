@@ -72,7 +72,9 @@ class StateStore:
         except OSError as exc:  # StateError included
             if isinstance(exc, StateError):
                 raise
-            raise StateError(f"cannot open state database {self.path}: {describe(exc)}") from exc
+            raise StateError(
+                f"cannot open state database {self.path}: {describe(exc, where=self.path.parent)}"
+            ) from exc
         try:
             self._replay_journal()
             interrupted = self._db.execute(
@@ -90,7 +92,9 @@ class StateStore:
                 else f"state database {self.path}"
             )
             hint = "" if is_io_error(exc) else " (is another program holding it open for writing?)"
-            raise StateError(f"cannot write {what}: {describe(exc)}{hint}") from exc
+            raise StateError(
+                f"cannot write {what}: {describe(exc, where=self.path.parent)}{hint}"
+            ) from exc
         if interrupted:
             log.warning(
                 "runs_interrupted",
@@ -108,7 +112,7 @@ class StateStore:
                 # Locked by another program, no permission, an I/O error, a full disk: not
                 # damage. Moving a good file aside would lose every cursor and pause flag.
                 raise StateError(
-                    f"cannot open state database {self.path}: {describe(exc)}"
+                    f"cannot open state database {self.path}: {describe(exc, where=self.path.parent)}"
                 ) from exc
             aside = move_aside(self.path, "corrupt")
             log.error(
@@ -122,7 +126,7 @@ class StateStore:
                 return self._connect()
             except sqlite3.DatabaseError as exc2:
                 raise StateError(
-                    f"cannot create state database {self.path}: {describe(exc2)}"
+                    f"cannot create state database {self.path}: {describe(exc2, where=self.path.parent)}"
                 ) from exc2
 
     def _prune(self) -> None:
@@ -343,7 +347,7 @@ class StateStore:
             log.error(
                 "state_write_failed",
                 path=str(self.path),
-                error=describe(exc, after_io_error=self._io_failed),
+                error=describe(exc, where=self.path.parent, after_io_error=self._io_failed),
                 retry_in="1s",
                 hint="runs continue; state and history are kept in memory until the write succeeds",
             )
