@@ -23,12 +23,15 @@ from taskd.observe.loopwatch import LoopWatch
 from taskd.reload import Loaded, Reloader, ReloadResult, _in_thread, load_all
 from taskd.run.runtime import Runtime
 from taskd.schedule.jobset import Diff, JobSet
+from taskd.state.dbfile import describe
 from taskd.state.lock import InstanceLock
+from taskd.state.retention import Retention
 from taskd.state.shared import SharedState
 from taskd.state.store import StateStore
 from taskd.systemd import Notifier
 
 if TYPE_CHECKING:
+    from taskd.config.model import DaemonConfig
     from taskd.control.server import ControlServer
     from taskd.observe.http import MetricsServer
 
@@ -172,11 +175,13 @@ class Daemon:
         self.lock = InstanceLock(d.state_dir)
         try:
             self.lock.acquire()
-        except StateError as exc:
+        except OSError as exc:  # StateError, or a full or failing disk writing the pid
+            self.lock.release()
             self.lock = None
-            log.error("cannot_start", error=str(exc))
+            error = str(exc) if isinstance(exc, StateError) else describe(exc, where=d.state_dir)
+            log.error("cannot_start", error=error, state_dir=str(d.state_dir))
             return EXIT_STATE
-        self.store = StateStore(d.state_dir / "state.db")
+        self.store = StateStore(d.state_dir / "state.db", _retention(d))
         try:
             self.store.open()
         except StateError as exc:
@@ -379,6 +384,7 @@ class Daemon:
         if self.loopwatch is not None:
             self.loopwatch.threshold = new_daemon.loop_block_threshold
             self.loopwatch.is_plugin_file = _plugin_files(new)
+        self.store.retention = _retention(new_daemon)
         rows = self.store.jobs()
         diff = self.jobset.apply(new.specs, rows)
         # Removed jobs' counters go (status and metrics show configured jobs only, and a
@@ -504,3 +510,7 @@ def _plugin_files(loaded: Loaded) -> Callable[[str], bool]:
             roots.append(os.path.dirname(path) + os.sep if is_package else path)
     prefixes = tuple(roots)
     return lambda filename: filename.startswith(prefixes)
+
+
+def _retention(d: DaemonConfig) -> Retention:
+    return Retention(d.history_max_runs, d.history_max_age)

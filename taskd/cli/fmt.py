@@ -30,7 +30,7 @@ __all__ = [
 NONE = "-"  # what a missing value prints as, in every column
 ELLIPSIS = "…"
 GAP = "  "  # between columns, as systemctl and supervisorctl do
-# Marks a result the store cut to its size limit (taskd.state.store._bounded): the stored
+# Marks a result the store cut to its size limit (taskd.state.writes.bounded): the stored
 # value is then a JSON string holding the start of the original JSON text plus this.
 TRUNCATED_MARK = "...(truncated)"
 _SPACE = re.compile(r"\s+")

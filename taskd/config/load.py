@@ -51,6 +51,8 @@ DAEMON_KEYS = (
     "entry_points",
     "disabled_plugins",
     "max_result_size",
+    "history_max_runs",
+    "history_max_age",
 )
 JOB_KEYS = (
     "type",
@@ -384,6 +386,10 @@ def _daemon(c: _Collector, table: Any, base: Path) -> DaemonConfig:
         entry_points=c.take(table, "entry_points", p, _bool, d.entry_points),
         disabled_plugins=c.take(table, "disabled_plugins", p, names, d.disabled_plugins),
         max_result_size=c.take(table, "max_result_size", p, parse_size, d.max_result_size),
+        history_max_runs=c.take(
+            table, "history_max_runs", p, _int_range(1, MAX_HISTORY_RUNS), d.history_max_runs
+        ),
+        history_max_age=c.take(table, "history_max_age", p, _history_age, d.history_max_age),
     )
 
 
@@ -515,6 +521,19 @@ def _block_threshold(value: Any) -> float:
     if not 0 < seconds <= MAX_LOOP_BLOCK_THRESHOLD:
         raise ValueError(
             f'must be more than 0 and at most 60s, got {value!r}; the default is "250ms"'
+        )
+    return seconds
+
+
+# A billion rows of history is hundreds of GB: past any sensible setting, and a typo.
+MAX_HISTORY_RUNS = 1_000_000_000
+
+
+def _history_age(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise ValueError(
+            f'must be at least "1s", got {value!r}; e.g. "30d" (leave it out to keep runs of any age)'
         )
     return seconds
 

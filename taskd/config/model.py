@@ -44,6 +44,8 @@ class DaemonConfig:
     # A run's result bigger than this fails the run (cpu: its pickle, measured in the worker;
     # io and blocking: its JSON text).
     max_result_size: int = 1 << 20
+    history_max_runs: int = 100_000  # runs kept in the history, the newest by start
+    history_max_age: float | None = None  # seconds; runs that started longer ago go
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,17 +139,20 @@ class SharedStateSink:
     def run_ended(self, end: RunEnd) -> None:
         if end.result_json is None:
             return
-        rt, job, value = self.rt, end.spec.config.name, end.stored
-        if rt.shared.lock.locked():
+        job, value, shared = end.spec.config.name, end.stored, self.rt.shared
+        # The ticket is taken now, at the run's end: the order runs ended in decides, not
+        # the order their writes get the lock in.
+        ticket = shared.result_ticket(job)
+        if shared.lock.locked():
             # An io job holds the lock across an await: record once it lets go, still on the
-            # loop.
+            # loop. A newer run may end (and be recorded) meanwhile; then this one is dropped.
             async def later() -> None:
-                async with rt.shared.locked() as data:
-                    data[job] = value
+                async with shared.lock:
+                    shared.set_result(job, value, ticket)
 
-            rt.spawn(later())
+            self.rt.spawn(later())
         else:
-            rt.shared.set_unlocked(job, value, checked=True)
+            shared.set_result(job, value, ticket)
 
 
 class LogSink:

@@ -36,13 +36,13 @@ from urllib.parse import quote
 
 from taskd.errors import StateError
 from taskd.state import files
-from taskd.state.store import SCHEMA_VERSION
+from taskd.state.schema import SCHEMA_VERSION
 
 __all__ = ["FAILED_OUTCOMES", "TRUNCATED_MARK", "NoStateDatabase", "is_truncated", "read_history"]
 
 # What ``failed=True`` selects: every run that ended without succeeding.
 FAILED_OUTCOMES = ("failed", "timed_out", "interrupted", "cancelled")
-# The end of a result the store cut to its size limit (taskd.state.store._bounded).
+# The end of a result the store cut to its size limit (taskd.state.writes.bounded).
 TRUNCATED_MARK = "...(truncated)"
 # The store's own wording for a run the daemon died during (StateStore.open).
 _INTERRUPTED_ERROR = "the daemon stopped during this run"

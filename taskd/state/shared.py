@@ -66,6 +66,11 @@ class SharedState:
         self._data: dict[str, Any] = dict(initial or {})
         self.lock = asyncio.Lock()
         self._listeners: list[ChangeListener] = []
+        # Run results: the ticket of the newest run end not yet applied, per key. A run's
+        # result waits for the lock while a job holds it, and may be applied after a newer
+        # run's result; the ticket says which one is the newest.
+        self._tickets = 0
+        self._newest: dict[str, int] = {}
 
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
@@ -105,6 +110,23 @@ class SharedState:
             json.dumps(value)
         self._data[key] = value
         self._notify(frozenset((key,)))
+
+    def result_ticket(self, key: str) -> int:
+        """Taken when a run ends whose result is to go under ``key``: makes every ticket
+        taken before it for that key stale."""
+        self._tickets += 1
+        self._newest[key] = self._tickets
+        return self._tickets
+
+    def set_result(self, key: str, value: Any, ticket: int) -> bool:
+        """Record a run's result (already serialised to JSON by the caller) unless a run
+        that ended after it has taken a ticket for the same key since: the last run to END
+        wins, whatever order the writes reach here in. Whether it was recorded."""
+        if self._newest.get(key) != ticket:
+            return False
+        del self._newest[key]
+        self.set_unlocked(key, value, checked=True)
+        return True
 
     def _notify(self, keys: frozenset[str]) -> None:
         for listener in self._listeners:

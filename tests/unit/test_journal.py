@@ -55,7 +55,7 @@ class TestStoreReplay:
     def test_crash_between_journal_and_commit(self, tmp_path: Path) -> None:
         s = StateStore(tmp_path / "state.db")
         s.open()
-        s._ticks["a"] = 5.0  # committed earlier
+        s._pending.ticks["a"] = 5.0  # committed earlier
         s.flush()
         # What a daemon killed before its next commit leaves behind: only the journal has it.
         s.journal.tick("a", 7.0)
@@ -76,7 +76,7 @@ class TestStoreReplay:
     def test_journal_never_moves_a_tick_back(self, tmp_path: Path) -> None:
         s = StateStore(tmp_path / "state.db")
         s.open()
-        s._ticks["a"] = 50.0
+        s._pending.ticks["a"] = 50.0
         s.flush()
         s.journal.tick("a", 40.0)
         s.close()

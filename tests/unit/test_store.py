@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from taskd.state.dbfile import APPLICATION_ID
+from taskd.state.schema import SCHEMA_VERSION
 from taskd.state.store import JobRow, StateStore
 
 
@@ -140,7 +142,7 @@ class TestSharedStatePersistence:
 
 
 class TestMigration:
-    """A schema-1 database (taskd before the result column) is brought to schema 2."""
+    """A schema-1 database (taskd before the result column) is brought to the latest schema."""
 
     def test_schema_1_is_migrated_keeping_everything(self, tmp_path: Path) -> None:
         from tests.unit.test_history_reader import SCHEMA_1
@@ -170,7 +172,10 @@ class TestMigration:
         finally:
             s.close()
         with sqlite3.connect(path) as db:
-            assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+            assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (
+                str(SCHEMA_VERSION),
+            )
+            assert db.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
             assert db.execute("SELECT result FROM runs WHERE run_id='r3'").fetchone() == (
                 '{"x": 1}',
             )
