@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from taskd.config import Config, DaemonConfig, JobConfig, load_config
-from taskd.config.load import MAX_CONFIG_BYTES
+from taskd.config.source import MAX_CONFIG_BYTES
 from taskd.errors import ConfigError, ConfigIssue, TaskdError
 
 Write = Callable[..., Path]
