@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from taskd.config.durations import parse_duration, parse_size
-from taskd.config.lines import key_lines
 from taskd.config.model import (
     CATCHUPS,
     LOG_FORMATS,
@@ -94,9 +93,9 @@ def check_timezone(name: str) -> str | None:
 class _Collector:
     """Gathers issues with file and line so one pass reports everything."""
 
-    def __init__(self, file: Path, text: str) -> None:
+    def __init__(self, file: Path, lines: dict[str, int]) -> None:
         self.file = str(file)
-        self.lines = key_lines(text) if text else {}
+        self.lines = lines
         self.issues: list[ConfigIssue] = []
 
     def add(self, path: str, message: str, hint: str | None = None) -> None:
@@ -181,8 +180,8 @@ def type_name(value: Any) -> str:
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError listing every problem found."""
     file = Path(path).expanduser().absolute()
-    data, text = read_toml(file)
-    c = _Collector(file, text)
+    data, lines = read_toml(file)
+    c = _Collector(file, lines)
     base = file.parent
 
     for key in data:
