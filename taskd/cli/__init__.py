@@ -14,6 +14,9 @@ from types import FrameType
 from taskd._version import __version__
 
 TYPE_CHECKING = False  # not typing's: see taskd/__init__.py
+# The largest -n (history, next): about what history retention keeps, and `next -n` lists that
+# many times in about a second (a billion would take hours and gigabytes).
+MAX_COUNT = 100_000
 if TYPE_CHECKING:
     import argparse
 
@@ -143,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if getattr(args, "n", 1) < 1:
-        parser.error("-n must be at least 1")
+    if not 1 <= getattr(args, "n", 1) <= MAX_COUNT:
+        parser.error(f"-n must be from 1 to {MAX_COUNT}")
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

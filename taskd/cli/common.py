@@ -62,7 +62,7 @@ def locate_daemon_dirs(args: argparse.Namespace) -> DaemonDirs:
         state_dir, runtime_dir = _raw_dirs(path)
         if state_dir is not None:
             origin = f"{path}, read as written since the file is invalid"
-        elif path.exists():
+        elif path_exists(path):
             origin = f"the default, since {path} is invalid and its state_dir unreadable"
         else:
             origin = f"the default, since {path} does not exist"
@@ -80,6 +80,15 @@ def locate_daemon_dirs(args: argparse.Namespace) -> DaemonDirs:
         config_error=error,
         origin=origin,
     )
+
+
+def path_exists(path: Path) -> bool:
+    """Path.exists(), except that a path the system cannot even look up (a name too long,
+    from --config or TASKD_CONFIG) is "not there" rather than a traceback."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def daemon_dirs(args: argparse.Namespace) -> tuple[Path, Path]:

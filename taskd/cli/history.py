@@ -18,6 +18,7 @@ from taskd.cli.common import (
     emit,
     locate_daemon_dirs,
     no_such_job,
+    path_exists,
     plural,
 )
 from taskd.config.durations import parse_duration
@@ -118,7 +119,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     from taskd.state.history import NoStateDatabase, read_history
 
     dirs = locate_daemon_dirs(args)
-    if dirs.config_error is not None and not args.state_dir and dirs.config_path.exists():
+    if dirs.config_error is not None and not args.state_dir and path_exists(dirs.config_path):
         n = len(dirs.config_error.issues)
         print(
             f"taskd: warning: {dirs.config_path} has {plural(n, 'error')} (see `taskd check`); "

@@ -19,6 +19,7 @@ from taskd.cli.common import (
     config_path,
     emit,
     no_such_job,
+    path_exists,
     plural,
     print_config_error,
 )
@@ -199,7 +200,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             config.daemon.disabled_plugins,
         )
     except ConfigError as exc:
-        if args.config or os.environ.get("TASKD_CONFIG") or path.exists():
+        if args.config or os.environ.get("TASKD_CONFIG") or path_exists(path):
             print_config_error(exc)
             return EXIT_FAIL
     dirs = dirs + tuple(Path(p).absolute() for p in args.plugin_dir)

@@ -1,7 +1,8 @@
 """Config: TOML file -> validated frozen objects."""
 
-from taskd.config.load import DEFAULT_CONFIG, load_config, read_toml, suggest
+from taskd.config.load import DEFAULT_CONFIG, load_config, suggest
 from taskd.config.model import Config, DaemonConfig, JobConfig
+from taskd.config.source import read_toml
 
 __all__ = [
     "DEFAULT_CONFIG",

@@ -2,13 +2,21 @@
 
 tomllib keeps no positions, so this scans the text: table headers and ``key =`` lines, tracking
 the current table. It is a best effort (a key inside a multi-line string could fool it); an
-error without a line is still an error with its key path."""
+error without a line is still an error with its key path.
+
+Whatever the text, the scan is linear in its length: the patterns cannot backtrack more than
+once over a line (a header's name is matched greedily by a class that excludes its closing
+bracket), and only the first ``depth`` parts of a key path are recorded, so a dotted key of
+thousands of parts costs ``depth`` entries, not a square of its length. It runs in the
+config parser's own bounded process (taskd.config.parse_child)."""
 
 from __future__ import annotations
 
 import re
 
-_HEADER = re.compile(r"^\[\[?\s*(?P<name>[^\[\]]+?)\s*\]\]?\s*(#.*)?$")
+# Not `\s*(?P<name>[^\[\]]+?)\s*\]`: a lazy name followed by optional spaces retries every
+# split of a long run of spaces, quadratic in a line's length (5 minutes for a 1 MiB line).
+_HEADER = re.compile(r"^\[\[?(?P<name>[^\[\]]*)\]\]?\s*(#.*)?$")
 _KEY = re.compile(
     r"^(?P<key>(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
 )
@@ -19,8 +27,12 @@ def _split_dotted(text: str) -> list[str]:
     return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
 
 
-def key_lines(text: str) -> dict[str, int]:
-    """Map dotted key paths ("jobs.backup.every", "jobs.backup") to 1-based line numbers."""
+DEPTH = 8
+
+
+def key_lines(text: str, depth: int = DEPTH) -> dict[str, int]:
+    """Map dotted key paths ("jobs.backup.every", "jobs.backup") to 1-based line numbers;
+    paths of more than ``depth`` parts are left out (their parents are in)."""
     lines: dict[str, int] = {}
     table: list[str] = []
     in_multiline: str | None = None
@@ -34,12 +46,13 @@ def key_lines(text: str) -> dict[str, int]:
             continue
         header = _HEADER.match(line)
         if header:
-            table = _split_dotted(header.group("name"))
-            lines.setdefault(".".join(table), number)
+            table = _split_dotted(header.group("name"))[:depth]
+            if table:
+                lines.setdefault(".".join(table), number)
             continue
         key = _KEY.match(line)
         if key:
-            path = [*table, *_split_dotted(key.group("key"))]
+            path = [*table, *_split_dotted(key.group("key"))][:depth]
             for i in range(len(table) + 1, len(path) + 1):
                 lines.setdefault(".".join(path[:i]), number)
             rest = line[key.end() :]

@@ -8,8 +8,6 @@ from __future__ import annotations
 import difflib
 import grp
 import re
-import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from taskd.config.durations import parse_duration, parse_size
-from taskd.config.lines import key_lines
 from taskd.config.model import (
     CATCHUPS,
     LOG_FORMATS,
@@ -27,10 +24,10 @@ from taskd.config.model import (
     DaemonConfig,
     JobConfig,
 )
+from taskd.config.source import read_toml
 from taskd.errors import ConfigError, ConfigIssue
 from taskd.trust import TrustChecker
 
-MAX_CONFIG_BYTES = 4 * 1024 * 1024
 DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 SCHEDULE_KEYS = ("every", "cron", "at", "on")
@@ -101,9 +98,9 @@ def check_timezone(name: str) -> str | None:
 class _Collector:
     """Gathers issues with file and line so one pass reports everything."""
 
-    def __init__(self, file: Path, text: str) -> None:
+    def __init__(self, file: Path, lines: dict[str, int]) -> None:
         self.file = str(file)
-        self.lines = key_lines(text) if text else {}
+        self.lines = lines
         self.issues: list[ConfigIssue] = []
 
     def add(self, path: str, message: str, hint: str | None = None) -> None:
@@ -185,67 +182,6 @@ def type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def read_toml(path: Path) -> tuple[dict[str, Any], str]:
-    """Parse a TOML file; every failure (missing, huge, binary, not TOML, parser crash) becomes
-    a ConfigError naming the file, never a traceback."""
-    try:
-        st = path.stat()
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError
-        if not stat.S_ISREG(st.st_mode):
-            raise _single(
-                path, "is not a regular file (a device, FIFO or socket); a config file is TOML text"
-            )
-        size = st.st_size
-        if size > MAX_CONFIG_BYTES:
-            raise _single(
-                path,
-                f"config file is {size} bytes; the limit is {MAX_CONFIG_BYTES} (is this the right file?)",
-            )
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)  # the file may grow between stat and read
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise _single(
-                path, f"config file is over {MAX_CONFIG_BYTES} bytes (is this the right file?)"
-            )
-    except FileNotFoundError:
-        raise _single(
-            path, "config file not found; pass --config FILE or set TASKD_CONFIG"
-        ) from None
-    except IsADirectoryError:
-        raise _single(path, "is a directory, not a config file") from None
-    except OSError as exc:
-        raise _single(path, f"cannot read config file: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")  # editors on some systems add a BOM
-    except UnicodeDecodeError as exc:
-        raise _single(
-            path, f"not UTF-8 text (byte {exc.start}); a config file is TOML text"
-        ) from None
-    if "\x00" in text:
-        raise _single(path, "contains NUL bytes; a config file is TOML text")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        match = re.search(r"\(at line (\d+), column (\d+)\)", message)
-        line = int(match.group(1)) if match else None
-        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
-        col = f" column {match.group(2)}" if match else ""
-        raise ConfigError(
-            [ConfigIssue(str(path), "", f"not valid TOML: {message}{col and ' at' + col}", line)]
-        ) from None
-    except (
-        RecursionError,
-        MemoryError,
-        Exception,
-    ) as exc:  # the parser's own bugs are still config errors
-        raise _single(
-            path, f"the TOML parser failed on this file ({type(exc).__name__}: {exc}); is it TOML?"
-        ) from None
-    return data, text
-
-
 def _untrusted(file: Path) -> str | None:
     """Why the config file may not be used (taskd.trust): whoever can change it decides
     which plugin folders the daemon runs code from. None when it is safe."""
@@ -263,11 +199,11 @@ def _single(path: Path, message: str) -> ConfigError:
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError listing every problem found."""
     file = Path(path).expanduser().absolute()
-    data, text = read_toml(file)
+    data, lines = read_toml(file)
     refused = _untrusted(file)
     if refused is not None:
         raise _single(file, refused)
-    c = _Collector(file, text)
+    c = _Collector(file, lines)
     base = file.parent
 
     for key in data:

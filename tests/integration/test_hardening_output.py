@@ -130,7 +130,8 @@ class TestPluginSystemExit:
         assert {r["task"] for r in raised} == {"job-side-task"}
         assert all(r["plugin"].endswith("job.py") for r in raised), raised
         runs_after(d, "spawn", 3)
-        runs = d.history("spawn")
+        # The next run (every 150 ms) may have begun by now: in flight is not a failure.
+        runs = [r for r in d.history("spawn") if r["outcome"] != "running"]
         assert all(r["outcome"] == "succeeded" for r in runs), runs
         stopped_cleanly(d)
 

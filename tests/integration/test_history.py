@@ -253,7 +253,7 @@ class TestStopped:
     def test_bad_count(self, stopped: DaemonProc, n: str) -> None:
         result = history(stopped, "-n", n)
         assert result.returncode == 2
-        assert "-n must be at least 1" in result.stderr
+        assert "-n must be from 1 to" in result.stderr
 
     def test_job_known_but_never_run(self, stopped: DaemonProc) -> None:
         result = history(stopped, "later")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from taskd.config import Config, DaemonConfig, JobConfig, load_config
-from taskd.config.load import MAX_CONFIG_BYTES
+from taskd.config.source import MAX_CONFIG_BYTES
 from taskd.errors import ConfigError, ConfigIssue, TaskdError
 
 Write = Callable[..., Path]
@@ -313,7 +313,7 @@ class TestEmptyAndOddFiles:
 
     def test_huge_file(self, write: Write) -> None:
         path = write(b"# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
-        assert path.stat().st_size > 4 * 1024 * 1024
+        assert path.stat().st_size > MAX_CONFIG_BYTES
         (issue,) = issues(path)
         assert str(MAX_CONFIG_BYTES) in issue.message
         assert "limit" in issue.message
