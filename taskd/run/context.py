@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import structlog
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
     from structlog.typing import FilteringBoundLogger
 
+    from taskd.run.resources import Resources, Scope
     from taskd.state.shared import SharedState
 
 T = TypeVar("T")
@@ -47,11 +50,23 @@ class JobContext:
     Attributes: ``job`` (its name in the config), ``run_id``, ``attempt`` (1 for the first try),
     ``scheduled`` (the tick this run belongs to, an aware UTC datetime), ``log`` (a structlog
     logger bound to job and run id), ``state`` (the :class:`~taskd.state.shared.SharedState`).
+    Long-lived resources (a session, a pool) come from :meth:`resource`.
     """
 
     # log and scheduled are made on first use: most jobs never touch them, and a burst of
     # 10,000 runs should not pay for 10,000 bound loggers and datetimes it does not need.
-    __slots__ = ("_base_log", "_log", "_offload", "_scheduled", "attempt", "job", "run_id", "state")
+    __slots__ = (
+        "_base_log",
+        "_log",
+        "_offload",
+        "_resources",
+        "_scheduled",
+        "_scope",
+        "attempt",
+        "job",
+        "run_id",
+        "state",
+    )
 
     def __init__(
         self,
@@ -64,6 +79,7 @@ class JobContext:
         state: SharedState,
         offload: Offloader | None = None,
         base_log: FilteringBoundLogger | None = None,
+        resources: Resources | None = None,
     ) -> None:
         self.job = job
         self.run_id = run_id
@@ -73,6 +89,9 @@ class JobContext:
         self._base_log = base_log
         self.state = state
         self._offload: Offloader = offload or _LocalOffloader()
+        # The daemon's registry; None outside a daemon until a resource is asked for.
+        self._resources = resources
+        self._scope: Scope | None = None  # held from the first resource() to the run's end
 
     @property
     def scheduled(self) -> datetime:
@@ -98,6 +117,30 @@ class JobContext:
     async def to_process(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run a module-level, picklable function in the daemon's process pool."""
         return await self._offload.to_process(func, *args, **kwargs)
+
+    async def resource(self, key: str, factory: Callable[[], AbstractAsyncContextManager[T]]) -> T:
+        """This job's long-lived resource ``key``, opened on first use with ``factory``.
+
+        ``factory()`` returns an async context manager (``aiohttp.ClientSession()``,
+        ``asyncpg.create_pool(dsn)``, ``aiomysql.create_pool(...)``, or your own
+        ``contextlib.asynccontextmanager``); its value is kept for this job's later runs and
+        exited when a reload changes or removes the job, or the daemon stops. A factory that
+        fails fails this run, and the next run tries again."""
+        scope = self._scope
+        if scope is None:
+            if self._resources is None:
+                from taskd.run.resources import Resources
+
+                self._resources = Resources(self.log)
+            scope = self._scope = self._resources.acquire(self.job)
+        return await scope.get(key, factory)
+
+    def release_resources(self) -> None:
+        """The run is over: let a retired scope close. Called by the daemon (and the test kit);
+        a job never needs to."""
+        scope, self._scope = self._scope, None
+        if scope is not None and self._resources is not None:
+            self._resources.release(scope)
 
     def __repr__(self) -> str:
         return f"<JobContext job={self.job!r} run_id={self.run_id!r} attempt={self.attempt}>"

@@ -89,8 +89,12 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
             state=rt.shared,
             offload=rt,
             base_log=rt.log,
+            resources=rt.resources,
         )
-        return await with_timeout(jt.func(ctx, **spec.kwargs), cfg.timeout, label)
+        try:
+            return await with_timeout(jt.func(ctx, **spec.kwargs), cfg.timeout, label)
+        finally:
+            ctx.release_resources()
     if jt.kind == "blocking":
         return await rt.threads.run(jt.func, spec.kwargs, cfg.timeout, label)
     pool = await rt.procs()

@@ -13,6 +13,7 @@ import structlog
 
 from taskd.run.events import EventKind, JobEvent, Outcome
 from taskd.run.executors import ThreadRunner
+from taskd.run.resources import Resources
 from taskd.run.sinks import RunSink, default_sinks
 
 if TYPE_CHECKING:
@@ -145,6 +146,9 @@ class Runtime:
         self._procs_lock = asyncio.Lock()
         self.stats = Stats()
         self.log: FilteringBoundLogger = structlog.get_logger("taskd.run").bind()
+        # io jobs' long-lived resources (ctx.resource): a reload retires a changed or removed
+        # job's, the stop closes the rest.
+        self.resources = Resources(self.log)
         self._deferred = 0
         self.stopping = False
         # 40 random bits per daemon start: run ids must not collide across restarts (the
@@ -169,6 +173,7 @@ class Runtime:
         The logger is a concrete one, not structlog's lazy proxy, which would re-resolve the
         configuration on every call of the hot path."""
         self.log = structlog.get_logger("taskd.run").bind()
+        self.resources.log = self.log
 
     def defer(self, fn: Callable[..., None], /, *args: Any) -> None:
         """Call ``fn(*args)`` in the next loop iteration; :meth:`settle` waits for them."""
@@ -236,6 +241,7 @@ class Runtime:
 
     async def close(self, *, kill: bool, timeout: float | None = None) -> None:
         await self.settle()
+        await self.resources.close_all()
         if self._procs is not None:
             if kill:
                 self._procs.kill()

@@ -62,6 +62,7 @@ class JobSet:
             if name not in wanted:
                 gone = self.jobs.pop(name)
                 gone.remove()
+                self.rt.resources.retire(name)  # closed once its last run has ended
                 if gone.active:
                     self.retiring.append(gone)
                 removed.append(name)
@@ -88,6 +89,9 @@ class JobSet:
                 added.append(name)
             elif not job.spec.same_as(spec):
                 job.update(spec)
+                # The next run opens fresh resources from the new options; runs in flight
+                # keep the old ones until they end.
+                self.rt.resources.retire(name)
                 changed.append(name)
             else:
                 job.spec = spec  # the same job; a broken one's reason may read differently
