@@ -279,7 +279,7 @@ class TestRetriesAndTimeouts:
         ).start()
         run = d.wait_for("run", job="hang", timeout=3)[0]
         assert run["outcome"] == "timed_out"
-        assert 0.3 <= run["duration"] < 1.0
+        assert 0.298 <= run["duration"] < 1.0  # uvloop timers may fire ~1 ms early
         assert "timed out" in run["error"]
 
     def test_blocking_timeout_marks_thread_stuck_and_daemon_goes_on(self, daemon_factory) -> None:
