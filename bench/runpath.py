@@ -2,7 +2,7 @@
 end (the sinks: stats, store with its commit, shared state, the JSON `run` line to /dev/null,
 hooks), with no scheduling and no daemon around it. Deterministic enough to compare commits.
 
-    .venv/bin/python bench/runpath.py [--runs 4000] [--rounds 5]
+    .venv/bin/python bench/runpath.py [--runs 4000] [--rounds 5] [--result none|small|medium]
     PYTHONPATH=/path/to/other/worktree .venv/bin/python bench/runpath.py   # another version
 
 Prints the best of --rounds (CPU time per run, process_time); asserts nothing."""
@@ -30,12 +30,22 @@ from taskd.run.runtime import Runtime
 from taskd.state.shared import SharedState
 from taskd.state.store import StateStore
 
+# What the job returns: its encoding (measured against max_result_size) is on the run path.
+RESULTS: dict[str, Any] = {
+    "none": None,
+    "small": {"ok": True, "status": 200, "latency": 0.0123, "url": "https://example.org/"},
+    "medium": {"rows": [{"id": i, "name": f"row {i}", "value": i * 1.5} for i in range(100)]},
+}
 
-async def trivial(ctx: Any) -> None:
-    return None
+
+def job_returning(value: Any) -> Any:
+    async def trivial(ctx: Any) -> Any:
+        return value
+
+    return trivial
 
 
-async def measure(runs: int, rounds: int, sink: TextIO) -> float:
+async def measure(runs: int, rounds: int, sink: TextIO, result: Any = None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         logsetup.configure("info", "json", sink)
         store = StateStore(Path(tmp) / "state.db")
@@ -49,7 +59,7 @@ async def measure(runs: int, rounds: int, sink: TextIO) -> float:
         )
         rt.refresh_log()
         cfg = JobConfig(name="j", type="t", schedule="every", every=1.0)
-        spec = JobSpec(cfg, JobType("t", trivial), make_trigger(cfg))
+        spec = JobSpec(cfg, JobType("t", job_returning(result)), make_trigger(cfg))
         best = float("inf")
         for _ in range(rounds):
             t0 = time.process_time()
@@ -73,10 +83,14 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--result", choices=sorted(RESULTS), default="none")
     args = parser.parse_args()
     with open(os.devnull, "w") as sink:
-        per_run = uvloop.run(measure(args.runs, args.rounds, sink))
-    print(f"run path (execute + sinks + commit), best of {args.rounds}: {per_run * 1e6:.1f} us")
+        per_run = uvloop.run(measure(args.runs, args.rounds, sink, RESULTS[args.result]))
+    print(
+        f"run path (execute + sinks + commit), result {args.result}, best of {args.rounds}: "
+        f"{per_run * 1e6:.1f} us"
+    )
 
 
 if __name__ == "__main__":

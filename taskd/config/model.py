@@ -41,8 +41,8 @@ class DaemonConfig:
     control_group: str | None = None  # members may use the control socket (mode 0660)
     entry_points: bool = True  # load installed plugins (entry point group "taskd")
     disabled_plugins: tuple[str, ...] = ()  # entry point names or drop-in file stems to skip
-    # A run's result bigger than this fails the run (cpu: its pickle, measured in the worker;
-    # io and blocking: its JSON text).
+    # A run's result whose stored JSON text (UTF-8 bytes) is bigger fails the run, for every
+    # kind of job; measured within bounds (taskd.run.encoding), for a cpu job in its worker.
     max_result_size: int = 1 << 20
     history_max_runs: int = 100_000  # runs kept in the history, the newest by start
     history_max_age: float | None = None  # seconds; runs that started longer ago go

@@ -5,17 +5,20 @@ daemon's problem."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from taskd.errors import JobTimeout, ResultTooLarge
 from taskd.run.context import JobContext
+from taskd.run.encoding import Encoded, TooLarge, encode, too_large
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 from taskd.run.executors import with_timeout
-from taskd.run.limits import cut
-from taskd.run.sinks import RunEnd, encode_result
+from taskd.run.limits import MAX_ERROR_TEXT, cut, describe, recall, remember
+from taskd.run.sinks import RunEnd
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
@@ -42,44 +45,73 @@ class RunInfo:
     outcome: Outcome | None = None
     error: str | None = None
     result: Any = None
-    # The result in the form the sinks keep it (see sinks.encode_result), made once.
-    encoded: tuple[Any, str | None, bool] | None = None
+    # The result in the form the sinks keep it (see limits.encode), made once, and measured
+    # against max_result_size where the run ran (a cpu job's worker, a blocking job's thread).
+    encoded: Encoded | None = None
     cancel_reason: str | None = field(default=None)
     ended: float = 0.0
     in_backoff: bool = False  # waiting to retry: a stop need not wait for it
 
 
-def _error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException, label: str = "") -> str:
     """``Type: message``, cut to MAX_ERROR_TEXT: it goes into the run line, the history row
-    and the event hooks, where a 5 MB exception message would cost 5 MB each run."""
-    try:
-        text = str(exc)
-    except Exception:
-        text = "<str() of the exception failed>"
-    return cut(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    and the event hooks, where a 5 MB exception message would cost 5 MB each run.
+
+    Never an unbounded ``str()`` on the loop: a cpu job's exception comes with the text its
+    worker made, a blocking job's with the text its thread made; others are described within
+    bounds here (limits.describe). ``label`` ("job 'j' run r"), which the process pool puts
+    in front of its own messages, is dropped: the run line and row say which run it was."""
+    text = recall(exc) or describe(exc)
+    if label:
+        name = type(exc).__qualname__
+        text = text.replace(f"{name}: {label}: ", f"{name}: ", 1)
+    # Both texts are cut already (with the marker saying how much): cut only a text that
+    # came some other way, never again with a marker that undercounts.
+    return cut(text, MAX_ERROR_TEXT + 64)
+
+
+def _too_large(result: Any, over: TooLarge, limit: int) -> ResultTooLarge:
+    return ResultTooLarge(too_large(type(result).__qualname__, over.size, over.exact, limit))
 
 
 def _checked(rt: Runtime, info: RunInfo, result: Any) -> Any:
-    """``result`` once its stored form fits ``max_result_size``; raise if it does not."""
-    info.encoded = encoded = encode_result(result)
-    text = encoded[1]
-    limit = rt.max_result_size
-    if text is not None and len(text) > limit:
-        info.encoded = None
-        raise ResultTooLarge(
-            f"the result ({type(result).__qualname__}) is {len(text)} characters as JSON, "
-            f"over max_result_size={limit} bytes ({limit / (1 << 20):.1f} MiB); return less "
-            f"(write big output to a file and return its path) or raise [daemon] "
-            f"max_result_size"
-        )
+    """``result`` once its stored form fits ``max_result_size``; raise if it does not. A cpu
+    or blocking run's result was measured where it ran; an io run's is measured here, within
+    bounds (limits.encode)."""
+    if info.encoded is None:
+        limit = rt.max_result_size
+        try:
+            info.encoded = encode(result, limit)
+        except TooLarge as over:
+            raise _too_large(result, over, limit) from None
     return result
+
+
+def _blocking(
+    func: Callable[..., Any], kwargs: Mapping[str, Any], limit: int
+) -> tuple[Any, Encoded]:
+    """A blocking run in its thread: the job, then its result's stored form, measured there
+    (not on the loop); an exception's text is made there too."""
+    try:
+        result = func(**kwargs)
+    except BaseException as exc:
+        remember(exc, describe(exc))
+        raise
+    try:
+        return result, encode(result, limit)
+    except TooLarge as over:
+        raise _too_large(result, over, limit) from None
+    except BaseException as exc:  # a repr() that raised, say: still this thread's to describe
+        remember(exc, describe(exc))
+        raise
 
 
 async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
     jt = spec.jobtype
     assert jt is not None
     cfg = spec.config
-    label = f"job {cfg.name!r} run {info.run_id}"
+    label = _label(spec, info)
+    info.encoded = None
     if jt.kind == "io":
         ctx = JobContext(
             job=cfg.name,
@@ -96,9 +128,11 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         finally:
             ctx.release_resources()
     if jt.kind == "blocking":
-        return await rt.threads.run(jt.func, spec.kwargs, cfg.timeout, label)
+        call = functools.partial(_blocking, jt.func, spec.kwargs, rt.max_result_size)
+        result, info.encoded = await rt.threads.run(call, {}, cfg.timeout, label)
+        return result
     pool = await rt.procs()
-    return await pool.run(
+    result, info.encoded = await pool.run_measured(
         jt.func,
         (),
         spec.kwargs,
@@ -107,6 +141,7 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         max_result=rt.max_result_size,
         label=label,
     )
+    return result
 
 
 async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
@@ -150,7 +185,7 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
             except JobTimeout as exc:
                 info.outcome, info.error = TIMED_OUT, cut(str(exc))
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the run's failure
-                info.outcome, info.error = FAILED, _error_text(exc)
+                info.outcome, info.error = FAILED, _error_text(exc, _label(spec, info))
                 if not isinstance(exc, Exception):
                     rt.log.warning(
                         "job_raised_base_exception",
@@ -213,6 +248,10 @@ def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
     info.error = info.cancel_reason or "cancelled"
     info.ended = time.time()
     rt.defer(_finish, rt, spec, info)
+
+
+def _label(spec: JobSpec, info: RunInfo) -> str:
+    return f"job {spec.config.name!r} run {info.run_id}"
 
 
 def _utc(ts: float) -> datetime:

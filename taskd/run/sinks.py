@@ -9,11 +9,11 @@ on the loop thread and never awaits."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from taskd.run.encoding import NO_RESULT
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 
 if TYPE_CHECKING:
@@ -48,8 +48,9 @@ class RunEnd:
     def of(cls, spec: JobSpec, info: RunInfo) -> RunEnd:
         outcome = info.outcome or Outcome.CANCELLED
         result = info.result if outcome is Outcome.SUCCEEDED else None
-        encoded = info.encoded if result is not None else None
-        stored, result_json, serialisable = encoded or encode_result(result)
+        # The runner encoded (and measured) every result it accepted: see limits.encode.
+        encoded = info.encoded if result is not None and info.encoded is not None else NO_RESULT
+        stored, result_json, serialisable, _ = encoded
         return cls(
             spec,
             info,
@@ -66,18 +67,6 @@ class RunSink(Protocol):
     def run_ended(self, end: RunEnd) -> None:
         """Take note of one ended run. Must not block or await; an exception is logged and
         the other sinks still run."""
-
-
-def encode_result(result: Any) -> tuple[Any, str | None, bool]:
-    """(what to store, its JSON text, whether the result itself was JSON). A result that is
-    not JSON is stored as its repr."""
-    if result is None:
-        return None, None, True
-    try:
-        return result, json.dumps(result), True
-    except (TypeError, ValueError):
-        text = repr(result)
-        return text, json.dumps(text), False
 
 
 def _utc(ts: float) -> datetime:

@@ -5,8 +5,8 @@ keep its imports to the standard library and cheap modules, and import heavier o
 
 Wire format, both directions: frames of ``u64 big-endian length`` + body.
 
-* parent -> worker, one per run: ``u64 max_memory`` + ``u64 max_result`` (bytes, 0 for
-  none) + ``u32 ref length`` + ``ref`` + ``payload``. ``ref`` is a
+* parent -> worker, one per run: ``u64 max_memory`` + ``u64 max_pickle`` + ``u64 max_json``
+  (bytes, 0 for none) + ``u32 ref length`` + ``ref`` + ``payload``. ``ref`` is a
   pickled ``(module, qualname, file, version)`` naming the function (empty when the callable
   travels inside the payload instead); ``version`` changes when the parent loads the module
   again. ``payload`` pickles ``(args, kwargs)``, or ``(callable, args, kwargs)`` when ``ref``
@@ -14,8 +14,12 @@ Wire format, both directions: frames of ``u64 big-endian length`` + body.
 * worker -> parent: one kind byte + a pickle: ``READY`` ``pid`` once at start; ``OK``
   ``result``; ``ERROR`` ``(exception pickle or None, "Type: message", traceback text)``;
   ``MEMORY`` ``("Type: message", traceback text)`` when an allocation failed at the run's
-  ``max_memory`` (the worker is then replaced); ``TOO_BIG`` ``why`` when the pickled result
-  was over ``max_result``. Error texts are cut to ``limits.MAX_REMOTE_TEXT`` characters.
+  ``max_memory`` (the worker is then replaced); ``TOO_BIG`` ``why`` when the result's
+  JSON text was over ``max_json`` or its pickle over ``max_pickle``; ``MEASURED``
+  ``(result, limits.Encoded)`` instead of ``OK`` when ``max_json`` is set: the result and its
+  stored form, measured here (see :func:`taskd.run.limits.encode`), so the daemon never
+  builds a result's text itself. Error texts are cut to ``limits.MAX_REMOTE_TEXT``
+  characters, and built within bounds (``limits.describe``).
 
 An empty frame, or end of file, from the parent means "exit now, cleanly". (The explicit frame
 matters with the "fork" start method, where sibling workers inherit copies of each other's
@@ -34,27 +38,24 @@ import signal
 import socket
 import struct
 import sys
-import traceback
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from taskd.run import proctree
-from taskd.run.limits import MAX_ERROR_TEXT, MAX_REMOTE_TEXT
-from taskd.run.limits import cut as _cut
+from taskd.run.replies import ERROR as ERROR
+from taskd.run.replies import MEASURED as MEASURED
+from taskd.run.replies import MEMORY as MEMORY
+from taskd.run.replies import OK as OK
+from taskd.run.replies import READY as READY
+from taskd.run.replies import TOO_BIG as TOO_BIG
+from taskd.run.replies import error_reply, memory_reply, reply_for
 
 HEADER = struct.Struct(">Q")
-# A request's fixed part: max_memory, max_result, the length of the function's reference.
-REQUEST = struct.Struct(">QQI")
-# An exception whose pickle is bigger travels as its (cut) text only: a 5 MB exception message
-# must not cross the pipe, let alone reach the log.
-MAX_ERROR_PICKLE = 65_536
+# A request's fixed part: max_memory, max_pickle, max_json, the length of the function's
+# reference.
+REQUEST = struct.Struct(">QQQI")
 
-READY = 0
-OK = 1
-ERROR = 2
-MEMORY = 3
-TOO_BIG = 4
 
 _PR_SET_PDEATHSIG = 1
 # The signals the daemon acts on (stop, reload); neither a worker nor the forkserver dies of
@@ -110,7 +111,7 @@ def execute(frame: bytes | bytearray) -> bytes:
     Never raises: whatever the job does (``SystemExit`` and ``KeyboardInterrupt`` included)
     becomes that run's reply, so one bad run cannot take the worker down with it.
     """
-    max_memory, max_result, ref_len = REQUEST.unpack_from(frame)
+    max_memory, max_pickle, max_json, ref_len = REQUEST.unpack_from(frame)
     previous = _limit_memory(max_memory)
     summary: str | None = None
     error: BaseException | None
@@ -127,44 +128,20 @@ def execute(frame: bytes | bytearray) -> bytes:
         except BaseException as exc:
             error = exc
         else:
-            try:
-                body = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
-            except BaseException as exc:
-                error = exc
-                summary = (
-                    f"the result ({type(result).__qualname__}) could not be pickled: "
-                    f"{_describe(exc)}"
-                )
-            else:
-                if not max_result or len(body) <= max_result:
-                    return bytes((OK,)) + body
-                # Measured here, so a result too big for the daemon never crosses the pipe
-                # nor is unpickled there.
-                error = None
-                summary = (
-                    f"the result ({type(result).__qualname__}) is {len(body)} bytes pickled, "
-                    f"over max_result_size={max_result} bytes ({_mib(max_result)}); return "
-                    f"less (write big output to a file and return its path) or raise "
-                    f"[daemon] max_result_size"
-                )
-                del body
+            # Measured here, so a result too big for the daemon never crosses the pipe, nor
+            # is unpickled or turned into text there.
+            kind, error, summary, body = reply_for(result, max_pickle, max_json)
             del result
+            if body is not None:
+                return bytes((kind,)) + body
     finally:
         # Before the error reply is built: formatting a traceback needs memory too.
         _restore_memory(previous)
     if error is None:  # the result was too big: nothing was raised
         return bytes((TOO_BIG,)) + pickle.dumps(summary)
     if max_memory and isinstance(error, MemoryError):
-        return _memory_reply(error)
-    return _error_reply(error, summary=summary, send_exception=summary is None)
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
-def cut(text: str) -> str:
-    return _cut(text, MAX_REMOTE_TEXT)
+        return memory_reply(error)
+    return error_reply(error, summary=summary, send_exception=summary is None)
 
 
 def _limit_memory(limit: int) -> int | None:
@@ -197,11 +174,6 @@ def _restore_memory(soft: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
-def _memory_reply(exc: BaseException) -> bytes:
-    summary = _cut(_describe(exc), MAX_ERROR_TEXT - 512)
-    return bytes((MEMORY,)) + pickle.dumps((summary, cut(_format_traceback(exc))))
-
-
 def _end_leftovers() -> None:
     """Kill and reap every process the run left behind, before its end is reported.
 
@@ -217,44 +189,6 @@ def _end_leftovers() -> None:
         return  # no child at all, so (as a subreaper) no descendant: the common case
     proctree.kill_tree(os.getpid(), include_root=False)
     proctree.reap_children(_REAP_TIMEOUT)
-
-
-def _error_reply(
-    exc: BaseException, *, summary: str | None = None, send_exception: bool = True
-) -> bytes:
-    text = cut(_format_traceback(exc))
-    blob: bytes | None = None
-    if send_exception:
-        try:
-            blob = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
-        except BaseException:
-            blob = None  # the parent reports it as a JobError with the same text
-        if blob is not None and len(blob) > MAX_ERROR_PICKLE:
-            blob = None  # a huge message, say: its (cut) text is enough
-    # The message is cut a little short of what the daemon records, so its own prefix (the
-    # exception type) does not make it cut again, with a marker that undercounts.
-    body = (blob, _cut(summary or _describe(exc), MAX_ERROR_TEXT - 256), text)
-    try:
-        return bytes((ERROR,)) + pickle.dumps(body, pickle.HIGHEST_PROTOCOL)
-    except BaseException:
-        # A str subclass with odd pickling, say; plain strings always pickle.
-        return bytes((ERROR,)) + pickle.dumps((None, str(body[1]), str(text)))
-
-
-def _describe(exc: BaseException) -> str:
-    try:
-        message = str(exc)
-    except BaseException:
-        message = "<str() of the exception failed>"
-    name = type(exc).__qualname__
-    return f"{name}: {message}" if message else name
-
-
-def _format_traceback(exc: BaseException) -> str:
-    try:
-        return "".join(traceback.format_exception(exc))
-    except BaseException:
-        return f"<traceback could not be formatted> {_describe(exc)}\n"
 
 
 def _resolve(ref: bytes) -> Callable[..., Any]:

@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 
 from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, ResultTooLarge, WorkerDied
 from taskd.plugin.dropin import digest
+from taskd.run.limits import recall
 from taskd.run.pool import ProcessPool, forkserver, records
 from tests.unit.procpool_funcs import jobs
 
@@ -159,6 +160,35 @@ class TestResults:
             MiB - 100
         )
         assert pool.pids() == pids
+
+    async def test_run_measured_judges_the_json_text_in_the_worker(
+        self, make_pool: PoolFactory
+    ) -> None:
+        pool = await make_pool(workers=1)
+        pids = pool.pids()
+        # A few KB pickled, a gigabyte of JSON: refused in the worker, never built there.
+        with pytest.raises(ResultTooLarge, match=r"is more than 1048576 bytes as JSON"):
+            await pool.run_measured(jobs.shared_rows, (1000, 1000), max_result=MiB)
+        # 200 floats: 1000 bytes of JSON, ~1,800 pickled: pickle's overhead does not count.
+        value, encoded = await pool.run_measured(jobs.floats, (200,), max_result=1000)
+        assert value == [0.0] * 200 and encoded.size == 1000 and encoded.stored is not None
+        with pytest.raises(ResultTooLarge, match=r"is 1005 bytes as JSON"):
+            await pool.run_measured(jobs.floats, (201,), max_result=1000)
+        value, encoded = await pool.run_measured(jobs.make_bytes, (3,), max_result=1000)
+        assert encoded.stored == repr(b"\xab" * 3) and not encoded.serialisable
+        assert pool.pids() == pids
+
+    async def test_an_exception_with_shared_rows_is_described_within_bounds(
+        self, make_pool: PoolFactory
+    ) -> None:
+        pool = await make_pool(workers=1)
+        # No match=: it would call str() on the exception, a gigabyte of text.
+        with pytest.raises(ValueError) as info:  # noqa: PT011
+            await pool.run(jobs.raise_shared_rows, (1000, 1000))
+        # Its pickle is small, so it came back as itself, with the text the worker made:
+        # the daemon records that and never calls str() on it.
+        text = recall(info.value)
+        assert text is not None and text.startswith("ValueError: [['xxx") and len(text) < 4096
 
     async def test_a_huge_error_message_is_cut_in_the_worker(self, make_pool: PoolFactory) -> None:
         pool = await make_pool(workers=1)

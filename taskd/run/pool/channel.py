@@ -1,5 +1,5 @@
 """The daemon's side of the wire to a worker (the format is in :mod:`taskd.run.worker`):
-splitting the byte stream into frames, encoding a run's request, decoding an error reply."""
+splitting the byte stream into frames, encoding a run's request, decoding its reply."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from taskd.errors import JobError
+from taskd.errors import JobError, ResultTooLarge
 from taskd.run import worker as _wire
+from taskd.run.limits import describe, remember
 from taskd.run.pool.records import Worker
 
-__all__ = ["Channel", "Encoder", "decode_error", "label_of"]
+__all__ = ["Channel", "Encoder", "decode_error", "decode_reply", "label_of"]
 
 _REF_CACHE_MAX = 1024
 
@@ -125,7 +126,8 @@ class Encoder:
         kwargs: Mapping[str, Any] | None,
         *,
         max_memory: int | None = None,
-        max_result: int | None = None,
+        max_pickle: int | None = None,
+        max_json: int | None = None,
     ) -> tuple[bytes, str]:
         """The request frame for one run, and the label to use when the caller gave none."""
         try:
@@ -144,10 +146,24 @@ class Encoder:
             payload = pickle.dumps((args, kw), pickle.HIGHEST_PROTOCOL)
         else:
             payload = pickle.dumps((func, args, kw), pickle.HIGHEST_PROTOCOL)
-        head = _wire.REQUEST.pack(max_memory or 0, max_result or 0, len(ref))
+        head = _wire.REQUEST.pack(max_memory or 0, max_pickle or 0, max_json or 0, len(ref))
         size = len(head) + len(ref) + len(payload)
         frame = b"".join((_wire.HEADER.pack(size), head, ref, payload))
         return frame, label
+
+
+def decode_reply(pid: int, label: str, frame: memoryview | bytes) -> dict[str, Any]:
+    """The outcome of a run's reply ``frame`` (not a MEMORY one) from worker ``pid``, as
+    keyword arguments of ``ProcessPool._settle``: ``value`` or ``exc``."""
+    try:
+        if frame[0] in (_wire.OK, _wire.MEASURED):
+            return {"value": pickle.loads(frame[1:])}
+        if frame[0] == _wire.TOO_BIG:
+            return {"exc": ResultTooLarge(f"{label}: {pickle.loads(frame[1:])}")}
+        return {"exc": decode_error(pid, label, frame[1:])}
+    except BaseException as exc:  # whatever unpickling runs, it is this run's failure
+        why = f"the reply from worker process {pid} could not be unpickled in the daemon"
+        return {"exc": JobError(f"{label}: {why}: {describe(exc)}")}
 
 
 def decode_error(pid: int, label: str, body: memoryview | bytes) -> BaseException:
@@ -164,6 +180,9 @@ def decode_error(pid: int, label: str, body: memoryview | bytes) -> BaseExceptio
     # in it, and a future refuses StopIteration: those travel as JobError.
     if isinstance(exc, Exception) and not isinstance(exc, StopIteration):
         exc.add_note(note)
+        # The worker made this text within bounds: the daemon records it rather than call
+        # str() on an exception whose small pickle may stand for a gigabyte of text.
+        remember(exc, summary)
         return exc
     err = JobError(summary)
     if note:

@@ -15,9 +15,10 @@ from typing import Any, ClassVar, TypeVar, cast
 
 import psutil
 
-from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, ResultTooLarge, WorkerDied
+from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, WorkerDied
 from taskd.run import worker as _wire
-from taskd.run.pool.channel import Encoder, decode_error, label_of
+from taskd.run.encoding import Encoded, transport_bound
+from taskd.run.pool.channel import Encoder, decode_reply, label_of
 from taskd.run.pool.records import Run, RunState, Worker, mib
 from taskd.run.pool.supervisor import Supervisor
 
@@ -159,10 +160,46 @@ class ProcessPool:
         so they cannot stop the daemon. If the caller is cancelled, a queued run is dropped
         and an executing one has its worker killed.
 
-        ``max_result`` (bytes): a result whose pickle is bigger fails the run with a
-        :class:`JobError`, measured in the worker, so it never crosses the pipe. A result of
-        more than ``_LOOP_UNPICKLE_MAX`` bytes is unpickled in a thread, off the loop.
+        ``max_result`` (bytes): a result whose pickle is bigger fails the run with
+        :class:`ResultTooLarge`, measured in the worker, so it never crosses the pipe. A reply
+        of more than ``_LOOP_UNPICKLE_MAX`` bytes is unpickled in a thread, off the loop.
         """
+        value = await self._run(func, args, kwargs, timeout, max_memory, max_result, None, label)
+        return cast(T, value)
+
+    async def run_measured(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        max_result: int,
+        timeout: float | None = None,
+        max_memory: int | None = None,
+        label: str = "",
+    ) -> tuple[Any, Encoded]:
+        """Like :meth:`run`, for a result the daemon keeps: the worker also makes its stored
+        form (:func:`taskd.run.encoding.encode`) and fails the run with ResultTooLarge if its
+        JSON text is over ``max_result`` bytes, so the daemon never builds that text. Its
+        pickle may take ``encoding.transport_bound(max_result)`` bytes on the pipe. Returns the
+        result and its stored form."""
+        if max_result <= 0:
+            raise ValueError(f"max_result must be > 0 bytes, got {max_result}")
+        bound = transport_bound(max_result)
+        value = await self._run(func, args, kwargs, timeout, max_memory, bound, max_result, label)
+        return cast(tuple[Any, Encoded], value)
+
+    async def _run(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+        timeout: float | None,
+        max_memory: int | None,
+        max_pickle: int | None,
+        max_json: int | None,
+        label: str,
+    ) -> Any:
         if not self._started:
             raise RuntimeError("call ProcessPool.start() before run()")
         if self._sup.closing:
@@ -175,11 +212,11 @@ class ProcessPool:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if max_memory is not None and max_memory <= 0:
             raise ValueError(f"max_memory must be > 0 bytes, got {max_memory}")
-        if max_result is not None and max_result <= 0:
-            raise ValueError(f"max_result must be > 0 bytes, got {max_result}")
+        if max_pickle is not None and max_pickle <= 0:
+            raise ValueError(f"max_result must be > 0 bytes, got {max_pickle}")
         # Pickling happens here, so arguments that cannot be sent fail in the caller.
         frame, default_label = self._encoder.encode(
-            func, args, kwargs, max_memory=max_memory, max_result=max_result
+            func, args, kwargs, max_memory=max_memory, max_pickle=max_pickle, max_json=max_json
         )
         run = Run(
             frame,
@@ -193,7 +230,7 @@ class ProcessPool:
         else:
             self._queue.append(run)
         try:
-            return cast(T, await run.fut)
+            return await run.fut
         except asyncio.CancelledError:
             self._abandon(run)
             raise
@@ -302,27 +339,10 @@ class ProcessPool:
             if self._unpickler is None:
                 self._unpickler = ThreadPoolExecutor(1, thread_name_prefix="taskd-unpickle")
             loop = cast(asyncio.AbstractEventLoop, self._loop)
-            job = loop.run_in_executor(self._unpickler, self._decode, worker.pid, run, frame)
+            job = loop.run_in_executor(self._unpickler, decode_reply, worker.pid, run.label, frame)
             job.add_done_callback(lambda done: self._settle(run, **done.result()))
             return
-        self._settle(run, **self._decode(worker.pid, run, frame))
-
-    @staticmethod
-    def _decode(pid: int, run: Run, frame: memoryview | bytes) -> dict[str, Any]:
-        """A reply's outcome, as keyword arguments of :meth:`_settle`."""
-        try:
-            if frame[0] == _wire.OK:
-                return {"value": pickle.loads(frame[1:])}
-            if frame[0] == _wire.TOO_BIG:
-                return {"exc": ResultTooLarge(f"{run.label}: {pickle.loads(frame[1:])}")}
-            return {"exc": decode_error(pid, run.label, frame[1:])}
-        except BaseException as exc:  # whatever unpickling runs, it is this run's failure
-            return {
-                "exc": JobError(
-                    f"{run.label}: the reply from worker process {pid} could not be "
-                    f"unpickled in the daemon: {type(exc).__qualname__}: {exc}"
-                )
-            }
+        self._settle(run, **decode_reply(worker.pid, run.label, frame))
 
     def _over_memory(self, worker: Worker, run: Run, body: memoryview | bytes) -> BaseException:
         """An allocation failed at the run's ``max_memory`` in ``worker``, which then replied:

@@ -155,3 +155,17 @@ def data_limit() -> tuple[int, int]:
     import resource
 
     return resource.getrlimit(resource.RLIMIT_DATA)
+
+
+def shared_rows(k: int, width: int) -> list[list[str]]:
+    """A few KB of pickle, about k * k * (width + 4) bytes of JSON."""
+    row = ["x" * width] * k
+    return [row] * k
+
+
+def raise_shared_rows(k: int, width: int) -> None:
+    raise ValueError(shared_rows(k, width))
+
+
+def floats(n: int) -> list[float]:
+    return [0.0] * n  # 5 bytes an item as JSON, 9 as pickle
