@@ -74,8 +74,10 @@ class _Target:
                 f"sql_query: option 'dsn' must start with postgresql://, postgres:// or "
                 f"mysql:// (mariadb:// too), got {parts.scheme + '://' if parts.scheme else dsn!r}"
             )
-        if parts.password is not None:
-            shown = dsn.replace(f":{parts.password}@", ":***@", 1)
+        in_query = any(p.split("=", 1)[0].lower() == "password" for p in parts.query.split("&"))
+        if parts.password is not None or in_query:
+            shown = dsn.replace(f":{parts.password}@", ":***@", 1) if parts.password else dsn
+            shown = shown.split("?", 1)[0] + ("?..." if parts.query else "")
             raise ValueError(
                 f"sql_query: option 'dsn' {shown!r} has a password in it; the config is no place "
                 f"for one: put it in a file (option 'password_file', mode 0600) or an "
@@ -273,7 +275,7 @@ async def _pg_run(pool: Any, cfg: dict[str, Any], read: int) -> dict[str, Any]:
     finally:
         # On a cancel asyncpg has already sent the server a CancelRequest; release resets
         # the connection or, failing that, terminates it.
-        await pool.release(conn)
+        await pool.release(conn, timeout=_CLOSE_TIMEOUT)
 
 
 # -- MySQL / MariaDB (aiomysql) -------------------------------------------------------------

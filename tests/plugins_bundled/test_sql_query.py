@@ -133,6 +133,9 @@ class TestContract:
             await mod.sql_query(ctx, dsn="postgresql://u:hunter2@h/db", query="SELECT 1")
         assert "hunter2" not in str(err.value)
         assert "postgresql://u:***@h/db" in str(err.value)
+        with pytest.raises(ValueError, match="has a password in it") as err:
+            await mod.sql_query(ctx, dsn="postgresql://u@h/db?password=hunter2", query="SELECT 1")
+        assert "hunter2" not in str(err.value)
 
 
 class TestQuery:
