@@ -6,6 +6,7 @@ registry, so the pool is kept across runs exactly as in the daemon."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import sys
 import time
@@ -165,6 +166,18 @@ class TestQuery:
         result = await runner(f"SELECT {p} AS v", params=[tricky])
         assert result["rows"] == [{"v": tricky}]
         assert (await runner("SELECT count(*) AS n FROM orders"))["rows"] == [{"n": 3}]
+
+    async def test_toml_scalars_as_parameters(self, runner: Runner) -> None:
+        a, b, c = runner.placeholders(3)
+        # PostgreSQL types each parameter from the query: a bare $n in a SELECT list is text.
+        pg = isinstance(runner.server, PgServer)
+        d, f, t = ("::date", "::float8", "::bool") if pg else ("", "", "")
+        result = await runner(
+            f"SELECT {a}{d} AS d, {b}{f} AS f, {c}{t} AS t",
+            params=[dt.date(2024, 2, 29), 1.5, True],
+        )
+        [row] = result["rows"]
+        assert row["d"] == "2024-02-29" and row["f"] == 1.5 and row["t"] in (True, 1)
 
     async def test_row_limit_and_max_bytes(self, runner: Runner) -> None:
         big = "SELECT n FROM (SELECT 1 AS n UNION ALL SELECT 2 UNION ALL SELECT 3) t ORDER BY n"
