@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+# Real database servers (session-scoped: each starts once, in about a second).
+from tests.dbservers import mariadb, mariadb_server, postgres, postgres_server  # noqa: F401
 from tests.helpers import DaemonProc
 
 

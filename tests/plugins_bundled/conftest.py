@@ -6,6 +6,7 @@ daemon does with its drop-in folder, so pickling a cpu job's function by referen
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import inspect
 import sys
@@ -82,6 +83,10 @@ _TOML_ANNOTATIONS = {
     list[str] | None,
     dict[str, str] | None,
     str | int | float,
+    int | None,
+    dt.timedelta,
+    # sql_query's params: any scalar TOML has.
+    list[str | int | float | bool | dt.datetime | dt.date | dt.time] | None,
 }
 
 
