@@ -181,7 +181,9 @@ class Daemon:
             error = str(exc) if isinstance(exc, StateError) else describe(exc, where=d.state_dir)
             log.error("cannot_start", error=error, state_dir=str(d.state_dir))
             return EXIT_STATE
-        self.store = StateStore(d.state_dir / "state.db", _retention(d))
+        # The resolved state_dir the lock checked (taskd.state.files.prepare_dir): its every
+        # folder is trusted, so what it names cannot be changed by another user meanwhile.
+        self.store = StateStore(self.lock.path.parent / "state.db", _retention(d))
         try:
             self.store.open()
         except StateError as exc:

@@ -57,9 +57,17 @@ def read_toml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     ConfigError naming the file and what to do, never a traceback."""
     fd = _open(path)
     try:
-        answer = _parse(fd, path)
+        return read_open_toml(path, fd)
     finally:
         os.close(fd)
+
+
+def read_open_toml(path: Path, fd: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """read_toml for a file the caller opened (taskd.config.load: the very file whose trust
+    it checked); the parser reads this descriptor, and ``path`` only names it in messages.
+    The caller closes ``fd``."""
+    check_kind(path, os.fstat(fd))
+    answer = _parse(fd, path)
     if answer[0] == "ok":
         _, doc, lines = answer
         return doc, lines
@@ -70,7 +78,7 @@ def _open(path: Path) -> int:
     """The config file, opened for reading: a regular file of at most MAX_CONFIG_BYTES."""
     try:
         # Checked before opening too: opening some devices has effects of its own.
-        _check_kind(path, os.stat(path))
+        check_kind(path, os.stat(path))
         # O_NONBLOCK: a FIFO swapped in after the stat cannot make the open wait for a
         # writer; O_NOCTTY: a terminal cannot become ours. The opened file is checked again.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -81,14 +89,15 @@ def _open(path: Path) -> int:
     except OSError as exc:
         raise _single(path, f"cannot read config file: {exc.strerror or exc}") from None
     try:
-        _check_kind(path, os.fstat(fd))
+        check_kind(path, os.fstat(fd))
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _check_kind(path: Path, st: os.stat_result) -> None:
+def check_kind(path: Path, st: os.stat_result) -> None:
+    """Refuse (ConfigError) anything but a regular file of at most MAX_CONFIG_BYTES."""
     if stat.S_ISDIR(st.st_mode):
         raise _single(path, "is a directory, not a config file")
     if not stat.S_ISREG(st.st_mode):
