@@ -25,9 +25,8 @@ from taskd.config.model import (
     DaemonConfig,
     JobConfig,
 )
-from taskd.config.source import check_kind, read_open_toml, read_toml
+from taskd.config.source import open_config, read_open_toml, read_toml
 from taskd.errors import ConfigError, ConfigIssue
-from taskd.trust import Problem, TrustChecker, Untrusted
 
 DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -181,42 +180,6 @@ def type_name(value: Any) -> str:
         dict: "a table",
     }
     return names.get(type(value), type(value).__name__)
-
-
-class UntrustedConfig(ConfigError):
-    """The config file may not be used (taskd.trust): whoever can change it, or a folder or
-    link on its path, decides which plugin folders the daemon runs code from. ``problems``
-    says why, each with its fix."""
-
-    def __init__(self, file: Path, problems: tuple[Problem, ...]) -> None:
-        super().__init__(ConfigIssue(str(file), "", f"refused: {p.message}") for p in problems)
-        self.problems = problems
-
-
-def _single(path: Path, message: str) -> ConfigError:
-    return ConfigError([ConfigIssue(str(path), "", message)])
-
-
-def open_config(file: Path) -> int:
-    """The config file, opened for reading once its path and the file itself passed the
-    trust checks; the open file is the one checked (taskd.trust). Raises ConfigError
-    (UntrustedConfig when it is refused)."""
-    trust = TrustChecker()
-    try:
-        verdict = trust.judge(file, "config file")
-        if verdict.problems:
-            raise UntrustedConfig(file, verdict.problems)
-        # Before opening: opening some devices has effects of their own.
-        check_kind(file, verdict.st)
-        return trust.open(verdict)
-    except FileNotFoundError:
-        raise _single(
-            file, "config file not found; pass --config FILE or set TASKD_CONFIG"
-        ) from None
-    except Untrusted as exc:  # changed since it was judged
-        raise UntrustedConfig(file, exc.problems) from None
-    except OSError as exc:
-        raise _single(file, f"cannot read config file: {exc.strerror or exc}") from None
 
 
 def load_config(path: str | Path) -> Config:
