@@ -7,6 +7,7 @@ user's folder, that user flipping the link while the daemon reloads."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -306,3 +307,71 @@ class TestMessages:
         assert d.wait_exit(timeout=30) == 3
         (line,) = d.events("cannot_start")
         assert f"resolves to {d.dir / 'var' / 'state'}" in line["error"], line
+
+
+def umask_002_checkout(d: DaemonProc) -> list[Path]:
+    """The repo's layout (config/, plugins/, state under var/) as `git clone` leaves it under
+    umask 002: every folder 0775, every file 0664. The paths taskd must refuse."""
+    config, plugins, var = d.dir / "config", d.dir / "plugins", d.dir / "var"
+    for folder in (config, plugins, var):
+        folder.mkdir()
+        folder.chmod(0o775)
+    files = [plugins / "echo.py", plugins / "other.py"]
+    files[0].write_text(PLUGIN)
+    files[1].write_text(PLUGIN.replace('"echo"', '"other"'))
+    cfg = config / "taskd.toml"
+    cfg.write_text(daemon_table(plugin_dirs='["../plugins"]', state_dir='"../var/state"') + GOOD)
+    for f in (cfg, *files):
+        f.chmod(0o664)
+    d.config_path = cfg
+    return [config, cfg, plugins, *files, var]
+
+
+def chmod_r_go_w(top: Path) -> None:
+    subprocess.run(["chmod", "-R", "go-w", str(top)], check=True)
+
+
+class TestOneRound:
+    """Every trust problem is reported at once, with one command for those under one tree
+    (review 8, finding 6): a checkout made under umask 002 takes one round of fixes."""
+
+    def test_check_and_run_name_them_all(self, daemon_factory) -> None:
+        d = daemon(daemon_factory)
+        expected = umask_002_checkout(d)
+        hint = f"chmod -R go-w {d.dir} fixes all {len(expected)} of these at once"
+        out = run_cli("check", "-c", str(d.config_path))
+        assert out.returncode == 1, out
+        for path in expected:
+            assert f"chmod go-w {path}\n" in out.stderr, (path, out.stderr)
+        assert hint in out.stderr, out.stderr
+        data = json.loads(run_cli("check", "--json", "-c", str(d.config_path)).stdout)
+        assert data["hints"] == [hint], data
+        assert len(data["errors"]) == len(expected), data
+        text = config_error(d)
+        for path in expected:
+            assert f"chmod go-w {path}" in text, (path, text)
+        assert hint in text, text
+        assert not (d.dir / "var" / "state").exists(), "made through a refused folder"
+        # The one command it offers is all it takes.
+        chmod_r_go_w(d.dir)
+        out = run_cli("check", "-c", str(d.config_path))
+        assert out.returncode == 0, out
+        d.lines.clear()
+        d.start()
+        assert d.stop() == 0
+
+    def test_start_refused_on_state_dir_says_the_rest(self, daemon_factory) -> None:
+        """The config was fixed alone: the start stops at state_dir, after the refused
+        plugin files, and offers the one command for all of them."""
+        d = daemon(daemon_factory)
+        expected = umask_002_checkout(d)
+        for path in expected[:2]:  # config/ and config/taskd.toml
+            path.chmod(path.stat().st_mode & ~0o022)
+        d.start(wait=False)
+        assert d.wait_exit(timeout=30) == 3
+        (line,) = d.events("cannot_start")
+        assert f"chmod go-w {d.dir / 'var'}" in line["error"], line
+        assert line["hint"] == f"chmod -R go-w {d.dir} fixes all 4 of these at once", line
+        out = run_cli("check", "-c", str(d.config_path))
+        assert out.returncode == 1, out
+        assert f"hint: chmod -R go-w {d.dir} fixes all 4 of these at once" in out.stderr, out
