@@ -150,9 +150,10 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
     ``.py`` entry that is not a regular file of at most MAX_PLUGIN_BYTES (see read_source).
 
     A folder or file that others could change (taskd.trust: owned by another non-root user,
-    writable by group or others, or so is a folder on its path, a symlink's target's
-    included) is not read: each such file comes back with ``refused`` set, and a refused
-    folder is also a problem, so that one with no ``.py`` file yet is reported too."""
+    writable by group or others, or so is a folder or link on its path as given or on its
+    target's) is not read: each such file comes back with ``refused`` set (every reason,
+    the folder's and its own), and a refused folder is also a problem, so that one with no
+    ``.py`` file yet is reported too. A file that is read is the file that was checked."""
     found: list[DropinFile] = []
     problems: list[tuple[Path, str]] = []
     trust = TrustChecker()
