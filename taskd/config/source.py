@@ -73,10 +73,11 @@ def open_config(file: Path) -> int:
     trust = TrustChecker()
     try:
         verdict = trust.judge(file, "config file")
+        # Said as what it is (a FIFO, a device: no config file at all), and never opened:
+        # opening some devices has effects of their own.
+        check_kind(file, verdict.st)
         if verdict.problems:
             raise UntrustedConfig(file, verdict.problems)
-        # Before opening: opening some devices has effects of their own.
-        check_kind(file, verdict.st)
         return trust.open(verdict)
     except FileNotFoundError:
         raise _single(
