@@ -179,9 +179,13 @@ class Daemon:
             self.lock.release()
             self.lock = None
             error = str(exc) if isinstance(exc, StateError) else describe(exc, where=d.state_dir)
-            log.error("cannot_start", error=error, state_dir=str(d.state_dir))
+            log.error(
+                "cannot_start", error=error, state_dir=str(d.state_dir), **_trust_hint(loaded)
+            )
             return EXIT_STATE
-        self.store = StateStore(d.state_dir / "state.db", _retention(d))
+        # The resolved state_dir the lock checked (taskd.state.files.prepare_dir): its every
+        # folder is trusted, so what it names cannot be changed by another user meanwhile.
+        self.store = StateStore(self.lock.path.parent / "state.db", _retention(d))
         try:
             self.store.open()
         except StateError as exc:
@@ -514,3 +518,13 @@ def _plugin_files(loaded: Loaded) -> Callable[[str], bool]:
 
 def _retention(d: DaemonConfig) -> Retention:
     return Retention(d.history_max_runs, d.history_max_age)
+
+
+def _trust_hint(loaded: Loaded) -> dict[str, str]:
+    """For a start refused on state_dir: one command for it and the refused plugin files and
+    folders logged just before, when they share a fix under one folder (a checkout made
+    under umask 002)."""
+    from taskd.trust_report import combined_hints, survey
+
+    hints = combined_hints(survey(loaded.config.path, loaded.config.daemon))
+    return {"hint": "; ".join(hints)} if hints else {}

@@ -153,3 +153,30 @@ def plural(n: int, word: str) -> str:
 
 def emit(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def trust_report(exc: ConfigError, path: Path) -> tuple[list[str], list[str]]:
+    """When the config file was refused as untrusted: every other trust problem its
+    settings lead to (plugin folders and files, state_dir), so that one round of fixes is
+    enough, and the commands that fix many at once. Nothing for another config error."""
+    from taskd.config.source import UntrustedConfig
+
+    if not isinstance(exc, UntrustedConfig):
+        return [], []
+    from taskd.trust_report import combined_hints, survey
+
+    problems = survey(path.expanduser().absolute())
+    known = {p.path for p in exc.problems if p.path}
+    others = [p.message for p in problems if not (p.path and p.path in known)]
+    return others, combined_hints(problems)
+
+
+def print_trust_report(others: list[str], hints: list[str]) -> None:
+    """What trust_report found, after the config error it goes with."""
+    lines = []
+    if others:
+        lines.append("taskd: and what the config names would be refused too:")
+        lines.extend(f"  {o}" for o in others)
+    lines.extend(f"taskd: hint: {h}" for h in hints)
+    if lines:
+        print_error_lines(lines)

@@ -22,6 +22,8 @@ from taskd.cli.common import (
     path_exists,
     plural,
     print_config_error,
+    print_trust_report,
+    trust_report,
 )
 from taskd.config import load_config
 from taskd.errors import ConfigError
@@ -46,7 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(path)
     except ConfigError as exc:
         logsetup.configure()
+        others, hints = trust_report(exc, path)
         print_config_error(exc)
+        print_trust_report(others, hints)
         return EX_CONFIG
     logsetup.configure(config.daemon.log_level, config.daemon.log_format)
     try:
@@ -118,10 +122,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
+        others, hints = trust_report(exc, path)
         if args.json:
-            emit({"ok": False, "errors": [str(i) for i in exc.issues]})
+            emit({"ok": False, "errors": [str(i) for i in exc.issues] + others, "hints": hints})
         else:
             print_config_error(exc)
+            print_trust_report(others, hints)
         return EXIT_FAIL
     d = config.daemon
     host = PluginHost.load(d.plugin_dirs, entry_points=d.entry_points, disabled=d.disabled_plugins)
@@ -132,8 +138,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     for problem in host.folder_problems:
         errors.append(f"{problem.path}: {problem.message}")
     from taskd.state.files import audit
+    from taskd.trust_report import combined_hints, survey
 
     errors.extend(audit(d.state_dir))  # what `taskd run` would refuse to start on
+    # The same problems, each once with its fix apart, for one command that fixes many.
+    hints = combined_hints(survey(config.path, d)) if errors else []
     for spec in specs.values():
         if spec.broken:
             line = config.line_of(f"jobs.{spec.name}.type")
@@ -151,6 +160,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "jobs": len(config.jobs),
                 "kinds": kinds,
                 "plugins": len(host.records),
+                **({"hints": hints} if errors else {}),  # commands that fix several at once
             }
         )
         return EXIT_FAIL if errors else EXIT_OK
@@ -160,6 +170,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         for e in errors:
             print(f"  {e}", file=sys.stderr)
+        for hint in hints:
+            print(f"taskd: hint: {hint}", file=sys.stderr)
         return EXIT_FAIL
     by_kind = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
     disabled = sum(1 for j in config.jobs.values() if not j.enabled)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import grp
+import os
 import re
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
@@ -24,9 +25,8 @@ from taskd.config.model import (
     DaemonConfig,
     JobConfig,
 )
-from taskd.config.source import read_toml
+from taskd.config.source import open_config, read_open_toml, read_toml
 from taskd.errors import ConfigError, ConfigIssue
-from taskd.trust import TrustChecker
 
 DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -182,27 +182,31 @@ def type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _untrusted(file: Path) -> str | None:
-    """Why the config file may not be used (taskd.trust): whoever can change it decides
-    which plugin folders the daemon runs code from. None when it is safe."""
-    try:
-        problem = TrustChecker().path_problem(file, "config file")
-    except OSError as exc:  # removed since it was read
-        return f"cannot check config file: {exc.strerror or exc}"
-    return None if problem is None else f"refused: {problem}"
-
-
-def _single(path: Path, message: str) -> ConfigError:
-    return ConfigError([ConfigIssue(str(path), "", message)])
-
-
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError listing every problem found."""
     file = Path(path).expanduser().absolute()
-    data, lines = read_toml(file)
-    refused = _untrusted(file)
-    if refused is not None:
-        raise _single(file, refused)
+    fd = open_config(file)
+    try:
+        data, lines = read_open_toml(file, fd)
+    finally:
+        os.close(fd)
+    return _validate(file, data, lines)
+
+
+def daemon_settings(path: str | Path) -> DaemonConfig | None:
+    """The [daemon] table of a config file that may not pass load_config (refused, or
+    invalid elsewhere), invalid values left at their defaults; None when the file cannot be
+    read or parsed. For reports that name the plugin folders and state_dir it would use
+    (taskd.trust_report); nothing of it is acted on."""
+    file = Path(path).expanduser().absolute()
+    try:
+        data, lines = read_toml(file)
+    except ConfigError:
+        return None
+    return _daemon(_Collector(file, lines), data.get("daemon", {}), file.parent)
+
+
+def _validate(file: Path, data: dict[str, Any], lines: dict[str, int]) -> Config:
     c = _Collector(file, lines)
     base = file.parent
 

@@ -1,6 +1,10 @@
 """Reading a config file: the bytes off disk and the TOML parse, each failure a ConfigError
 naming the file. What the parsed document means is taskd.config.load's business.
 
+The daemon's config is read only once its path and the file passed taskd.trust's checks,
+and what is read is the file that was checked (open_config): whoever could change it would
+decide which plugin folders root runs code from.
+
 Every input is bounded, whatever its shape:
 
 - only a regular file is read (opened with O_NONBLOCK, so a FIFO swapped in cannot hang a
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from taskd.errors import ConfigError, ConfigIssue
+from taskd.trust import Problem, TrustChecker, Untrusted
 
 MAX_CONFIG_BYTES = 1024 * 1024  # 10,000 jobs of a few keys each take about 380 KB
 MAX_DEPTH = 32  # keys and indexes below the top: jobs.x.options.k is 4
@@ -51,15 +56,56 @@ class _Failed(Exception):
     """The parser process ended without an answer; the message says why."""
 
 
+class UntrustedConfig(ConfigError):
+    """The config file may not be used (taskd.trust): whoever can change it, or a folder or
+    link on its path, decides which plugin folders the daemon runs code from. ``problems``
+    says why, each with its fix."""
+
+    def __init__(self, file: Path, problems: tuple[Problem, ...]) -> None:
+        super().__init__(ConfigIssue(str(file), "", f"refused: {p.message}") for p in problems)
+        self.problems = problems
+
+
+def open_config(file: Path) -> int:
+    """The config file, opened for reading once its path and the file itself passed the
+    trust checks; the open file is the one checked (taskd.trust). Raises ConfigError
+    (UntrustedConfig when it is refused)."""
+    trust = TrustChecker()
+    try:
+        verdict = trust.judge(file, "config file")
+        # Said as what it is (a FIFO, a device: no config file at all), and never opened:
+        # opening some devices has effects of their own.
+        check_kind(file, verdict.st)
+        if verdict.problems:
+            raise UntrustedConfig(file, verdict.problems)
+        return trust.open(verdict)
+    except FileNotFoundError:
+        raise _single(
+            file, "config file not found; pass --config FILE or set TASKD_CONFIG"
+        ) from None
+    except Untrusted as exc:  # changed since it was judged
+        raise UntrustedConfig(file, exc.problems) from None
+    except OSError as exc:
+        raise _single(file, f"cannot read config file: {exc.strerror or exc}") from None
+
+
 def read_toml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Parse a TOML file: the document and where each key sits (dotted path -> line). Every
     failure (missing, huge, binary, not TOML, too deep, a bound of the parser hit) becomes a
     ConfigError naming the file and what to do, never a traceback."""
     fd = _open(path)
     try:
-        answer = _parse(fd, path)
+        return read_open_toml(path, fd)
     finally:
         os.close(fd)
+
+
+def read_open_toml(path: Path, fd: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """read_toml for a file the caller opened (open_config: the very file whose trust was
+    checked); the parser reads this descriptor, and ``path`` only names it in messages.
+    The caller closes ``fd``."""
+    check_kind(path, os.fstat(fd))
+    answer = _parse(fd, path)
     if answer[0] == "ok":
         _, doc, lines = answer
         return doc, lines
@@ -70,7 +116,7 @@ def _open(path: Path) -> int:
     """The config file, opened for reading: a regular file of at most MAX_CONFIG_BYTES."""
     try:
         # Checked before opening too: opening some devices has effects of its own.
-        _check_kind(path, os.stat(path))
+        check_kind(path, os.stat(path))
         # O_NONBLOCK: a FIFO swapped in after the stat cannot make the open wait for a
         # writer; O_NOCTTY: a terminal cannot become ours. The opened file is checked again.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -81,14 +127,15 @@ def _open(path: Path) -> int:
     except OSError as exc:
         raise _single(path, f"cannot read config file: {exc.strerror or exc}") from None
     try:
-        _check_kind(path, os.fstat(fd))
+        check_kind(path, os.fstat(fd))
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _check_kind(path: Path, st: os.stat_result) -> None:
+def check_kind(path: Path, st: os.stat_result) -> None:
+    """Refuse (ConfigError) anything but a regular file of at most MAX_CONFIG_BYTES."""
     if stat.S_ISDIR(st.st_mode):
         raise _single(path, "is a directory, not a config file")
     if not stat.S_ISREG(st.st_mode):

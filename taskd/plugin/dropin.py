@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from taskd.trust import TrustChecker
+from taskd.trust import Problem, TrustChecker, Untrusted
 
 PREFIX = "_taskd_dropin_"
 DIGEST_LEN = 10
@@ -72,7 +72,9 @@ def read_source(path: Path) -> bytes:
     """The bytes of a plugin file, refusing (PluginFileError) anything but a regular file of at
     most MAX_PLUGIN_BYTES. Never blocks on a FIFO and never reads more than the limit + 1.
 
-    Symlinks are followed: a plugin file linked in from elsewhere is common."""
+    Symlinks are followed: a plugin file linked in from elsewhere is common. This reads by
+    path, for a process worker, which checks what it read against the hash in the module's
+    name; the daemon reads what it checked (scan, TrustChecker.open)."""
     refusal = _refusal(path, os.stat(path))
     if refusal is not None:
         raise PluginFileError(refusal)
@@ -81,22 +83,50 @@ def read_source(path: Path) -> bytes:
     # become ours, and the opened file is checked again before a byte is read.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
-        refusal = _refusal(path, os.fstat(fd))
-        if refusal is not None:
-            raise PluginFileError(refusal)
-        chunks: list[bytes] = []
-        left = MAX_PLUGIN_BYTES + 1  # one byte past the limit tells a file that grew
-        while left > 0:
-            chunk = os.read(fd, min(left, _READ_CHUNK))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        if left <= 0:
-            raise PluginFileError(_too_big(None))
+        return _read_open(path, fd)
     finally:
         os.close(fd)
+
+
+def _read_open(path: Path, fd: int) -> bytes:
+    refusal = _refusal(path, os.fstat(fd))
+    if refusal is not None:
+        raise PluginFileError(refusal)
+    chunks: list[bytes] = []
+    left = MAX_PLUGIN_BYTES + 1  # one byte past the limit tells a file that grew
+    while left > 0:
+        chunk = os.read(fd, min(left, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    if left <= 0:
+        raise PluginFileError(_too_big(None))
     return b"".join(chunks)
+
+
+def _read_checked(trust: TrustChecker, path: Path, folder: tuple[Problem, ...]) -> bytes:
+    """The bytes of the plugin file ``path`` as judged by ``trust``: refused (Untrusted) when
+    it, its folder (``folder``: what is wrong with it) or anything on its path is not
+    trusted, and read from the very file that was judged (TrustChecker.open), never from one
+    swapped in after the check."""
+    verdict = trust.judge(path, "plugin file")
+    # Every reason at once, the folder's and the file's own, so one round of fixes does.
+    seen = {p.path for p in folder}
+    problems = (*folder, *(p for p in verdict.problems if not p.path or p.path not in seen))
+    if folder:
+        raise Untrusted(problems)
+    # Not a regular file (a FIFO, a link to a device): said as such, and never opened.
+    refusal = _refusal(path, verdict.st)
+    if refusal is not None:
+        raise PluginFileError(refusal)
+    if problems:
+        raise Untrusted(problems)
+    fd = trust.open(verdict)
+    try:
+        return _read_open(path, fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +150,10 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
     ``.py`` entry that is not a regular file of at most MAX_PLUGIN_BYTES (see read_source).
 
     A folder or file that others could change (taskd.trust: owned by another non-root user,
-    writable by group or others, or so is a folder on its path, a symlink's target's
-    included) is not read: each such file comes back with ``refused`` set, and a refused
-    folder is also a problem, so that one with no ``.py`` file yet is reported too."""
+    writable by group or others, or so is a folder or link on its path as given or on its
+    target's) is not read: each such file comes back with ``refused`` set (every reason,
+    the folder's and its own), and a refused folder is also a problem, so that one with no
+    ``.py`` file yet is reported too. A file that is read is the file that was checked."""
     found: list[DropinFile] = []
     problems: list[tuple[Path, str]] = []
     trust = TrustChecker()
@@ -139,35 +170,28 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
             problems.append((folder, f"cannot list plugin folder: {exc}"))
             continue
         try:
-            folder_refused = trust.path_problem(folder, "plugin folder", folder=True)
+            folder_problems = trust.judge(folder, "plugin folder", folder=True).problems
         except OSError as exc:
-            folder_refused = f"cannot check plugin folder {folder}: {exc.strerror or exc}"
-        if folder_refused is not None:
-            problems.append((folder, folder_refused))
+            folder_problems = (
+                Problem(f"cannot check plugin folder {folder}: {exc.strerror or exc}"),
+            )
+        if folder_problems:
+            problems.append((folder, "; ".join(p.message for p in folder_problems)))
         for path in entries:
             if path.name.startswith(("_", ".")):
                 continue
             stem = re.sub(r"\W", "_", path.stem)
             try:
-                # Not a regular file (a FIFO, a link to a device, a dangling link): read_source
-                # below reports it as what it is.
-                regular = os.path.isfile(path)
-                refused = folder_refused or (
-                    trust.path_problem(path, "plugin file") if regular else None
-                )
-            except OSError as exc:  # removed meanwhile: read_source says so
-                refused = None if isinstance(exc, FileNotFoundError) else str(exc)
-            if refused is not None:
-                found.append(DropinFile(path, f"{PREFIX}{stem}_refused", refused=refused))
+                content = _read_checked(trust, path, folder_problems)
+            except Untrusted as exc:
+                found.append(DropinFile(path, f"{PREFIX}{stem}_refused", refused=str(exc)))
                 continue
-            try:
-                content = read_source(path)
             except PluginFileError as exc:
                 # Reported, and the rest of the folder loads: one odd file must not stop it.
                 problems.append((path, str(exc)))
                 continue
             except OSError as exc:
-                problems.append((path, f"cannot read plugin file: {exc}"))
+                problems.append((path, f"cannot read plugin file: {exc.strerror or exc}"))
                 continue
             found.append(DropinFile(path, f"{PREFIX}{stem}_{digest(path, content)}", content))
     return found, problems

@@ -29,7 +29,7 @@ from pathlib import Path
 import structlog
 
 from taskd.errors import StateError
-from taskd.trust import TrustChecker, owner_problem
+from taskd.trust import Problem, TrustChecker, owner_issue, owner_problem
 
 log = structlog.get_logger("taskd.state")
 
@@ -39,22 +39,32 @@ DB_COMPANIONS = ("-wal", "-shm", "-journal")
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
-def prepare_dir(state_dir: Path) -> None:
-    """Create ``state_dir`` (0700) if it is missing, then refuse it unless it is trusted.
+def prepare_dir(state_dir: Path) -> Path:
+    """Create ``state_dir`` (0700) if it is missing, then refuse it unless it is trusted, along
+    the path as given and the one it resolves to. Returns that resolved path: every folder on
+    it is trusted, so no one else can change what it names, and files are opened through it.
     Raises StateError with the path and the fix."""
+    trust = TrustChecker()
     try:
         if not os.path.lexists(state_dir):
+            # Nothing is made through a folder someone else controls.
+            above = trust.nearest_existing(state_dir, "state_dir")
+            if above:
+                raise StateError("; ".join(p.message for p in above))
             state_dir.parent.mkdir(parents=True, exist_ok=True)
             # Made by another process meanwhile: checked below all the same.
             with contextlib.suppress(FileExistsError):
                 os.mkdir(state_dir, DIR_MODE)
-        problem = TrustChecker().path_problem(state_dir, "state_dir", folder=True)
+        verdict = trust.judge(state_dir, "state_dir", folder=True)
+    except StateError:
+        raise
     except OSError as exc:
         raise StateError(
             f"cannot create or check state_dir {state_dir}: {exc.strerror or exc}"
         ) from exc
-    if problem is not None:
-        raise StateError(problem)
+    if verdict.message is not None:
+        raise StateError(verdict.message)
+    return Path(verdict.real)
 
 
 def open_file(path: Path, flags: int) -> int:
@@ -119,24 +129,27 @@ def audit(state_dir: Path) -> list[str]:
     symlink or other odd file where taskd keeps its own. Ownership is judged as if the daemon
     ran as the state_dir's owner: ``check`` cannot know which user that will be (systemd's
     DynamicUser picks it at start); the daemon checks it itself when it starts."""
+    return [p.message for p in audit_problems(state_dir)]
+
+
+def audit_problems(state_dir: Path) -> list[Problem]:
+    """audit, each problem with its fix apart (taskd.trust_report combines them)."""
     try:
         st = os.stat(state_dir)
     except FileNotFoundError:  # made at start, in the nearest folder that exists: it must be safe
-        existing = os.path.realpath(state_dir)
-        while not os.path.isdir(existing):
-            existing = os.path.dirname(existing)
-        problem = TrustChecker().parents_problem(os.path.join(existing, "state_dir"))
-        return [] if problem is None else [f"state_dir {state_dir} cannot be trusted: {problem}"]
+        try:
+            return TrustChecker().nearest_existing(state_dir, "state_dir")
+        except OSError as exc:
+            return [Problem(f"cannot check state_dir {state_dir}: {exc.strerror or exc}")]
     except PermissionError:  # not this user's to look into (/var/lib/private is 0700)
         return []
     except OSError as exc:
-        return [f"cannot check state_dir {state_dir}: {exc.strerror or exc}"]
+        return [Problem(f"cannot check state_dir {state_dir}: {exc.strerror or exc}")]
     checker = TrustChecker(euid=st.st_uid)
     try:
-        problem = checker.path_problem(state_dir, "state_dir", folder=True)
+        problems = list(checker.judge(state_dir, "state_dir", folder=True).problems)
     except OSError as exc:
-        problem = f"cannot check state_dir {state_dir}: {exc.strerror or exc}"
-    problems = [] if problem is None else [problem]
+        problems = [Problem(f"cannot check state_dir {state_dir}: {exc.strerror or exc}")]
     db = state_dir / "state.db"
     for path in (
         db,
@@ -149,11 +162,11 @@ def audit(state_dir: Path) -> list[str]:
         except OSError:  # absent, or the folder is not ours to read: the daemon will see
             continue
         if stat.S_ISLNK(fst.st_mode):
-            problems.append(_link_refused(path))
+            problems.append(Problem(_link_refused(path), str(path)))
         elif not stat.S_ISREG(fst.st_mode):
-            problems.append(_not_regular(path))
+            problems.append(Problem(_not_regular(path), str(path)))
         else:
-            problem = owner_problem("state file", path, fst, st.st_uid)
+            problem = owner_issue("state file", path, fst, st.st_uid)
             if problem is not None:
                 problems.append(problem)
     return problems

@@ -22,7 +22,8 @@ class InstanceLock:
 
     def acquire(self) -> None:
         # The first thing the daemon does with state_dir: an untrusted one stops it here.
-        files.prepare_dir(self.path.parent)
+        # From here on through its resolved path, whose every folder is trusted.
+        self.path = files.prepare_dir(self.path.parent) / self.path.name
         fd = files.open_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -521,23 +521,25 @@ class TestPluginFileLimits:
         folder = plugins({"small.py": ""})
         grows = folder / "grows.py"
         grows.write_text("X = 1\n" * (1024 * 1024))
-        small, inode = os.stat(folder / "small.py"), os.stat(grows).st_ino
-        real_stat, real_fstat, real_read = os.stat, os.fstat, os.read
+        small, big = os.stat(folder / "small.py"), os.stat(grows)
+        # grows.py as it was when checked: the same file (device and inode), still small
+        was = os.stat_result((small.st_mode, big.st_ino, big.st_dev, *small[3:10]))
+        real_lstat, real_fstat, real_read = os.lstat, os.fstat, os.read
         read: list[int] = []
 
-        def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-            return small if str(path) == str(grows) else real_stat(path, *args, **kwargs)
+        def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            return was if str(path) == str(grows) else real_lstat(path, *args, **kwargs)
 
         def fstat(fd: int) -> os.stat_result:  # as if it was still small when checked
             found = real_fstat(fd)
-            return small if found.st_ino == inode else found
+            return was if found.st_ino == big.st_ino else found
 
         def counting_read(fd: int, n: int) -> bytes:
             data = real_read(fd, n)
             read.append(len(data))
             return data
 
-        monkeypatch.setattr(os, "stat", stat)
+        monkeypatch.setattr(os, "lstat", lstat)
         monkeypatch.setattr(os, "fstat", fstat)
         monkeypatch.setattr(os, "read", counting_read)
         files, problems = dropin.scan((folder,))
