@@ -399,7 +399,9 @@ class TestCatchup:
         assert skip["last"] == iso(due[-2])
         ran = [r["scheduled"] for r in d.history("c") if cursor < r["scheduled"] <= due[-1] + EPS]
         assert len(ran) == 1 and abs(ran[0] - due[-1]) < EPS, (ran, due)
-        assert due[-1] <= started_at(d) < due[-1] + 0.2 + EPS
+        # The latest tick due when the job first looked, which is a moment after the
+        # "started" line was stamped: a tick can fall in between (32 µs was seen).
+        assert due[-1] - 0.05 <= started_at(d) < due[-1] + 0.2 + EPS
 
     @pytest.mark.parametrize("overlap", ["default", "queue"])
     def test_all_runs_every_missed_tick(self, daemon_factory, overlap: str) -> None:
