@@ -26,12 +26,12 @@ def taskd_job_types():
 
 # What a plugin's tests look like: they import the plugin by its plain module name (pytest
 # puts the folder on sys.path), which fails when the daemon loads the file as a plugin.
-TEST_FILE = '''
+TEST_FILE = """
 import ping_plugin
 
 def test_ping():
     assert ping_plugin.ping(2) == 2
-'''
+"""
 
 CONFIG = """
 [daemon]
