@@ -94,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-retries", action="store_true", help="one attempt only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=_lazy(local, "cmd_exec"))
+    p.add_argument(
+        "-o",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='set an option for this run; VALUE is a TOML value (3, true, ["a", "b"]) or a bare string',
+    )
+    p.set_defaults(func=_lazy("taskd.cli.execjob", "cmd_exec"))
     p = add("history", "show past runs from the state database (no daemon needed)")
     history.add_arguments(p)
     p.set_defaults(func=history.cmd_history)
