@@ -215,6 +215,16 @@ def load_config_for_job(path: str | Path, job: str) -> tuple[Config, dict[str, l
     return config, by_job
 
 
+def job_from_table(name: str, table: Mapping[str, Any], *, file: str = "<jobs>") -> JobConfig:
+    """One ``[jobs.<name>]`` table given as a dict (taskd.testing), read exactly as from a
+    config file: durations, sizes, bounds, unknown keys. Raises ConfigError naming ``file``."""
+    c = _Collector(Path(file), {})
+    job = _job(c, name, dict(table), "UTC")
+    if c.issues or job is None:
+        raise ConfigError(c.issues)
+    return job
+
+
 def _read(path: str | Path) -> tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]:
     """The config with its valid jobs; the issues outside any job; each invalid job's issues."""
     file = Path(path).expanduser().absolute()

@@ -182,6 +182,15 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
     return found, problems
 
 
+def entry(path: Path) -> DropinFile:
+    """One plugin file named directly (taskd.testing), under the module name the daemon would
+    give it. Not checked for trust (taskd.trust): a test loads the author's own working copy,
+    which ``taskd check`` judges where it is deployed. Raises OSError if it cannot be read."""
+    content = read_source(path)
+    stem = re.sub(r"\W", "_", path.stem)
+    return DropinFile(path, f"{PREFIX}{stem}_{digest(path, content)}", content)
+
+
 def load(file: DropinFile) -> ModuleType:
     """Import a drop-in file under its module name, or return it if already imported.
 
