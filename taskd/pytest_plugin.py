@@ -24,6 +24,7 @@ is closed when the test ends.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,30 +44,41 @@ _NEEDS = (
 )
 
 
-def _needs_pytest_asyncio(func: Callable[..., Any]) -> Any:
-    """In place of pytest_asyncio.fixture when it is not installed: a fixture that fails
-    the test saying what to install (an async fixture would fail obscurely)."""
-
-    def fail() -> None:
+def _check_asyncio(request: pytest.FixtureRequest) -> None:
+    # pytest-asyncio registers itself as "asyncio"; it may be installed yet blocked (-p no:asyncio).
+    if not request.config.pluginmanager.has_plugin("asyncio"):
         pytest.fail(_NEEDS, pytrace=False)
-
-    fail.__name__ = func.__name__
-    fail.__doc__ = func.__doc__
-    return pytest.fixture(name=func.__name__)(fail)
 
 
 try:
     import pytest_asyncio
 
     _async_fixture: Callable[[Callable[..., Any]], Any] = pytest_asyncio.fixture
-except ImportError:  # the plugin must load anyway: pytest loads it for every project
-    _async_fixture = _needs_pytest_asyncio
+except ImportError:  # this plugin must load anyway: pytest loads it for every project
+    _async_fixture = pytest.fixture  # never used: _check_asyncio fails the test first
+
+
+@pytest.fixture
+def taskd_runner(request: pytest.FixtureRequest) -> RunnerFactory:
+    """A factory: ``taskd_runner(*plugins, **daemon_settings)`` gives a
+    :class:`taskd.testing.JobRunner`; each is closed when the test ends."""
+    _check_asyncio(request)
+    factory: RunnerFactory = request.getfixturevalue("_taskd_runner")
+    return factory
+
+
+@pytest.fixture
+def taskd_run(request: pytest.FixtureRequest) -> RunJob:
+    """``await taskd_run(job_type, options, plugin=PATH_OR_MODULE, **job_settings)``: one
+    run as the daemon makes it, returning a :class:`taskd.testing.RunReport`. Runs of the
+    same plugin in one test share a runner (shared state, resources)."""
+    _check_asyncio(request)
+    run: RunJob = request.getfixturevalue("_taskd_run")
+    return run
 
 
 @_async_fixture
-async def taskd_runner() -> AsyncIterator[RunnerFactory]:
-    """A factory: ``taskd_runner(*plugins, **daemon_settings)`` gives a
-    :class:`taskd.testing.JobRunner`; each is closed when the test ends."""
+async def _taskd_runner() -> AsyncIterator[RunnerFactory]:
     from taskd.testing import JobRunner
 
     made: list[JobRunner] = []
@@ -84,10 +96,7 @@ async def taskd_runner() -> AsyncIterator[RunnerFactory]:
 
 
 @_async_fixture
-async def taskd_run(taskd_runner: RunnerFactory) -> RunJob:
-    """``await taskd_run(job_type, options, plugin=PATH_OR_MODULE, **job_settings)``: one
-    run as the daemon makes it, returning a :class:`taskd.testing.RunReport`. Runs of the
-    same plugin in one test share a runner (shared state, resources)."""
+async def _taskd_run(_taskd_runner: RunnerFactory) -> RunJob:
     runners: dict[Any, JobRunner] = {}
 
     async def run(
@@ -97,14 +106,13 @@ async def taskd_run(taskd_runner: RunnerFactory) -> RunJob:
         plugin: PluginLike | None = None,
         **settings: Any,
     ) -> RunReport:
-        key = id(plugin) if plugin is not None and not isinstance(plugin, str) else plugin
-        if isinstance(plugin, str) or hasattr(plugin, "__fspath__"):
-            key = str(plugin)
+        # A file by its path (str or Path alike), a module or other object by identity.
+        key = os.fspath(plugin) if isinstance(plugin, str | os.PathLike) else id(plugin)
         runner = runners.get(key)
         if runner is None:
             plugins = () if plugin is None else (plugin,)
             # No plugin named: the installed ones, as the daemon loads by default.
-            runner = runners[key] = taskd_runner(*plugins, entry_points=plugin is None)
+            runner = runners[key] = _taskd_runner(*plugins, entry_points=plugin is None)
         return await runner.run(job_type, options, **settings)
 
     return run

@@ -323,3 +323,21 @@ def test_threads_do_not_leak(plugin: Path) -> None:
     asyncio.run(main())
     left = [t for t in set(threading.enumerate()) - before if t.is_alive()]
     assert left == []
+
+
+class TestFixtures:
+    """The pytest plugin's fixtures, as this suite (asyncio_mode = "auto") gets them."""
+
+    async def test_taskd_run(self, taskd_run: Any, plugin: Path) -> None:
+        first = await taskd_run("greet", {"times": 1}, plugin=plugin)
+        second = await taskd_run("greet", {"times": 2}, plugin=str(plugin))
+        assert (first.ok, second.ok) == (True, True)
+        assert second.result["hello"] == "world"
+
+    async def test_taskd_runner_shares_state_and_closes_resources(
+        self, taskd_runner: Any, plugin: Path
+    ) -> None:
+        runner = taskd_runner(plugin)
+        await runner.run("greet", {"times": 2})
+        await runner.run("greet", {"times": 3})
+        assert runner.state.get("greeted") == 5
