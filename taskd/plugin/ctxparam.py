@@ -34,30 +34,45 @@ def _where(func: Any) -> str:
     return f"{name}(){where}"
 
 
-def _context_hint(param: inspect.Parameter, namespace: Mapping[str, Any]) -> bool | None:
-    """Whether ``param``'s annotation says it is the run context: True, False (it names an
-    option's type), or None (no annotation, or one that cannot be resolved: no opinion)."""
+YES, MAYBE, NO = "yes", "maybe", "no"
+
+
+def _context_hint(param: inspect.Parameter, namespace: Mapping[str, Any]) -> str:
+    """What ``param``'s annotation says about it being the run context: YES (JobContext or
+    a subclass, by object or by name), NO (an option's type: str, list[str], Literal...), or
+    MAYBE (none, Any, object, a base class or Protocol, or a name that cannot be resolved)."""
     hint = param.annotation
     if hint is inspect.Parameter.empty:
-        return None
+        return MAYBE
     if isinstance(hint, str):
         try:
             hint = eval(hint, dict(namespace))  # as option_hints does
         except Exception:
             # Typically a TYPE_CHECKING-only import of JobContext: judge by the name.
-            return True if param.annotation.rsplit(".", 1)[-1].endswith("Context") else None
+            return YES if param.annotation.rsplit(".", 1)[-1].endswith("JobContext") else MAYBE
     from taskd.run.context import JobContext
 
     if hint is Any or hint is object:
-        return True
+        return MAYBE
     if isinstance(hint, type):
-        # JobContext itself, a base of it, or a Protocol the author typed it as.
-        return issubclass(JobContext, hint) or bool(getattr(hint, "_is_protocol", False))
+        if issubclass(hint, JobContext):
+            return YES
+        # A base of JobContext, or a Protocol the author typed it as.
+        return MAYBE if issubclass(JobContext, hint) or getattr(hint, "_is_protocol", False) else NO
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(
+        found = {
             _context_hint(param.replace(annotation=a), namespace) for a in typing.get_args(hint)
-        )
-    return False  # list[str], Literal[...]: an option's type
+        }
+        return YES if YES in found else MAYBE if MAYBE in found else NO
+    return NO  # list[str], Literal[...]: an option's type
+
+
+def _looks_like_context(p: inspect.Parameter, namespace: Mapping[str, Any]) -> bool:
+    """A parameter after the first that is surely the context put in the wrong place."""
+    hint = _context_hint(p, namespace)
+    if hint == YES:
+        return True
+    return p.name in _CONTEXT_NAMES and hint == MAYBE and p.default is inspect.Parameter.empty
 
 
 def _param_text(p: inspect.Parameter) -> str:
@@ -91,8 +106,7 @@ def context_problem(func: Any) -> str | None:
         p
         for p in params
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
-        and p.name not in _CONTEXT_NAMES
-        and _context_hint(p, namespace) is not True
+        and not _looks_like_context(p, namespace)
     ]
     shown = ", ".join(_param_text(p) for p in options[:3])
     fix = f"async def {name}(ctx: taskd.JobContext{', ' + shown if shown else ''}{', ...' if len(options) > 3 else ''})"
@@ -102,7 +116,7 @@ def context_problem(func: Any) -> str | None:
             f"first parameter; write: {fix}"
         )
     for i, p in enumerate(params[1:], start=2):
-        if p.name in _CONTEXT_NAMES or _context_hint(p, namespace) is True:
+        if _looks_like_context(p, namespace):
             return (
                 f"{where}: the run context {p.name!r} is parameter {i}; an io job function takes "
                 f"the run context as its first parameter, the options after it; write: {fix}"
@@ -113,10 +127,11 @@ def context_problem(func: Any) -> str | None:
             f"{where}: an io job function takes the run context as its first (positional) "
             f"parameter, but {first.name!r} is {first.kind.description}; write: {fix}"
         )
-    if first.name in _CONTEXT_NAMES or (
-        _context_hint(first, namespace) is not False and first.default is inspect.Parameter.empty
-    ):
+    hint = _context_hint(first, namespace)
+    if hint == YES or (hint == MAYBE and first.default is inspect.Parameter.empty):
         return None
+    if first.name in _CONTEXT_NAMES and hint == MAYBE:
+        return None  # `ctx=None`: odd, but the context all the same
     why = (
         f"has a default ({first.default!r}), so it is an option"
         if first.default is not inspect.Parameter.empty

@@ -102,6 +102,9 @@ class TestContextParameter:
             "async def fetch(c, url: str) -> None: ...",
             "async def fetch(ctx: 'taskd.JobContext', /, url: str) -> None: ...",
             "async def fetch(ctx: 'JobContext', url: str) -> None: ...  # TYPE_CHECKING import",
+            # Options typed loosely are options, not a misplaced context.
+            "async def fetch(ctx, url: str, deep: object = None, more: 'object' = 1) -> None: ...",
+            "async def fetch(ctx: object, url: str, context: str = '') -> None: ...",
         ],
     )
     def test_good_signatures_pass(self, tmp_path: Path, func: str) -> None:
