@@ -94,7 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-retries", action="store_true", help="one attempt only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=_lazy(local, "cmd_exec"))
+    p.add_argument(
+        "-o",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='set an option for this run; VALUE is a TOML value (3, true, ["a", "b"]) or a bare string',
+    )
+    p.set_defaults(func=_lazy("taskd.cli.execjob", "cmd_exec"))
+    p = sub.add_parser(
+        "new-plugin",
+        help="write a plugin file with one job of each kind, and its tests",
+        description="write NAME.py (one io, one blocking, one cpu job) and test_NAME.py "
+        "(its tests, run the way the daemon runs the jobs) into a folder",
+    )
+    p.add_argument("name", help="the plugin's name, e.g. disk_watch (its job types are NAME_*)")
+    p.add_argument("-d", "--dir", default=".", help="the folder to write to (default: .)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=_lazy("taskd.cli.scaffold", "cmd_new_plugin"))
     p = add("history", "show past runs from the state database (no daemon needed)")
     history.add_arguments(p)
     p.set_defaults(func=history.cmd_history)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -318,85 +317,3 @@ def cmd_next(args: argparse.Namespace) -> int:
     if job.jitter:
         print(f"  plus up to {job.jitter:g}s of random jitter each")
     return EXIT_OK
-
-
-# -- exec --------------------------------------------------------------------------------------
-
-
-def cmd_exec(args: argparse.Namespace) -> int:
-    from taskd import log as logsetup
-    from taskd.loop import run
-    from taskd.reload import load_all
-
-    path = config_path(args)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print_config_error(exc)
-        return EXIT_FAIL
-    # Logs to stderr so stdout holds only the result.
-    logsetup.configure(
-        "debug" if args.verbose else config.daemon.log_level,
-        "console" if not args.json else "json",
-        sys.stderr,
-    )
-    try:
-        loaded = load_all(path)
-    except ConfigError as exc:
-        print_config_error(exc)
-        return EXIT_FAIL
-    spec = loaded.specs.get(args.job)
-    if spec is None:
-        return no_such_job(args.job, loaded.specs, path)
-    if spec.broken:
-        print(f"taskd: job {args.job!r} is broken: {spec.broken}", file=sys.stderr)
-        return EXIT_FAIL
-    info = run(_exec_once(loaded, spec, retries=not args.no_retries))
-    out = {
-        "job": info.job,
-        "run_id": info.run_id,
-        "outcome": info.outcome,
-        "attempts": info.attempt,
-        "error": info.error,
-        "result": info.result,
-    }
-    if args.json:
-        emit(out)
-    elif info.outcome == "succeeded":
-        print(
-            json.dumps(info.result, indent=2, default=repr)
-            if info.result is not None
-            else "(no result)"
-        )
-    else:
-        print(f"taskd: job {info.job!r} {info.outcome}: {info.error}", file=sys.stderr)
-    return EXIT_OK if info.outcome == "succeeded" else EXIT_FAIL
-
-
-async def _exec_once(loaded: Any, spec: Any, *, retries: bool) -> Any:
-    import dataclasses
-
-    from taskd.run.events import Cause
-    from taskd.run.runner import RunInfo, execute
-    from taskd.run.runtime import Runtime
-    from taskd.state.shared import SharedState
-
-    d = loaded.config.daemon
-    if not retries:
-        spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, retries=0))
-    # No store: trying a job must not move the daemon's schedule or history.
-    rt = Runtime(
-        shared=SharedState(),
-        store=None,
-        host=loaded.host,
-        thread_workers=d.thread_workers,
-        process_workers=min(d.process_workers or 1, 2),
-        thread_workers_max=d.thread_workers_max,
-    )
-    now = time.time()
-    info = RunInfo(rt.new_run_id(), spec.name, now, now, Cause.EXEC)
-    try:
-        await execute(rt, spec, info)
-    finally:
-        await rt.close(kill=True)
-    return info

@@ -184,6 +184,35 @@ def type_name(value: Any) -> str:
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError listing every problem found."""
+    config, issues, by_job = _read(path)
+    if issues or by_job:
+        raise ConfigError([*issues, *(i for found in by_job.values() for i in found)])
+    return config
+
+
+def load_config_for_job(path: str | Path, job: str) -> tuple[Config, dict[str, list[ConfigIssue]]]:
+    """The config for running one job (``taskd exec``): raises ConfigError for a problem
+    outside ``[jobs]`` or in that job's table; the other invalid jobs' problems come back
+    beside the config (by job name), which holds only the valid jobs."""
+    config, issues, by_job = _read(path)
+    own = by_job.pop(job, [])
+    if issues or own:
+        raise ConfigError([*issues, *own])
+    return config, by_job
+
+
+def job_from_table(name: str, table: Mapping[str, Any], *, file: str = "<jobs>") -> JobConfig:
+    """One ``[jobs.<name>]`` table given as a dict (taskd.testing), read exactly as from a
+    config file: durations, sizes, bounds, unknown keys. Raises ConfigError naming ``file``."""
+    c = _Collector(Path(file), {})
+    job = _job(c, name, dict(table), "UTC")
+    if c.issues or job is None:
+        raise ConfigError(c.issues)
+    return job
+
+
+def _read(path: str | Path) -> tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]:
+    """The config with its valid jobs; the issues outside any job; each invalid job's issues."""
     file = Path(path).expanduser().absolute()
     fd = open_config(file)
     try:
@@ -222,16 +251,19 @@ def _validate(file: Path, data: dict[str, Any], lines: dict[str, int]) -> Config
     daemon = _daemon(c, data.get("daemon", {}), base)
     jobs_table = data.get("jobs", {})
     jobs: dict[str, JobConfig] = {}
+    by_job: dict[str, list[ConfigIssue]] = {}
     if not isinstance(jobs_table, dict):
         c.add("jobs", f"expected tables [jobs.<name>], got {type_name(jobs_table)}")
     else:
         for name, table in jobs_table.items():
+            before = len(c.issues)
             job = _job(c, name, table, daemon.timezone)
+            if len(c.issues) > before:
+                by_job[name] = c.issues[before:]
+                del c.issues[before:]
             if job is not None:
                 jobs[name] = job
-    if c.issues:
-        raise ConfigError(c.issues)
-    return Config(path=file, daemon=daemon, jobs=jobs, lines=c.lines)
+    return Config(path=file, daemon=daemon, jobs=jobs, lines=c.lines), c.issues, by_job
 
 
 def _path(base: Path) -> Callable[[Any], Path]:

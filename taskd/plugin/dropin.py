@@ -31,6 +31,13 @@ MAX_PLUGIN_BYTES = 1024 * 1024
 _READ_CHUNK = 64 * 1024
 
 
+def is_test_file(name: str) -> bool:
+    """A plugin's tests, kept beside it, not a plugin: ``test_*.py``, ``*_test.py`` and
+    ``conftest.py`` (pytest's own patterns). They import the plugin by its plain name, which
+    only pytest's sys.path makes work, so loading one as a plugin would just break."""
+    return name == "conftest.py" or name.startswith("test_") or name.endswith("_test.py")
+
+
 class PluginFileError(OSError):
     """A file in a plugin folder that is not read: not a regular file, or too big."""
 
@@ -146,6 +153,8 @@ def digest(path: Path, content: bytes) -> str:
 def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, str]]]:
     """The plugin files in ``folders`` (in folder order, then by name), and per-folder problems.
 
+    Skipped: names starting with ``_`` or ``.``, and test files (:func:`is_test_file`).
+
     A missing folder is a problem to report, not a crash: the daemon runs without it. So is a
     ``.py`` entry that is not a regular file of at most MAX_PLUGIN_BYTES (see read_source).
 
@@ -178,7 +187,7 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
         if folder_problems:
             problems.append((folder, "; ".join(p.message for p in folder_problems)))
         for path in entries:
-            if path.name.startswith(("_", ".")):
+            if path.name.startswith(("_", ".")) or is_test_file(path.name):
                 continue
             stem = re.sub(r"\W", "_", path.stem)
             try:
@@ -195,6 +204,15 @@ def scan(folders: tuple[Path, ...]) -> tuple[list[DropinFile], list[tuple[Path, 
                 continue
             found.append(DropinFile(path, f"{PREFIX}{stem}_{digest(path, content)}", content))
     return found, problems
+
+
+def entry(path: Path) -> DropinFile:
+    """One plugin file named directly (taskd.testing), under the module name the daemon would
+    give it. Not checked for trust (taskd.trust): a test loads the author's own working copy,
+    which ``taskd check`` judges where it is deployed. Raises OSError if it cannot be read."""
+    content = read_source(path)
+    stem = re.sub(r"\W", "_", path.stem)
+    return DropinFile(path, f"{PREFIX}{stem}_{digest(path, content)}", content)
 
 
 def load(file: DropinFile) -> ModuleType:

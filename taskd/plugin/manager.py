@@ -88,13 +88,15 @@ class PluginHost:
         entry_points: bool = True,
         disabled: Sequence[str] = (),
         extra: Sequence[object] = (),
+        files: Sequence[dropin.DropinFile] = (),
     ) -> PluginHost:
-        """Load installed plugins, then drop-in files in folder order, then ``extra`` objects
-        (used by tests and embedders)."""
+        """Load installed plugins, then drop-in files in folder order, then single ``files``
+        and ``extra`` objects (used by taskd.testing, tests and embedders)."""
         host = cls()
         if entry_points:
             host._load_entry_points(disabled)
-        files, problems = dropin.scan(tuple(plugin_dirs))
+        found, problems = dropin.scan(tuple(plugin_dirs))
+        files = [*found, *files]
         host.folder_problems = [FolderProblem(p, m) for p, m in problems]
         for file in files:
             if file.path.stem in disabled:

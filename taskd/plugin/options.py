@@ -20,6 +20,7 @@ from typing import Any
 
 from taskd.config.durations import parse_duration
 from taskd.config.load import type_name as _tname
+from taskd.plugin.ctxparam import context_problem
 from taskd.plugin.jobtype import JobType
 
 
@@ -221,15 +222,7 @@ def signature_problem(jt: JobType) -> str | None:
     except TypeError as exc:
         return str(exc)
     if jt.kind == "io":
-        try:
-            first = next(iter(inspect.signature(jt.func).parameters.values()))
-        except (StopIteration, ValueError, TypeError):
-            return "an io job function takes the run context as its first parameter"
-        if first.kind not in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
-            return "an io job function takes the run context as its first (positional) parameter"
+        return context_problem(jt.func)
     return None
 
 

@@ -1,0 +1,113 @@
+"""An io job whose run context is missing or not first is a clear error naming the function
+and showing the fix, from ``taskd check`` and ``taskd plugins`` (real CLI, real files); not
+the confusing "unknown option" it used to be."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+
+CONFIG = """
+[daemon]
+plugin_dirs = ["plugins.d"]
+state_dir = "state"
+runtime_dir = "run"
+entry_points = false
+
+[jobs.f]
+type = "fetch"
+every = "1h"
+[jobs.f.options]
+url = "http://localhost/"
+"""
+
+CASES = {
+    # No context at all: url took its place, so "url" used to be an unknown option.
+    "missing": (
+        "async def fetch(url: str, tries: int = 1) -> None: ...",
+        ["fetch()", "first parameter 'url'", "async def fetch(ctx: taskd.JobContext, url"],
+    ),
+    "misplaced": (
+        "async def fetch(url: str, ctx: taskd.JobContext) -> None: ...",
+        ["fetch()", "'ctx'", "parameter 2", "async def fetch(ctx: taskd.JobContext, url"],
+    ),
+    "misplaced_unannotated": (
+        "async def fetch(url: str, ctx) -> None: ...",
+        ["fetch()", "'ctx'", "parameter 2"],
+    ),
+    "none": (
+        "async def fetch() -> None: ...",
+        ["fetch()", "takes no parameters", "async def fetch(ctx: taskd.JobContext"],
+    ),
+    "keyword_only": (
+        "async def fetch(*, ctx: taskd.JobContext, url: str) -> None: ...",
+        ["fetch()", "'ctx'", "positional"],
+    ),
+    "defaulted": (
+        "async def fetch(url: str = 'x') -> None: ...",
+        ["fetch()", "first parameter 'url'", "default"],
+    ),
+}
+
+
+def _write(root: Path, func: str) -> Path:
+    plugins = root / "plugins.d"
+    plugins.mkdir(parents=True)
+    source = f"""
+import taskd
+
+{func}
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("fetch", fetch)]
+"""
+    (plugins / "web.py").write_text(textwrap.dedent(source))
+    config = root / "taskd.toml"
+    config.write_text(textwrap.dedent(CONFIG).lstrip())
+    return config
+
+
+class TestContextParameter:
+    """taskd check names the function, its file and line, and shows the signature to write."""
+
+    @pytest.mark.parametrize("case", sorted(CASES))
+    def test_check_names_the_function(self, tmp_path: Path, case: str) -> None:
+        func, fragments = CASES[case]
+        config = _write(tmp_path, func)
+        result = run_cli("check", "-c", str(config))
+        assert result.returncode == 1
+        assert "unknown option" not in result.stderr
+        assert "missing required option" not in result.stderr
+        for fragment in fragments:
+            assert fragment in result.stderr, result.stderr
+        assert "web.py:4" in result.stderr  # where the function is defined
+        assert "Traceback" not in result.stderr
+
+    def test_plugins_shows_it_too(self, tmp_path: Path) -> None:
+        config = _write(tmp_path, CASES["missing"][0])
+        result = run_cli("plugins", "-c", str(config))
+        assert result.returncode == 1
+        assert "first parameter 'url'" in result.stdout
+
+    @pytest.mark.parametrize(
+        "func",
+        [
+            "async def fetch(ctx: taskd.JobContext, url: str) -> None: ...",
+            "async def fetch(ctx, url: str) -> None: ...",
+            "async def fetch(c, url: str) -> None: ...",
+            "async def fetch(ctx: 'taskd.JobContext', /, url: str) -> None: ...",
+            "async def fetch(ctx: 'JobContext', url: str) -> None: ...  # TYPE_CHECKING import",
+            # Options typed loosely are options, not a misplaced context.
+            "async def fetch(ctx, url: str, deep: object = None, more: 'object' = 1) -> None: ...",
+            "async def fetch(ctx: object, url: str, context: str = '') -> None: ...",
+        ],
+    )
+    def test_good_signatures_pass(self, tmp_path: Path, func: str) -> None:
+        config = _write(tmp_path, func)
+        result = run_cli("check", "-c", str(config))
+        assert result.returncode == 0, result.stderr
