@@ -235,7 +235,9 @@ def daemon_settings(path: str | Path) -> DaemonConfig | None:
     return _daemon(_Collector(file, lines), data.get("daemon", {}), file.parent)
 
 
-def _validate(file: Path, data: dict[str, Any], lines: dict[str, int]) -> Config:
+def _validate(
+    file: Path, data: dict[str, Any], lines: dict[str, int]
+) -> tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]:
     c = _Collector(file, lines)
     base = file.parent
 
