@@ -27,13 +27,74 @@ from taskd.plugin.jobtype import JobType
 def _hint_text(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
-    return str(hint).replace("typing.", "")
+    text = str(hint).replace("typing.", "")
+    # A table class inside a generic prints with its module (a drop-in's is synthetic).
+    for table in _tables_in(hint):
+        text = text.replace(f"{table.__module__}.{table.__qualname__}", table.__name__)
+    return text
+
+
+def _tables_in(hint: Any) -> list[Any]:
+    found = [hint] if typing.is_typeddict(hint) else []
+    for arg in typing.get_args(hint):
+        found.extend(_tables_in(arg))
+    return found
+
+
+def _fields(hint: Any) -> tuple[dict[str, Any], frozenset[str]]:
+    """A TypedDict's keys with their resolved annotations, and the required keys.
+
+    Required keys are worked out from the resolved annotations: under ``from __future__ import
+    annotations`` Python 3.11 cannot see ``Required[...]`` in a string and gets them wrong.
+    Raises TypeError naming the class when an annotation cannot be resolved."""
+    try:
+        raw = typing.get_type_hints(hint, include_extras=True)
+    except Exception as exc:
+        raise TypeError(
+            f"the annotations of {hint.__qualname__} cannot be resolved "
+            f"({type(exc).__name__}: {exc}); import the names it uses at module level"
+        ) from None
+    fields: dict[str, Any] = {}
+    required: set[str] = set()
+    for key, ann in raw.items():
+        marker = typing.get_origin(ann)
+        if marker is typing.Required or (hint.__total__ and marker is not typing.NotRequired):
+            required.add(key)
+        while typing.get_origin(ann) in (typing.Required, typing.NotRequired, typing.Annotated):
+            ann = typing.get_args(ann)[0]
+        fields[key] = ann
+    return fields, frozenset(required)
+
+
+def _check_table(value: Any, hint: Any) -> str | None:
+    """A TOML table against a TypedDict: known keys only, required ones present, each typed."""
+    from taskd.config.load import suggest
+
+    if not isinstance(value, dict):
+        return f"expected a table ({hint.__name__}), got {_tname(value)}"
+    try:
+        fields, required = _fields(hint)
+    except TypeError as exc:
+        return str(exc)
+    for key, item in value.items():
+        if key not in fields:
+            hint_text = suggest(key, fields) or f"its keys: {', '.join(fields)}"
+            return f"unknown key {key!r} in a {hint.__name__} table ({hint_text})"
+        problem = check_value(item, fields[key])
+        if problem:
+            return f"key {key!r}: {problem}"
+    missing = [k for k in fields if k in required and k not in value]
+    if missing:
+        return f"missing key {missing[0]!r} in a {hint.__name__} table"
+    return None
 
 
 def check_value(value: Any, hint: Any) -> str | None:
     """None when ``value`` fits ``hint``, else what was expected. Unknown hints accept anything."""
     if hint is Any or hint is inspect.Parameter.empty or hint is object:
         return None
+    if typing.is_typeddict(hint):
+        return _check_table(value, hint)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union or origin is types.UnionType:
@@ -42,6 +103,12 @@ def check_value(value: Any, hint: Any) -> str | None:
         for arg in args:
             if arg is not type(None) and check_value(value, arg) is None:
                 return None
+        if isinstance(value, dict):
+            # A table that matched no member: the table member's own complaint (an unknown
+            # key, with a suggestion) says more than "expected str | X".
+            tables = [a for a in args if typing.is_typeddict(a)]
+            if len(tables) == 1:
+                return check_value(value, tables[0])
         return f"expected {_hint_text(hint)}, got {_tname(value)}"
     if origin is typing.Literal:
         # Compare the type too: True == 1 and 1 == 1.0 in Python, but not in a config.
@@ -138,6 +205,9 @@ def check_value(value: Any, hint: Any) -> str | None:
 
 
 def _convert(value: Any, hint: Any) -> Any:
+    if typing.is_typeddict(hint) and isinstance(value, dict):
+        fields, _ = _fields(hint)
+        return {k: _convert(v, fields[k]) if k in fields else v for k, v in value.items()}
     if (
         hint in (pathlib.Path, pathlib.PurePath, os.PathLike)
         or typing.get_origin(hint) is os.PathLike

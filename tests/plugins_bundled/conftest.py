@@ -90,6 +90,23 @@ _TOML_ANNOTATIONS = {
 }
 
 
+def _toml_hint(ann: object) -> bool:
+    """An annotation built of TOML types: those above, unions, lists, str-keyed dicts, durations
+    (timedelta), Literal, and TypedDict tables of them (the daemon checks each key)."""
+    if ann in _TOML_ANNOTATIONS or ann in (type(None), dt.timedelta):
+        return True
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Literal:
+        return True
+    if typing.is_typeddict(ann):
+        return all(_toml_hint(h) for h in typing.get_type_hints(ann).values())
+    if origin in (typing.Union, types.UnionType, list):
+        return all(_toml_hint(a) for a in args)
+    if origin is dict:
+        return args[0] is str and _toml_hint(args[1])
+    return False
+
+
 def _assert_options_contract(job: taskd.JobType) -> None:
     """Every option is keyword-passable and annotated with a TOML-compatible type; the docstring
     starts with a one-line description."""
@@ -100,7 +117,7 @@ def _assert_options_contract(job: taskd.JobType) -> None:
     for p in params:
         assert p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, p.name
         ann = p.annotation
-        ok = typing.get_origin(ann) is typing.Literal or ann in _TOML_ANNOTATIONS
+        ok = typing.get_origin(ann) is typing.Literal or _toml_hint(ann)
         assert ok, f"{job.name}.{p.name}: {ann!r} is not a TOML-compatible annotation"
     assert job.description
     assert "\n" not in job.description
