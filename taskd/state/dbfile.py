@@ -169,6 +169,12 @@ def configure(db: sqlite3.Connection) -> None:
     # NORMAL in WAL mode: a commit survives the process being killed (the OS has it); only
     # a power loss can drop the last commits, never corrupt the file.
     db.execute("PRAGMA synchronous=NORMAL")
+    # Debian's SQLite zeroes every freed page (SECURE_DELETE): deleting a run with an 8 KB
+    # result then writes its two overflow pages, and a retention pass over a backlog wrote
+    # 431 WAL frames (10 ms a pass, 47 ms at worst) instead of 28 (2.2 ms). FAST still
+    # zeroes deleted rows in the pages written anyway; a freed page keeps its old bytes (in
+    # this 0600 file) until a new row reuses it, as with SQLite's own default (off).
+    db.execute("PRAGMA secure_delete=FAST")
 
 
 def rollback(db: sqlite3.Connection) -> None:
