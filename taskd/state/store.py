@@ -25,11 +25,13 @@ from taskd.state.dbfile import (
     ForeignDatabase,
     connect,
     describe,
+    foreign_database,
     is_corrupt,
     is_io_error,
     move_aside,
     rollback,
 )
+from taskd.state.identify import foreign_reason
 from taskd.state.journal import MAX_AHEAD, TickJournal
 from taskd.state.retention import Backlog, Pruned, Retention, count_runs
 from taskd.state.rows import JOB_COLUMNS, JobRow, RowChecker
@@ -205,6 +207,10 @@ class StateStore:
     def _connect(self) -> sqlite3.Connection:
         # SQLite opens the files by path and follows a symlink there: check them first.
         files.prepare_database(self.path)
+        # Whose file it is, before a connection that can write (taskd.state.identify).
+        reason = foreign_reason(self.path)
+        if reason is not None:
+            raise foreign_database(self.path, reason)
         db = connect(self.path)
         try:
             prepare(db, self.path)
