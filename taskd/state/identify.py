@@ -35,6 +35,7 @@ MAGIC = b"SQLite format 3\x00"
 HEADER_SIZE = 100
 _USER_VERSION = slice(60, 64)
 _APPLICATION_ID = slice(68, 72)
+_PRIVATE = ".identify-"  # the private folder's name, in state_dir
 
 
 def foreign_reason(path: Path) -> str | None:
@@ -80,7 +81,10 @@ def _read(path: Path) -> Identity:
             # A -shm that does not fit its -wal (left by a crash) would need rebuilding,
             # which a read-only -shm does not allow: then as if there were none.
             return _identify(f"file:{quote(str(path.absolute()))}?mode=ro&readonly_shm=1")
-    private = Path(tempfile.mkdtemp(prefix=".identify-", dir=path.parent))
+    for stale in path.parent.glob(f"{_PRIVATE}*"):
+        # Left by a daemon killed while reading (this one holds the instance lock now).
+        shutil.rmtree(stale, ignore_errors=True)
+    private = Path(tempfile.mkdtemp(prefix=_PRIVATE, dir=path.parent))
     try:
         copy = private / path.name
         try:

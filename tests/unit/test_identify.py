@@ -86,6 +86,16 @@ class TestHeader:
 class TestWal:
     """Tables only in the -wal are seen, and nothing is written."""
 
+    def test_a_private_folder_left_by_a_kill_goes(self, tmp_path: Path, state: Path) -> None:
+        writer = _wal_db(tmp_path / "src.db", "CREATE TABLE orders (a)")
+        db = _copy(tmp_path / "src.db", state, ("", "-wal"))
+        writer.close()
+        before = _snapshot(state)
+        (state / ".identify-x1y2").mkdir()
+        os.link(db, state / ".identify-x1y2" / "state.db")
+        assert "orders" in (foreign_reason(db) or "")
+        assert _snapshot(state) == before
+
     @pytest.mark.parametrize("with_shm", [False, True])
     def test_foreign_tables_in_the_wal(self, tmp_path: Path, state: Path, with_shm: bool) -> None:
         writer = _wal_db(
