@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
+from taskd.cli import fmt
 from taskd.cli.common import (
     EX_CONFIG,
     EXIT_FAIL,
@@ -241,25 +242,31 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return EXIT_OK if not host.broken else EXIT_FAIL
     if not rows:
         print("no plugins found" + (f" (plugin_dirs: {', '.join(map(str, dirs))})" if dirs else ""))
+    # What plugins say of themselves (names, descriptions, errors) is shown, never obeyed:
+    # see fmt.safe.
+    safe = fmt.safe
     for row in rows:
         status = "BROKEN" if row["broken"] else "ok"
-        print(f"{row['name']}  [{row['source']}, {status}]  {row['origin']}")
+        print(safe(f"{row['name']}  [{row['source']}, {status}]  {row['origin']}"))
         if row["broken"]:
-            print(f"    error: {row['broken']}")
+            print(f"    error: {safe(str(row['broken']))}")
             if args.verbose and row["traceback"]:
-                print("    " + row["traceback"].rstrip().replace("\n", "\n    "))
+                print("    " + fmt.safe_lines(row["traceback"].rstrip()).replace("\n", "\n    "))
         for t in row["job_types"]:
             print(
-                f"    {t['name']} ({t['kind']}){': ' + t['description'] if t['description'] else ''}"
+                safe(
+                    f"    {t['name']} ({t['kind']})"
+                    f"{': ' + t['description'] if t['description'] else ''}"
+                )
             )
             if args.verbose:
                 for o in t["options"]:
                     req = "required" if o["required"] else f"default {o['default']}"
-                    print(f"        {o['name']}: {o['type'] or 'any'} ({req})")
+                    print(safe(f"        {o['name']}: {o['type'] or 'any'} ({req})"))
     for why in host.conflicts.values():
-        print(f"conflict: {why}")
+        print(f"conflict: {safe(str(why))}")
     for p in host.folder_problems:
-        print(f"warning: {p.path}: {p.message}")
+        print(safe(f"warning: {p.path}: {p.message}"))
     return EXIT_OK if not host.broken else EXIT_FAIL
 
 
@@ -294,7 +301,7 @@ def cmd_next(args: argparse.Namespace) -> int:
             }
         )
         return EXIT_OK
-    print(f"{job.name}: {job.schedule_text()}" + ("" if job.enabled else " (disabled)"))
+    print(fmt.safe(f"{job.name}: {job.schedule_text()}") + ("" if job.enabled else " (disabled)"))
     if trigger is None:
         print("  runs once each time the daemon starts")
     elif not times:
@@ -337,7 +344,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if spec is None:
         return no_such_job(args.job, loaded.specs, path)
     if spec.broken:
-        print(f"taskd: job {args.job!r} is broken: {spec.broken}", file=sys.stderr)
+        print(f"taskd: job {args.job!r} is broken: {fmt.safe(str(spec.broken))}", file=sys.stderr)
         return EXIT_FAIL
     info = run(_exec_once(loaded, spec, retries=not args.no_retries))
     out = {
@@ -357,7 +364,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
             else "(no result)"
         )
     else:
-        print(f"taskd: job {info.job!r} {info.outcome}: {info.error}", file=sys.stderr)
+        error = fmt.safe_lines(str(info.error))
+        print(f"taskd: job {info.job!r} {info.outcome}: {error}", file=sys.stderr)
     return EXIT_OK if info.outcome == "succeeded" else EXIT_FAIL
 
 

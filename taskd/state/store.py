@@ -36,7 +36,13 @@ from taskd.state.journal import MAX_AHEAD, TickJournal
 from taskd.state.retention import Backlog, Pruned, Retention, count_runs
 from taskd.state.rows import JOB_COLUMNS, JobRow, RowChecker
 from taskd.state.schema import prepare
-from taskd.state.writes import MAX_RESULT_CHARS, MAX_RUN_RESULT_CHARS, Pending, bounded
+from taskd.state.writes import (
+    MAX_RESULT_CHARS,
+    MAX_RUN_RESULT_CHARS,
+    Pending,
+    bounded,
+    storable,
+)
 
 __all__ = ["MAX_RESULT_CHARS", "MAX_RUN_RESULT_CHARS", "JobRow", "StateStore"]
 
@@ -327,6 +333,7 @@ class StateStore:
         failures: int = 0,
     ) -> None:
         """``failures``: the job's consecutive failed runs, this one included."""
+        error, result_json = storable(error), storable(result_json)
         self._pending.runs[run_id] = (
             run_id,
             job,
@@ -353,7 +360,10 @@ class StateStore:
 
     def set_shared(self, data: Mapping[str, Any], keys: frozenset[str]) -> None:
         for key in keys:
-            self._pending.shared[key] = json.dumps(data[key]) if key in data else None
+            # The value's JSON is ASCII; a key is stored as it is, and must be UTF-8.
+            self._pending.shared[storable(key) or key] = (
+                json.dumps(data[key]) if key in data else None
+            )
         self._dirty()
 
     def _dirty(self) -> None:
