@@ -153,6 +153,17 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     return call
 
 
+def _tolerant_stdout() -> None:
+    """A character stdout cannot encode (a lone surrogate from a stored result, anything
+    past ASCII under LANG=C) prints as a backslash escape instead of ending the command
+    with UnicodeEncodeError, as stderr already does. The printers escape what a terminal
+    would act on themselves (taskd.cli.fmt.safe); this is the net under whatever they miss.
+    Not for ``taskd run``, whose log lines are JSON, ASCII already."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if _command(sys.argv[1:] if argv is None else argv) == "run":
         # First thing, before the imports that parsing and the daemon need (100-200 ms).
@@ -166,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if not 1 <= getattr(args, "n", 1) <= MAX_COUNT:
         parser.error(f"-n must be from 1 to {MAX_COUNT}")
+    if args.command != "run":
+        _tolerant_stdout()
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

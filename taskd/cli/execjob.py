@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from taskd.cli import fmt
 from taskd.cli.common import EXIT_FAIL, EXIT_OK, config_path, emit, print_config_error
 from taskd.errors import ConfigError, ConfigIssue
 
@@ -77,7 +78,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     spec = specs[job.name]
     if spec.broken:
-        print(f"taskd: job {args.job!r} is broken: {spec.broken}", file=sys.stderr)
+        print(f"taskd: job {args.job!r} is broken: {fmt.safe(str(spec.broken))}", file=sys.stderr)
         return EXIT_FAIL
     info = run(_exec_once(config, host, spec, retries=not args.no_retries))
     out = {
@@ -97,7 +98,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
             else "(no result)"
         )
     else:
-        print(f"taskd: job {info.job!r} {info.outcome}: {info.error}", file=sys.stderr)
+        error = fmt.safe_lines(str(info.error))
+        print(f"taskd: job {info.job!r} {info.outcome}: {error}", file=sys.stderr)
     return EXIT_OK if info.outcome == "succeeded" else EXIT_FAIL
 
 

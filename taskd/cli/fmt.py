@@ -3,7 +3,11 @@
 goes through here, so nothing a script needs is lost to abbreviation.
 
 Conventions every helper keeps: ``None`` (no value) prints as ``-``; every result is one line;
-widths count display cells (a CJK character is two, a combining mark none), not characters.
+widths count display cells (a CJK character is two, a combining mark none), not characters;
+and what a job, a plugin or a state file wrote is shown, never obeyed: control characters
+(an escape sequence could recolour, retitle or clear the terminal), bidi controls (U+202E
+shows text backwards) and lone surrogates (which cannot be encoded, and made ``print``
+raise) are printed as backslash escapes (:func:`safe`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ __all__ = [
     "local_time",
     "one_line",
     "relative",
+    "safe",
+    "safe_lines",
     "table",
     "text_width",
 ]
@@ -34,6 +40,30 @@ GAP = "  "  # between columns, as systemctl and supervisorctl do
 # value is then a JSON string holding the start of the original JSON text plus this.
 TRUNCATED_MARK = "...(truncated)"
 _SPACE = re.compile(r"\s+")
+# What a terminal would act on or cannot show: C0 and C1 controls and DEL, the line and
+# paragraph separators, the bidi controls (embeddings, overrides, isolates, marks), and
+# surrogates (only ever lone in a str: JSON's "\ud800" parses to one).
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: str) -> str:
+    """``text`` with every character a terminal would act on, or cannot show, written as a
+    backslash escape (``\\x1b``, ``\\u202e``, ``\\ud800``); newlines and tabs included. The
+    rest, wide and combining characters and emoji included, is left as it is."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def safe_lines(text: str) -> str:
+    """:func:`safe` for a block of lines (a traceback): each line made safe, the line
+    breaks kept."""
+    return "\n".join(safe(line) for line in text.splitlines())
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -60,8 +90,9 @@ def table(
     durations). No line has trailing whitespace; there is no final newline.
 
     Cells are meant to be one line already (see :func:`one_line`); a newline or tab left in
-    one is turned into a space so it cannot break the layout. Raises ValueError when a row
-    has a different number of cells than ``headers``.
+    one is turned into a space so it cannot break the layout, and any other control
+    character is escaped (:func:`safe`). Raises ValueError when a row has a different number
+    of cells than ``headers``.
     """
     ncols = len(headers)
     grid = [[_flat(h) for h in headers]]
@@ -81,7 +112,7 @@ def table(
 
 
 def _flat(cell: str) -> str:
-    return cell.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\t", " ")
+    return safe(cell.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\t", " "))
 
 
 # -- times -------------------------------------------------------------------------------------
@@ -162,12 +193,13 @@ def duration(seconds: float | None) -> str:
 
 
 def one_line(text: str | None, width: int) -> str:
-    """``text`` with every run of whitespace (newlines included) made one space, cut to
-    ``width`` display cells ending in ``…`` when longer. None gives an empty string: an
-    empty cell reads better than ``-`` in a free-text column."""
+    """``text`` with every run of whitespace (newlines included) made one space, any other
+    control character escaped (:func:`safe`), cut to ``width`` display cells ending in ``…``
+    when longer. None gives an empty string: an empty cell reads better than ``-`` in a
+    free-text column."""
     if text is None or width <= 0:
         return ""
-    flat = _SPACE.sub(" ", text).strip()
+    flat = safe(_SPACE.sub(" ", text).strip())
     if text_width(flat) <= width:
         return flat
     out: list[str] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
+from taskd.cli import fmt
 from taskd.cli.common import (
     EX_CONFIG,
     EXIT_FAIL,
@@ -252,25 +253,31 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return EXIT_OK if not host.broken else EXIT_FAIL
     if not rows:
         print("no plugins found" + (f" (plugin_dirs: {', '.join(map(str, dirs))})" if dirs else ""))
+    # What plugins say of themselves (names, descriptions, errors) is shown, never obeyed:
+    # see fmt.safe.
+    safe = fmt.safe
     for row in rows:
         status = "BROKEN" if row["broken"] else "ok"
-        print(f"{row['name']}  [{row['source']}, {status}]  {row['origin']}")
+        print(safe(f"{row['name']}  [{row['source']}, {status}]  {row['origin']}"))
         if row["broken"]:
-            print(f"    error: {row['broken']}")
+            print(f"    error: {safe(str(row['broken']))}")
             if args.verbose and row["traceback"]:
-                print("    " + row["traceback"].rstrip().replace("\n", "\n    "))
+                print("    " + fmt.safe_lines(row["traceback"].rstrip()).replace("\n", "\n    "))
         for t in row["job_types"]:
             print(
-                f"    {t['name']} ({t['kind']}){': ' + t['description'] if t['description'] else ''}"
+                safe(
+                    f"    {t['name']} ({t['kind']})"
+                    f"{': ' + t['description'] if t['description'] else ''}"
+                )
             )
             if args.verbose:
                 for o in t["options"]:
                     req = "required" if o["required"] else f"default {o['default']}"
-                    print(f"        {o['name']}: {o['type'] or 'any'} ({req})")
+                    print(safe(f"        {o['name']}: {o['type'] or 'any'} ({req})"))
     for why in host.conflicts.values():
-        print(f"conflict: {why}")
+        print(f"conflict: {safe(str(why))}")
     for p in host.folder_problems:
-        print(f"warning: {p.path}: {p.message}")
+        print(safe(f"warning: {p.path}: {p.message}"))
     return EXIT_OK if not host.broken else EXIT_FAIL
 
 
@@ -305,7 +312,7 @@ def cmd_next(args: argparse.Namespace) -> int:
             }
         )
         return EXIT_OK
-    print(f"{job.name}: {job.schedule_text()}" + ("" if job.enabled else " (disabled)"))
+    print(fmt.safe(f"{job.name}: {job.schedule_text()}") + ("" if job.enabled else " (disabled)"))
     if trigger is None:
         print("  runs once each time the daemon starts")
     elif not times:

@@ -96,7 +96,7 @@ def jobs_table(rows: list[dict[str, Any]], now: float, *, wide: bool = True) -> 
             cells.append(r["schedule"])
         out.append(cells)
     text = fmt.table(headers, out)
-    notes = [f"  {r['name']}: broken: {r['broken']}" for r in rows if r["broken"]]
+    notes = [f"  {r['name']}: broken: {fmt.safe(str(r['broken']))}" for r in rows if r["broken"]]
     notes += [
         f"  {r['name']}: last error: {fmt.one_line(r['last']['error'], 100)}"
         for r in rows
@@ -135,15 +135,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     counts = [f"{d['jobs']} scheduled", f"{d['running']} running"]
     counts += [f"{d[k]} {k}" for k in ("paused", "broken", "retiring") if d[k]]
-    print(f"  config: {d['config']}")
-    print(f"  state:  {d['state_dir']}")
-    print(f"  socket: {d['socket']}")
+    print(f"  config: {fmt.safe(str(d['config']))}")
+    print(f"  state:  {fmt.safe(str(d['state_dir']))}")
+    print(f"  socket: {fmt.safe(str(d['socket']))}")
     print(f"  jobs:   {', '.join(counts)}")
     if d.get("pool_degraded"):
-        print(f"  pool:   DEGRADED: {d['pool_degraded']}")
+        print(f"  pool:   DEGRADED: {fmt.safe(str(d['pool_degraded']))}")
     threads = d.get("threads") or {}
     if threads.get("exhausted"):
-        print(f"  threads: EXHAUSTED: {threads['exhausted']}")
+        print(f"  threads: EXHAUSTED: {fmt.safe(str(threads['exhausted']))}")
     elif d["stuck_threads"]:
         cap = f", replaced up to {threads['max']} threads" if threads else ""
         print(f"  stuck threads: {d['stuck_threads']} (blocking runs past their timeout{cap})")
@@ -151,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  state:  WRITES FAILING (runs go on; see the log)")
     print(f"  reload: {_reload_summary(d['last_reload'], now)}")
     for error in (d["last_reload"] or {}).get("errors", []):
-        print(f"          {error}")
+        print(f"          {fmt.safe(str(error))}")
     if data["jobs"]:
         print()
         print(jobs_table(data["jobs"], now, wide=False))
@@ -193,7 +193,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
             if data["result"] is not None:
                 print(json.dumps(data["result"], indent=2))
         else:
-            print(f"{line}: {data['error']}", file=sys.stderr)
+            print(f"{line}: {fmt.safe_lines(str(data['error']))}", file=sys.stderr)
     if args.wait and data["outcome"] != "succeeded":
         return EXIT_FAIL
     return EXIT_OK
@@ -232,12 +232,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
             [
                 "taskd: reload failed; the previous config keeps running "
                 f"({plural(len(data['errors']), 'error')}):",
-                *(f"  {error}" for error in data["errors"]),
+                *(f"  {fmt.safe(str(error))}" for error in data["errors"]),
             ]
         )
         return EXIT_FAIL
     parts = [f"{k} {', '.join(data[k])}" for k in ("added", "changed", "removed") if data[k]]
     print(f"reloaded in {fmt.duration(data['took'])}: {'; '.join(parts) or 'no job changed'}")
     for warning in data["warnings"]:
-        print(f"  warning: {warning}")
+        print(f"  warning: {fmt.safe(str(warning))}")
     return EXIT_OK

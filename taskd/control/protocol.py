@@ -77,7 +77,10 @@ class ControlError(TaskdError):
 def _dumps(obj: Any) -> bytes:
     # allow_nan=False: NaN and Infinity are not JSON, and other clients would choke on them.
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.encode("utf-8") + b"\n"
+    # A lone surrogate (a job's error or result holding one) cannot be UTF-8: as the JSON
+    # escape it comes out as here (it is always inside a string), the reply stays valid JSON
+    # and the client reads the same str back. Strict encoding failed the whole reply.
+    return text.encode("utf-8", "backslashreplace") + b"\n"
 
 
 def _no_constant(name: str) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from taskd.errors import StateError
-from taskd.state.dbfile import APPLICATION_ID, ForeignDatabase, configure, identify, rollback
+from taskd.state.dbfile import APPLICATION_ID, configure, foreign_database, identify, rollback
 
 log = structlog.get_logger("taskd.state")
 
@@ -94,12 +94,7 @@ def prepare(db: sqlite3.Connection, path: Path) -> None:
     ident = identify(db)
     reason = ident.foreign_reason()
     if reason is not None:
-        raise ForeignDatabase(
-            f"{path} is not a taskd state database: {reason}. taskd has not changed it. "
-            "If state_dir points at another program's folder, set [daemon] state_dir to a "
-            "folder of taskd's own; if the file is not needed there, move it away "
-            f"(mv {path} {path}.old) and start again"
-        )
+        raise foreign_database(path, reason)
     version = 0
     if not ident.new:
         try:

@@ -25,16 +25,24 @@ from taskd.state.dbfile import (
     ForeignDatabase,
     connect,
     describe,
+    foreign_database,
     is_corrupt,
     is_io_error,
     move_aside,
     rollback,
 )
+from taskd.state.identify import foreign_reason
 from taskd.state.journal import MAX_AHEAD, TickJournal
-from taskd.state.retention import Retention, count_runs
+from taskd.state.retention import Backlog, Pruned, Retention, count_runs
 from taskd.state.rows import JOB_COLUMNS, JobRow, RowChecker
 from taskd.state.schema import prepare
-from taskd.state.writes import MAX_RESULT_CHARS, MAX_RUN_RESULT_CHARS, Pending, bounded
+from taskd.state.writes import (
+    MAX_RESULT_CHARS,
+    MAX_RUN_RESULT_CHARS,
+    Pending,
+    bounded,
+    storable,
+)
 
 __all__ = ["MAX_RESULT_CHARS", "MAX_RUN_RESULT_CHARS", "JobRow", "StateStore"]
 
@@ -48,9 +56,10 @@ class StateStore:
 
     def __init__(self, path: Path, retention: Retention | None = None) -> None:
         self.path = path
-        # Settable: a reload changes it, the next commit applies it.
-        self.retention = retention or Retention()
+        self._retention = retention or Retention()
         self._run_count = 0  # rows in the runs table, as of the last commit
+        # Rows past the retention limits that commits left (taskd.state.retention).
+        self._backlog = Backlog(self._prune_pass, self._prune_failed)
         self._io_failed = False  # the disk failed a read or write since the file was opened
         self._db: sqlite3.Connection | None = None
         self._pending = Pending()
@@ -83,7 +92,7 @@ class StateStore:
                 "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
             ).rowcount
             self._run_count = count_runs(self._db)
-            self._prune()
+            self._backlog.begin()
         except (OSError, sqlite3.Error) as exc:
             self._db.close()
             self._db = None
@@ -133,15 +142,46 @@ class StateStore:
                     f"cannot create state database {self.path}: {describe(exc2, where=self.path.parent)}"
                 ) from exc2
 
-    def _prune(self) -> None:
+    # -- retention -------------------------------------------------------------------------
+
+    @property
+    def retention(self) -> Retention:
+        return self._retention
+
+    @retention.setter
+    def retention(self, retention: Retention) -> None:
+        """A reload changes it; a lowered limit is applied in passes from now on."""
+        self._retention = retention
+        if self._db is not None:
+            self._backlog.due = True
+            self._backlog.schedule()
+
+    def _prune_pass(self) -> tuple[int, Pruned]:
+        """One bounded pass over rows past the limits, in its own transaction."""
         db = self.db
+        if self.failing:
+            # The retried flush prunes once writes work again; its success reschedules.
+            raise sqlite3.OperationalError("state writes are failing")
         db.execute("BEGIN")
         try:
-            self._run_count = self.retention.prune(db, self._run_count, time.time())
+            done = self._retention.prune_for(db, self._run_count, time.time())
             db.execute("COMMIT")
         except BaseException:
             rollback(db)
             raise
+        before, self._run_count = self._run_count, done.count
+        return before, done
+
+    def _prune_failed(self, exc: Exception) -> None:
+        if self.failing:
+            return  # said every second already
+        # Not the runs' writes: the next good commit reschedules the pass.
+        log.warning(
+            "history_prune_failed",
+            path=str(self.path),
+            error=describe(exc, where=self.path.parent, after_io_error=self._io_failed),
+            retry="after the next commit",
+        )
 
     def _replay_journal(self) -> None:
         """Fold what the journal holds (ticks and run starts not yet committed when the last
@@ -173,6 +213,10 @@ class StateStore:
     def _connect(self) -> sqlite3.Connection:
         # SQLite opens the files by path and follows a symlink there: check them first.
         files.prepare_database(self.path)
+        # Whose file it is, before a connection that can write (taskd.state.identify).
+        reason = foreign_reason(self.path)
+        if reason is not None:
+            raise foreign_database(self.path, reason)
         db = connect(self.path)
         try:
             prepare(db, self.path)
@@ -289,6 +333,7 @@ class StateStore:
         failures: int = 0,
     ) -> None:
         """``failures``: the job's consecutive failed runs, this one included."""
+        error, result_json = storable(error), storable(result_json)
         self._pending.runs[run_id] = (
             run_id,
             job,
@@ -315,7 +360,10 @@ class StateStore:
 
     def set_shared(self, data: Mapping[str, Any], keys: frozenset[str]) -> None:
         for key in keys:
-            self._pending.shared[key] = json.dumps(data[key]) if key in data else None
+            # The value's JSON is ASCII; a key is stored as it is, and must be UTF-8.
+            self._pending.shared[storable(key) or key] = (
+                json.dumps(data[key]) if key in data else None
+            )
         self._dirty()
 
     def _dirty(self) -> None:
@@ -368,6 +416,7 @@ class StateStore:
             if self.failing:
                 log.warning("state_write_recovered", path=str(self.path))
             self.failing = False
+            self._backlog.schedule()
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
@@ -379,12 +428,16 @@ class StateStore:
         db = self.db
         db.execute("BEGIN")
         try:
-            count = self.retention.prune(db, self._run_count + self._pending.write(db), time.time())
+            added = self._pending.write(db)
+            # As many as were added, at most: exact at steady state, and a commit never
+            # costs more than its own writes did; a backlog goes in passes (above).
+            done = self._retention.prune(db, self._run_count + added, time.time(), added)
             db.execute("COMMIT")
         except BaseException:
             rollback(db)
             raise
-        self._run_count = count
+        self._run_count = done.count
+        self._backlog.note(done)
         if self._journaled:
             self.journal.reset()
             self._journaled = False
@@ -394,6 +447,8 @@ class StateStore:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        # What is left goes after the next start: a stop must not wait for it.
+        self._backlog.cancel()
         if self._db is not None:
             try:
                 self.flush()

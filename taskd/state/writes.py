@@ -14,6 +14,20 @@ MAX_RESULT_CHARS = 65_536  # a job's last result
 MAX_RUN_RESULT_CHARS = 8_192
 
 
+def storable(text: str | None) -> str | None:
+    """``text`` as SQLite can take it, UTF-8. A lone surrogate (a job's error message may
+    hold one: ``json.loads('"\\ud800"')`` of cut UTF-16 text gives it) cannot be encoded,
+    and one in a commit failed that commit and every later one: nothing was stored again.
+    It is kept as its backslash escape, which inside a JSON string is the same value."""
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def bounded(result_json: str | None, limit: int = MAX_RESULT_CHARS) -> str | None:
     """A stored result of at most ``limit`` characters of JSON; a longer one is kept as a
     JSON string holding its cut text, which says so."""

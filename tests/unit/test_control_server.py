@@ -917,3 +917,13 @@ class TestHangup:
             await writer.drain()
             await asyncio.wait_for(started.wait(), 2)
             writer.close()
+
+
+def test_a_lone_surrogate_crosses_the_socket() -> None:
+    """A reply holding a lone surrogate (a job's error) is valid JSON, and reads back the
+    same; strict UTF-8 encoding failed the whole reply with UnicodeEncodeError."""
+    from taskd.control.protocol import encode_ok
+
+    line = encode_ok({"error": "x\ud800", "\udc80": 1})
+    assert line.decode("utf-8")  # strict: it is UTF-8
+    assert decode_reply(line) == {"error": "x\ud800", "\udc80": 1}

@@ -198,3 +198,39 @@ class TestJsonResult:
         stored = '{"rows": [1, 2, 3' + "...(truncated)"
         assert fmt.json_value(stored, 30) == '{"rows": [1, 2, 3 [truncated]'
         assert fmt.json_value(stored, 20) == '{"rows"… [truncated]'
+
+
+class TestSafe:
+    """What a terminal would act on, or cannot show, is printed as a backslash escape."""
+
+    @pytest.mark.parametrize(
+        ("text", "shown"),
+        [
+            ("\x1b[2Jgone", "\\x1b[2Jgone"),  # an escape sequence: clear the screen
+            ("abc\u202edef", "abc\\u202edef"),  # right-to-left override
+            ("\u2066x\u2069\u200f", "\\u2066x\\u2069\\u200f"),  # isolates, a mark
+            ("nul\x00 del\x7f c1\x9b", "nul\\x00 del\\x7f c1\\x9b"),
+            ("line\u2028sep", "line\\u2028sep"),
+            ("lone \ud800 \udfff", "lone \\ud800 \\udfff"),
+            ("tab\tnl\n", "tab\\x09nl\\x0a"),
+        ],
+    )
+    def test_escaped(self, text: str, shown: str) -> None:
+        assert fmt.safe(text) == shown
+        assert fmt.safe(shown) == shown  # escaping twice changes nothing
+
+    @pytest.mark.parametrize(
+        "text", ["plain", "日本語", "e\u0301", "\U0001f600", "a\u200db", "é ü"]
+    )
+    def test_printable_left_alone(self, text: str) -> None:
+        assert fmt.safe(text) == text
+
+    def test_table_cells_and_one_line(self) -> None:
+        out = fmt.table(["A", "B"], [["\ud800", "x\x1by"]])
+        assert out.splitlines()[1] == "\\ud800  x\\x1by"
+        assert out.encode("utf-8")  # printable: no surrogate left
+        # Whitespace collapses first; widths count the escapes as shown.
+        assert fmt.one_line("a\n\u202eb\x1bc", 9) == "a \\u202e…"
+
+    def test_safe_lines_keeps_line_breaks(self) -> None:
+        assert fmt.safe_lines("one\x1b\ntwo\u202e") == "one\\x1b\ntwo\\u202e"

@@ -337,3 +337,22 @@ class TestReadBackChecked:
         assert (a.last_tick, a.last_run_id, a.last_outcome) == (100.0, "r1", "succeeded")
         assert (a.last_started, a.last_duration, a.last_success) == (100.5, 0.25, 100.75)
         assert (a.last_result, a.failures, a.paused) == ({"n": 1}, 0, False)
+
+
+class TestUnencodable:
+    """A lone surrogate in what a run left (its error, a shared-state key) is stored escaped:
+    it cannot be UTF-8, and failed that commit and every later one."""
+
+    async def test_error_and_key_with_a_lone_surrogate(self, store: StateStore) -> None:
+        store.run_finished(
+            "r1", "a", 1.0, 1.5, 1, 0.1, "failed", "ValueError: x\ud800", "schedule", '"\\ud800"'
+        )
+        store.set_shared({"k\udc80": 1}, frozenset({"k\udc80"}))
+        store.set_tick("a", 5.0)
+        await store.durable()
+        assert not store.failing
+        row = store.history("a")[0]
+        assert row["error"] == "ValueError: x\\ud800"
+        assert store.shared() == {"k\\udc80": 1}
+        assert store.jobs()["a"].last_result == "\ud800"  # the JSON escape: the same value
+        assert _ticks(store.path) == {"a": 5.0}
