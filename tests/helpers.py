@@ -57,6 +57,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# A drop-in plugin with one io job type, "tick", that returns 1: for tests about what the
+# daemon does around runs (state, history), not about the runs themselves.
+TICK_PLUGIN = """
+import taskd
+
+
+async def tick(ctx) -> int:
+    return 1
+
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("tick", tick)]
+"""
+
+
 def listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()

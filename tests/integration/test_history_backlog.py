@@ -12,23 +12,11 @@ import time
 
 import pytest
 
-from tests.helpers import DaemonProc, daemon_table, poll
+from tests.helpers import TICK_PLUGIN, DaemonProc, daemon_table, poll
 
 pytestmark = pytest.mark.timeout(300)
 
-ST = """
-import taskd
-
-
-async def tick(ctx) -> int:
-    return 1
-
-
-@taskd.hookimpl
-def taskd_job_types():
-    return [taskd.JobType("tick", tick)]
-"""
-PLUGINS = {"st.py": ST}
+PLUGINS = {"st.py": TICK_PLUGIN}
 JOB = '[jobs.fast]\ntype = "tick"\nevery = "200ms"\n'
 EXCESS = 400_000
 KEEP = 10

@@ -11,23 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DaemonProc, daemon_table, poll
+from tests.helpers import TICK_PLUGIN, DaemonProc, daemon_table, poll
 
 pytestmark = pytest.mark.timeout(180)
 
-ST = """
-import taskd
-
-
-async def tick(ctx) -> int:
-    return 1
-
-
-@taskd.hookimpl
-def taskd_job_types():
-    return [taskd.JobType("tick", tick)]
-"""
-PLUGINS = {"st.py": ST}
+PLUGINS = {"st.py": TICK_PLUGIN}
 ONE_JOB = '[jobs.fast]\ntype = "tick"\nevery = "20ms"\n'
 JOBS = '[jobs.fast]\ntype = "tick"\nevery = "20ms"\n[jobs.other]\ntype = "tick"\nevery = "30ms"\n'
 

@@ -20,23 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DaemonProc, daemon_table
+from tests.helpers import TICK_PLUGIN, DaemonProc, daemon_table
 
 pytestmark = pytest.mark.timeout(180)
 
-ST = """
-import taskd
-
-
-async def tick(ctx) -> int:
-    return 1
-
-
-@taskd.hookimpl
-def taskd_job_types():
-    return [taskd.JobType("tick", tick)]
-"""
-PLUGINS = {"st.py": ST}
+PLUGINS = {"st.py": TICK_PLUGIN}
 JOB = '[jobs.fast]\ntype = "tick"\nevery = "100ms"\n'
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a filesystem: needs root")
 
