@@ -218,6 +218,34 @@ class Policy:
         }
 
 
+def _where(url: str) -> str:
+    """``scheme://host[:port]/…``: where a URL points without its path, query or userinfo
+    (a webhook's secret is in its path: Slack's, Teams', Discord's)."""
+    scheme, sep, rest = url.partition("://")
+    host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    return f"{scheme}{sep}{host}/…"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with the URL, and its part after the host, replaced by :func:`_where`."""
+    after_host = url[len(_where(url)) - 2 :]  # "/path?query", what _where leaves out
+    text = text.replace(url, _where(url))
+    return text.replace(after_host, "/…") if len(after_host) > 1 else text
+
+
+def _error_text(exc: BaseException, url: str) -> str:
+    """One line for an aiohttp or socket error, never with the URL's secret part: aiohttp
+    prints the whole URL in its response errors (``url='...'``) and invalid-URL errors."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        text = f"status {exc.status}, {exc.message}"
+    elif isinstance(exc, aiohttp.InvalidURL):
+        reason = exc.description if isinstance(exc.description, str) else None
+        text = f"{_where(url)} cannot be used" + (f": {reason}" if reason else "")
+    else:
+        text = str(exc)
+    return f"{type(exc).__name__}: {' '.join(_scrub(text, url).split())}"
+
+
 class Notifier:
     """The policy and the POSTs in flight, with their deadlines (cut short at a stop)."""
 
@@ -241,6 +269,7 @@ class Notifier:
         )
         deadline = asyncio.timeout(limit)
         started = loop.time()
+        url = str(self.settings.url)
         self.deadlines.add(deadline)
         try:
             # A session per POST: a notifier sends rarely, and a connection kept open for
@@ -248,13 +277,27 @@ class Notifier:
             async with (
                 deadline,
                 aiohttp.ClientSession() as session,
+                # Redirects are not followed: a POST sent on after a 301 or 302 becomes a GET
+                # without the payload, and the webhook's 200 to that would read as sent.
                 session.post(
-                    str(self.settings.url),
+                    url,
                     data=json.dumps(payload),
                     headers={"Content-Type": "application/json"},
+                    allow_redirects=False,
                 ) as resp,
             ):
                 body = (await resp.content.read(500)).decode("utf-8", "replace")
+                if 300 <= resp.status <= 399:
+                    moved = resp.headers.get("Location", "")
+                    log.warning(
+                        "webhook_failed",
+                        job=job,
+                        status=resp.status,
+                        location=_where(moved if "://" in moved else url),
+                        hint=f"the webhook moved; set {PREFIX}URL to its new address "
+                        f"(a redirect is not followed: the POST would lose its payload)",
+                    )
+                    return
                 if resp.status >= 300:
                     log.warning("webhook_failed", job=job, status=resp.status, answer=body[:200])
                     return
@@ -267,7 +310,7 @@ class Notifier:
                 hint=f"the webhook hung; {PREFIX}TIMEOUT bounds each POST",
             )
         except (aiohttp.ClientError, OSError) as exc:
-            log.warning("webhook_failed", job=job, error=f"{type(exc).__name__}: {exc}")
+            log.warning("webhook_failed", job=job, error=_error_text(exc, url))
         finally:
             self.deadlines.discard(deadline)
 

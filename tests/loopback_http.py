@@ -12,6 +12,8 @@ Endpoints:
   /slow?s=SECONDS     answers after a delay
   /reset              resets the connection (RST) without answering
   /redirect           302 to /ok
+  /moved/{rest}       301 to /ok (a webhook that moved, e.g. http -> https)
+  /loop/{rest}        302 to itself (a redirect loop)
   /echo               200 with the method and headers as JSON
   /big?n=BYTES        200 with a body of n bytes
   /hook               POST: records the JSON payload; answers ``hook_status`` after ``hook_delay``
@@ -170,6 +172,14 @@ class LoopbackServer:
         self._note(request)
         raise web.HTTPFound("/ok")
 
+    async def _moved(self, request: web.Request) -> web.Response:
+        self._note(request)
+        raise web.HTTPMovedPermanently("/ok")
+
+    async def _redirect_loop(self, request: web.Request) -> web.Response:
+        self._note(request)
+        raise web.HTTPFound(request.path)
+
     async def _echo(self, request: web.Request) -> web.Response:
         self._note(request)
         return web.json_response({"method": request.method, "headers": dict(request.headers)})
@@ -196,6 +206,8 @@ class LoopbackServer:
         app.router.add_get("/slow", self._slow)
         app.router.add_get("/reset", self._reset)
         app.router.add_get("/redirect", self._redirect)
+        app.router.add_route("*", "/moved/{rest}", self._moved)
+        app.router.add_route("*", "/loop/{rest}", self._redirect_loop)
         app.router.add_route("*", "/echo", self._echo)
         app.router.add_get("/big", self._big)
         app.router.add_post("/hook", self._hook)

@@ -185,6 +185,62 @@ class TestPost:
             ).on_event(ev("failed", error="E"))
         assert [x["status"] for x in logs if x["event"] == "webhook_failed"] == [500]
 
+    async def test_a_redirect_is_a_failure_not_a_lost_post(
+        self, nw: types.ModuleType, server: LoopbackServer
+    ) -> None:
+        """A 301 followed would turn the POST into a GET: the payload lost, yet "sent"."""
+        from structlog.testing import capture_logs
+
+        url = server.url + "/moved/SECRET-moved"
+        with capture_logs() as logs:
+            await nw.Notifier(nw.read_settings({"TASKD_WEBHOOK_URL": url})).on_event(
+                ev("failed", error="E")
+            )
+        assert [x["event"] for x in logs if x["event"].startswith("webhook_")] == ["webhook_failed"]
+        [line] = [x for x in logs if x["event"] == "webhook_failed"]
+        assert line["status"] == 301
+        assert line["location"] == f"{server.url}/…"
+        assert "TASKD_WEBHOOK_URL" in line["hint"]
+        assert server.requests[-1] == ("POST", "/moved/SECRET-moved")  # nothing followed
+        assert "SECRET" not in repr(logs)
+
+    @pytest.mark.parametrize(
+        "where",
+        [
+            "/loop/SECRET-loop",  # 302 to itself
+            "raw",  # an answer that is not HTTP: aiohttp's error prints the URL
+            "invalid",  # a URL aiohttp cannot use: its error is the URL
+        ],
+    )
+    async def test_errors_never_log_the_url(
+        self, nw: types.ModuleType, server: LoopbackServer, where: str
+    ) -> None:
+        """The webhook's URL is a secret: an error names the scheme and host, not the path."""
+        from structlog.testing import capture_logs
+
+        async def garbage(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        raw = await asyncio.start_server(garbage, "127.0.0.1", 0)
+        port = raw.sockets[0].getsockname()[1]
+        url = {
+            "raw": f"http://127.0.0.1:{port}/hook/SECRET-raw",
+            "invalid": "http://127.0.0.1:99999999/hook/SECRET-invalid",
+        }.get(where, server.url + where)
+        try:
+            with capture_logs() as logs:
+                await nw.Notifier(nw.read_settings({"TASKD_WEBHOOK_URL": url})).on_event(
+                    ev("failed", error="E")
+                )
+        finally:
+            raw.close()
+            await raw.wait_closed()
+        failed = [x for x in logs if x["event"] == "webhook_failed"]
+        assert len(failed) == 1, logs
+        assert "SECRET" not in repr(logs)
+
 
 def test_hooks_only(nw: types.ModuleType) -> None:
     assert not hasattr(nw, "taskd_job_types")
