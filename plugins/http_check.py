@@ -17,6 +17,7 @@ run's result is a bounded summary, and the run fails when more than ``max_failur
 import asyncio
 import os
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -73,6 +74,7 @@ class _Check:
         "key",
         "method",
         "regex",
+        "shown",
         "statuses",
         "timeout",
         "url",
@@ -81,8 +83,12 @@ class _Check:
     def __init__(self, where: str, entry: dict[str, Any], defaults: dict[str, Any]) -> None:
         merged = {**defaults, **entry}
         self.url: str = merged["url"]
+        # What the state, the result and the messages show: the URL, its password masked.
+        self.shown = _mask_password(self.url)
         if not self.url.startswith(_SCHEMES) or len(self.url) <= len("https://"):
-            raise ValueError(f"http_check: {where}: {self.url!r} is not an http:// or https:// URL")
+            raise ValueError(
+                f"http_check: {where}: {self.shown!r} is not an http:// or https:// URL"
+            )
         self.method: str = merged["method"]
         timeout: timedelta = merged["timeout"]
         self.timeout = timeout.total_seconds()
@@ -116,13 +122,24 @@ class _Check:
                 f"has none; use GET"
             )
         self.follow_redirects: bool = merged["follow_redirects"]
-        # The state's key: the URL, with the method when it is not a plain GET.
-        self.key = self.url if self.method == "GET" else f"{self.method} {self.url}"
+        # The state's key: the URL shown, with the method when it is not a plain GET.
+        self.key = self.shown if self.method == "GET" else f"{self.method} {self.shown}"
 
     def expected(self) -> str:
         if self.statuses is None:
             return "2xx"
         return " or ".join(str(s) for s in sorted(self.statuses))
+
+
+def _mask_password(url: str) -> str:
+    """``url`` with the password of its userinfo (``user:password@``) replaced by ``***``:
+    aiohttp sends it as basic auth, and it must not reach the state, history or log."""
+    scheme, sep, rest = url.partition("://")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}{rest[end:]}"
 
 
 def _cut(text: str, limit: int = _MAX_ERROR) -> str:
@@ -201,6 +218,10 @@ def _error_text(exc: BaseException, check: _Check) -> str:
         )
     if isinstance(exc, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
         return f"TLS error: {exc}"
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, socket.gaierror):
+        # A resolver's errno (EAI_*) is not an OS errno: os.strerror reads "Unknown error -2".
+        reason = exc.os_error.strerror or str(exc.os_error)
+        return f"cannot resolve host {exc.host}: {reason}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         err = exc.os_error
         # asyncio's "Connect call failed ('127.0.0.1', 80)" puts the address where the
@@ -213,6 +234,13 @@ def _error_text(exc: BaseException, check: _Check) -> str:
         return f"too many redirects (more than {len(exc.history)})"
     if isinstance(exc, aiohttp.ClientOSError):
         return f"connection failed: {exc.strerror or exc}"
+    if isinstance(exc, aiohttp.InvalidURL):  # its text is the URL, a password included
+        why = exc.description if isinstance(exc.description, str) else None
+        return "not a valid URL" + (f": {why}" if why else "")
+    if isinstance(exc, UnicodeError):  # yarl's IDNA encoding: a label over 63 characters
+        return f"the host name cannot be encoded (IDNA): {exc}"
+    if isinstance(exc, ValueError):  # a header aiohttp refuses (a newline in its value)
+        return f"the request cannot be sent: {exc}"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
 
@@ -238,8 +266,10 @@ async def _probe(
                     (b"", False) if check.method == "HEAD" else await _read_body(resp, max_body)
                 )
                 error = _judge(check, status, body, resp.charset, cut)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            error = _error_text(exc, check)
+        # ValueError: what aiohttp refuses to send (a host name IDNA cannot encode, a header
+        # with a newline) is this URL's failure, not the whole run's.
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            error = _error_text(exc, check).replace(check.url, check.shown)
         latency = round(time.perf_counter() - start, 4)
     return {
         "url": check.key,

@@ -166,6 +166,52 @@ class TestProbes:
         with pytest.raises(Exception, match=r"cannot connect to 127.0.0.1:\d+: Connection refused"):
             await run(urls=[url])
 
+    async def test_a_name_that_does_not_resolve(self, run: Runner) -> None:
+        """A DNS failure says so, in the resolver's words (not "Unknown error -2")."""
+        with pytest.raises(Exception, match="URLs failed") as info:
+            await run(urls=["http://no-such-host.invalid/"], timeout="5s")
+        message = str(info.value)
+        assert "http://no-such-host.invalid/: cannot resolve host no-such-host.invalid: " in message
+        assert "Unknown error" not in message
+
+    async def test_a_url_or_header_that_cannot_be_sent_is_that_urls_failure(
+        self, run: Runner, server: LoopbackServer
+    ) -> None:
+        """One URL aiohttp cannot send fails alone, named and recorded; max_failures counts it."""
+        long_label = "http://" + "a" * 64 + ".example/"
+        newline = {"url": server.url + "/echo", "headers": {"X-A": "a\r\nInjected: 1"}}
+        urls = [server.url + "/ok", long_label, newline]
+        result = await run(urls=urls, max_failures=2)
+        assert result["ok"] == 1 and result["failed"] == 2
+        errors = {f["url"]: f["error"] for f in result["failures"]}
+        assert errors[long_label].startswith("the host name cannot be encoded (IDNA)")
+        assert errors[server.url + "/echo"].startswith("the request cannot be sent: ")
+        assert run.state.get("http_check/site")[long_label]["ok"] is False
+        with pytest.raises(Exception, match="2 of 3 URLs failed") as info:
+            await run(urls=urls)
+        assert f"{long_label}: the host name cannot be encoded" in str(info.value)
+
+    async def test_a_password_in_a_url_is_never_shown(self, run: Runner) -> None:
+        """userinfo's password is masked in the state's key, the result, the run's error."""
+        from tests.helpers import free_port
+
+        url = f"http://user:PASSWORD-IN-URL@127.0.0.1:{free_port()}/x"
+        masked = url.replace("PASSWORD-IN-URL", "***")
+        with pytest.raises(Exception, match="URLs failed") as info:
+            await run(urls=[url])
+        assert masked in str(info.value)
+        result = await run(urls=[url, "http://u:PW2@127.0.0.1:99999/"], max_failures=2)
+        shown = repr(
+            (str(info.value), info.value.failures, result, run.state.get("http_check/site"))
+        )  # type: ignore[attr-defined]
+        assert "PASSWORD-IN-URL" not in shown and "PW2" not in shown
+        assert set(run.state.get("http_check/site")) == {masked, "http://u:***@127.0.0.1:99999/"}
+        with pytest.raises(
+            ValueError, match=r"urls\[1\]: 'http://u:\*\*\*@h/' is listed twice"
+        ) as dup:
+            await run(urls=["http://u:A-SECRET@h/", "http://u:A-SECRET@h/"])
+        assert "A-SECRET" not in str(dup.value)
+
     async def test_redirects(self, run: Runner, server: LoopbackServer) -> None:
         followed = await run(urls=[server.url + "/redirect"])
         assert followed["failed"] == 0
