@@ -208,3 +208,18 @@ class TestAnnotationsIssubclassRefuses:
         assert result.returncode == 1
         assert "stauts" in result.stderr, result.stderr
         assert "TypeError" not in result.stderr
+
+    def test_typeddict_list_or_none_option_names_the_key(self, tmp_path: Path) -> None:
+        # A `list[Check] | None` option used to say only "expected list[Check] | None, got an
+        # array" for a key typo in one of its tables.
+        config = _write_typed(tmp_path, TYPED_FUNCS["typeddict_list_option"])
+        text = config.read_text().replace(
+            'check = { url = "http://localhost/" }',
+            'check = { url = "http://localhost/" }\nmore = [{ url = "u" }, { url = "v", stauts = 1 }]',
+        )
+        config.write_text(text)
+        result = run_cli("check", "-c", str(config))
+        assert result.returncode == 1
+        assert "item 1: unknown key 'stauts' in a Check table (did you mean 'status'?)" in (
+            result.stderr
+        ), result.stderr
