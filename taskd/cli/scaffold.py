@@ -8,6 +8,7 @@ its tests itself). The test file sits beside the plugin; drop-in folders skip ``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import keyword
 import os
 import re
@@ -196,18 +197,53 @@ next:
 """
 
 
+def _same_file(origin: str | None, plugin: Path) -> bool:
+    try:
+        return origin is not None and os.path.samefile(origin, plugin)
+    except OSError:
+        return False
+
+
+def _name_problem(name: str, plugin: Path) -> str | None:
+    """Why ``name`` cannot be the plugin's: its scaffold would not pass as written, or its
+    file would never be loaded. None when it is usable."""
+    if not NAME.fullmatch(name) or keyword.iskeyword(name) or name.startswith("test"):
+        return (
+            "use lower-case letters, digits and '_', starting with a letter, at most 30 "
+            "characters, not a Python keyword and not starting with 'test' (drop-in folders "
+            "skip test files)"
+        )
+    # Drop-in folders skip pytest's files (taskd.plugin.dropin.is_test_file): never loaded.
+    if name == "conftest":
+        return "drop-in folders skip 'conftest' files (pytest's), so the plugin would never load"
+    if name.endswith("_test"):
+        return "it ends with '_test': drop-in folders skip test files, so it would never load"
+    # pytest puts the test file's folder first on sys.path, so NAME.py would be imported in
+    # place of the module of that name, by pytest, taskd or the tests: they fail as written.
+    if name in sys.stdlib_module_names:
+        return f"{name}.py would shadow the standard library module {name!r}"
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and not _same_file(spec.origin, plugin):  # not what --force overwrites
+        where = f" ({spec.origin})" if spec.origin else ""
+        return f"{name}.py would shadow the installed module {name!r}{where}"
+    return None
+
+
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     name: str = args.name
-    if not NAME.fullmatch(name) or keyword.iskeyword(name) or name.startswith("test"):
+    folder = Path(args.dir).absolute()
+    plugin = folder / f"{name}.py"
+    problem = _name_problem(name, plugin)
+    if problem is not None:
         print(
-            f"taskd: {name!r} is not a usable plugin name: use lower-case letters, digits and "
-            f"'_', starting with a letter, at most 30 characters, not a Python keyword and "
-            f"not starting with 'test' (drop-in folders skip test files), e.g. 'disk_watch'",
+            f"taskd: {name!r} is not a usable plugin name: {problem}; pick another, "
+            f"e.g. 'disk_watch'",
             file=sys.stderr,
         )
         return EXIT_FAIL
-    folder = Path(args.dir).absolute()
-    plugin = folder / f"{name}.py"
     tests = folder / f"test_{name}.py"
     if not args.force:
         existing = [str(p) for p in (plugin, tests) if os.path.lexists(p)]

@@ -54,11 +54,22 @@ def _context_hint(param: inspect.Parameter, namespace: Mapping[str, Any]) -> str
 
     if hint is Any or hint is object:
         return MAYBE
+    if typing.is_typeddict(hint):
+        return NO  # a table option; TypedDict refuses issubclass, so judge it first
     if isinstance(hint, type):
-        if issubclass(hint, JobContext):
-            return YES
-        # A base of JobContext, or a Protocol the author typed it as.
-        return MAYBE if issubclass(JobContext, hint) or getattr(hint, "_is_protocol", False) else NO
+        # A Protocol the author typed the context as: issubclass refuses most Protocols
+        # (not runtime_checkable, or with data members), so it is judged before any.
+        if getattr(hint, "_is_protocol", False):
+            return MAYBE
+        try:
+            if issubclass(hint, JobContext):
+                return YES
+            # A base of JobContext.
+            return MAYBE if issubclass(JobContext, hint) else NO
+        except TypeError:
+            # A class whose metaclass refuses subclass checks: this cannot tell, and a
+            # raise here would break every job type of the plugin.
+            return MAYBE
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         found = {
             _context_hint(param.replace(annotation=a), namespace) for a in typing.get_args(hint)

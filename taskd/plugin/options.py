@@ -89,6 +89,27 @@ def _check_table(value: Any, hint: Any) -> str | None:
     return None
 
 
+_ARRAYS = (list, tuple, set, frozenset, cabc.Sequence, cabc.Iterable, cabc.Collection, cabc.Set)
+_TABLES = (dict, cabc.Mapping, cabc.MutableMapping)
+
+
+def _container(value: Any) -> str | None:
+    """The kind of container a config value is: "table", "array", or None for a scalar."""
+    return "table" if isinstance(value, dict) else "array" if isinstance(value, list) else None
+
+
+def _container_hint(hint: Any) -> str | None:
+    """The kind of container a union member takes ("table", "array"), or None for others."""
+    if typing.is_typeddict(hint):
+        return "table"
+    base = typing.get_origin(hint) or hint
+    if base in _TABLES:
+        return "table"
+    if base in _ARRAYS:
+        return "array"
+    return None
+
+
 def check_value(value: Any, hint: Any) -> str | None:
     """None when ``value`` fits ``hint``, else what was expected. Unknown hints accept anything."""
     if hint is Any or hint is inspect.Parameter.empty or hint is object:
@@ -103,12 +124,14 @@ def check_value(value: Any, hint: Any) -> str | None:
         for arg in args:
             if arg is not type(None) and check_value(value, arg) is None:
                 return None
-        if isinstance(value, dict):
-            # A table that matched no member: the table member's own complaint (an unknown
-            # key, with a suggestion) says more than "expected str | X".
-            tables = [a for a in args if typing.is_typeddict(a)]
-            if len(tables) == 1:
-                return check_value(value, tables[0])
+        # A table or array that matched no member: when exactly one member takes that kind
+        # of value, its own complaint (the item, an unknown key with a suggestion) says more
+        # than "expected list[Check] | None, got an array".
+        kind = _container(value)
+        if kind is not None:
+            takers = [a for a in args if _container_hint(a) == kind]
+            if len(takers) == 1:
+                return check_value(value, takers[0])
         return f"expected {_hint_text(hint)}, got {_tname(value)}"
     if origin is typing.Literal:
         # Compare the type too: True == 1 and 1 == 1.0 in Python, but not in a config.

@@ -111,3 +111,115 @@ class TestContextParameter:
         config = _write(tmp_path, func)
         result = run_cli("check", "-c", str(config))
         assert result.returncode == 0, result.stderr
+
+
+TYPED_CONFIG = """
+[daemon]
+plugin_dirs = ["plugins.d"]
+state_dir = "state"
+runtime_dir = "run"
+entry_points = false
+
+[jobs.f]
+type = "fetch"
+every = "1h"
+[jobs.f.options]
+check = { url = "http://localhost/" }
+
+[jobs.g]
+type = "other"
+every = "1h"
+"""
+
+# Annotations that `issubclass` refuses (TypedDict, a Protocol that is not runtime_checkable,
+# one with data members) used to raise out of the context check and break the whole plugin,
+# every job type in it: "taskd_job_types() failed: TypeError: TypedDict does not support
+# instance and class checks".
+TYPED_FUNCS = {
+    "typeddict_option": "async def fetch(ctx: taskd.JobContext, check: Check) -> None: ...",
+    "typeddict_option_or_none": (
+        "async def fetch(ctx: taskd.JobContext, check: Check | None = None) -> None: ..."
+    ),
+    "typeddict_list_option": (
+        "async def fetch(ctx: taskd.JobContext, check: Check, more: list[Check] | None = None)"
+        " -> None: ..."
+    ),
+    "protocol_context": "async def fetch(ctx: HasJob, check: Check) -> None: ...",
+    "runtime_protocol_with_data_context": (
+        "async def fetch(ctx: RuntimeHasJob, check: Check) -> None: ..."
+    ),
+}
+
+
+def _write_typed(root: Path, func: str) -> Path:
+    plugins = root / "plugins.d"
+    plugins.mkdir(parents=True)
+    source = f"""
+from typing import NotRequired, Protocol, TypedDict, runtime_checkable
+
+import taskd
+
+
+class Check(TypedDict):
+    url: str
+    status: NotRequired[int]
+
+
+class HasJob(Protocol):
+    job: str
+
+
+@runtime_checkable
+class RuntimeHasJob(Protocol):
+    job: str
+
+
+{func}
+
+
+async def other(ctx: taskd.JobContext) -> None: ...
+
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("fetch", fetch), taskd.JobType("other", other)]
+"""
+    (plugins / "web.py").write_text(textwrap.dedent(source))
+    config = root / "taskd.toml"
+    config.write_text(textwrap.dedent(TYPED_CONFIG).lstrip())
+    return config
+
+
+class TestAnnotationsIssubclassRefuses:
+    """A TypedDict option or a Protocol-typed context is judged without ``issubclass``
+    raising: the plugin loads, every job type in it, and its options are checked."""
+
+    @pytest.mark.parametrize("case", sorted(TYPED_FUNCS))
+    def test_plugin_loads(self, tmp_path: Path, case: str) -> None:
+        config = _write_typed(tmp_path, TYPED_FUNCS[case])
+        result = run_cli("check", "-c", str(config))
+        assert result.returncode == 0, result.stderr
+        assert "TypeError" not in result.stderr + result.stdout
+
+    def test_typeddict_option_still_checked_key_by_key(self, tmp_path: Path) -> None:
+        config = _write_typed(tmp_path, TYPED_FUNCS["typeddict_option"])
+        config.write_text(config.read_text().replace('{ url = "http', '{ stauts = 1, url = "http'))
+        result = run_cli("check", "-c", str(config))
+        assert result.returncode == 1
+        assert "stauts" in result.stderr, result.stderr
+        assert "TypeError" not in result.stderr
+
+    def test_typeddict_list_or_none_option_names_the_key(self, tmp_path: Path) -> None:
+        # A `list[Check] | None` option used to say only "expected list[Check] | None, got an
+        # array" for a key typo in one of its tables.
+        config = _write_typed(tmp_path, TYPED_FUNCS["typeddict_list_option"])
+        text = config.read_text().replace(
+            'check = { url = "http://localhost/" }',
+            'check = { url = "http://localhost/" }\nmore = [{ url = "u" }, { url = "v", stauts = 1 }]',
+        )
+        config.write_text(text)
+        result = run_cli("check", "-c", str(config))
+        assert result.returncode == 1
+        assert "item 1: unknown key 'stauts' in a Check table (did you mean 'status'?)" in (
+            result.stderr
+        ), result.stderr

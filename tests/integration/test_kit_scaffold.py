@@ -141,6 +141,37 @@ class TestRefusals:
         assert "is not a usable plugin name" in result.stderr
         assert list(tmp_path.iterdir()) == []
 
+    @pytest.mark.parametrize(
+        ("name", "reason"),
+        [
+            # Its file would shadow the module of that name on pytest's sys.path (the test
+            # folder goes first), so the scaffold's own tests fail as written.
+            ("json", "standard library module 'json'"),
+            ("asyncio", "standard library module 'asyncio'"),
+            ("taskd", "module 'taskd'"),
+            ("pytest", "module 'pytest'"),
+            ("aiohttp", "module 'aiohttp'"),
+            # Drop-in folders skip pytest's files, so the plugin would never be loaded.
+            ("x_test", "ends with '_test'"),
+            ("conftest", "'conftest'"),
+        ],
+    )
+    def test_names_that_shadow_or_are_skipped(self, tmp_path: Path, name: str, reason: str) -> None:
+        result = run_cli("new-plugin", name, "-d", str(tmp_path))
+        assert result.returncode == 1
+        assert "is not a usable plugin name" in result.stderr
+        assert reason in result.stderr, result.stderr
+        assert list(tmp_path.iterdir()) == []
+
+    def test_force_over_its_own_plugin_in_the_current_folder(
+        self, scaffold: tuple[Path, str]
+    ) -> None:
+        # Run from the plugin's folder, the plugin itself is importable by its name: that is
+        # the file being overwritten, not a module it would shadow.
+        folder, _ = scaffold
+        result = run_cli("new-plugin", NAME, "-d", ".", "--force", cwd=folder)
+        assert result.returncode == 0, result.stderr
+
     def test_existing_files_are_kept(self, scaffold: tuple[Path, str]) -> None:
         folder, _ = scaffold
         plugin = folder / f"{NAME}.py"

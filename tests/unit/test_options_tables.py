@@ -75,6 +75,41 @@ class TestCheck:
         [(key, message, _)] = check_options(JT, {"probes": [], "one": {"size": 1}})
         assert (key, message) == ("one", "missing key 'name' in a Strict table")
 
+    @pytest.mark.parametrize(
+        ("value", "hint", "message"),
+        [
+            # One member takes an array: its own problem names the item and the key.
+            (
+                [{"name": "a", "sise": 1}],
+                list[Strict] | None,
+                "item 0: unknown key 'sise' in a Strict table (did you mean 'size'?)",
+            ),
+            (
+                [{"name": 1}],
+                list[Strict] | None,
+                "item 0: key 'name': expected a string, got an integer",
+            ),
+            (["a"], list[Strict] | None, "item 0: expected a table (Strict), got a string"),
+            ([{"name": "a", "sise": 1}], int | list[Strict], "item 0: unknown key 'sise'"),
+            # One member takes a table: a dict[str, X] member explains too.
+            ({"a": {"nme": "x"}}, dict[str, Strict] | None, "key 'a': unknown key 'nme'"),
+            ({"a": "x"}, dict[str, int] | str, "key 'a': expected an integer, got a string"),
+            # Two members take an array: which one was meant is unknown, so the union is named.
+            (
+                [1.5],
+                list[str] | list[bool] | None,
+                "expected list[str] | list[bool] | None, got an array",
+            ),
+            # The value's kind fits no member: the union is named.
+            (5, list[Strict] | None, "expected list[Strict] | None, got an integer"),
+        ],
+    )
+    def test_in_a_union_the_one_member_of_its_kind_explains(
+        self, value: object, hint: object, message: str
+    ) -> None:
+        problem = check_value(value, hint)
+        assert problem is not None and problem.startswith(message), problem
+
     def test_unresolvable_annotation_is_reported_not_raised(self) -> None:
         class Bad(TypedDict):
             x: Nope  # type: ignore[name-defined]  # noqa: F821
