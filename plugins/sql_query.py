@@ -168,8 +168,9 @@ async def _read_password(ctx: taskd.JobContext, file: str | None, env: str | Non
     if file is not None:
 
         def read() -> str:
+            # The first line only: a note may follow it (who rotated it, when).
             with open(file, encoding="utf-8") as f:
-                return f.read(64 * 1024).rstrip("\r\n")
+                return f.readline(64 * 1024).rstrip("\r\n")
 
         try:
             value = await ctx.to_thread(read)  # a stat can hang on a dead network mount
@@ -178,7 +179,10 @@ async def _read_password(ctx: taskd.JobContext, file: str | None, env: str | Non
                 f"sql_query: option 'password_file' {file!r}: {exc.strerror or exc}"
             ) from None
         if not value:
-            raise SqlQueryError(f"sql_query: option 'password_file' {file!r} is empty")
+            raise SqlQueryError(
+                f"sql_query: option 'password_file' {file!r}: its first line is empty (the "
+                f"password goes on the first line)"
+            )
         return value
     return None
 
@@ -485,7 +489,7 @@ async def sql_query(
       dsn: postgresql://user@host:port/db or mysql://user@host:port/db, without a password.
       query: the SQL; placeholders $1, $2 (PostgreSQL) or %s (MySQL) for params.
       params: values bound to the placeholders (never formatted into the SQL).
-      password_file: a file holding the password (read when the pool opens).
+      password_file: a file whose first line is the password (read when the pool opens).
       password_env: an environment variable holding it instead.
       statement_timeout: the server cancels a longer statement (default 30s); the client
         gives up 2 s later.

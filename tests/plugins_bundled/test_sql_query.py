@@ -252,6 +252,16 @@ class TestPassword:
         )
         assert result["rows"] == [{"one": 1}]
 
+    async def test_only_the_files_first_line_is_the_password(
+        self, runner: Runner, tmp_path
+    ) -> None:
+        # As documented: a file may carry a note after the password (who rotated it, when).
+        noted = tmp_path / "noted.pw"
+        noted.write_text(f"{REPORT_PASSWORD}\r\n# rotated by ops, see ticket 42\n")
+        noted.chmod(0o600)
+        result = await runner("SELECT 1 AS one", password_file=str(noted))
+        assert result["rows"] == [{"one": 1}]
+
     async def test_missing_sources(self, runner: Runner, mod: types.ModuleType, tmp_path) -> None:
         with pytest.raises(mod.SqlQueryError, match="'TASKD_NOPE' is not set"):
             await runner("SELECT 1", password_file=None, password_env="TASKD_NOPE")
