@@ -51,6 +51,12 @@ _CLOSE_TIMEOUT = 5.0  # for a pool being replaced, and for a KILL QUERY
 _MYSQL_CONN_CODES = {1040, 1044, 1045, 1053, 1152, 1927}
 
 
+_NO_PASSWORD = (
+    "The config is no place for a password: put it in a file (option 'password_file', mode "
+    "0600) or an environment variable (option 'password_env'), and drop it from the DSN."
+)
+
+
 class SqlQueryError(RuntimeError):
     """The query could not be run; the message says where and why (never the password)."""
 
@@ -74,19 +80,37 @@ class _Target:
                 f"sql_query: option 'dsn' must start with postgresql://, postgres:// or "
                 f"mysql:// (mariadb:// too), got {parts.scheme + '://' if parts.scheme else dsn!r}"
             )
-        in_query = any(p.split("=", 1)[0].lower() == "password" for p in parts.query.split("&"))
+        elsewhere = "@" in dsn.split("://", 1)[-1][len(parts.netloc) :]
+        if "@" not in parts.netloc and elsewhere:
+            # A "/", "#" or "?" in a password ends the host part early ("u:Se/cret@h" reads
+            # as host "u", port "Se"): nothing of the DSN can be shown safely.
+            raise ValueError(
+                f"sql_query: option 'dsn' ({parts.scheme}://...) has an '@' after its host "
+                f"part: a password with '/', '#' or '?' in it? {_NO_PASSWORD} If the '@' "
+                f"belongs in the database name or a parameter, write it as %40"
+            )
+        # Keys decoded as the drivers decode them: ?pass%77ord= is ?password=.
+        in_query = any(
+            unquote(p.split("=", 1)[0]).lower() == "password" for p in parts.query.split("&")
+        )
         if parts.password is not None or in_query:
             shown = dsn.replace(f":{parts.password}@", ":***@", 1) if parts.password else dsn
             shown = shown.split("?", 1)[0] + ("?..." if parts.query else "")
             raise ValueError(
-                f"sql_query: option 'dsn' {shown!r} has a password in it; the config is no place "
-                f"for one: put it in a file (option 'password_file', mode 0600) or an "
-                f"environment variable (option 'password_env'), and drop it from the DSN"
+                f"sql_query: option 'dsn' {shown!r} has a password in it. {_NO_PASSWORD}"
             )
+        try:
+            port = parts.port
+        except ValueError:
+            # urlsplit's message quotes the text after the ':', which is no place to look.
+            raise ValueError(
+                f"sql_query: option 'dsn': the port after host {parts.hostname!r} is not a "
+                f"number from 0 to 65535"
+            ) from None
         self.dsn = dsn
         self.driver = driver
         self.host = parts.hostname or "localhost"
-        self.port = parts.port or (5432 if driver == "pg" else 3306)
+        self.port = port or (5432 if driver == "pg" else 3306)
         self.user = unquote(parts.username or "")
         self.database = unquote(parts.path.lstrip("/"))
         self.query = parts.query
@@ -307,7 +331,8 @@ def _mysql_kwargs(t: _Target, password: str | None, cfg: dict[str, Any]) -> dict
     }
     if password is not None:
         kwargs["password"] = password
-    for key, value in (p.split("=", 1) for p in t.query.split("&") if p):
+    for raw, value in (p.split("=", 1) for p in t.query.split("&") if p):
+        key = unquote(raw)
         if key not in ("unix_socket", "charset"):
             raise ValueError(
                 f"sql_query: option 'dsn': unknown parameter {key!r} for mysql:// "

@@ -138,6 +138,36 @@ class TestContract:
             await mod.sql_query(ctx, dsn="postgresql://u@h/db?password=hunter2", query="SELECT 1")
         assert "hunter2" not in str(err.value)
 
+    async def test_a_password_with_url_delimiters_is_refused_unshown(
+        self, mod: types.ModuleType
+    ) -> None:
+        # "/", "#" or "?" in a password cut the authority short: urlsplit reads "u:Sx9" as
+        # host:port. The refusal must not quote any of it.
+        ctx = JobContext(job="j", run_id="r", attempt=1, scheduled=0.0, state=SharedState())
+        for scheme in ("postgresql", "mysql"):
+            for pw in ("Sx9/qrest", "Sx9#qrest", "Sx9?qrest", "123/qrest"):
+                dsn = f"{scheme}://report:{pw}@127.0.0.1:5432/shop"
+                with pytest.raises(ValueError, match="password") as err:
+                    await mod.sql_query(ctx, dsn=dsn, query="SELECT 1")
+                text = str(err.value)
+                assert "password" in text and "%40" in text, text
+                assert pw.split("/")[0].split("#")[0].split("?")[0] not in text, text
+                assert "qrest" not in text, text
+        with pytest.raises(ValueError, match="port") as err:
+            await mod.sql_query(ctx, dsn="postgresql://db.example:54x2/shop", query="SELECT 1")
+        assert "'db.example'" in str(err.value)
+
+    async def test_an_encoded_password_parameter_is_refused(
+        self, mod: types.ModuleType, server: Server
+    ) -> None:
+        # The driver decodes the key: ?pass%77ord= is ?password= to it and would connect.
+        ctx = JobContext(job="j", run_id="r", attempt=1, scheduled=0.0, state=SharedState())
+        for key in ("pass%77ord", "PASSWORD", "pass%57ord"):
+            dsn = f"{server.dsn()}?{key}={REPORT_PASSWORD}"
+            with pytest.raises(ValueError, match="has a password in it") as err:
+                await mod.sql_query(ctx, dsn=dsn, query="SELECT 1")
+            assert REPORT_PASSWORD not in str(err.value)
+
 
 class TestQuery:
     """Rows, bound parameters, limits, statements without rows."""
