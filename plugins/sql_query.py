@@ -347,16 +347,24 @@ async def _mysql_open(t: _Target, password: str | None, cfg: dict[str, Any]) -> 
     kwargs = _mysql_kwargs(t, password, cfg)
     pool = await aiomysql.create_pool(minsize=0, maxsize=cfg["pool_size"], **kwargs)
     pool.taskd_connect = kwargs  # for a KILL QUERY on a connection of its own
+    pool.taskd_released = asyncio.Event()  # set by each release, for _mysql_close
     return pool
 
 
 async def _mysql_close(pool: Any) -> None:
     pool.close()
+    # Wait for the connections in use on our own event, not in wait_closed(): aiomysql's
+    # release of a connection a cancelled run already closed wakes no one waiting there, so
+    # it would sit out the whole timeout (a stop took 5 s more than shutdown_timeout).
+    released: asyncio.Event = pool.taskd_released
     try:
-        await asyncio.wait_for(pool.wait_closed(), _CLOSE_TIMEOUT)
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            while pool.size > pool.freesize:
+                released.clear()
+                await released.wait()
     except TimeoutError:
-        pool.terminate()
-        await pool.wait_closed()
+        pool.terminate()  # a run still holds a connection: it is broken anyway
+    await pool.wait_closed()  # nothing in use now: closes the idle ones and returns
 
 
 async def _mysql_kill(pool: Any, thread_id: int) -> None:
@@ -425,6 +433,7 @@ async def _mysql_run(pool: Any, cfg: dict[str, Any], read: int) -> dict[str, Any
         raise
     finally:
         await pool.release(conn)
+        pool.taskd_released.set()
 
 
 # -- the job ------------------------------------------------------------------------------
