@@ -51,6 +51,12 @@ _CLOSE_TIMEOUT = 5.0  # for a pool being replaced, and for a KILL QUERY
 _MYSQL_CONN_CODES = {1040, 1044, 1045, 1053, 1152, 1927}
 
 
+_NO_PASSWORD = (
+    "The config is no place for a password: put it in a file (option 'password_file', mode "
+    "0600) or an environment variable (option 'password_env'), and drop it from the DSN."
+)
+
+
 class SqlQueryError(RuntimeError):
     """The query could not be run; the message says where and why (never the password)."""
 
@@ -74,19 +80,37 @@ class _Target:
                 f"sql_query: option 'dsn' must start with postgresql://, postgres:// or "
                 f"mysql:// (mariadb:// too), got {parts.scheme + '://' if parts.scheme else dsn!r}"
             )
-        in_query = any(p.split("=", 1)[0].lower() == "password" for p in parts.query.split("&"))
+        elsewhere = "@" in dsn.split("://", 1)[-1][len(parts.netloc) :]
+        if "@" not in parts.netloc and elsewhere:
+            # A "/", "#" or "?" in a password ends the host part early ("u:Se/cret@h" reads
+            # as host "u", port "Se"): nothing of the DSN can be shown safely.
+            raise ValueError(
+                f"sql_query: option 'dsn' ({parts.scheme}://...) has an '@' after its host "
+                f"part: a password with '/', '#' or '?' in it? {_NO_PASSWORD} If the '@' "
+                f"belongs in the database name or a parameter, write it as %40"
+            )
+        # Keys decoded as the drivers decode them: ?pass%77ord= is ?password=.
+        in_query = any(
+            unquote(p.split("=", 1)[0]).lower() == "password" for p in parts.query.split("&")
+        )
         if parts.password is not None or in_query:
             shown = dsn.replace(f":{parts.password}@", ":***@", 1) if parts.password else dsn
             shown = shown.split("?", 1)[0] + ("?..." if parts.query else "")
             raise ValueError(
-                f"sql_query: option 'dsn' {shown!r} has a password in it; the config is no place "
-                f"for one: put it in a file (option 'password_file', mode 0600) or an "
-                f"environment variable (option 'password_env'), and drop it from the DSN"
+                f"sql_query: option 'dsn' {shown!r} has a password in it. {_NO_PASSWORD}"
             )
+        try:
+            port = parts.port
+        except ValueError:
+            # urlsplit's message quotes the text after the ':', which is no place to look.
+            raise ValueError(
+                f"sql_query: option 'dsn': the port after host {parts.hostname!r} is not a "
+                f"number from 0 to 65535"
+            ) from None
         self.dsn = dsn
         self.driver = driver
         self.host = parts.hostname or "localhost"
-        self.port = parts.port or (5432 if driver == "pg" else 3306)
+        self.port = port or (5432 if driver == "pg" else 3306)
         self.user = unquote(parts.username or "")
         self.database = unquote(parts.path.lstrip("/"))
         self.query = parts.query
@@ -168,8 +192,9 @@ async def _read_password(ctx: taskd.JobContext, file: str | None, env: str | Non
     if file is not None:
 
         def read() -> str:
+            # The first line only: a note may follow it (who rotated it, when).
             with open(file, encoding="utf-8") as f:
-                return f.read(64 * 1024).rstrip("\r\n")
+                return f.readline(64 * 1024).rstrip("\r\n")
 
         try:
             value = await ctx.to_thread(read)  # a stat can hang on a dead network mount
@@ -178,7 +203,10 @@ async def _read_password(ctx: taskd.JobContext, file: str | None, env: str | Non
                 f"sql_query: option 'password_file' {file!r}: {exc.strerror or exc}"
             ) from None
         if not value:
-            raise SqlQueryError(f"sql_query: option 'password_file' {file!r} is empty")
+            raise SqlQueryError(
+                f"sql_query: option 'password_file' {file!r}: its first line is empty (the "
+                f"password goes on the first line)"
+            )
         return value
     return None
 
@@ -303,7 +331,8 @@ def _mysql_kwargs(t: _Target, password: str | None, cfg: dict[str, Any]) -> dict
     }
     if password is not None:
         kwargs["password"] = password
-    for key, value in (p.split("=", 1) for p in t.query.split("&") if p):
+    for raw, value in (p.split("=", 1) for p in t.query.split("&") if p):
+        key = unquote(raw)
         if key not in ("unix_socket", "charset"):
             raise ValueError(
                 f"sql_query: option 'dsn': unknown parameter {key!r} for mysql:// "
@@ -318,16 +347,24 @@ async def _mysql_open(t: _Target, password: str | None, cfg: dict[str, Any]) -> 
     kwargs = _mysql_kwargs(t, password, cfg)
     pool = await aiomysql.create_pool(minsize=0, maxsize=cfg["pool_size"], **kwargs)
     pool.taskd_connect = kwargs  # for a KILL QUERY on a connection of its own
+    pool.taskd_released = asyncio.Event()  # set by each release, for _mysql_close
     return pool
 
 
 async def _mysql_close(pool: Any) -> None:
     pool.close()
+    # Wait for the connections in use on our own event, not in wait_closed(): aiomysql's
+    # release of a connection a cancelled run already closed wakes no one waiting there, so
+    # it would sit out the whole timeout (a stop took 5 s more than shutdown_timeout).
+    released: asyncio.Event = pool.taskd_released
     try:
-        await asyncio.wait_for(pool.wait_closed(), _CLOSE_TIMEOUT)
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            while pool.size > pool.freesize:
+                released.clear()
+                await released.wait()
     except TimeoutError:
-        pool.terminate()
-        await pool.wait_closed()
+        pool.terminate()  # a run still holds a connection: it is broken anyway
+    await pool.wait_closed()  # nothing in use now: closes the idle ones and returns
 
 
 async def _mysql_kill(pool: Any, thread_id: int) -> None:
@@ -396,6 +433,7 @@ async def _mysql_run(pool: Any, cfg: dict[str, Any], read: int) -> dict[str, Any
         raise
     finally:
         await pool.release(conn)
+        pool.taskd_released.set()
 
 
 # -- the job ------------------------------------------------------------------------------
@@ -485,7 +523,7 @@ async def sql_query(
       dsn: postgresql://user@host:port/db or mysql://user@host:port/db, without a password.
       query: the SQL; placeholders $1, $2 (PostgreSQL) or %s (MySQL) for params.
       params: values bound to the placeholders (never formatted into the SQL).
-      password_file: a file holding the password (read when the pool opens).
+      password_file: a file whose first line is the password (read when the pool opens).
       password_env: an environment variable holding it instead.
       statement_timeout: the server cancels a longer statement (default 30s); the client
         gives up 2 s later.

@@ -138,6 +138,36 @@ class TestContract:
             await mod.sql_query(ctx, dsn="postgresql://u@h/db?password=hunter2", query="SELECT 1")
         assert "hunter2" not in str(err.value)
 
+    async def test_a_password_with_url_delimiters_is_refused_unshown(
+        self, mod: types.ModuleType
+    ) -> None:
+        # "/", "#" or "?" in a password cut the authority short: urlsplit reads "u:Sx9" as
+        # host:port. The refusal must not quote any of it.
+        ctx = JobContext(job="j", run_id="r", attempt=1, scheduled=0.0, state=SharedState())
+        for scheme in ("postgresql", "mysql"):
+            for pw in ("Sx9/qrest", "Sx9#qrest", "Sx9?qrest", "123/qrest"):
+                dsn = f"{scheme}://report:{pw}@127.0.0.1:5432/shop"
+                with pytest.raises(ValueError, match="password") as err:
+                    await mod.sql_query(ctx, dsn=dsn, query="SELECT 1")
+                text = str(err.value)
+                assert "password" in text and "%40" in text, text
+                assert pw.split("/")[0].split("#")[0].split("?")[0] not in text, text
+                assert "qrest" not in text, text
+        with pytest.raises(ValueError, match="port") as err:
+            await mod.sql_query(ctx, dsn="postgresql://db.example:54x2/shop", query="SELECT 1")
+        assert "'db.example'" in str(err.value)
+
+    async def test_an_encoded_password_parameter_is_refused(
+        self, mod: types.ModuleType, server: Server
+    ) -> None:
+        # The driver decodes the key: ?pass%77ord= is ?password= to it and would connect.
+        ctx = JobContext(job="j", run_id="r", attempt=1, scheduled=0.0, state=SharedState())
+        for key in ("pass%77ord", "PASSWORD", "pass%57ord"):
+            dsn = f"{server.dsn()}?{key}={REPORT_PASSWORD}"
+            with pytest.raises(ValueError, match="has a password in it") as err:
+                await mod.sql_query(ctx, dsn=dsn, query="SELECT 1")
+            assert REPORT_PASSWORD not in str(err.value)
+
 
 class TestQuery:
     """Rows, bound parameters, limits, statements without rows."""
@@ -250,6 +280,16 @@ class TestPassword:
         result = await runner(
             "SELECT 1 AS one", password_file=None, password_env="TASKD_TEST_DB_PW"
         )
+        assert result["rows"] == [{"one": 1}]
+
+    async def test_only_the_files_first_line_is_the_password(
+        self, runner: Runner, tmp_path
+    ) -> None:
+        # As documented: a file may carry a note after the password (who rotated it, when).
+        noted = tmp_path / "noted.pw"
+        noted.write_text(f"{REPORT_PASSWORD}\r\n# rotated by ops, see ticket 42\n")
+        noted.chmod(0o600)
+        result = await runner("SELECT 1 AS one", password_file=str(noted))
         assert result["rows"] == [{"one": 1}]
 
     async def test_missing_sources(self, runner: Runner, mod: types.ModuleType, tmp_path) -> None:
