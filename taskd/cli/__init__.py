@@ -6,6 +6,7 @@ invalid config, so systemd can tell "fix the file" from a crash worth restarting
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -181,9 +182,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _tolerant_stdout()
     try:
         code: int = args.func(args)
+        if args.command != "run":
+            sys.stdout.flush()  # here, where a closed pipe can still be caught
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if args.command == "run":
+            raise
+        return _reader_gone()
     return code
+
+
+def _reader_gone() -> int:
+    """``taskd status | head``: the reader left before all was printed. Quietly, as a shell
+    tool does: no traceback, and stdout pointed at /dev/null so the interpreter's final
+    flush cannot fail again. 141 is what a shell reports for a command killed by SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import itertools
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -455,6 +457,28 @@ def _times(result_stdout: str) -> list[tuple[datetime, datetime]]:
             utc = datetime.fromisoformat(m.group(2)).replace(tzinfo=UTC)
             pairs.append((local, utc))
     return pairs
+
+
+class TestReaderGone:
+    """``taskd next JOB -n 100000 | head -1``: the reader leaves early; taskd ends quietly."""
+
+    @pytest.mark.parametrize("json_out", [False, True])
+    def test_a_closed_pipe_is_no_traceback(self, project: Project, json_out: bool) -> None:
+        argv = [sys.executable, "-m", "taskd", "next", "greet", "-n", "100000"]
+        argv += ["--json"] if json_out else []
+        proc = subprocess.Popen(
+            [*argv, "-c", str(project.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline()  # one line, then the reader goes, as head does
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.stderr.close()
+        assert proc.wait(timeout=60) == 141, err
+        assert err == ""
 
 
 class TestNext:
