@@ -73,6 +73,28 @@ def taskd_job_types():
 """
 
 
+def _status_bytes(pid: int, field: str) -> int:
+    """A size field of /proc/PID/status (``VmRSS``, ``VmHWM``) in bytes."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def rss(pid: int) -> int:
+    """Resident memory of ``pid`` in bytes (0 once it is gone: for polling a process)."""
+    try:
+        return _status_bytes(pid, "VmRSS")
+    except OSError:
+        return 0
+
+
+def peak_rss(pid: int) -> int:
+    """Peak resident memory (VmHWM) of a live ``pid`` in bytes; raises if it is gone."""
+    return _status_bytes(pid, "VmHWM")
+
+
 def listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from taskd.config.load import JOB_NAME
-from tests.helpers import DaemonProc, daemon_table
+from tests.helpers import DaemonProc, daemon_table, rss
 
 MAX_RSS = 200 * 1024 * 1024  # a daemon or `taskd check` above this is reading what it must not
 PROMPT = 5.0  # seconds: "starts promptly"
@@ -37,18 +37,6 @@ def taskd_job_types():
 """
 
 TICK = '[jobs.tick]\ntype = "echo"\nevery = "200ms"\n'
-
-
-def rss(pid: int) -> int:
-    """Resident memory of ``pid`` in bytes (0 once it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def run_bounded(args: list[str], cwd: Path, timeout: float = 15.0) -> tuple[int, str, float, int]:

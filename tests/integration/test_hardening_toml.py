@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from taskd.config.source import MAX_CONFIG_BYTES, MAX_DEPTH
-from tests.helpers import DaemonProc, daemon_table
+from tests.helpers import DaemonProc, daemon_table, rss
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,17 +62,6 @@ HOSTILE = {
     "deep-inline-tables": (DEEP_INLINE, "nested"),
     "large": (LARGE, "limit"),
 }
-
-
-def rss(pid: int) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def watch(proc: subprocess.Popen[str] | subprocess.Popen[bytes], what: str) -> float:

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from tests.helpers import DaemonProc, daemon_table, run_cli
+from tests.helpers import DaemonProc, daemon_table, peak_rss, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,11 +65,6 @@ BY_HAND = "".join(
     f'[jobs.{name}]\ntype = "{name}"\nevery = "1h"\n\n'
     for name in ("big_cpu", "big_io", "big_blocking", "loud_cpu", "loud_io")
 )
-
-
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def trigger(d: DaemonProc, job: str) -> None:

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.helpers import daemon_table
+from tests.helpers import daemon_table, peak_rss
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,11 +84,6 @@ def taskd_job_types():
         T("floats_cpu", floats_cpu, kind="cpu"),
     ]
 """
-
-
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def startup_job(name: str, jtype: str, **options: object) -> str:

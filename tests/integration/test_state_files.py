@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DaemonProc, poll, run_cli
+from tests.helpers import DaemonProc, peak_rss, poll, run_cli
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 
@@ -181,13 +181,6 @@ class TestModes:
         assert d.stop() == 0
 
 
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 class TestJournalSize:
     """A huge tick journal is replayed a chunk at a time, not read whole."""
 
@@ -202,7 +195,7 @@ class TestJournalSize:
             fh.write(b"\nT\thello\t1700000001.0\n")
         os.chmod(journal, 0o600)
         d.start(timeout=60)
-        peak = peak_rss_kib(d.pid)
+        peak = peak_rss(d.pid) // 1024
         skipped = d.wait_for("journal_lines_skipped")[0]
         assert skipped["count"] == 1, skipped
         assert d.stop() == 0
