@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from taskd.cli import MAX_COUNT
-from tests.helpers import daemon_table
+from tests.helpers import daemon_table, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,14 +20,8 @@ LIMIT = 20.0  # seconds; each of these is a usage or config error, a fraction of
 def taskd(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "taskd", *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=LIMIT,  # a regression fails here instead of running for hours
-    )
+    # A regression fails at LIMIT instead of running for hours.
+    return run_cli(*args, cwd=cwd, env=env, timeout=LIMIT)
 
 
 @pytest.fixture
