@@ -73,26 +73,31 @@ def taskd_job_types():
 """
 
 
-def _status_bytes(pid: int, field: str) -> int:
-    """A size field of /proc/PID/status (``VmRSS``, ``VmHWM``) in bytes."""
+def _status_bytes(pid: int, field: str) -> int | None:
+    """A size field of /proc/PID/status (``VmRSS``, ``VmHWM``) in bytes; None when absent
+    (a zombie's status has no memory lines)."""
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
+    return None
 
 
 def rss(pid: int) -> int:
-    """Resident memory of ``pid`` in bytes (0 once it is gone: for polling a process)."""
+    """Resident memory of ``pid`` in bytes; 0 once it is gone or a zombie (for polling a
+    process that may exit meanwhile)."""
     try:
-        return _status_bytes(pid, "VmRSS")
+        return _status_bytes(pid, "VmRSS") or 0
     except OSError:
         return 0
 
 
 def peak_rss(pid: int) -> int:
     """Peak resident memory (VmHWM) of a live ``pid`` in bytes; raises if it is gone."""
-    return _status_bytes(pid, "VmHWM")
+    peak = _status_bytes(pid, "VmHWM")
+    if peak is None:
+        raise AssertionError(f"no VmHWM in /proc/{pid}/status: the process has exited")
+    return peak
 
 
 def listening(port: int) -> bool:
