@@ -87,6 +87,7 @@ def kill_tree(root: int, *, include_root: bool) -> int:
     """
     if include_root:
         _signal(root, signal.SIGSTOP)
+        _wait_stopped({root})
     stopped: set[int] = set()
     for _ in range(_MAX_ROUNDS):
         found = descendants(root) - stopped
@@ -94,12 +95,34 @@ def kill_tree(root: int, *, include_root: bool) -> int:
             break
         for pid in found:
             _signal(pid, signal.SIGSTOP)
+        # SIGSTOP takes effect when the process next runs: one still inside fork() when the
+        # scan ran adds a child after it. Only once all are really stopped can the next scan
+        # find nothing new for good (under load, hundreds slipped out without this wait).
+        _wait_stopped(found)
         stopped |= found
     for pid in stopped:
         _signal(pid, signal.SIGKILL)
     if include_root:
         _signal(root, signal.SIGKILL)
     return len(stopped)
+
+
+def _wait_stopped(pids: set[int], timeout: float = 0.5) -> None:
+    """Wait until each of ``pids`` is stopped, a zombie or gone (bounded by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    waiting = set(pids)
+    while waiting and time.monotonic() < deadline:
+        for pid in list(waiting):
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as fh:
+                    stat = fh.read()
+                state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
+            except (OSError, ValueError):
+                state = b"X"
+            if state in (b"T", b"t", b"Z", b"X"):
+                waiting.discard(pid)
+        if waiting:
+            time.sleep(0.0005)
 
 
 def reap_children(timeout: float) -> bool:
