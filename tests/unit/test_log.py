@@ -491,3 +491,130 @@ class TestOutputFailures:
         closed.close()
         monkeypatch.setattr(sys, "stderr", closed)
         logsetup.flush_std_streams()
+
+
+class _Custom:
+    def __structlog__(self) -> str:
+        return "custom!"
+
+
+class _Opaque:
+    def __repr__(self) -> str:
+        return "<opaque é>"
+
+
+def _reference_chain() -> list[Any]:
+    """structlog's own processors, as configure() chained them before JsonLines."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.dict_tracebacks,
+        structlog.processors.JSONRenderer(),
+    ]
+
+
+def _through(chain: list[Any], method: str, event_dict: dict[str, Any]) -> str:
+    for proc in chain:
+        event_dict = proc(None, method, event_dict)
+    return str(event_dict)
+
+
+class TestJsonLinesIsTheChain:
+    """JsonLines writes byte for byte what structlog's chain of five processors wrote."""
+
+    _STAMP = re.compile(r'"timestamp": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z"')
+
+    def _events(self) -> list[tuple[str, dict[str, Any]]]:
+        try:
+            raise ValueError("boom ü")
+        except ValueError:
+            exc = sys.exc_info()
+        return [
+            ("info", {"job": "a", "run_id": "r1", "attempt": 1, "event": "run"}),
+            ("warn", {"event": "skipped", "reason": "overlap"}),
+            ("exception", {"event": "crashed", "exc_info": exc}),
+            ("error", {"event": "failed", "exc_info": exc[1]}),
+            ("info", {"event": "x", "exc_info": False, "after": 1}),
+            ("debug", {"level": "kept in place", "event": "lvl", "timestamp": 0}),
+            ("info", {"event": "text", "s": 'ünïcödé "q" \\ \n\t\x00', "f": 1e-7, "n": None}),
+            ("info", {"event": "odd", "c": _Custom(), "o": _Opaque(), "t": (1, 2.5, True)}),
+            ("info", {"event": "nan", "v": float("nan"), "i": float("inf"), "big": 2**70}),
+            ("critical", {"event": "nested", "d": {"k": [1, {"x": "y"}]}, 3: "int key"}),
+            ("fatal", {"event": "unknown method"}),
+        ]
+
+    @pytest.mark.parametrize("journal", [False, True])
+    def test_same_bytes(self, journal: bool) -> None:
+        ours = logsetup.JsonLines(journal=journal)
+        structlog.contextvars.clear_contextvars()
+        for bound in (False, True):
+            if bound:
+                structlog.contextvars.bind_contextvars(request="req-1", job="from context")
+            try:
+                for method, event in self._events():
+                    want = _through(_reference_chain(), method, dict(event))
+                    if journal:
+                        want = logsetup.PRIORITY.get(method, "<6>") + want
+                    got = ours(None, method, dict(event))
+                    assert self._STAMP.sub("T", got) == self._STAMP.sub("T", want)
+                    assert self._STAMP.search(got) is not None
+            finally:
+                structlog.contextvars.clear_contextvars()
+
+    def test_configured_line_is_the_chain(self) -> None:
+        out = io.StringIO()
+        logsetup.configure("info", "json", out)
+        structlog.get_logger("t").bind(job="a").info("run", outcome="succeeded", late=0.5)
+        want = _through(
+            _reference_chain(),
+            "info",
+            {"job": "a", "outcome": "succeeded", "late": 0.5, "event": "run"},
+        )
+        assert self._STAMP.sub("T", out.getvalue()) == self._STAMP.sub("T", want) + "\n"
+
+    def test_orjson_would_not_do(self) -> None:
+        # Why the stdlib encoder stays (see JsonLines): users grep `"event": "run"` (a space
+        # after the colon) and read escaped non-ASCII; orjson writes neither.
+        line = logsetup.JsonLines()(None, "info", {"event": "run", "who": "é"})
+        assert '"event": "run"' in line and '"who": "\\u00e9"' in line
+
+
+class TestUtcStamp:
+    """utc_stamp() is datetime's ISO text in UTC, always with six digits of fraction."""
+
+    @pytest.mark.parametrize(
+        "ns",
+        [
+            1_796_223_012_481_234_567,
+            1_796_223_012_000_000_000,  # a whole second: the fraction is still there
+            1_796_223_012_999_999_999,  # rounded down, as datetime.now() does
+            1_796_223_013_000_001_000,
+            0,
+            1_798_761_599_999_999_000,  # the last microsecond of a year
+        ],
+    )
+    def test_text(self, monkeypatch: pytest.MonkeyPatch, ns: int) -> None:
+        import datetime
+
+        monkeypatch.setattr(time, "time_ns", lambda: ns)
+        moment = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
+            microseconds=ns // 1000
+        )
+        want = moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert logsetup.utc_stamp() == want
+        assert datetime.datetime.fromisoformat(want) == moment
+
+    def test_a_new_second_is_seen(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        now = [1_796_223_012_999_999_000]
+        monkeypatch.setattr(time, "time_ns", lambda: now[0])
+        assert logsetup.utc_stamp().endswith("12.999999Z")
+        now[0] += 1000
+        assert logsetup.utc_stamp().endswith("13.000000Z")
+        now[0] -= 1000  # the clock stepped back: the text follows it
+        assert logsetup.utc_stamp().endswith("12.999999Z")
+
+    def test_sorts_as_the_time_does(self) -> None:
+        a = logsetup.utc_stamp()
+        b = logsetup.utc_stamp()
+        assert a <= b and len(a) == len(b) == len("2026-11-21T02:30:12.481234Z")
