@@ -84,6 +84,7 @@ class Output:
 
     __slots__ = (
         "__weakref__",
+        "_busy",
         "_encoding",
         "_errors",
         "_fd",
@@ -98,7 +99,10 @@ class Output:
 
     def __init__(self, stream: TextIO | None) -> None:
         self.stream = stream
-        self.lock = threading.Lock()
+        # Re-entrant: a finaliser that logs (asyncio's "Task was destroyed") can run in the
+        # middle of a write, on the same thread; a plain Lock would hang the daemon there.
+        self.lock = threading.RLock()
+        self._busy = False  # a write is under way (on the thread holding the lock)
         self.write: Callable[[str], int] = _drop
         self.flush: Callable[[], None] = _nothing
         self._fd, self._encoding, self._errors = -1, "utf-8", "strict"
@@ -148,18 +152,24 @@ class Output:
             self._write_batch()
 
     def _write_batch(self) -> None:
-        # Called with the lock held.
-        lines = self._lines
-        if not lines:
+        # Called with the lock held. Re-entered from a write (a finaliser logging), the line
+        # is left in the batch for the write under way to take next, after its own lines.
+        if self._busy:
             return
-        self._lines = []
-        self._size = 0
-        if self.write is _drop:
-            _count_dropped(len(lines))
-        elif self._fd >= 0:
-            self._write_fd(lines)
-        else:
-            self._write_stream(lines)
+        self._busy = True
+        try:
+            while self._lines:
+                lines = self._lines
+                self._lines = []
+                self._size = 0
+                if self.write is _drop:
+                    _count_dropped(len(lines))
+                elif self._fd >= 0:
+                    self._write_fd(lines)
+                else:
+                    self._write_stream(lines)
+        finally:
+            self._busy = False
 
     def _write_fd(self, lines: list[str]) -> None:
         try:
@@ -227,7 +237,8 @@ class Output:
     def _after_fork_in_child(self) -> None:
         # The parent writes what it still holds; a copy written by the child too would be
         # doubled. The lock may have been held by a thread that does not exist here.
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self._busy = False
         self._lines = []
         self._size = 0
         self._scheduled = None

@@ -349,3 +349,26 @@ class TestFlushes:
         assert os.waitstatus_to_exitcode(status) == 0
         await asyncio.sleep(0)
         assert path.read_text() == "before the fork\nfrom the child\n"
+
+
+class TestReentry:
+    """A line logged in the middle of a write on the same thread (a finaliser that logs,
+    such as asyncio's "Task was destroyed") waits for that write, and nothing hangs."""
+
+    def test_a_line_logged_during_a_write(self) -> None:
+        class Reentering(_Counting):
+            out: Output
+
+            def write(self, text: str) -> int:
+                if not self.writes:
+                    self.writes.append("(inner next)")
+                    self.out.put("from a finaliser")
+                return super().write(text)
+
+        stream = Reentering()
+        out = stream.out = Output(stream)
+        thread = threading.Thread(target=out.put, args=("first",), daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the log hung on its own lock"
+        assert stream.getvalue() == "first\nfrom a finaliser\n"
