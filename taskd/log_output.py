@@ -7,11 +7,12 @@ thousand runs ending in one iteration cost one system call, not a thousand, and 
 held while the loop waits (a ``kill -9`` loses only what was logged in the iteration it
 interrupted). The batch is also written once it reaches 64 KiB, at exit, before a fork, and by
 :func:`flush_std_streams`. A line from any other thread is written at once, together with the
-batch ahead of it and under the same lock, so lines keep their order and never interleave.
+batch ahead of it and under the same lock (as is a line logged while no loop runs), so lines
+keep their order and never interleave.
 
 Writing a line never raises: a line the output cannot take (stdout closed, the reader of a pipe
-gone, a full disk) is dropped and counted (:func:`dropped_lines`), each line of a failed batch
-as one."""
+gone, a full disk) is dropped and counted (:func:`dropped_lines`): each line of a batch that
+did not go out counts as one."""
 
 from __future__ import annotations
 
