@@ -3,7 +3,12 @@ end (the sinks: stats, store with its commit, shared state, the JSON `run` line 
 hooks), with no scheduling and no daemon around it. Deterministic enough to compare commits.
 
     .venv/bin/python bench/runpath.py [--runs 4000] [--rounds 5] [--result none|small|medium]
+        [--timeout SECONDS] [--bare]
     PYTHONPATH=/path/to/other/worktree .venv/bin/python bench/runpath.py   # another version
+
+--timeout gives the job a timeout (the timer around each attempt); --bare leaves out the store
+and the log line (no state store, log level "error"), so what remains is the runner and the
+sinks' own work.
 
 Prints the best of --rounds (CPU time per run, process_time); asserts nothing."""
 
@@ -45,11 +50,19 @@ def job_returning(value: Any) -> Any:
     return trivial
 
 
-async def measure(runs: int, rounds: int, sink: TextIO, result: Any = None) -> float:
+async def measure(
+    runs: int,
+    rounds: int,
+    sink: TextIO,
+    result: Any = None,
+    timeout: float | None = None,
+    bare: bool = False,
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        logsetup.configure("info", "json", sink)
-        store = StateStore(Path(tmp) / "state.db")
-        store.open()
+        logsetup.configure("error" if bare else "info", "json", sink)
+        store = None if bare else StateStore(Path(tmp) / "state.db")
+        if store is not None:
+            store.open()
         rt = Runtime(
             shared=SharedState(),
             store=store,
@@ -58,7 +71,7 @@ async def measure(runs: int, rounds: int, sink: TextIO, result: Any = None) -> f
             process_workers=1,
         )
         rt.refresh_log()
-        cfg = JobConfig(name="j", type="t", schedule="every", every=1.0)
+        cfg = JobConfig(name="j", type="t", schedule="every", every=1.0, timeout=timeout)
         spec = JobSpec(cfg, JobType("t", job_returning(result)), make_trigger(cfg))
         best = float("inf")
         for _ in range(rounds):
@@ -73,7 +86,8 @@ async def measure(runs: int, rounds: int, sink: TextIO, result: Any = None) -> f
             await rt.settle()
             await asyncio.sleep(0)
             best = min(best, (time.process_time() - t0) / runs)
-        store.close()
+        if store is not None:
+            store.close()
     return best
 
 
@@ -84,12 +98,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--result", choices=sorted(RESULTS), default="none")
+    parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--bare", action="store_true", help="no store, no log line")
     args = parser.parse_args()
     with open(os.devnull, "w") as sink:
-        per_run = uvloop.run(measure(args.runs, args.rounds, sink, RESULTS[args.result]))
+        per_run = uvloop.run(
+            measure(args.runs, args.rounds, sink, RESULTS[args.result], args.timeout, args.bare)
+        )
+    what = "execute + sinks" if args.bare else "execute + sinks + commit"
+    timed = f", timeout {args.timeout:g}s" if args.timeout is not None else ""
     print(
-        f"run path (execute + sinks + commit), result {args.result}, best of {args.rounds}: "
-        f"{per_run * 1e6:.1f} us"
+        f"run path ({what}), result {args.result}{timed}, best of {args.rounds}: "
+        f"{per_run * 1e6:.2f} us"
     )
 
 
