@@ -129,7 +129,7 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         call = functools.partial(_blocking, jt.func, spec.kwargs, rt.max_result_size)
         result, info.encoded = await rt.threads.run(call, {}, cfg.timeout, _label(spec, info))
         return result
-    pool = await rt.procs()
+    pool = rt.started_procs or await rt.procs()  # no coroutine per run once it is up
     result, info.encoded = await pool.run_measured(
         jt.func,
         (),

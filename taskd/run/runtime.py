@@ -227,6 +227,11 @@ class Runtime:
         return self._procs
 
     @property
+    def started_procs(self) -> ProcessPool | None:
+        """The process pool if it has been started, else None (see :meth:`procs`)."""
+        return self._procs
+
+    @property
     def pool_degraded(self) -> str | None:
         """Why the process pool is degraded (its workers crash-loop), or None."""
         return self._procs.degraded if self._procs is not None else None
