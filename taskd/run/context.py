@@ -29,6 +29,17 @@ class Offloader(Protocol):
     async def to_process(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
 
 
+class _Daemon(Offloader, Protocol):
+    """What :meth:`JobContext.for_run` takes from the daemon's Runtime."""
+
+    log: FilteringBoundLogger
+    shared: SharedState
+    resources: Resources
+
+
+_new = object.__new__
+
+
 class _LocalOffloader:
     """Fallback used outside a daemon (tests, ``taskd exec``): asyncio's default thread pool
     and a fresh one-off process pool per call."""
@@ -92,6 +103,26 @@ class JobContext:
         # The daemon's registry; None outside a daemon until a resource is asked for.
         self._resources = resources
         self._scope: Scope | None = None  # held from the first resource() to the run's end
+
+    @classmethod
+    def for_run(
+        cls, job: str, run_id: str, attempt: int, scheduled: float, rt: _Daemon
+    ) -> JobContext:
+        """The context of one attempt of a daemon's run (the runner's hot path): the same
+        object ``__init__`` makes, without its keyword parsing and defaults, a quarter of
+        its cost."""
+        ctx = _new(cls)
+        ctx.job = job
+        ctx.run_id = run_id
+        ctx.attempt = attempt
+        ctx._scheduled = scheduled
+        ctx._log = None
+        ctx._base_log = rt.log
+        ctx.state = rt.shared
+        ctx._offload = rt
+        ctx._resources = rt.resources
+        ctx._scope = None
+        return ctx
 
     @property
     def scheduled(self) -> datetime:

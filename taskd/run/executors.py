@@ -14,19 +14,60 @@ from taskd.run.threadpool import PoolStatus, ThreadPool, Work
 T = TypeVar("T")
 
 
+class _Deadline:
+    """The timer of one :func:`with_timeout`: cancels the task when it fires, and remembers
+    that it did. One object and one timer handle per timed attempt: ``asyncio.timeout``
+    costs about twice as much (its own object, state machine and two coroutine steps for
+    ``async with``), on every run of a job that has a timeout."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
 async def with_timeout(awaitable: Awaitable[T], timeout: float | None, what: str) -> T:
     """Await with a timeout that cancels it; raises JobTimeout (never a TimeoutError the job
-    raised itself, which stays the job's own failure)."""
+    raised itself, which stays the job's own failure).
+
+    The same rules as ``asyncio.timeout``: the cancel the timer sent is taken back
+    (``uncancel``) once the awaitable has ended, however it ended, and only a
+    CancelledError that no one else asked for (the task's cancel count is back where it
+    was) becomes JobTimeout; a cancel from elsewhere stays a cancel."""
     if timeout is None:
         return await awaitable
-    cm = asyncio.timeout(timeout)
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("with_timeout must be awaited inside a task")
+    cancelling = task.cancelling()
+    deadline = _Deadline(task)
+    handle = asyncio.get_running_loop().call_later(timeout, deadline)
     try:
-        async with cm:
-            return await awaitable
+        return await awaitable
+    except asyncio.CancelledError:
+        if deadline.fired:
+            deadline.fired = False  # its cancel is taken back here, not again below
+            if task.uncancel() <= cancelling:
+                raise JobTimeout(f"{what} timed out after {timeout:g}s") from None
+        raise
     except TimeoutError:
-        if cm.expired():
+        # The job turned the timer's cancel into a TimeoutError of its own (or raised one
+        # just after it fired): the run still timed out. A TimeoutError before the timer
+        # fired is the job's own failure.
+        if deadline.fired:
+            deadline.fired = False
+            task.uncancel()
             raise JobTimeout(f"{what} timed out after {timeout:g}s") from None
         raise
+    finally:
+        handle.cancel()
+        if deadline.fired:
+            task.uncancel()  # it fired, and the job swallowed the cancel or failed otherwise
 
 
 class ThreadRunner:

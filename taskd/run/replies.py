@@ -43,8 +43,10 @@ def reply_for(
         except BaseException as exc:
             why = f"the result ({what}) could not be turned into JSON text: {describe(exc)}"
             return TOO_BIG, exc, why, None
-        # The stored form is the result itself when it is JSON: pickle sends it once.
-        reply, kind, size = (result, encoded), MEASURED, f" (its JSON text: {encoded.size} bytes)"
+        # The stored form is the result itself when it is JSON: pickle sends it once. A
+        # plain tuple, not the Encoded itself (see pool.channel.measured).
+        reply, kind = (result, *encoded), MEASURED
+        size = f" (its JSON text: {encoded.size} bytes)"
     try:
         body = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:

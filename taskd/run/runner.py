@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskd.errors import JobTimeout, ResultTooLarge
 from taskd.run.context import JobContext
-from taskd.run.encoding import Encoded, TooLarge, encode, too_large
+from taskd.run.encoding import NO_RESULT, Encoded, TooLarge, encode, too_large
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 from taskd.run.executors import with_timeout
 from taskd.run.limits import MAX_ERROR_TEXT, cut, describe, recall, remember
@@ -79,6 +79,9 @@ def _checked(rt: Runtime, info: RunInfo, result: Any) -> Any:
     or blocking run's result was measured where it ran; an io run's is measured here, within
     bounds (limits.encode)."""
     if info.encoded is None:
+        if result is None:  # the commonest result, told without a call
+            info.encoded = NO_RESULT
+            return result
         limit = rt.max_result_size
         try:
             info.encoded = encode(result, limit)
@@ -110,28 +113,23 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
     jt = spec.jobtype
     assert jt is not None
     cfg = spec.config
-    label = _label(spec, info)
     info.encoded = None
-    if jt.kind == "io":
-        ctx = JobContext(
-            job=cfg.name,
-            run_id=info.run_id,
-            attempt=info.attempt,
-            scheduled=info.scheduled,
-            state=rt.shared,
-            offload=rt,
-            base_log=rt.log,
-            resources=rt.resources,
-        )
+    kind = jt.kind
+    if kind == "io":
+        ctx = JobContext.for_run(cfg.name, info.run_id, info.attempt, info.scheduled, rt)
         try:
-            return await with_timeout(jt.func(ctx, **spec.kwargs), cfg.timeout, label)
+            if cfg.timeout is None:
+                # No with_timeout frame around the job when it has no timeout (the default).
+                return await jt.func(ctx, **spec.kwargs)
+            return await with_timeout(jt.func(ctx, **spec.kwargs), cfg.timeout, _label(spec, info))
         finally:
-            ctx.release_resources()
-    if jt.kind == "blocking":
+            if ctx._scope is not None:
+                ctx.release_resources()
+    if kind == "blocking":
         call = functools.partial(_blocking, jt.func, spec.kwargs, rt.max_result_size)
-        result, info.encoded = await rt.threads.run(call, {}, cfg.timeout, label)
+        result, info.encoded = await rt.threads.run(call, {}, cfg.timeout, _label(spec, info))
         return result
-    pool = await rt.procs()
+    pool = rt.started_procs or await rt.procs()  # no coroutine per run once it is up
     result, info.encoded = await pool.run_measured(
         jt.func,
         (),
@@ -139,7 +137,7 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         timeout=cfg.timeout,
         max_memory=cfg.max_memory,
         max_result=rt.max_result_size,
-        label=label,
+        label=_label(spec, info),
     )
     return result
 

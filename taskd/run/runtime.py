@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 RECENT_FAILURES = 50
+SUCCEEDED = Outcome.SUCCEEDED
+FAILED_OUTCOMES = frozenset(o for o in Outcome if o.failed)
 
 
 @dataclass(slots=True)  # not frozen: one is made per run, and a frozen init costs 4x
@@ -110,10 +112,10 @@ class Stats:
         self.outcomes[(job, outcome)] += 1
         last = self.last[job] = LastRun(job, run_id, outcome, started, duration, error)
         failures = self.failures.get(job, 0)
-        if outcome.failed:
+        if outcome is not SUCCEEDED and outcome in FAILED_OUTCOMES:  # not .failed: per run
             failures += 1
             self.recent_failures.append(last)
-        elif outcome is Outcome.SUCCEEDED:
+        elif outcome is SUCCEEDED:
             failures = 0
             self.last_success[job] = started + (duration or 0.0)
         if failures:
@@ -222,6 +224,11 @@ class Runtime:
                     pool = ProcessPool(self.process_workers)
                     await pool.start()
                     self._procs = pool
+        return self._procs
+
+    @property
+    def started_procs(self) -> ProcessPool | None:
+        """The process pool if it has been started, else None (see :meth:`procs`)."""
         return self._procs
 
     @property

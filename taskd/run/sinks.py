@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 MAX_LOGGED_RESULT = 300  # characters of JSON; larger results are only stored
 
+SUCCEEDED = Outcome.SUCCEEDED
+CANCELLED = Outcome.CANCELLED
+SCHEDULE = Cause.SCHEDULE
+_NO_FIELDS: dict[str, Any] = {}  # never written to
+
 _EVENT_OF = {
     Outcome.SUCCEEDED: EventKind.SUCCEEDED,
     Outcome.FAILED: EventKind.FAILED,
@@ -154,28 +159,32 @@ class LogSink:
 
     def run_ended(self, end: RunEnd) -> None:
         info = end.info
-        fields: dict[str, Any] = {
-            "job": end.spec.config.name,
-            "run_id": info.run_id,
-            "attempt": info.attempt,
-            "outcome": str(end.outcome),
-            "duration": round(end.duration, 6),
-            "late": round(info.started - info.scheduled, 6),
-        }
-        if info.cause is not Cause.SCHEDULE:
-            fields["cause"] = str(info.cause)
+        outcome = end.outcome
+        log = self.rt.log  # read per run: a reload may have reconfigured logging
+        emit = (
+            log.info if outcome is SUCCEEDED else log.warning if outcome is CANCELLED else log.error
+        )
+        # The fields every line has are passed straight on (no dict built to be unpacked
+        # into another); the few optional ones follow, in this order.
+        extra = _NO_FIELDS
+        if info.cause is not SCHEDULE:
+            extra = {"cause": str(info.cause)}
         if info.error:
-            fields["error"] = info.error
+            extra = {**extra, "error": info.error}
         text = end.result_json
         if end.serialisable and text is not None and len(text) <= MAX_LOGGED_RESULT:
-            fields["result"] = end.result  # small enough for the line; the store has them all
-        log = self.rt.log  # read per run: a reload may have reconfigured logging
-        if end.outcome is Outcome.SUCCEEDED:
-            log.info("run", **fields)
-        elif end.outcome is Outcome.CANCELLED:
-            log.warning("run", **fields)
-        else:
-            log.error("run", **fields)
+            # Small enough for the line; the store has them all.
+            extra = {**extra, "result": end.result}
+        emit(
+            "run",
+            job=end.spec.config.name,
+            run_id=info.run_id,
+            attempt=info.attempt,
+            outcome=str(outcome),
+            duration=round(end.duration, 6),
+            late=round(info.started - info.scheduled, 6),
+            **extra,
+        )
 
 
 class HookSink:

@@ -16,9 +16,9 @@ Wire format, both directions: frames of ``u64 big-endian length`` + body.
   ``MEMORY`` ``("Type: message", traceback text)`` when an allocation failed at the run's
   ``max_memory`` (the worker is then replaced); ``TOO_BIG`` ``why`` when the result's
   JSON text was over ``max_json`` or its pickle over ``max_pickle``; ``MEASURED``
-  ``(result, limits.Encoded)`` instead of ``OK`` when ``max_json`` is set: the result and its
-  stored form, measured here (see :func:`taskd.run.limits.encode`), so the daemon never
-  builds a result's text itself. Error texts are cut to ``limits.MAX_REMOTE_TEXT``
+  ``(result, *encoding.Encoded)`` (a plain 5-tuple) instead of ``OK`` when ``max_json`` is
+  set: the result and its stored form, measured here (see :func:`taskd.run.limits.encode`),
+  so the daemon never builds a result's text itself. Error texts are cut to ``limits.MAX_REMOTE_TEXT``
   characters, and built within bounds (``limits.describe``).
 
 An empty frame, or end of file, from the parent means "exit now, cleanly". (The explicit frame

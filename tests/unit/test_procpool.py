@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 
 from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, ResultTooLarge, WorkerDied
 from taskd.plugin.dropin import digest
+from taskd.run.encoding import NO_RESULT, Encoded
 from taskd.run.limits import recall
 from taskd.run.pool import ProcessPool, forkserver, records
 from tests.unit.procpool_funcs import jobs
@@ -177,6 +178,19 @@ class TestResults:
         value, encoded = await pool.run_measured(jobs.make_bytes, (3,), max_result=1000)
         assert encoded.stored == repr(b"\xab" * 3) and not encoded.serialisable
         assert pool.pids() == pids
+
+    async def test_run_measured_returns_the_result_and_its_stored_form(
+        self, make_pool: PoolFactory
+    ) -> None:
+        pool = await make_pool(workers=1)
+        value, encoded = await pool.run_measured(
+            jobs.sleep_then, (0, {"a": [1, 2]}), max_result=MiB
+        )
+        assert value == {"a": [1, 2]}
+        assert encoded == Encoded(value, '{"a": [1, 2]}', True, 13)
+        assert encoded.stored is value  # a JSON result crosses the pipe once, not twice
+        value, encoded = await pool.run_measured(jobs.sleep_then, (0, None), max_result=MiB)
+        assert value is None and encoded == NO_RESULT
 
     async def test_an_exception_with_shared_rows_is_described_within_bounds(
         self, make_pool: PoolFactory

@@ -77,3 +77,67 @@ class TestSinks:
             await run_once(rt, failing)
         assert [e.failures for e in recorder.ends] == [1, 2]
         assert rt.stats.last["j"].outcome is Outcome.FAILED
+
+
+async def quiet(ctx: Any) -> None:
+    return None
+
+
+async def big(ctx: Any) -> str:
+    return "x" * 400
+
+
+async def run_with(rt: Runtime, func: Any, cause: Cause) -> RunInfo:
+    now = time.time()
+    info = RunInfo(rt.new_run_id(), "j", now - 0.25, now, cause)
+    await execute(rt, make_spec(func, name="j"), info)
+    await rt.settle()
+    return info
+
+
+class TestRunLine:
+    """The one ``run`` line: its fields, in their order, for each kind of end."""
+
+    @staticmethod
+    async def line(rt: Runtime, func: Any, cause: Cause = Cause.SCHEDULE) -> dict[str, Any]:
+        with capture_logs() as logs:
+            info = await run_with(rt, func, cause)
+        (line,) = [e for e in logs if e["event"] == "run"]
+        assert line["run_id"] == info.run_id and line["late"] == 0.25
+        return line
+
+    async def test_a_scheduled_run_without_a_result(self, rt: Runtime) -> None:
+        line = await self.line(rt, quiet)
+        assert list(line) == [
+            "job",
+            "run_id",
+            "attempt",
+            "outcome",
+            "duration",
+            "late",
+            "event",
+            "log_level",
+        ]
+        assert (line["job"], line["attempt"], line["outcome"], line["log_level"]) == (
+            "j",
+            1,
+            "succeeded",
+            "info",
+        )
+        assert type(line["outcome"]) is str
+
+    async def test_a_manual_run_with_a_small_result(self, rt: Runtime) -> None:
+        line = await self.line(rt, answer, Cause.MANUAL)
+        assert list(line)[6:8] == ["cause", "result"]
+        assert line["cause"] == "manual" and type(line["cause"]) is str
+        assert line["result"] == {"n": 42}
+
+    async def test_a_result_too_long_for_the_line_is_left_out(self, rt: Runtime) -> None:
+        line = await self.line(rt, big)
+        assert "result" not in line and line["outcome"] == "succeeded"
+
+    async def test_a_failed_catchup_run_says_its_cause_and_error(self, rt: Runtime) -> None:
+        line = await self.line(rt, failing, Cause.CATCHUP)
+        assert list(line)[6:8] == ["cause", "error"]
+        assert line["cause"] == "catchup" and line["error"] == "ValueError: no"
+        assert (line["outcome"], line["log_level"]) == ("failed", "error")

@@ -164,8 +164,13 @@ class ProcessPool:
         :class:`ResultTooLarge`, measured in the worker, so it never crosses the pipe. A reply
         of more than ``_LOOP_UNPICKLE_MAX`` bytes is unpickled in a thread, off the loop.
         """
-        value = await self._run(func, args, kwargs, timeout, max_memory, max_result, None, label)
-        return cast(T, value)
+        run = self._submit(func, args, kwargs, timeout, max_memory, max_result, None, label)
+        try:
+            result: T = await run.fut
+        except asyncio.CancelledError:
+            self._abandon(run)
+            raise
+        return result
 
     async def run_measured(
         self,
@@ -186,10 +191,16 @@ class ProcessPool:
         if max_result <= 0:
             raise ValueError(f"max_result must be > 0 bytes, got {max_result}")
         bound = transport_bound(max_result)
-        value = await self._run(func, args, kwargs, timeout, max_memory, bound, max_result, label)
-        return cast(tuple[Any, Encoded], value)
+        # Submitted here and awaited here: the cpu run path is one coroutine, not two.
+        run = self._submit(func, args, kwargs, timeout, max_memory, bound, max_result, label)
+        try:
+            value: tuple[Any, Encoded] = await run.fut
+        except asyncio.CancelledError:
+            self._abandon(run)
+            raise
+        return value
 
-    async def _run(
+    def _submit(
         self,
         func: Callable[..., Any],
         args: tuple[Any, ...],
@@ -199,15 +210,18 @@ class ProcessPool:
         max_pickle: int | None,
         max_json: int | None,
         label: str,
-    ) -> Any:
-        if not self._started:
+    ) -> Run:
+        """Check and encode one run, then hand it to an idle worker or queue it."""
+        loop = self._loop
+        if loop is None:
             raise RuntimeError("call ProcessPool.start() before run()")
-        if self._sup.closing:
+        sup = self._sup
+        if sup.closing:
             raise JobError(
                 f"{label or label_of(func)}: the process pool is closed; the run was not started"
             )
-        if self._sup.broken is not None:
-            raise JobError(f"{label or label_of(func)}: {self._sup.broken}")
+        if sup.broken is not None:
+            raise JobError(f"{label or label_of(func)}: {sup.broken}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if max_memory is not None and max_memory <= 0:
@@ -216,24 +230,14 @@ class ProcessPool:
             raise ValueError(f"max_result must be > 0 bytes, got {max_pickle}")
         # Pickling happens here, so arguments that cannot be sent fail in the caller.
         frame, default_label = self._encoder.encode(
-            func, args, kwargs, max_memory=max_memory, max_pickle=max_pickle, max_json=max_json
+            func, args, kwargs, max_memory, max_pickle, max_json
         )
-        run = Run(
-            frame,
-            cast(asyncio.AbstractEventLoop, self._loop).create_future(),
-            label or default_label,
-            timeout,
-            max_memory,
-        )
-        if self._sup.idle:
-            self._dispatch(self._sup.idle.pop(), run)
+        run = Run(frame, loop.create_future(), label or default_label, timeout, max_memory)
+        if sup.idle:
+            self._dispatch(sup.idle.pop(), run)
         else:
             self._queue.append(run)
-        try:
-            return await run.fut
-        except asyncio.CancelledError:
-            self._abandon(run)
-            raise
+        return run
 
     async def close(self, *, timeout: float | None = None) -> None:
         """Stop taking runs, let running and queued ones finish for up to ``timeout`` seconds
@@ -284,17 +288,21 @@ class ProcessPool:
     # -- submission ------------------------------------------------------------------------
 
     def _dispatch(self, worker: Worker, run: Run) -> None:
-        loop = cast(asyncio.AbstractEventLoop, self._loop)
         worker.run = run
         worker.ran = True
         run.state = RunState.RUNNING
         self._busy += 1
-        cast(asyncio.Transport, worker.transport).write(run.frame)
+        transport = worker.transport
+        assert transport is not None  # set when the worker's channel was made
+        transport.write(run.frame)
         run.frame = b""  # the transport has it now; do not hold big arguments twice
-        if run.timeout is not None:
-            run.timer = loop.call_later(run.timeout, self._on_timeout, worker, run)
-        if run.max_memory is not None:
-            run.mem_timer = loop.call_later(self._mem_interval, self._check_memory, worker, run)
+        if run.timeout is not None or run.max_memory is not None:
+            loop = self._loop
+            assert loop is not None
+            if run.timeout is not None:
+                run.timer = loop.call_later(run.timeout, self._on_timeout, worker, run)
+            if run.max_memory is not None:
+                run.mem_timer = loop.call_later(self._mem_interval, self._check_memory, worker, run)
 
     def _release(self, worker: Worker) -> None:
         """``worker`` finished a run: give it the next queued one, or make it idle."""
@@ -340,9 +348,10 @@ class ProcessPool:
                 self._unpickler = ThreadPoolExecutor(1, thread_name_prefix="taskd-unpickle")
             loop = cast(asyncio.AbstractEventLoop, self._loop)
             job = loop.run_in_executor(self._unpickler, decode_reply, worker.pid, run.label, frame)
-            job.add_done_callback(lambda done: self._settle(run, **done.result()))
+            job.add_done_callback(lambda done: self._settle(run, *done.result()))
             return
-        self._settle(run, **decode_reply(worker.pid, run.label, frame))
+        value, exc = decode_reply(worker.pid, run.label, frame)
+        self._settle(run, value, exc)
 
     def _over_memory(self, worker: Worker, run: Run, body: memoryview | bytes) -> BaseException:
         """An allocation failed at the run's ``max_memory`` in ``worker``, which then replied:
@@ -365,7 +374,7 @@ class ProcessPool:
         self._settle(run, exc=exc)
         self._check_drained()
 
-    def _settle(self, run: Run, *, value: Any = None, exc: BaseException | None = None) -> None:
+    def _settle(self, run: Run, value: Any = None, exc: BaseException | None = None) -> None:
         run.state = RunState.DONE
         if run.timer is not None:
             run.timer.cancel()

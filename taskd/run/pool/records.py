@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import psutil
 import structlog
@@ -61,7 +62,7 @@ class Run:
     def __init__(
         self,
         frame: bytes,
-        fut: asyncio.Future[object],
+        fut: asyncio.Future[Any],
         label: str,
         timeout: float | None,
         max_memory: int | None,
