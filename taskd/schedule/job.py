@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from taskd.run.events import Cause, EventKind, JobEvent, SkipReason
+from taskd.run.events import Cause, SkipReason
 from taskd.run.runner import RunInfo, cancelled_before_start, execute
+from taskd.schedule.skips import SkipSpan, skip
 from taskd.schedule.triggers import Every, Trigger
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class ScheduledJob:
         "_busy",
         "_clock_warned",
         "_resumed",
+        "_skips",
         "_stopping",
         "_wake",
         "_wake_timer",
@@ -114,6 +116,8 @@ class ScheduledJob:
         # Resumed with ticks still due from the pause: those that do not run are skipped as
         # "paused", not "missed" or "coalesced".
         self._resumed = False
+        # Skips not yet logged (see taskd.schedule.skips); None while the job is on time.
+        self._skips: SkipSpan | None = None
 
     @property
     def name(self) -> str:
@@ -146,6 +150,7 @@ class ScheduledJob:
             self.cursor = max(self.cursor, time.time())
             if self.rt.store is not None:
                 self.rt.store.set_tick(self.name, self.cursor)
+        self._end_skips()
         self._rearm_busy()
         self._poke()
 
@@ -153,6 +158,7 @@ class ScheduledJob:
         """Stop scheduling; a run in flight finishes. Queued ticks are dropped (as skips)."""
         self.removed = True
         self._drop_queue(SkipReason.REMOVED)
+        self._end_skips()
         self._poke()
 
     def revive(self, spec: JobSpec) -> None:
@@ -171,6 +177,7 @@ class ScheduledJob:
     def stop(self) -> None:
         self._stopping = True
         self._drop_queue(SkipReason.SHUTDOWN)
+        self._end_skips()  # nothing left unlogged after a clean stop
         self._poke()
 
     def set_paused(self, paused: bool) -> bool:
@@ -190,6 +197,7 @@ class ScheduledJob:
             self.queue = [entry for entry in self.queue if entry[1] is not Cause.MANUAL]
             self._drop_queue(SkipReason.PAUSED)
             self.queue = manual
+            self._end_skips()
         else:
             self._resumed = True
             self._rearm_busy()
@@ -243,6 +251,7 @@ class ScheduledJob:
         if not (self._stopping or self.removed):
             # Inline runs queued for this task will never start: tell whoever waits.
             self._drop_queue(SkipReason.CRASHED)
+        self._end_skips()
 
     @property
     def crashed(self) -> bool:
@@ -319,6 +328,7 @@ class ScheduledJob:
                 now = loop_now()
         finally:
             self._drop_queue(SkipReason.SHUTDOWN if self._stopping else SkipReason.REMOVED)
+            self._end_skips()
 
     def _due(
         self, trigger: Trigger, first: float, now: float
@@ -421,37 +431,23 @@ class ScheduledJob:
                     self.queue.extend((t, _cause(t, now, grace), None) for t in rest)
                 else:
                     self._skip_span(rest[0], rest[-1], len(rest), refused)
+            if not skipped and refused is None:
+                self._end_skips()  # a tick handled without a skip: the job is back on time
         return False
 
     def _skip(self, ticks: list[float], reason: SkipReason) -> None:
         self._skip_span(ticks[0], ticks[-1], len(ticks), reason)
 
     def _skip_span(self, first: float, last: float, count: int, reason: SkipReason) -> None:
-        """One event and one log line for ``count`` skipped ticks from ``first`` to ``last``."""
-        fields = {
-            "job": self.name,
-            "reason": str(reason),
-            "count": count,
-            "first": _utc(first).isoformat(),
-        }
-        if count > 1:
-            fields["last"] = _utc(last).isoformat()
-        if reason is SkipReason.PAUSED:
-            log.debug("skipped", **fields)
-        else:
-            log.warning("skipped", **fields)
-        self.rt.emit(
-            JobEvent(
-                EventKind.SKIPPED,
-                self.name,
-                "",
-                _utc(first),
-                0,
-                time.time(),
-                reason=str(reason),
-                count=count,
-            )
-        )
+        """Count ``count`` skipped ticks from ``first`` to ``last`` (one event, now) and log
+        them, at once or with the job's span of skips (taskd.schedule.skips)."""
+        self._skips = skip(self.rt, self.name, self._skips, reason, first, last, count)
+
+    def _end_skips(self) -> None:
+        """The job's span of skips is over: log what it added up."""
+        if self._skips is not None:
+            self._skips.report()
+            self._skips = None
 
     def _sleep(self, when: float | None) -> asyncio.Future[bool]:
         """A future that turns True at wall-clock ``when`` (None: never) or False when poked.
