@@ -136,9 +136,10 @@ class ScheduledJob:
         flight finish under the old one (they hold their own spec)."""
         old, new = self.spec.config, spec.config
         self.spec = spec
-        rescheduled = (old.schedule, old.every, old.cron, old.at, old.timezone) != (
+        rescheduled = (old.schedule, old.every, old.offset, old.cron, old.at, old.timezone) != (
             new.schedule,
             new.every,
+            new.offset,
             new.cron,
             new.at,
             new.timezone,
@@ -339,7 +340,7 @@ class ScheduledJob:
         ones: the slice ends there, and the kept ones are looked at again with the next."""
         if isinstance(trigger, Every):
             # O(1) however long the daemon was down: a month of every = "1s" is 2.6M ticks.
-            interval, anchor = trigger.interval, trigger.anchor
+            interval, anchor = trigger.interval, trigger.base
             k0 = round((first - anchor) / interval)
             count = max(int((now - first) // interval) + 1, 1)
             # Floor division can be one off when now sits on a tick to within rounding: settle
