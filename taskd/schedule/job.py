@@ -74,13 +74,13 @@ def _utc(ts: float) -> datetime:
 
 class ScheduledJob:
     __slots__ = (
-        "_busy",
         "_clock_warned",
         "_resumed",
         "_skips",
         "_stopping",
+        "_timer",
+        "_timer_at",
         "_wake",
-        "_wake_timer",
         "active",
         "cursor",
         "next_fire",
@@ -106,13 +106,16 @@ class ScheduledJob:
         # (tick, cause, waiter) waiting to run; a list, not a deque: it is nearly always
         # empty, and an empty deque costs 760 bytes per job where a list costs 56.
         self.queue: list[tuple[float, Cause, ManualRun | None]] = []
-        self._busy: asyncio.TimerHandle | None = None
         self._clock_warned: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.removed = False
         self._stopping = False
         self._wake: asyncio.Future[bool] | None = None
-        self._wake_timer: asyncio.TimerHandle | None = None
+        # One timer per tick, at wall-clock _timer_at: it ends the job's sleep, or, when the
+        # tick comes while the job's own task runs a run, handles the tick then. Armed once
+        # when a run starts, it is the very timer the job sleeps on after the run.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         # Resumed with ticks still due from the pause: those that do not run are skipped as
         # "paused", not "missed" or "coalesced".
         self._resumed = False
@@ -152,7 +155,7 @@ class ScheduledJob:
             if self.rt.store is not None:
                 self.rt.store.set_tick(self.name, self.cursor)
         self._end_skips()
-        self._rearm_busy()
+        self._rearm()
         self._poke()
 
     def remove(self) -> None:
@@ -169,7 +172,7 @@ class ScheduledJob:
         job added back after its run ended."""
         self.removed = False
         self.spec = spec
-        self._rearm_busy()
+        self._rearm()
         if self.task is None or self.task.done():
             self.start()
         else:
@@ -201,7 +204,7 @@ class ScheduledJob:
             self._end_skips()
         else:
             self._resumed = True
-            self._rearm_busy()
+            self._rearm()
         self._poke()
         return True
 
@@ -216,7 +219,8 @@ class ScheduledJob:
         return reason
 
     def clock_changed(self) -> None:
-        """The wall clock stepped: recompute the sleep."""
+        """The wall clock stepped: time the next tick anew (the timer counts loop time)."""
+        self._rearm()
         self._poke()
 
     def cancel_runs(self, reason: str) -> None:
@@ -227,11 +231,10 @@ class ScheduledJob:
             task.cancel()
 
     def _poke(self) -> None:
+        """Wake the job's sleep to recompute it. The timer stays: the sleep that follows
+        reuses it if its tick is still the next one."""
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(False)
-        if self._wake_timer is not None:
-            self._wake_timer.cancel()
-            self._wake_timer = None
 
     @property
     def done(self) -> bool:
@@ -328,6 +331,7 @@ class ScheduledJob:
                 await self._drain()
                 now = loop_now()
         finally:
+            self._disarm()
             self._drop_queue(SkipReason.SHUTDOWN if self._stopping else SkipReason.REMOVED)
             self._end_skips()
 
@@ -342,6 +346,8 @@ class ScheduledJob:
             # O(1) however long the daemon was down: a month of every = "1s" is 2.6M ticks.
             interval, anchor = trigger.interval, trigger.base
             k0 = round((first - anchor) / interval)
+            if anchor + (k0 + 1) * interval > now:
+                return [anchor + k0 * interval], 1, None  # on time: just the tick woken for
             count = max(int((now - first) // interval) + 1, 1)
             # Floor division can be one off when now sits on a tick to within rounding: settle
             # the count on the ticks themselves, computed the way they are everywhere else.
@@ -454,13 +460,38 @@ class ScheduledJob:
         """A future that turns True at wall-clock ``when`` (None: never) or False when poked.
 
         A plain future rather than a coroutine: one frame fewer per idle job."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._wake = fut
-        if when is not None:
-            delay = max(when - time.time(), 0.0) + TIMER_SLACK
-            self._wake_timer = loop.call_at(loop.time() + delay, _resolve, fut)
+        if when is None:
+            self._disarm()
+        else:
+            self._arm(when)
         return fut
+
+    def _arm(self, when: float) -> None:
+        """The timer, at wall-clock ``when`` (kept if it is already set for that time)."""
+        if self._timer is not None:
+            if self._timer_at == when:
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = when
+        delay = max(when - time.time(), 0.0) + TIMER_SLACK
+        self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(True)
+        elif self._running_inline:
+            self._on_busy_tick()
+        # Else the job's task is between steps: it looks at the time before it sleeps again.
 
     # -- starting runs -------------------------------------------------------------------
 
@@ -549,7 +580,7 @@ class ScheduledJob:
         task = asyncio.current_task()
         assert task is not None
         self.active[info.run_id] = (task, info)
-        self._arm_busy()
+        self._arm_next()
         try:
             await execute(rt, self.spec, info)
         except asyncio.CancelledError:
@@ -563,40 +594,37 @@ class ScheduledJob:
             )
         finally:
             self.active.pop(info.run_id, None)
+            # The timer stays: the job sleeps on it next if no run or reload came meanwhile.
             _settle(waiter, info)
-            if self._busy is not None:
-                self._busy.cancel()
-                self._busy = None
             if not self._stopping:
                 # Whatever cancels were aimed at the run (also one the job caught and
                 # swallowed) are spent: none may linger to end this task later.
                 while task.cancelling():
                     task.uncancel()
 
-    def _rearm_busy(self) -> None:
-        """After a reload touched the job during an inline run: time the next tick anew."""
-        if self._busy is not None:
-            self._busy.cancel()
-            self._busy = None
-        if any(task is self.task for task, _ in self.active.values()):
-            self._arm_busy()
+    @property
+    def _running_inline(self) -> bool:
+        """This job's own task is running a run (overlap = "skip" or "queue")."""
+        return any(task is self.task for task, _ in self.active.values())
 
-    def _arm_busy(self) -> None:
-        """While this task is busy running, a timer handles the ticks that come meanwhile
+    def _rearm(self) -> None:
+        """A reload, resume or clock step touched the job: time its next tick anew."""
+        self._disarm()
+        if self._running_inline:
+            self._arm_next()
+
+    def _arm_next(self) -> None:
+        """While this task is busy running, the timer handles the ticks that come meanwhile
         (skipped or queued, per ``overlap``), each at its own time."""
         trigger = self.spec.trigger
         if trigger is None or self.cursor is None:
             return
         tick = trigger.next_after(self.cursor)
-        if tick is None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(tick - time.time(), 0.0) + TIMER_SLACK
-        self._busy = loop.call_at(loop.time() + delay, self._on_busy_tick)
+        if tick is not None:
+            self._arm(tick)
 
     def _on_busy_tick(self) -> None:
-        self._busy = None
-        if not self.active or self._stopping or self.removed or self.paused:
+        if self._stopping or self.removed or self.paused:
             return  # paused: resuming re-arms
         try:
             trigger = self.spec.trigger
@@ -606,7 +634,7 @@ class ScheduledJob:
             tick = trigger.next_after(self.cursor)
             if tick is not None and tick <= now:  # else the timer was early: re-arm
                 self._handle_due(tick, now)
-            self._arm_busy()
+            self._arm_next()
         except Exception:
             log.exception("scheduler_crashed", job=self.name)
 
@@ -672,8 +700,3 @@ def _cause(tick: float, now: float, grace: float) -> Cause:
 def _settle(waiter: ManualRun | None, value: RunInfo | SkipReason) -> None:
     if waiter is not None:
         waiter.end(value)
-
-
-def _resolve(fut: asyncio.Future[bool]) -> None:
-    if not fut.done():
-        fut.set_result(True)

@@ -311,3 +311,23 @@ class TestSkipSpans:
         assert lines[0]["count"] == 1 and lines[1]["count"] >= 2, lines
         assert sum(line["count"] for line in lines) == rt.stats.skips[("j", "overlap")]
         await stop(job, rt)
+
+
+class TestOneTimerPerTick:
+    """The timer armed when an inline run starts is the one the job sleeps on after it."""
+
+    async def test_the_sleep_after_a_run_reuses_the_run_s_timer(self, rt: Runtime, logs) -> None:
+        armed: list[object] = []
+        job: ScheduledJob
+
+        async def record(ctx: Any) -> None:
+            armed.append(job._timer)  # armed for the next tick when the run started
+            await asyncio.sleep(0.01)
+
+        job = ScheduledJob(make_spec(record, every=0.2), rt, cursor=None)
+        job.start()
+        await wait_until(lambda: len(runs(logs)) >= 1)
+        await wait_until(lambda: job._wake is not None and not job._wake.done())
+        assert armed[0] is not None
+        assert job._timer is armed[0]  # not cancelled and armed again
+        await stop(job, rt)
