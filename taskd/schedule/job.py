@@ -27,6 +27,7 @@ import structlog
 from taskd.run.events import Cause, SkipReason
 from taskd.run.runner import RunInfo, cancelled_before_start, execute
 from taskd.schedule.skips import SkipSpan, skip
+from taskd.schedule.timers import timers
 from taskd.schedule.triggers import Every, Trigger
 
 if TYPE_CHECKING:
@@ -114,7 +115,8 @@ class ScheduledJob:
         # One timer per tick, at wall-clock _timer_at: it ends the job's sleep, or, when the
         # tick comes while the job's own task runs a run, handles the tick then. Armed once
         # when a run starts, it is the very timer the job sleeps on after the run.
-        self._timer: asyncio.TimerHandle | None = None
+        # The timer is an entry in the loop's one heap of job timers (taskd.schedule.timers).
+        self._timer: tuple[float, ScheduledJob] | None = None
         self._timer_at = 0.0
         # Resumed with ticks still due from the pause: those that do not run are skipped as
         # "paused", not "missed" or "coalesced".
@@ -132,7 +134,6 @@ class ScheduledJob:
         self.task = asyncio.get_running_loop().create_task(
             self._loop(), name=f"taskd-job:{self.name}"
         )
-        self.task.add_done_callback(self._task_done)
 
     def update(self, spec: JobSpec) -> None:
         """A reload changed this job: the next tick follows the new definition; runs in
@@ -242,36 +243,25 @@ class ScheduledJob:
 
     # -- the schedule loop -------------------------------------------------------------------
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        # A callback rather than a try/except around the loop: one coroutine frame fewer per
-        # idle job. A bug here is logged and must not take the daemon (or other jobs) down.
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("scheduler_crashed", job=self.name, error=repr(exc), exc_info=exc)
-        elif not (self._stopping or self.removed):
-            log.error(
-                "scheduler_ended", job=self.name, hint="the job will not run again until a restart"
-            )
-        if not (self._stopping or self.removed):
-            # Inline runs queued for this task will never start: tell whoever waits.
-            self._drop_queue(SkipReason.CRASHED)
-        self._end_skips()
-
     @property
     def crashed(self) -> bool:
         """The job's task ended while the job is still meant to run (a bug, logged)."""
         return self.task is not None and self.task.done() and not (self._stopping or self.removed)
 
     async def _loop(self) -> None:
-        loop_now = time.time
-        now = loop_now()
-        if self.spec.trigger is None and not (self._stopping or self.removed):
-            # on = "startup": once, when the job's task starts (not again on a reload).
-            self._fire(now, now)
-            await self._drain()
-        if self.cursor is None:
-            self.cursor = now
+        # A bug here is caught, logged and ends this job's schedule only (the job shows as
+        # crashed); it must not take the daemon or other jobs down. Handled here rather
+        # than in a done callback: that callback and its context were 128 bytes per job.
+        crashed = False
         try:
+            loop_now = time.time
+            now = loop_now()
+            if self.spec.trigger is None and not (self._stopping or self.removed):
+                # on = "startup": once, when the job's task starts (not again on a reload).
+                self._fire(now, now)
+                await self._drain()
+            if self.cursor is None:
+                self.cursor = now
             while not (self._stopping or self.removed):
                 if self.queue and not self.active:
                     # Left over when a reload switched overlap between inline and task modes.
@@ -330,9 +320,24 @@ class ScheduledJob:
                     await asyncio.sleep(0)  # a long backlog is handled in slices
                 await self._drain()
                 now = loop_now()
+        except Exception as exc:
+            crashed = True
+            log.error("scheduler_crashed", job=self.name, error=repr(exc), exc_info=exc)
         finally:
             self._disarm()
-            self._drop_queue(SkipReason.SHUTDOWN if self._stopping else SkipReason.REMOVED)
+            if self._stopping:
+                self._drop_queue(SkipReason.SHUTDOWN)
+            elif self.removed:
+                self._drop_queue(SkipReason.REMOVED)
+            else:
+                if not crashed:
+                    log.error(
+                        "scheduler_ended",
+                        job=self.name,
+                        hint="the job will not run again until a restart",
+                    )
+                # Inline runs queued for this task will never start: tell whoever waits.
+                self._drop_queue(SkipReason.CRASHED)
             self._end_skips()
 
     def _due(
@@ -470,22 +475,27 @@ class ScheduledJob:
 
     def _arm(self, when: float) -> None:
         """The timer, at wall-clock ``when`` (kept if it is already set for that time)."""
+        heap = timers()
         if self._timer is not None:
             if self._timer_at == when:
                 return
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
+            self._timer = None
+            heap.discard()
         self._timer_at = when
         delay = max(when - time.time(), 0.0) + TIMER_SLACK
-        self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+        self._timer = heap.add(heap.now() + delay, self)
 
     def _disarm(self) -> None:
         if self._timer is not None:
-            self._timer.cancel()
             self._timer = None
+            timers().discard()
+
+    def __lt__(self, other: ScheduledJob) -> bool:
+        # Only to break ties between equal deadlines in the timer heap: any fixed order does.
+        return id(self) < id(other)
 
     def _on_timer(self) -> None:
-        self._timer = None
+        """The timer fired (taskd.schedule.timers, which has cleared it)."""
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(True)
