@@ -44,7 +44,7 @@ class JobSpec:
 def make_trigger(job: JobConfig) -> Trigger | None:
     if job.schedule == "every":
         assert job.every is not None
-        return Every(job.every)
+        return Every(job.every, offset=job.offset)
     if job.schedule == "cron":
         assert job.cron is not None
         return Cron(job.cron, ZoneInfo(job.timezone))

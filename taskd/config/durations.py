@@ -87,6 +87,25 @@ def format_duration(seconds: float) -> str:
     return "".join(parts)
 
 
+def parse_offset(value: object, name: str, interval: float) -> float:
+    """``offset`` of an ``every`` job: a duration shorter than ``interval``, or "auto" for a
+    phase derived from the job's name (the same on every host)."""
+    if value == "auto":
+        from taskd.schedule.triggers import stable_offset
+
+        return stable_offset(name, interval)
+    try:
+        offset = parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f'{exc}; or "auto" for a phase derived from the job name') from None
+    if offset >= interval:
+        raise ValueError(
+            f"must be less than the interval ({format_duration(interval)}), got {value!r}; "
+            'it is the phase within each interval ("auto" derives one from the job name)'
+        )
+    return offset
+
+
 def parse_size(value: object) -> int:
     """Bytes from an int or a string such as "512MiB", "2GB", "1048576"."""
     if isinstance(value, bool):

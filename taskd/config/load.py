@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from taskd.config.durations import parse_duration, parse_size
+from taskd.config.durations import parse_duration, parse_offset, parse_size
 from taskd.config.model import (
     CATCHUPS,
     LOG_FORMATS,
@@ -54,6 +54,7 @@ DAEMON_KEYS = (
 JOB_KEYS = (
     "type",
     *SCHEDULE_KEYS,
+    "offset",
     "timezone",
     "jitter",
     "timeout",
@@ -457,6 +458,16 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
                 )
             schedule = "startup"
 
+    offset = 0.0
+    if "offset" in table and len(given) == 1 and schedule != "every":
+        c.add(
+            f"{p}.offset",
+            f"'offset' applies only to an `every` schedule, and this job has {schedule!r}",
+            "put the time into the cron expression or the at time instead",
+        )
+    elif every is not None:
+        offset = c.take(table, "offset", p, lambda v: parse_offset(v, name, every), 0.0)
+
     options = table.get("options", {})
     if not isinstance(options, dict):
         c.add(f"{p}.options", f"expected a table [jobs.{name}.options], got {type_name(options)}")
@@ -467,6 +478,7 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
         type=jtype,
         schedule=schedule,
         every=every,
+        offset=offset,
         cron=cron,
         at=at,
         timezone=tz,

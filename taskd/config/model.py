@@ -56,6 +56,7 @@ class JobConfig:
     type: str
     schedule: ScheduleKind
     every: float | None = None
+    offset: float = 0.0  # the phase of an `every` schedule, seconds ("auto" resolved at load)
     cron: str | None = None
     at: float | None = None  # epoch seconds
     timezone: str = "UTC"
@@ -75,7 +76,8 @@ class JobConfig:
         if self.schedule == "every":
             from taskd.config.durations import format_duration
 
-            return f"every {format_duration(self.every or 0)}"
+            text = f"every {format_duration(self.every or 0)}"
+            return f"{text} offset {format_duration(self.offset)}" if self.offset else text
         if self.schedule == "cron":
             return f"cron {self.cron!r} {self.timezone}"
         if self.schedule == "at":

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from taskd.run.events import Cause, EventKind, JobEvent, SkipReason
+from taskd.run.events import Cause, SkipReason
 from taskd.run.runner import RunInfo, cancelled_before_start, execute
+from taskd.schedule.skips import SkipSpan, skip
+from taskd.schedule.timers import timers
 from taskd.schedule.triggers import Every, Trigger
 
 if TYPE_CHECKING:
@@ -73,12 +75,13 @@ def _utc(ts: float) -> datetime:
 
 class ScheduledJob:
     __slots__ = (
-        "_busy",
         "_clock_warned",
         "_resumed",
+        "_skips",
         "_stopping",
+        "_timer",
+        "_timer_at",
         "_wake",
-        "_wake_timer",
         "active",
         "cursor",
         "next_fire",
@@ -104,16 +107,22 @@ class ScheduledJob:
         # (tick, cause, waiter) waiting to run; a list, not a deque: it is nearly always
         # empty, and an empty deque costs 760 bytes per job where a list costs 56.
         self.queue: list[tuple[float, Cause, ManualRun | None]] = []
-        self._busy: asyncio.TimerHandle | None = None
         self._clock_warned: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.removed = False
         self._stopping = False
         self._wake: asyncio.Future[bool] | None = None
-        self._wake_timer: asyncio.TimerHandle | None = None
+        # One timer per tick, at wall-clock _timer_at: it ends the job's sleep, or, when the
+        # tick comes while the job's own task runs a run, handles the tick then. Armed once
+        # when a run starts, it is the very timer the job sleeps on after the run.
+        # The timer is an entry in the loop's one heap of job timers (taskd.schedule.timers).
+        self._timer: tuple[float, ScheduledJob] | None = None
+        self._timer_at = 0.0
         # Resumed with ticks still due from the pause: those that do not run are skipped as
         # "paused", not "missed" or "coalesced".
         self._resumed = False
+        # Skips not yet logged (see taskd.schedule.skips); None while the job is on time.
+        self._skips: SkipSpan | None = None
 
     @property
     def name(self) -> str:
@@ -125,16 +134,16 @@ class ScheduledJob:
         self.task = asyncio.get_running_loop().create_task(
             self._loop(), name=f"taskd-job:{self.name}"
         )
-        self.task.add_done_callback(self._task_done)
 
     def update(self, spec: JobSpec) -> None:
         """A reload changed this job: the next tick follows the new definition; runs in
         flight finish under the old one (they hold their own spec)."""
         old, new = self.spec.config, spec.config
         self.spec = spec
-        rescheduled = (old.schedule, old.every, old.cron, old.at, old.timezone) != (
+        rescheduled = (old.schedule, old.every, old.offset, old.cron, old.at, old.timezone) != (
             new.schedule,
             new.every,
+            new.offset,
             new.cron,
             new.at,
             new.timezone,
@@ -146,13 +155,15 @@ class ScheduledJob:
             self.cursor = max(self.cursor, time.time())
             if self.rt.store is not None:
                 self.rt.store.set_tick(self.name, self.cursor)
-        self._rearm_busy()
+        self._end_skips()
+        self._rearm()
         self._poke()
 
     def remove(self) -> None:
         """Stop scheduling; a run in flight finishes. Queued ticks are dropped (as skips)."""
         self.removed = True
         self._drop_queue(SkipReason.REMOVED)
+        self._end_skips()
         self._poke()
 
     def revive(self, spec: JobSpec) -> None:
@@ -162,7 +173,7 @@ class ScheduledJob:
         job added back after its run ended."""
         self.removed = False
         self.spec = spec
-        self._rearm_busy()
+        self._rearm()
         if self.task is None or self.task.done():
             self.start()
         else:
@@ -171,6 +182,7 @@ class ScheduledJob:
     def stop(self) -> None:
         self._stopping = True
         self._drop_queue(SkipReason.SHUTDOWN)
+        self._end_skips()  # nothing left unlogged after a clean stop
         self._poke()
 
     def set_paused(self, paused: bool) -> bool:
@@ -190,9 +202,10 @@ class ScheduledJob:
             self.queue = [entry for entry in self.queue if entry[1] is not Cause.MANUAL]
             self._drop_queue(SkipReason.PAUSED)
             self.queue = manual
+            self._end_skips()
         else:
             self._resumed = True
-            self._rearm_busy()
+            self._rearm()
         self._poke()
         return True
 
@@ -207,7 +220,8 @@ class ScheduledJob:
         return reason
 
     def clock_changed(self) -> None:
-        """The wall clock stepped: recompute the sleep."""
+        """The wall clock stepped: time the next tick anew (the timer counts loop time)."""
+        self._rearm()
         self._poke()
 
     def cancel_runs(self, reason: str) -> None:
@@ -218,11 +232,10 @@ class ScheduledJob:
             task.cancel()
 
     def _poke(self) -> None:
+        """Wake the job's sleep to recompute it. The timer stays: the sleep that follows
+        reuses it if its tick is still the next one."""
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(False)
-        if self._wake_timer is not None:
-            self._wake_timer.cancel()
-            self._wake_timer = None
 
     @property
     def done(self) -> bool:
@@ -230,35 +243,25 @@ class ScheduledJob:
 
     # -- the schedule loop -------------------------------------------------------------------
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        # A callback rather than a try/except around the loop: one coroutine frame fewer per
-        # idle job. A bug here is logged and must not take the daemon (or other jobs) down.
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("scheduler_crashed", job=self.name, error=repr(exc), exc_info=exc)
-        elif not (self._stopping or self.removed):
-            log.error(
-                "scheduler_ended", job=self.name, hint="the job will not run again until a restart"
-            )
-        if not (self._stopping or self.removed):
-            # Inline runs queued for this task will never start: tell whoever waits.
-            self._drop_queue(SkipReason.CRASHED)
-
     @property
     def crashed(self) -> bool:
         """The job's task ended while the job is still meant to run (a bug, logged)."""
         return self.task is not None and self.task.done() and not (self._stopping or self.removed)
 
     async def _loop(self) -> None:
-        loop_now = time.time
-        now = loop_now()
-        if self.spec.trigger is None and not (self._stopping or self.removed):
-            # on = "startup": once, when the job's task starts (not again on a reload).
-            self._fire(now, now)
-            await self._drain()
-        if self.cursor is None:
-            self.cursor = now
+        # A bug here is caught, logged and ends this job's schedule only (the job shows as
+        # crashed); it must not take the daemon or other jobs down. Handled here rather
+        # than in a done callback: that callback and its context were 128 bytes per job.
+        crashed = False
         try:
+            loop_now = time.time
+            now = loop_now()
+            if self.spec.trigger is None and not (self._stopping or self.removed):
+                # on = "startup": once, when the job's task starts (not again on a reload).
+                self._fire(now, now)
+                await self._drain()
+            if self.cursor is None:
+                self.cursor = now
             while not (self._stopping or self.removed):
                 if self.queue and not self.active:
                     # Left over when a reload switched overlap between inline and task modes.
@@ -317,8 +320,25 @@ class ScheduledJob:
                     await asyncio.sleep(0)  # a long backlog is handled in slices
                 await self._drain()
                 now = loop_now()
+        except Exception as exc:
+            crashed = True
+            log.error("scheduler_crashed", job=self.name, error=repr(exc), exc_info=exc)
         finally:
-            self._drop_queue(SkipReason.SHUTDOWN if self._stopping else SkipReason.REMOVED)
+            self._disarm()
+            if self._stopping:
+                self._drop_queue(SkipReason.SHUTDOWN)
+            elif self.removed:
+                self._drop_queue(SkipReason.REMOVED)
+            else:
+                if not crashed:
+                    log.error(
+                        "scheduler_ended",
+                        job=self.name,
+                        hint="the job will not run again until a restart",
+                    )
+                # Inline runs queued for this task will never start: tell whoever waits.
+                self._drop_queue(SkipReason.CRASHED)
+            self._end_skips()
 
     def _due(
         self, trigger: Trigger, first: float, now: float
@@ -329,8 +349,10 @@ class ScheduledJob:
         ones: the slice ends there, and the kept ones are looked at again with the next."""
         if isinstance(trigger, Every):
             # O(1) however long the daemon was down: a month of every = "1s" is 2.6M ticks.
-            interval, anchor = trigger.interval, trigger.anchor
+            interval, anchor = trigger.interval, trigger.base
             k0 = round((first - anchor) / interval)
+            if anchor + (k0 + 1) * interval > now:
+                return [anchor + k0 * interval], 1, None  # on time: just the tick woken for
             count = max(int((now - first) // interval) + 1, 1)
             # Floor division can be one off when now sits on a tick to within rounding: settle
             # the count on the ticks themselves, computed the way they are everywhere else.
@@ -421,49 +443,65 @@ class ScheduledJob:
                     self.queue.extend((t, _cause(t, now, grace), None) for t in rest)
                 else:
                     self._skip_span(rest[0], rest[-1], len(rest), refused)
+            if not skipped and refused is None:
+                self._end_skips()  # a tick handled without a skip: the job is back on time
         return False
 
     def _skip(self, ticks: list[float], reason: SkipReason) -> None:
         self._skip_span(ticks[0], ticks[-1], len(ticks), reason)
 
     def _skip_span(self, first: float, last: float, count: int, reason: SkipReason) -> None:
-        """One event and one log line for ``count`` skipped ticks from ``first`` to ``last``."""
-        fields = {
-            "job": self.name,
-            "reason": str(reason),
-            "count": count,
-            "first": _utc(first).isoformat(),
-        }
-        if count > 1:
-            fields["last"] = _utc(last).isoformat()
-        if reason is SkipReason.PAUSED:
-            log.debug("skipped", **fields)
-        else:
-            log.warning("skipped", **fields)
-        self.rt.emit(
-            JobEvent(
-                EventKind.SKIPPED,
-                self.name,
-                "",
-                _utc(first),
-                0,
-                time.time(),
-                reason=str(reason),
-                count=count,
-            )
-        )
+        """Count ``count`` skipped ticks from ``first`` to ``last`` (one event, now) and log
+        them, at once or with the job's span of skips (taskd.schedule.skips)."""
+        self._skips = skip(self.rt, self.name, self._skips, reason, first, last, count)
+
+    def _end_skips(self) -> None:
+        """The job's span of skips is over: log what it added up."""
+        if self._skips is not None:
+            self._skips.report()
+            self._skips = None
 
     def _sleep(self, when: float | None) -> asyncio.Future[bool]:
         """A future that turns True at wall-clock ``when`` (None: never) or False when poked.
 
         A plain future rather than a coroutine: one frame fewer per idle job."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._wake = fut
-        if when is not None:
-            delay = max(when - time.time(), 0.0) + TIMER_SLACK
-            self._wake_timer = loop.call_at(loop.time() + delay, _resolve, fut)
+        if when is None:
+            self._disarm()
+        else:
+            self._arm(when)
         return fut
+
+    def _arm(self, when: float) -> None:
+        """The timer, at wall-clock ``when`` (kept if it is already set for that time)."""
+        heap = timers()
+        if self._timer is not None:
+            if self._timer_at == when:
+                return
+            self._timer = None
+            heap.discard()
+        self._timer_at = when
+        delay = max(when - time.time(), 0.0) + TIMER_SLACK
+        self._timer = heap.add(heap.now() + delay, self)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer = None
+            timers().discard()
+
+    def __lt__(self, other: ScheduledJob) -> bool:
+        # Only to break ties between equal deadlines in the timer heap: any fixed order does.
+        return id(self) < id(other)
+
+    def _on_timer(self) -> None:
+        """The timer fired (taskd.schedule.timers, which has cleared it)."""
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(True)
+        elif self._running_inline:
+            self._on_busy_tick()
+        # Else the job's task is between steps: it looks at the time before it sleeps again.
 
     # -- starting runs -------------------------------------------------------------------
 
@@ -552,7 +590,7 @@ class ScheduledJob:
         task = asyncio.current_task()
         assert task is not None
         self.active[info.run_id] = (task, info)
-        self._arm_busy()
+        self._arm_next()
         try:
             await execute(rt, self.spec, info)
         except asyncio.CancelledError:
@@ -566,40 +604,37 @@ class ScheduledJob:
             )
         finally:
             self.active.pop(info.run_id, None)
+            # The timer stays: the job sleeps on it next if no run or reload came meanwhile.
             _settle(waiter, info)
-            if self._busy is not None:
-                self._busy.cancel()
-                self._busy = None
             if not self._stopping:
                 # Whatever cancels were aimed at the run (also one the job caught and
                 # swallowed) are spent: none may linger to end this task later.
                 while task.cancelling():
                     task.uncancel()
 
-    def _rearm_busy(self) -> None:
-        """After a reload touched the job during an inline run: time the next tick anew."""
-        if self._busy is not None:
-            self._busy.cancel()
-            self._busy = None
-        if any(task is self.task for task, _ in self.active.values()):
-            self._arm_busy()
+    @property
+    def _running_inline(self) -> bool:
+        """This job's own task is running a run (overlap = "skip" or "queue")."""
+        return any(task is self.task for task, _ in self.active.values())
 
-    def _arm_busy(self) -> None:
-        """While this task is busy running, a timer handles the ticks that come meanwhile
+    def _rearm(self) -> None:
+        """A reload, resume or clock step touched the job: time its next tick anew."""
+        self._disarm()
+        if self._running_inline:
+            self._arm_next()
+
+    def _arm_next(self) -> None:
+        """While this task is busy running, the timer handles the ticks that come meanwhile
         (skipped or queued, per ``overlap``), each at its own time."""
         trigger = self.spec.trigger
         if trigger is None or self.cursor is None:
             return
         tick = trigger.next_after(self.cursor)
-        if tick is None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(tick - time.time(), 0.0) + TIMER_SLACK
-        self._busy = loop.call_at(loop.time() + delay, self._on_busy_tick)
+        if tick is not None:
+            self._arm(tick)
 
     def _on_busy_tick(self) -> None:
-        self._busy = None
-        if not self.active or self._stopping or self.removed or self.paused:
+        if self._stopping or self.removed or self.paused:
             return  # paused: resuming re-arms
         try:
             trigger = self.spec.trigger
@@ -609,7 +644,7 @@ class ScheduledJob:
             tick = trigger.next_after(self.cursor)
             if tick is not None and tick <= now:  # else the timer was early: re-arm
                 self._handle_due(tick, now)
-            self._arm_busy()
+            self._arm_next()
         except Exception:
             log.exception("scheduler_crashed", job=self.name)
 
@@ -675,8 +710,3 @@ def _cause(tick: float, now: float, grace: float) -> Cause:
 def _settle(waiter: ManualRun | None, value: RunInfo | SkipReason) -> None:
     if waiter is not None:
         waiter.end(value)
-
-
-def _resolve(fut: asyncio.Future[bool]) -> None:
-    if not fut.done():
-        fut.set_result(True)

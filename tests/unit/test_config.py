@@ -419,6 +419,34 @@ class TestErrorLocation:
         assert issue.line == 4
         assert "did you mean 'latest'?" in str(issue)
 
+    def test_offset_auto_and_duration(self, write: Write) -> None:
+        path = write(
+            '[jobs.a]\ntype = "x"\nevery = "1m"\noffset = "auto"\n'
+            '[jobs.b]\ntype = "x"\nevery = "10s"\noffset = "2500ms"\n'
+            '[jobs.c]\ntype = "x"\nevery = "10s"\n'
+        )
+        jobs = load_config(path).jobs
+        assert jobs["a"].offset == 43.343  # derived from the name "a" (pinned in test_triggers)
+        assert jobs["b"].offset == 2.5
+        assert jobs["c"].offset == 0.0  # no offset: ticks on multiples of the interval
+        assert jobs["b"].schedule_text() == "every 10s offset 2.5s"
+
+    @pytest.mark.parametrize(
+        ("lines", "fragment"),
+        [
+            ('every = "10s"\noffset = "10s"\n', "must be less than the interval (10s)"),
+            ('every = "10s"\noffset = "soon"\n', '"auto" for a phase derived from the job name'),
+            ('every = "10s"\noffset = "-1s"\n', "duration"),
+            ('cron = "* * * * *"\noffset = "5s"\n', "only to an `every` schedule"),
+            ('at = "2030-01-01T00:00:00Z"\noffset = "5s"\n', "only to an `every` schedule"),
+        ],
+    )
+    def test_bad_offset(self, write: Write, lines: str, fragment: str) -> None:
+        path = write(JOB + lines)
+        issue = issue_at(path, "jobs.j.offset")
+        assert issue.line == 4
+        assert fragment in str(issue), str(issue)
+
     def test_log_level_typo(self, write: Write) -> None:
         path = write('[daemon]\nlog_level = "warn"\n')
         issue = issue_at(path, "daemon.log_level")

@@ -17,6 +17,7 @@ from taskd.config.model import JobConfig
 from taskd.jobspec import JobSpec, make_trigger
 from taskd.plugin.jobtype import JobType
 from taskd.run.runtime import Runtime
+from taskd.schedule import skips as skips_module
 from taskd.schedule.job import MAX_CATCHUP, ScheduledJob
 
 
@@ -227,13 +228,15 @@ class TestSecondReview:
         )
         job.start()
         await wait_until(lambda: len(seen) >= MAX_CATCHUP, timeout=20)
-        skipped = sum(s["count"] for s in skips(logs, "missed") + skips(logs, "coalesced"))
         first_run = seen[0]
-        assert (
-            skipped == first_run - (now - backlog) - 1
-        )  # every tick before the first run, counted
+        # Every tick before the first run is counted at once (the event, so the metrics);
+        # the log adds them up in spans, and has them all once the job stops.
+        counted = rt.stats.skips[("j", "missed")] + rt.stats.skips[("j", "coalesced")]
+        assert counted == first_run - (now - backlog) - 1
         assert seen[:MAX_CATCHUP] == [first_run + i for i in range(MAX_CATCHUP)]
         await stop(job, rt)
+        logged = sum(s["count"] for s in skips(logs, "missed") + skips(logs, "coalesced"))
+        assert logged == counted
 
     async def test_fired_at_job_does_not_run_again_when_the_clock_goes_back(
         self, rt: Runtime, logs
@@ -264,3 +267,67 @@ class TestSecondReview:
             ticks, count, more = job._due(trigger, first, now)
             assert count == n + 1 and more is None
             assert ticks[-1] <= now and len(ticks) == min(n + 1, MAX_CATCHUP)
+
+
+class TestSkipSpans:
+    """Skips are counted at once and logged per span (taskd.schedule.skips)."""
+
+    async def test_a_long_span_is_logged_every_report_interval(
+        self, rt: Runtime, logs, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(skips_module, "REPORT_EVERY", 0.3)
+        gate = asyncio.Event()
+
+        async def long_run(ctx: Any) -> None:
+            await gate.wait()
+
+        job = ScheduledJob(make_spec(long_run, every=0.05), rt, cursor=None)
+        job.start()
+        # The run goes on: the span never ends by itself, so the bound must report it.
+        await wait_until(lambda: len(skips(logs, "overlap")) >= 3, timeout=5)
+        lines = skips(logs, "overlap")
+        assert lines[0]["count"] == 1  # the first skip, at once
+        assert all(line["count"] > 1 for line in lines[1:3]), lines  # then ~6 per 0.3 s
+        gate.set()
+        await stop(job, rt)
+        logged = sum(line["count"] for line in skips(logs, "overlap"))
+        assert logged == rt.stats.skips[("j", "overlap")]
+
+    async def test_a_tick_on_time_ends_the_span(self, rt: Runtime, logs) -> None:
+        first_runs = 0
+
+        async def slow_once(ctx: Any) -> None:
+            nonlocal first_runs
+            first_runs += 1
+            if first_runs == 1:
+                await asyncio.sleep(0.5)
+
+        job = ScheduledJob(make_spec(slow_once, every=0.05), rt, cursor=None)
+        job.start()
+        await wait_until(lambda: len(runs(logs)) >= 4)
+        # ~9 ticks skipped behind the slow run: one line at once, one when back on time.
+        lines = skips(logs, "overlap")
+        assert len(lines) == 2, lines
+        assert lines[0]["count"] == 1 and lines[1]["count"] >= 2, lines
+        assert sum(line["count"] for line in lines) == rt.stats.skips[("j", "overlap")]
+        await stop(job, rt)
+
+
+class TestOneTimerPerTick:
+    """The timer armed when an inline run starts is the one the job sleeps on after it."""
+
+    async def test_the_sleep_after_a_run_reuses_the_run_s_timer(self, rt: Runtime, logs) -> None:
+        armed: list[object] = []
+        job: ScheduledJob
+
+        async def record(ctx: Any) -> None:
+            armed.append(job._timer)  # armed for the next tick when the run started
+            await asyncio.sleep(0.01)
+
+        job = ScheduledJob(make_spec(record, every=0.2), rt, cursor=None)
+        job.start()
+        await wait_until(lambda: len(runs(logs)) >= 1)
+        await wait_until(lambda: job._wake is not None and not job._wake.done())
+        assert armed[0] is not None
+        assert job._timer is armed[0]  # not cancelled and armed again
+        await stop(job, rt)

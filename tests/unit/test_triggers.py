@@ -5,6 +5,7 @@ Every expected instant is written out as a datetime; comments give the local wal
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from taskd.schedule.triggers import At, Cron, Every, Trigger, upcoming
+from taskd.schedule.triggers import At, Cron, Every, Trigger, stable_offset, upcoming
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -190,6 +191,71 @@ class TestEvery:
         assert Every(30) == Every(30.0, 0)
         assert hash(Every(30)) == hash(Every(30.0, 0))
         assert Every(30) != Every(30, 1)
+
+
+class TestEveryOffset:
+    """Every with an offset: ticks at offset + k * interval, a fixed phase in the interval."""
+
+    @pytest.mark.parametrize(
+        ("interval", "offset", "after", "expected"),
+        [
+            (60, 15.0, utc(2026, 3, 1, 12, 0, 10), utc(2026, 3, 1, 12, 0, 15)),
+            (60, 15.0, utc(2026, 3, 1, 12, 0, 15), utc(2026, 3, 1, 12, 1, 15)),
+            (60, 15.0, utc(2026, 3, 1, 12, 0, 20), utc(2026, 3, 1, 12, 1, 15)),
+            (1, 0.25, utc(2026, 3, 1, 12, 0, 0), utc(2026, 3, 1, 12, 0, 0, 250_000)),
+            (
+                1,
+                0.25,
+                below(utc(2026, 3, 1, 12, 0, 0, 250_000)),
+                utc(2026, 3, 1, 12, 0, 0, 250_000),
+            ),
+            (3600, 3599.5, utc(2026, 3, 1, 12), utc(2026, 3, 1, 12, 59, 59, 500_000)),
+            (86400, 0.0, utc(2026, 3, 1), utc(2026, 3, 2)),  # no offset: today's ticks
+        ],
+    )
+    def test_next_after(
+        self, interval: float, offset: float, after: datetime | float, expected: datetime
+    ) -> None:
+        start = after if isinstance(after, float) else ts(after)
+        fire = Every(interval, offset=offset).next_after(start)
+        assert fire == ts(expected)
+
+    def test_ticks_keep_the_phase_far_from_the_epoch(self) -> None:
+        trigger = Every(60, offset=43.343)
+        fires = upcoming(trigger, ts(utc(2026, 12, 3, 8)), 1000)
+        assert all(b - a == pytest.approx(60) for a, b in itertools.pairwise(fires))
+        assert {round(f % 60, 3) for f in fires} == {43.343}
+
+    @pytest.mark.parametrize("offset", [-1.0, 60.0, 61.0, math.inf, math.nan])
+    def test_offset_outside_the_interval_is_refused(self, offset: float) -> None:
+        with pytest.raises(ValueError, match="offset"):
+            Every(60, offset=offset)
+
+    def test_describe_shows_the_offset(self) -> None:
+        assert Every(60, offset=15).describe() == "every 1m offset 15s"
+        assert Every(1, offset=0.25).describe() == "every 1s offset 250ms"
+
+
+class TestStableOffset:
+    """offset = "auto": a phase from the job name, the same on every host and every run."""
+
+    def test_pinned_values(self) -> None:
+        # Pinned: a change here moves the ticks of every "auto" job in every fleet.
+        assert stable_offset("a", 60) == 43.343
+        assert stable_offset("backup", 3600) == stable_offset("backup", 3600)
+
+    def test_within_the_interval_in_whole_milliseconds(self) -> None:
+        for n in range(500):
+            offset = stable_offset(f"job-{n}", 1.5)
+            assert 0 <= offset < 1.5
+            assert offset == round(offset * 1000) / 1000
+
+    def test_names_spread_over_the_interval(self) -> None:
+        phases = {int(stable_offset(f"job-{n}", 60) // 6) for n in range(200)}
+        assert phases == set(range(10))  # every tenth of the minute gets some of 200 jobs
+
+    def test_an_interval_under_a_millisecond_has_no_offset(self) -> None:
+        assert stable_offset("a", 0.0005) == 0.0
 
 
 class TestAt:
