@@ -9,6 +9,7 @@ import difflib
 import grp
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from pathlib import Path
@@ -67,6 +68,9 @@ JOB_KEYS = (
     "options",
 )
 MAX_RETRIES = 100
+# One empty table for every job without options (most): a dict each is 64 bytes a job that
+# the daemon keeps for its lifetime. Typed Mapping, so nothing may write to it.
+NO_OPTIONS: Mapping[str, Any] = {}
 
 T = TypeVar("T")
 
@@ -407,7 +411,8 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
 
     if "type" not in table:
         c.add(f"{p}.type", "missing 'type': the job type a plugin provides (see `taskd plugins`)")
-    jtype = c.take(table, "type", p, _string, "")
+    # Interned: thousands of jobs name a handful of types, one string each is enough.
+    jtype = sys.intern(c.take(table, "type", p, _string, ""))
 
     tz = c.take(table, "timezone", p, _string, default_tz)
     problem = check_timezone(tz)
@@ -457,7 +462,7 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
                 )
             schedule = "startup"
 
-    options = table.get("options", {})
+    options = table.get("options", NO_OPTIONS)
     if not isinstance(options, dict):
         c.add(f"{p}.options", f"expected a table [jobs.{name}.options], got {type_name(options)}")
         options = {}
