@@ -9,9 +9,11 @@ Starts `taskd run` (JSON log to a pipe, state in a temp dir) with --jobs trivial
   then);
 - rss: (RSS with --jobs jobs - RSS with none) / jobs, 2 s after READY;
 - idle: the daemon's CPU seconds over 10 s once started (10,000 idle jobs should cost none);
-- hup: the same daemon plus 20 probe jobs `every = "100ms"`, SIGHUP with the file unchanged:
-  the largest `late` of the probe runs that start between the signal and 0.5 s after the
-  `reloaded` line, against the largest in the 3 s before the signal.
+- hup: the same daemon plus 200 probe jobs every 1 s or so (spread), SIGHUP with the file unchanged:
+  the largest `late` of the probe runs logged between the signal and 0.5 s after the
+  `reloaded` line, against the largest in the 3 s before the signal;
+- hupbusy: the same with the --jobs jobs `every = "1s"` (all due at once each second) and
+  no probes (not in the default set: it loads the machine).
 
 With --base, every figure is taken for the tree at that path too (PYTHONPATH, `python -m
 taskd`), interleaved A B A B, so that load from other processes falls on both alike.
@@ -40,15 +42,19 @@ from steady import PLUGIN  # the same trivial io job (bench/ is the script's fol
 HERE = str(Path(__file__).resolve().parent.parent)
 
 
-def _config(folder: Path, jobs: int, probes: int = 0) -> Path:
+def _config(folder: Path, jobs: int, probes: int = 0, every: str = "1h") -> Path:
     (folder / "plugins.d").mkdir(parents=True, exist_ok=True)
     (folder / "plugins.d" / "trivial.py").write_text(PLUGIN)
     head = (
         '[daemon]\nplugin_dirs = ["plugins.d"]\nstate_dir = "state"\nruntime_dir = "run"\n'
         'log_format = "json"\n'
     )
-    body = "".join(f'[jobs.j{i}]\ntype = "trivial"\nevery = "1h"\n' for i in range(jobs))
-    body += "".join(f'[jobs.p{i}]\ntype = "trivial"\nevery = "100ms"\n' for i in range(probes))
+    body = "".join(f'[jobs.j{i}]\ntype = "trivial"\nevery = "{every}"\n' for i in range(jobs))
+    # Probes with intervals a few ms apart: their runs spread over the second, each in a
+    # loop iteration of its own, as a spread load's are.
+    body += "".join(
+        f'[jobs.p{i}]\ntype = "trivial"\nevery = "{1000 + 7 * i}ms"\n' for i in range(probes)
+    )
     path = folder / "taskd.toml"
     path.write_text(head + body)
     return path
@@ -103,10 +109,14 @@ class Daemon:
 
 
 def _run(
-    tree: str, jobs: int, probes: int, body: Callable[[Daemon], dict[str, float]]
+    tree: str,
+    jobs: int,
+    probes: int,
+    body: Callable[[Daemon], dict[str, float]],
+    every: str = "1h",
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
-        daemon = Daemon(tree, _config(Path(d), jobs, probes))
+        daemon = Daemon(tree, _config(Path(d), jobs, probes, every))
         try:
             ready = daemon.wait_notify(b"READY=1")
             out = {"ready_s": ready - daemon.t0, "ready_cpu_s": daemon.cpu()}
@@ -141,7 +151,7 @@ def idle(tree: str, jobs: int) -> dict[str, float]:
     return {"idle_cpu_ms_per_10s": r["idle_cpu_ms_per_10s"]}
 
 
-def hup(tree: str, jobs: int) -> dict[str, float]:
+def hup(tree: str, jobs: int, busy: bool = False) -> dict[str, float]:
     def measure(d: Daemon) -> dict[str, float]:
         time.sleep(4)
         sent = time.monotonic()
@@ -168,11 +178,18 @@ def hup(tree: str, jobs: int) -> dict[str, float]:
             "late_reload_ms": worst(sent, done + 0.5),
         }
 
-    r = _run(tree, jobs, 20, measure)
+    if busy:
+        r = _run(tree, jobs, 0, measure, every="1s")
+        return {f"busy_{k}": v for k, v in r.items() if not k.startswith("ready")}
+    r = _run(tree, jobs, 200, measure)
     return {k: v for k, v in r.items() if not k.startswith("ready")}
 
 
-BENCHES = {"ready": ready_rss, "idle": idle, "hup": hup}
+def hup_busy(tree: str, jobs: int) -> dict[str, float]:
+    return hup(tree, jobs, busy=True)
+
+
+BENCHES = {"ready": ready_rss, "idle": idle, "hup": hup, "hupbusy": hup_busy}
 
 
 def main() -> None:

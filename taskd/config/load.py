@@ -27,6 +27,7 @@ from taskd.config.model import (
     JobConfig,
 )
 from taskd.config.source import open_config, read_open_toml, read_toml
+from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigError, ConfigIssue
 
 DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
@@ -217,13 +218,29 @@ def job_from_table(name: str, table: Mapping[str, Any], *, file: str = "<jobs>")
 
 def _read(path: str | Path) -> tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]:
     """The config with its valid jobs; the issues outside any job; each invalid job's issues."""
+    return finish(_validate(*read_document(path)))
+
+
+def read_document(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, int]]:
+    """The config file's absolute path, its TOML document and its key -> line map: the part
+    of :func:`load_config` that reads the file (in a process of its own, see
+    taskd.config.source). Raises ConfigError when the file cannot be read or parsed."""
     file = Path(path).expanduser().absolute()
     fd = open_config(file)
     try:
         data, lines = read_open_toml(file, fd)
     finally:
         os.close(fd)
-    return _validate(file, data, lines)
+    return file, data, lines
+
+
+def validate_steps(file: Path, data: dict[str, Any], lines: dict[str, int]) -> Steps[Config]:
+    """The rest of :func:`load_config`, on what :func:`read_document` returned, in steps of
+    one job (taskd.config.steps): a reload validates on the loop, a slice at a time."""
+    config, issues, by_job = yield from _validate(file, data, lines)
+    if issues or by_job:
+        raise ConfigError([*issues, *(i for found in by_job.values() for i in found)])
+    return config
 
 
 def daemon_settings(path: str | Path) -> DaemonConfig | None:
@@ -241,7 +258,7 @@ def daemon_settings(path: str | Path) -> DaemonConfig | None:
 
 def _validate(
     file: Path, data: dict[str, Any], lines: dict[str, int]
-) -> tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]:
+) -> Steps[tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]]:
     c = _Collector(file, lines)
     base = file.parent
 
@@ -269,6 +286,7 @@ def _validate(
                 del c.issues[before:]
             if job is not None:
                 jobs[name] = job
+            yield
     return Config(path=file, daemon=daemon, jobs=jobs, lines=c.lines), c.issues, by_job
 
 
@@ -462,7 +480,7 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
                 )
             schedule = "startup"
 
-    options = table.get("options", NO_OPTIONS)
+    options = table.get("options", {})
     if not isinstance(options, dict):
         c.add(f"{p}.options", f"expected a table [jobs.{name}.options], got {type_name(options)}")
         options = {}
@@ -484,7 +502,7 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
         grace=c.take(table, "grace", p, parse_duration, 60.0),
         enabled=c.take(table, "enabled", p, _bool, True),
         max_memory=c.take(table, "max_memory", p, parse_size, None),
-        options=options,
+        options=options or NO_OPTIONS,
         line=c.lines.get(p),
     )
     return job if len(c.issues) == before else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from taskd.config.load import NO_OPTIONS, suggest
 from taskd.config.model import Config
+from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigIssue
 from taskd.jobspec import JobSpec, make_trigger
 from taskd.plugin.manager import PluginHost
@@ -13,6 +14,13 @@ from taskd.plugin.options import OptionSpec, check_options, convert_options
 def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[ConfigIssue]]:
     """Resolve every job. Config mistakes become issues; a job whose plugin is broken becomes a
     broken JobSpec (it is shown, not dropped, and the rest still run)."""
+    return finish(resolve_steps(config, host))
+
+
+def resolve_steps(
+    config: Config, host: PluginHost
+) -> Steps[tuple[dict[str, JobSpec], list[ConfigIssue]]]:
+    """:func:`resolve` in steps of one job (taskd.config.steps), for a reload on the loop."""
     specs: dict[str, JobSpec] = {}
     issues: list[ConfigIssue] = []
     file = str(config.path)
@@ -23,6 +31,7 @@ def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[
         issues.append(ConfigIssue(file, path, message, config.line_of(path), hint))
 
     for name, job in config.jobs.items():
+        yield
         path = f"jobs.{name}"
         jt = host.job_types.get(job.type)
         if jt is None:

@@ -1,20 +1,26 @@
 """Start-up does its work once: the config file is read once, a job type's signature is
-worked out once however many jobs use it."""
+worked out once however many jobs use it. A reload validates in slices on the loop."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
+import itertools
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 
-from taskd.config import load_config
+from taskd.config import load_config, steps
 from taskd.daemon import Daemon
+from taskd.errors import ConfigError
 from taskd.plugin.manager import PluginHost
-from taskd.plugin.resolve import resolve
-from taskd.reload import load_all
+from taskd.plugin.resolve import resolve, resolve_steps
+from taskd.reload import load_all, load_all_on_loop
 
 PLUGIN = """
 import taskd
@@ -113,3 +119,76 @@ class TestSignatureOncePerJobType:
         specs, issues = resolve(config, host)
         assert specs == {}
         assert [i.path for i in issues] == ["jobs.a.options.url", "jobs.b.options.url"]
+
+
+class TestReloadLoadsInSlices:
+    """A reload's validation runs on the loop in slices: other tasks run between them, and
+    the result (or the errors) are those of the one-go load."""
+
+    async def test_other_tasks_run_while_a_reload_validates(self, tmp_path: Path) -> None:
+        path = _write(tmp_path, 3000)
+        events: list[tuple[str, int]] = []
+        loading = True
+        real_steps = resolve_steps
+
+        def recorded(config: Any, host: Any) -> steps.Steps[Any]:
+            inner = real_steps(config, host)
+            while True:
+                try:
+                    next(inner)
+                except StopIteration as stop:
+                    return stop.value
+                events.append(("step", threading.get_ident()))
+                yield
+
+        async def ticker() -> None:
+            while loading:
+                events.append(("tick", threading.get_ident()))
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        # Slices of a microsecond: every step yields, whatever the machine's speed.
+        with (
+            patch(
+                "taskd.reload.finish_in_slices",
+                functools.partial(steps.finish_in_slices, slice_seconds=1e-6),
+            ),
+            patch("taskd.reload.resolve_steps", recorded),
+        ):
+            loaded = await load_all_on_loop(path, timeout=60)
+        loading = False
+        await task
+        assert len(loaded.specs) == 3000 and loaded.specs["j2999"].kwargs == {"url": "u2999"}
+        assert loaded.config.lines == {}
+        # Each job is a step, on the loop's own thread, and the other task ran between them.
+        loop_thread = threading.get_ident()
+        assert sum(1 for kind, _ in events if kind == "step") == 3000
+        assert {ident for _, ident in events} == {loop_thread}
+        kinds = [kind for kind, _ in events]
+        assert sum(1 for a, b in itertools.pairwise(kinds) if (a, b) == ("step", "tick")) >= 2999
+
+    async def test_a_bad_config_fails_with_the_same_errors(self, tmp_path: Path) -> None:
+        path = _write(tmp_path, 5)
+        path.write_text(
+            path.read_text()
+            + '[jobs.bad]\ntype = "ping"\nevery = "soon"\n'
+            + '[jobs.opt]\ntype = "ping"\nevery = "1h"\noptions = { url = 1 }\n'
+        )
+        with pytest.raises(ConfigError) as sync_error:
+            load_all(path)
+        with pytest.raises(ConfigError) as loop_error:
+            await load_all_on_loop(path, timeout=60)
+        assert [str(i) for i in loop_error.value.issues] == [
+            str(i) for i in sync_error.value.issues
+        ]
+        assert loop_error.value.issues  # the 'every' problem at least
+
+    async def test_finish_and_finish_in_slices_agree(self) -> None:
+        def count(n: int) -> steps.Steps[int]:
+            total = 0
+            for i in range(n):
+                total += i
+                yield
+            return total
+
+        assert steps.finish(count(100)) == await steps.finish_in_slices(count(100), 0.0) == 4950
