@@ -31,7 +31,7 @@ from taskd.state.store import StateStore
 from taskd.systemd import Notifier
 
 if TYPE_CHECKING:
-    from taskd.config.model import DaemonConfig
+    from taskd.config.model import Config, DaemonConfig
     from taskd.control.server import ControlServer
     from taskd.observe.http import MetricsServer
 
@@ -54,6 +54,10 @@ class Daemon:
     def __init__(self, config_path: Path, *, notifier: Notifier | None = None) -> None:
         # Absolute once: a job that calls os.chdir must not break later reloads.
         self.config_path = config_path.absolute()
+        # The config file as the caller already read and validated it (taskd run does, to
+        # set up logging), so that the start does not read it again; dropped once used (the
+        # daemon keeps the copy Loaded holds, without its key -> line map).
+        self.start_config: Config | None = None
         # Unset: a job's subprocess must not be able to speak to systemd in our name.
         self.notifier = notifier or Notifier.from_env(unset_environment=True)
         self.loaded: Loaded | None = None
@@ -101,6 +105,9 @@ class Daemon:
                 if loaded is None:
                     return EXIT_OK
             code = await self._start(loaded)
+            # This frame lives as long as the daemon: it must not keep the first config, its
+            # plugins and jobs alive after a reload has replaced them (self.loaded has them).
+            del loaded
             if code != EXIT_OK:
                 return code
             await self._main_loop()
@@ -150,9 +157,11 @@ class Daemon:
         try:
             await asyncio.sleep(0)  # one step for `stop`: a signal already queued wins now
             if not stop.done():
+                config, self.start_config = self.start_config, None
                 load = asyncio.ensure_future(
-                    _in_thread(load_all, self.config_path, timeout=START_LOAD_TIMEOUT)
+                    _in_thread(load_all, self.config_path, config, timeout=START_LOAD_TIMEOUT)
                 )
+                del config
                 await asyncio.wait({stop, load}, return_when=asyncio.FIRST_COMPLETED)
             if stop.done():
                 log.info(

@@ -53,6 +53,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_trust_report(others, hints)
         return EX_CONFIG
     logsetup.configure(config.daemon.log_level, config.daemon.log_format)
+    # The daemon starts from this very config rather than reading the file again, and this
+    # frame (alive as long as the daemon) must not keep it: with its key -> line map it is
+    # about 1.7 KB per job that the daemon's own copy no longer holds.
+    daemon.start_config = config
+    del config
     try:
         # Loads the plugins in a thread, so that a SIGTERM during a slow import ends the
         # start at once (exit 0, nothing started) instead of after the import.

@@ -9,6 +9,7 @@ import difflib
 import grp
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from pathlib import Path
@@ -26,6 +27,7 @@ from taskd.config.model import (
     JobConfig,
 )
 from taskd.config.source import open_config, read_open_toml, read_toml
+from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigError, ConfigIssue
 
 DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
@@ -68,6 +70,9 @@ JOB_KEYS = (
     "options",
 )
 MAX_RETRIES = 100
+# One empty table for every job without options (most): a dict each is 64 bytes a job that
+# the daemon keeps for its lifetime. Typed Mapping, so nothing may write to it.
+NO_OPTIONS: Mapping[str, Any] = {}
 
 T = TypeVar("T")
 
@@ -214,13 +219,29 @@ def job_from_table(name: str, table: Mapping[str, Any], *, file: str = "<jobs>")
 
 def _read(path: str | Path) -> tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]:
     """The config with its valid jobs; the issues outside any job; each invalid job's issues."""
+    return finish(_validate(*read_document(path)))
+
+
+def read_document(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, int]]:
+    """The config file's absolute path, its TOML document and its key -> line map: the part
+    of :func:`load_config` that reads the file (in a process of its own, see
+    taskd.config.source). Raises ConfigError when the file cannot be read or parsed."""
     file = Path(path).expanduser().absolute()
     fd = open_config(file)
     try:
         data, lines = read_open_toml(file, fd)
     finally:
         os.close(fd)
-    return _validate(file, data, lines)
+    return file, data, lines
+
+
+def validate_steps(file: Path, data: dict[str, Any], lines: dict[str, int]) -> Steps[Config]:
+    """The rest of :func:`load_config`, on what :func:`read_document` returned, in steps of
+    one job (taskd.config.steps): a reload validates on the loop, a slice at a time."""
+    config, issues, by_job = yield from _validate(file, data, lines)
+    if issues or by_job:
+        raise ConfigError([*issues, *(i for found in by_job.values() for i in found)])
+    return config
 
 
 def daemon_settings(path: str | Path) -> DaemonConfig | None:
@@ -238,7 +259,7 @@ def daemon_settings(path: str | Path) -> DaemonConfig | None:
 
 def _validate(
     file: Path, data: dict[str, Any], lines: dict[str, int]
-) -> tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]:
+) -> Steps[tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]]:
     c = _Collector(file, lines)
     base = file.parent
 
@@ -266,6 +287,7 @@ def _validate(
                 del c.issues[before:]
             if job is not None:
                 jobs[name] = job
+            yield
     return Config(path=file, daemon=daemon, jobs=jobs, lines=c.lines), c.issues, by_job
 
 
@@ -408,7 +430,8 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
 
     if "type" not in table:
         c.add(f"{p}.type", "missing 'type': the job type a plugin provides (see `taskd plugins`)")
-    jtype = c.take(table, "type", p, _string, "")
+    # Interned: thousands of jobs name a handful of types, one string each is enough.
+    jtype = sys.intern(c.take(table, "type", p, _string, ""))
 
     tz = c.take(table, "timezone", p, _string, default_tz)
     problem = check_timezone(tz)
@@ -491,7 +514,7 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
         grace=c.take(table, "grace", p, parse_duration, 60.0),
         enabled=c.take(table, "enabled", p, _bool, True),
         max_memory=c.take(table, "max_memory", p, parse_size, None),
-        options=options,
+        options=options or NO_OPTIONS,
         line=c.lines.get(p),
     )
     return job if len(c.issues) == before else None

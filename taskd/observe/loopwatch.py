@@ -4,8 +4,11 @@ Two parts, so a healthy loop pays next to nothing:
 
 - a probe: one ``loop.call_later(interval)`` timer that records how late it ran (the loop lag)
   and re-arms itself. That is the only work on the loop, ten times a second by default;
-- a watchdog thread that wakes every quarter of the threshold and compares the clock with
-  the time the probe is due. While the loop turns it does one subtraction per wake-up.
+- a watchdog thread that sleeps until the probe, if it has not run by then, would be
+  overdue by the threshold: the first moment the loop can count as blocked. It then compares
+  the clock with the time the probe is due; while the loop turns, that is one subtraction
+  per probe or two, not a poll (a poll at a quarter of the threshold was 16 wake-ups a second,
+  most of an idle daemon's CPU).
 
 When the probe is overdue by more than the threshold, the watchdog logs ``loop_blocked`` once
 for that episode, naming the task the loop is running (and so the job and run id) and the
@@ -53,9 +56,7 @@ WINDOW = 10.0  # seconds per slot of the rolling maximum
 WINDOWS = 6  # slots kept: lag_max covers the last 50 to 60 seconds
 STACK_DEPTH = 5  # frames given in a report's ``stack``
 MAX_WALK = 256  # frames looked at for the culprit; a deeper stack is recursion, not news
-MIN_WAKE = 0.01  # the watchdog never polls more often than this, whatever the threshold
-# ... nor less often than this: a reload that lowers the threshold takes effect within it.
-MAX_WAKE = 0.25
+MIN_WAKE = 0.01  # the watchdog never wakes more often than this, whatever the threshold
 JOIN_TIMEOUT = 1.0
 
 
@@ -93,6 +94,8 @@ class LoopWatch:
             raise ValueError(
                 f"threshold and interval must be more than 0, got {threshold!r}, {interval!r}"
             )
+        # Set before threshold: its setter wakes the watchdog to sleep for the new value.
+        self._wake = threading.Event()
         self.threshold = threshold
         self.interval = interval
         self._run_ids = run_ids
@@ -123,6 +126,16 @@ class LoopWatch:
         self._failed = False
         self._skip: _Skip | None = None
 
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, seconds: float) -> None:
+        # A reload may lower it: the watchdog's sleep was worked out for the old value.
+        self._threshold = seconds
+        self._wake.set()
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -146,6 +159,7 @@ class LoopWatch:
         """Stop the probe and the thread, promptly; safe to call twice. Call it from the loop's
         thread (a timer handle is not to be cancelled from another)."""
         self._stopped.set()
+        self._wake.set()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -233,8 +247,12 @@ class LoopWatch:
     # -- the watchdog thread -----------------------------------------------------------------
 
     def _watch(self) -> None:
-        stopped = self._stopped
-        while not stopped.wait(min(max(self.threshold / 4, MIN_WAKE), MAX_WAKE)):
+        stopped, wake = self._stopped, self._wake
+        while not stopped.is_set():
+            wake.wait(self._sleep_for())
+            wake.clear()
+            if stopped.is_set():
+                return
             try:
                 self._check()
             except Exception as exc:
@@ -243,6 +261,18 @@ class LoopWatch:
                     self._failed = True
                     with contextlib.suppress(Exception):
                         log.error("loopwatch_failed", error=repr(exc))
+
+    def _sleep_for(self) -> float:
+        """Seconds until the loop can first count as blocked: the probe's due time plus the
+        threshold. While an episode is reported (or the probe is not armed) nothing can be
+        reported before the probe runs again and is then overdue in turn, an interval plus
+        the threshold later at the earliest."""
+        with self._lock:
+            due, episode = self._due, self._episode
+        threshold = self.threshold
+        if episode is not None or due == math.inf:
+            return self.interval + threshold
+        return max(due + threshold - time.monotonic(), MIN_WAKE)
 
     def _check(self) -> None:
         loop = self._loop

@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
-from taskd.config.load import suggest
+from taskd.config.load import NO_OPTIONS, suggest
 from taskd.config.model import Config
+from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigIssue
 from taskd.jobspec import JobSpec, make_trigger
 from taskd.plugin.manager import PluginHost
-from taskd.plugin.options import check_options, convert_options
+from taskd.plugin.options import OptionSpec, check_options, convert_options
 
 
 def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[ConfigIssue]]:
     """Resolve every job. Config mistakes become issues; a job whose plugin is broken becomes a
     broken JobSpec (it is shown, not dropped, and the rest still run)."""
+    return finish(resolve_steps(config, host))
+
+
+def resolve_steps(
+    config: Config, host: PluginHost
+) -> Steps[tuple[dict[str, JobSpec], list[ConfigIssue]]]:
+    """:func:`resolve` in steps of one job (taskd.config.steps), for a reload on the loop."""
     specs: dict[str, JobSpec] = {}
     issues: list[ConfigIssue] = []
     file = str(config.path)
+    # Per job type, not per job: thousands of jobs share a handful of types.
+    option_specs: dict[str, OptionSpec] = {}
 
     def issue(path: str, message: str, hint: str | None = None) -> None:
         issues.append(ConfigIssue(file, path, message, config.line_of(path), hint))
 
     for name, job in config.jobs.items():
+        yield
         path = f"jobs.{name}"
         jt = host.job_types.get(job.type)
         if jt is None:
@@ -36,7 +47,10 @@ def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[
             )
             issue(f"{path}.type", f"unknown job type {job.type!r}", hint)
             continue
-        problems = check_options(jt, job.options)
+        ospec = option_specs.get(job.type)
+        if ospec is None:
+            ospec = option_specs[job.type] = OptionSpec.of(jt)
+        problems = check_options(jt, job.options, ospec)
         for key, message, option_hint in problems:
             issue(f"{path}.options.{key}" if key else f"{path}.options", message, option_hint)
         if job.max_memory is not None and jt.kind != "cpu":
@@ -47,6 +61,9 @@ def resolve(config: Config, host: PluginHost) -> tuple[dict[str, JobSpec], list[
             )
         elif not problems:
             specs[name] = JobSpec(
-                job, jt, make_trigger(job), kwargs=convert_options(jt, job.options)
+                job,
+                jt,
+                make_trigger(job),
+                kwargs=convert_options(jt, job.options, ospec) if job.options else NO_OPTIONS,
             )
     return specs, issues

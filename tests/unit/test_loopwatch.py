@@ -193,6 +193,29 @@ class TestHealthyLoop:
         logs = await healthy(watch)
         assert events(logs, "loop_blocked") == []
 
+    async def test_the_watchdog_wakes_once_a_probe_not_at_a_quarter_threshold(self) -> None:
+        # An idle daemon's CPU was mostly this thread polling 16 times a second.
+        watch = LoopWatch(0.2, no_runs, interval=0.25)
+        checks = 0
+        real_check = watch._check
+
+        def counted() -> None:
+            nonlocal checks
+            checks += 1
+            real_check()
+
+        watch._check = counted  # type: ignore[method-assign]
+        with structlog.testing.capture_logs() as logs:
+            watch.start(asyncio.get_running_loop())
+            try:
+                await asyncio.sleep(1.5)
+            finally:
+                watch.stop()
+        assert events(logs, "loop_blocked") == []
+        assert watch.lag_count >= 1
+        # A poll at a quarter of the threshold would have checked 30 times by now.
+        assert checks <= 2 * watch.lag_count + 2, (checks, watch.lag_count)
+
 
 @pytest.mark.timeout(15)
 class TestLagFigures:
