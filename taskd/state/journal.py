@@ -178,6 +178,10 @@ class TickJournal:
         _check_name(job)
         self._write(f"R\t{run_id}\t{job}\t{scheduled!r}\t{started!r}\t{trigger}\n")
 
+    def write(self, line: str) -> None:
+        """Append ``line`` (one or more whole lines) with one write(2)."""
+        self._write(line)
+
     def _write(self, line: str) -> None:
         if self._fd is None:
             return
