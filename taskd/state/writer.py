@@ -5,8 +5,9 @@ checkpoint an ``fdatasync`` (3-27 ms measured); done on the loop, one commit per
 run and SQLite's auto-checkpoints (~14 a second at 1,000 runs/s) were most of the CPU per run
 and all of the p99 lateness. So the loop only appends row operations to a deque (atomic under
 the GIL; the first one after an idle spell also sets an Event) and this thread folds them into
-one transaction per group: a group closes GROUP_SECONDS after its first row, or at once when
-GROUP_OPS rows wait, or when someone waits for it (``flush``, ``durable``, a read, the stop).
+one transaction per group: at most one commit per GROUP_SECONDS while rows come at BUSY_OPS a
+second or more (below that each commits as it comes), at once when GROUP_OPS rows wait or
+when someone waits for it (``flush``, ``durable``, a read, the stop).
 It checkpoints on its own schedule (auto-checkpoint is off on this connection), prunes the
 history (taskd.state.retention), and empties the tick journal's files once what they hold is
 committed (taskd.state.ticklog).
@@ -20,6 +21,7 @@ RETRY_SECONDS later, logged each time, as the loop did before; runs go on."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import time
@@ -41,6 +43,7 @@ log = structlog.get_logger("taskd.state")
 # Measured with bench/steady.py and a spread load (1,000 jobs a second): see the README.
 GROUP_SECONDS = 0.05
 GROUP_OPS = 4096
+BUSY_OPS = 200  # ops a second (a tick, a run start, a run end each) from which to group
 CHECKPOINT_SECONDS = 1.0  # a PASSIVE checkpoint at most this often, after commits
 RETRY_SECONDS = 1.0  # after a failed commit
 MAX_BUFFERED_RUNS = 100_000  # history rows kept in memory while the database is failing
@@ -95,6 +98,9 @@ class Writer:
         self._io_failed = False  # the disk failed a read or write since the file was opened
         self._last_error: BaseException | None = None
         self._retry_at = 0.0
+        self._last_commit = 0.0  # time.monotonic() of the last commit
+        self._recent = 0.0  # ops drained lately (decaying, see _busy)
+        self._recent_at = time.monotonic()
         self._commits_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._checkpoint_error: str | None = None
@@ -146,14 +152,31 @@ class Writer:
     def _main(self) -> None:
         while not self._closing:
             self._wake.wait(self._idle_timeout())
-            if self.queue and not self._hurry.is_set():
-                # Rows that come in the next GROUP_SECONDS go into the same commit.
-                self._hurry.wait(GROUP_SECONDS)
+            if self.queue and not self._hurry.is_set() and self._busy():
+                # At most one commit per GROUP_SECONDS: rows that come meanwhile go into the
+                # next one.
+                wait = self._last_commit + GROUP_SECONDS - time.monotonic()
+                if wait > 0:
+                    self._hurry.wait(wait)
             self._hurry.clear()
             self._cycle()
             if not self._closing:
                 self._housekeeping()
         self._final()
+
+    def _busy(self) -> bool:
+        """Whether rows come fast enough to be worth grouping: about BUSY_OPS in the last
+        second. A sparse load commits each row as it comes, as the loop did before, so a
+        run is on record (and in `taskd history`) as soon as its end is logged."""
+        now = time.monotonic()
+        recent = self._recent * math.exp(self._recent_at - now) + len(self.queue)
+        return recent >= BUSY_OPS
+
+    def _count(self, n: int) -> None:
+        """``n`` ops drained now: the decaying count (time constant 1 s) _busy reads."""
+        now = time.monotonic()
+        self._recent = self._recent * math.exp(self._recent_at - now) + n
+        self._recent_at = now
 
     def _idle_timeout(self) -> float | None:
         if self.failing:
@@ -181,6 +204,7 @@ class Writer:
             if n % _YIELD_EVERY == 0:
                 time.sleep(0)  # a burst's fold must not hold the GIL from the loop thread
         self._drained += n
+        self._count(n)
         self._commit(force=force)
 
     def _fold(self, op: tuple[Any, ...]) -> None:
@@ -222,6 +246,7 @@ class Writer:
                 self._on_cycle()
                 return
             self._commits_since_checkpoint += 1
+            self._last_commit = time.monotonic()
             if self.failing:
                 log.warning("state_write_recovered", path=str(self.path))
                 self.failing = False

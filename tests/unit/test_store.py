@@ -43,14 +43,20 @@ def _ticks(path: Path) -> dict[str, float]:
 
 
 class TestBatching:
-    """Writes in one loop iteration become one commit; durable() returns after it."""
+    """Writes in one window become one commit; durable() returns after it."""
 
-    async def test_durable_waits_for_the_commit(self, store: StateStore) -> None:
-        store.set_tick("a", 10.0)
-        store.set_tick("b", 20.0)
-        assert _ticks(store.path) == {}  # buffered, not yet committed
+    async def test_durable_waits_for_the_commit(self, store: StateStore, monkeypatch) -> None:
+        from taskd.state import writer
+
+        monkeypatch.setattr(writer, "GROUP_SECONDS", 60.0)
+        monkeypatch.setattr(writer, "BUSY_OPS", 0)  # grouped however few
+        store.set_tick("a", 10.0)  # no commit in the last window: committed at once
         await store.durable()
-        assert _ticks(store.path) == {"a": 10.0, "b": 20.0}
+        store.set_tick("b", 20.0)
+        store.set_tick("c", 30.0)
+        assert _ticks(store.path) == {"a": 10.0}  # within the window: not yet committed
+        await store.durable()
+        assert _ticks(store.path) == {"a": 10.0, "b": 20.0, "c": 30.0}
 
     async def test_durable_with_nothing_pending_returns_at_once(self, store: StateStore) -> None:
         await asyncio.wait_for(store.durable(), 0.5)
