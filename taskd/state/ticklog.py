@@ -24,7 +24,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from taskd.state.journal import MAX_REPLAY_RUNS, Replay, TickJournal, _check_name
+from taskd.state.journal import MAX_REPLAY_RUNS, Replay, TickJournal
 
 __all__ = ["SECOND_SUFFIX", "TickLog"]
 
@@ -66,8 +66,9 @@ class TickLog:
 
     # -- the loop thread ---------------------------------------------------------------------
 
+    # Job names are checked by the store before they get here (journal._check_name).
+
     def tick(self, job: str, tick: float) -> None:
-        _check_name(job)
         self._buffer.append(f"T\t{job}\t{tick!r}\n")
         if not self._flush_scheduled:
             loop = asyncio._get_running_loop()
@@ -81,7 +82,6 @@ class TickLog:
         self, run_id: str, job: str, scheduled: float, started: float, trigger: str
     ) -> None:
         """Written at once, with whatever ticks wait in the buffer: the run is about to start."""
-        _check_name(job)
         self._buffer.append(f"R\t{run_id}\t{job}\t{scheduled!r}\t{started!r}\t{trigger}\n")
         self.flush()
 
