@@ -163,7 +163,7 @@ class StateStore:
         """Fold what the journal holds (ticks and run starts not yet committed when the last
         daemon died) into the database, then empty it."""
         replay = self.journal.open()
-        if not (replay.ticks or replay.runs):
+        if not (replay.ticks or replay.runs or replay.paused):
             self.journal.reset_all()
             return
         db = self.db
@@ -178,13 +178,23 @@ class StateStore:
             [(job, tick, time.time() + MAX_AHEAD) for job, tick in replay.ticks.items()],
         )
         db.executemany(
+            "INSERT INTO jobs (name, paused) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET paused=excluded.paused",
+            [(job, paused) for job, (_, paused) in replay.paused.items()],
+        )
+        db.executemany(
             "INSERT OR IGNORE INTO runs (run_id, job, scheduled, started, outcome, trigger) "
             "VALUES (?, ?, ?, ?, 'running', ?)",
             replay.runs,
         )
         db.execute("COMMIT")
         self.journal.reset_all()
-        log.info("journal_replayed", ticks=len(replay.ticks), runs=len(replay.runs))
+        log.info(
+            "journal_replayed",
+            ticks=len(replay.ticks),
+            runs=len(replay.runs),
+            paused=len(replay.paused),
+        )
 
     def _connect(self) -> sqlite3.Connection:
         # SQLite opens the files by path and follows a symlink there: check them first.
@@ -270,10 +280,14 @@ class StateStore:
             self.flush()  # outside a loop (tools, tests): written through
 
     def set_paused(self, job: str, paused: bool) -> None:
+        """On record at once (the journal): ``taskd pause`` answers right after."""
         w = self._writer
-        if w is not None:
-            w.submit((PAUSED, job, paused))
-            self._through()
+        if w is None:
+            return
+        _check_name(job)
+        w.submit((PAUSED, job, paused))
+        self.journal.paused(job, paused, time.time())
+        self._through()
 
     def run_started(
         self, run_id: str, job: str, scheduled: float, started: float, trigger: str

@@ -57,6 +57,9 @@ class TickLog:
         for job, tick in second.ticks.items():
             if tick > first.ticks.get(job, -1.0):
                 first.ticks[job] = tick
+        for job, (at, paused) in second.paused.items():
+            if at > first.paused.get(job, (-1.0, False))[0]:
+                first.paused[job] = (at, paused)
         first.runs.extend(second.runs)
         first.bad_lines += second.bad_lines
         first.runs_dropped += second.runs_dropped
@@ -83,6 +86,11 @@ class TickLog:
     ) -> None:
         """Written at once, with whatever ticks wait in the buffer: the run is about to start."""
         self._buffer.append(f"R\t{run_id}\t{job}\t{scheduled!r}\t{started!r}\t{trigger}\n")
+        self.flush()
+
+    def paused(self, job: str, paused: bool, at: float) -> None:
+        """Written at once: a pause is answered to whoever asked for it right after."""
+        self._buffer.append(f"P\t{job}\t{int(paused)}\t{at!r}\n")
         self.flush()
 
     def _flush_from_loop(self) -> None:

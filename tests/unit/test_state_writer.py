@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from taskd.state import writer as writer_mod
 from taskd.state.store import StateStore
 from taskd.state.writer import Writer
+from tests.unit.test_store import _abandon
 
 
 @pytest.fixture
@@ -239,3 +240,33 @@ class TestJournalTurns:
         w._write_pending = real  # type: ignore[method-assign]
         assert first.read_bytes() == b""  # its line is committed
         assert b"T\tb\t2.0" in _journal(store.path)  # committed or not, still on record
+
+
+class TestPauseJournaled:
+    """A pause is on record before ``taskd pause`` answers: a kill -9 before the commit
+    keeps it, and the newest pause or resume wins whichever journal file holds it."""
+
+    async def test_pause_survives_a_kill_before_the_commit(
+        self, tmp_path: Path, monkeypatch
+    ) -> None:
+        s = StateStore(tmp_path / "state.db")
+        s.open()
+        await _window(s, monkeypatch)  # the next commit would come a minute later
+        s.set_paused("a", True)
+        s.set_paused("b", True)
+        s.set_paused("b", False)
+        _abandon(s)
+        again = StateStore(tmp_path / "state.db")
+        again.open()
+        rows = again.jobs()
+        assert (rows["a"].paused, rows["b"].paused) == (True, False)
+        again.close()
+
+    def test_newest_across_the_two_files(self, tmp_path: Path) -> None:
+        (tmp_path / "ticks.journal").write_text("P\ta\t1\t1700000002.0\nP\tb\t0\t1700000001.0\n")
+        (tmp_path / "ticks.journal.1").write_text("P\ta\t0\t1700000001.0\nP\tb\t1\t1700000002.0\n")
+        s = StateStore(tmp_path / "state.db")
+        s.open()
+        rows = s.jobs()
+        assert (rows["a"].paused, rows["b"].paused) == (True, True)
+        s.close()
