@@ -139,7 +139,9 @@ class Writer:
         call = Call(fn, strict)
         self.submit((CALL, call))
         self.hurry()
-        call.done.wait()
+        while not call.done.wait(1.0):
+            if not self._thread.is_alive():  # it died of a bug (logged): do not hang here
+                raise _closed()
         if call.error is not None:
             raise call.error
         return call.result
@@ -260,7 +262,9 @@ class Writer:
         if self.pending:
             try:
                 self._write_pending()
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:
+                # Not only the disk's errors: one this thread does not expect must not kill
+                # it (every later read would wait for it), and the rows stay kept.
                 self._failed(exc)
                 self._on_cycle()
                 return
