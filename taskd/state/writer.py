@@ -42,12 +42,13 @@ log = structlog.get_logger("taskd.state")
 
 # Measured with bench/steady.py and a spread load (1,000 jobs a second): see the README.
 GROUP_SECONDS = 0.05
-GROUP_OPS = 4096
+GROUP_OPS = 50_000  # a 10,000-run burst queues 30,000: one commit after it, not three in it
 BUSY_OPS = 200  # ops a second (a tick, a run start, a run end each) from which to group
 # A burst in progress: QUIET_OPS or more ops queued in QUIET_SECONDS (8,000 a second; a steady
 # 1,000 runs a second queues about 6).
 QUIET_SECONDS = 0.002
 QUIET_OPS = 16
+QUIET_MAX = 0.25  # how long a group may wait for a burst to end
 CHECKPOINT_SECONDS = 1.0  # a PASSIVE checkpoint at most this often, after commits
 RETRY_SECONDS = 1.0  # after a failed commit
 MAX_BUFFERED_RUNS = 100_000  # history rows kept in memory while the database is failing
@@ -171,13 +172,13 @@ class Writer:
     def _await_group(self) -> None:
         """At most one commit per GROUP_SECONDS: rows that come meanwhile go into the next.
         Then, while the loop is still adding rows fast (a burst of runs being started), wait
-        for it to finish, up to GROUP_SECONDS more: this thread's Python work takes the GIL
-        from the loop, and a burst's runs would start later for it."""
+        for it to finish, up to QUIET_MAX more: this thread's work takes the GIL from the loop
+        in 5 ms turns (sys.getswitchinterval), and a burst's runs started later for it."""
         hurry = self._hurry
         wait = self._last_commit + GROUP_SECONDS - time.monotonic()
         if wait > 0 and hurry.wait(wait):
             return
-        until = time.monotonic() + GROUP_SECONDS
+        until = time.monotonic() + QUIET_MAX
         seen = len(self.queue)
         while not hurry.wait(QUIET_SECONDS):
             n = len(self.queue)
