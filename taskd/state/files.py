@@ -155,6 +155,7 @@ def audit_problems(state_dir: Path) -> list[Problem]:
         db,
         *(Path(f"{db}{s}") for s in DB_COMPANIONS),
         state_dir / "ticks.journal",
+        state_dir / "ticks.journal.1",  # the second journal file (taskd.state.ticklog)
         state_dir / "taskd.lock",
     ):
         try:

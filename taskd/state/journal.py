@@ -13,6 +13,7 @@ format is one tab-separated line per entry:
 
     T <job> <tick>                          a tick handled (run or skipped)
     R <run_id> <job> <scheduled> <started> <trigger>   a run started
+    P <job> <0|1> <time>                    the job resumed (0) or paused (1) at <time>
 
 Whatever is read back is checked before use (see ``time_problem``): a line that is not one of
 these, or names no valid job, is skipped with a warning; a time out of range is logged as
@@ -79,6 +80,8 @@ class Replay:
     """What a journal held: the latest tick per job, and the runs it saw start."""
 
     ticks: dict[str, float] = field(default_factory=dict)
+    # job -> (time, paused): the newest pause or resume of each job.
+    paused: dict[str, tuple[float, bool]] = field(default_factory=dict)
     # The newest MAX_REPLAY_RUNS run starts; older ones are counted in runs_dropped.
     runs: list[tuple[str, str, float, float, str]] = field(default_factory=list)
     bad_lines: int = 0  # lines skipped: malformed, or holding a value out of range
@@ -163,6 +166,9 @@ class TickJournal:
         if isinstance(entry, _Tick):
             if entry.tick > replay.ticks.get(entry.job, -1.0):
                 replay.ticks[entry.job] = entry.tick
+        elif isinstance(entry, _Pause):
+            if entry.at >= replay.paused.get(entry.job, (-1.0, False))[0]:
+                replay.paused[entry.job] = (entry.at, entry.paused)
         else:
             replay.runs.append(entry)
             if len(replay.runs) >= 2 * MAX_REPLAY_RUNS:  # trimmed in bulk: amortised O(1)
@@ -177,6 +183,10 @@ class TickJournal:
     ) -> None:
         _check_name(job)
         self._write(f"R\t{run_id}\t{job}\t{scheduled!r}\t{started!r}\t{trigger}\n")
+
+    def write(self, line: str) -> None:
+        """Append ``line`` (one or more whole lines) with one write(2)."""
+        self._write(line)
 
     def _write(self, line: str) -> None:
         if self._fd is None:
@@ -226,6 +236,13 @@ class _Tick:
     tick: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Pause:
+    job: str
+    paused: bool
+    at: float
+
+
 class _Unusable(ValueError):
     """A journal line that is not used: ``event`` and ``fields`` say why, for the log."""
 
@@ -235,13 +252,14 @@ class _Unusable(ValueError):
         self.fields = fields
 
 
-def _parse(text: str, now: float) -> _Tick | tuple[str, str, float, float, str]:
-    """One journal line: a tick, or a run start as the store's history row wants it."""
+def _parse(text: str, now: float) -> _Tick | _Pause | tuple[str, str, float, float, str]:
+    """One journal line: a tick, a pause or resume, or a run start as the store's history
+    row wants it."""
     parts = text.split("\t")
-    if (parts[0], len(parts)) not in (("T", 3), ("R", 6)):
+    if (parts[0], len(parts)) not in (("T", 3), ("R", 6), ("P", 4)):
         # Only a power cut can leave a torn last line; anything else is not ours.
-        raise _Unusable("journal_line_skipped", line=_clip(text), problem="not a T or R entry")
-    job = parts[1] if parts[0] == "T" else parts[2]
+        raise _Unusable("journal_line_skipped", line=_clip(text), problem="not a T, R or P entry")
+    job = parts[2] if parts[0] == "R" else parts[1]
     if not JOB_NAME.fullmatch(job):
         # The config refuses such a name, so no job of ours wrote it.
         raise _Unusable("journal_line_skipped", line=_clip(text), problem="invalid job name")
@@ -249,7 +267,15 @@ def _parse(text: str, now: float) -> _Tick | tuple[str, str, float, float, str]:
         raise _Unusable(
             "journal_line_skipped", line=_clip(text), problem="invalid run id or trigger"
         )
-    fields = {"tick": parts[2]} if parts[0] == "T" else {"scheduled": parts[3], "started": parts[4]}
+    if parts[0] == "P" and parts[2] not in ("0", "1"):
+        raise _Unusable("journal_line_skipped", line=_clip(text), problem="pause flag not 0 or 1")
+    fields = (
+        {"tick": parts[2]}
+        if parts[0] == "T"
+        else {"at": parts[3]}
+        if parts[0] == "P"
+        else {"scheduled": parts[3], "started": parts[4]}
+    )
     times: list[float] = []
     for name, value_text in fields.items():
         try:
@@ -271,6 +297,8 @@ def _parse(text: str, now: float) -> _Tick | tuple[str, str, float, float, str]:
         times.append(value)
     if parts[0] == "T":
         return _Tick(job, times[0])
+    if parts[0] == "P":
+        return _Pause(job, parts[2] == "1", times[0])
     return (parts[1], job, times[0], times[1], parts[5])
 
 

@@ -5,16 +5,15 @@ Counted in rows, not in AUTOINCREMENT numbers: SQLite spends one of those on eve
 so a run (a row when it starts, updated when it ends) used two, and "the newest 100,000"
 by number kept about 50,000 runs.
 
-Deleting is bounded, because it runs on the event loop: a commit deletes at most as many
+Deleting is bounded, so that commits are not held up behind it: a commit deletes at most as many
 rows as it added (at steady state exactly those, so the limits hold after every commit),
 and a larger excess (a lowered ``history_max_runs``, a new ``history_max_age``, a file from
 a daemon with other limits) goes in passes of about PASS_SECONDS each, between which the
-loop runs everything else (:class:`Backlog`). Deleting a million rows at once blocked the
-loop for 1.5 s."""
+state writer commits the runs' rows (:class:`Backlog`). Deleting a million rows at once held
+the database for 1.5 s."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
@@ -27,11 +26,11 @@ log = structlog.get_logger("taskd.state")
 HISTORY_MAX_RUNS = 100_000
 # Time spent deleting in one pass over a backlog. Measured on a 2-core machine (bench/
 # retention.py): ~1,600 rows a pass with small results, ~580 with 8 KB ones; a pass holds the
-# loop 2.3 ms (median) with its commit, more (10-40 ms) when that commit is the one that
+# state writer 2.3 ms (median) with its commit, more (10-40 ms) when that commit is the one that
 # pays SQLite's WAL checkpoint, as any commit can.
 PASS_SECONDS = 0.002
 FIRST_CHUNK = 64  # rows deleted first in a pass, before the time per row is known
-# Between two passes: a backlog takes about a fifth of the loop's time, and a million small
+# Between two passes: a backlog takes about a fifth of the writer's time, and a million small
 # rows go in about 10 s (100,000 with 8 KB results in 2.5 s).
 PASS_PAUSE = 0.01
 
@@ -96,11 +95,10 @@ class Retention:
 
 class Backlog:
     """Rows past the limits that commits have not deleted (a commit deletes no more than it
-    added, and nothing by age when it added nothing): passes on the running loop, PASS_PAUSE
-    apart, delete them. ``run_pass`` runs one pass in its own transaction and returns the
-    rows before it and what it did; ``failed`` is told when one fails (the pass is then
-    tried again at the next :meth:`schedule`, which the store calls after each good
-    commit)."""
+    added, and nothing by age when it added nothing): passes, PASS_PAUSE apart on the state
+    writer's thread (taskd.state.writer), delete them. ``run_pass`` runs one pass in its own
+    transaction and returns the rows before it and what it did; ``failed`` is told when one
+    fails (the writer tries again after its next good commit)."""
 
     def __init__(
         self,
@@ -110,7 +108,6 @@ class Backlog:
         self._run_pass = run_pass
         self._failed = failed
         self.due = False  # rows past the limits may be left
-        self._handle: asyncio.TimerHandle | None = None
         self._passes = 0  # passes over this backlog so far
         self._since = 0.0  # time.monotonic() of its first pass
         self._deleted = 0
@@ -122,37 +119,18 @@ class Backlog:
             self.due = True
 
     def begin(self) -> None:
-        """At start: one pass now (READY must not wait for more), the rest scheduled."""
+        """At start: one pass now (READY must not wait for more); the writer does the rest."""
         self.due = True
         self.step()
-        self.schedule()
 
-    def schedule(self) -> None:
-        """Have the next pass run, if one is due and none is waiting."""
-        if not self.due or self._handle is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            # No loop to hold up (CLI tools, tests): everything due goes now.
-            while self.due:
-                self.step()
-            return
-        self._handle = loop.call_later(PASS_PAUSE, self._from_loop)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _from_loop(self) -> None:
-        self._handle = None
+    def try_step(self) -> bool:
+        """One pass now, a failure reported; whether it worked."""
         try:
             self.step()
         except (sqlite3.Error, OSError) as exc:
             self._failed(exc)
-            return
-        self.schedule()
+            return False
+        return True
 
     def step(self) -> None:
         """One pass now."""
@@ -168,7 +146,7 @@ class Backlog:
                     "history_pruning",
                     runs=done.count,
                     hint="runs past history_max_runs/history_max_age are deleted a few ms "
-                    "at a time, between the loop's other work",
+                    "at a time, between the state writer's commits",
                 )
             return
         if self._passes > 1:

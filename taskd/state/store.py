@@ -2,10 +2,11 @@
 state. SQLite in WAL mode: a ``kill -9`` at any instant leaves the file readable and holding
 everything up to the last commit.
 
-Writes are buffered and committed once per event-loop iteration (a burst of 10,000 runs due
-at the same instant is one transaction, not 10,000). What must be on record before a run
-starts (its tick, and that it started) also goes to the tick journal at once, one write(2)
-each (see taskd.state.journal), so a run never waits for a commit."""
+The event loop never waits for the disk: writes are handed to the state writer's thread
+(taskd.state.writer), which commits them in groups and checkpoints. What must be on record
+before a run starts (its tick, and that it started) goes to the tick journal first
+(taskd.state.ticklog), one write(2) per loop iteration or per run start, so a crash neither
+runs a recorded tick again nor forgets a run that started."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +30,26 @@ from taskd.state.dbfile import (
     is_corrupt,
     is_io_error,
     move_aside,
-    rollback,
 )
 from taskd.state.identify import foreign_reason
-from taskd.state.journal import MAX_AHEAD, TickJournal
-from taskd.state.retention import Backlog, Pruned, Retention, count_runs
-from taskd.state.rows import JOB_COLUMNS, JobRow, RowChecker
+from taskd.state.journal import MAX_AHEAD, _check_name
+from taskd.state.reads import read_history, read_jobs, read_shared
+from taskd.state.retention import Retention, count_runs
+from taskd.state.rows import JobRow
 from taskd.state.schema import prepare
+from taskd.state.ticklog import TickLog
+from taskd.state.writer import (
+    FINISHED,
+    PAUSED,
+    RETENTION,
+    RUN,
+    SHARED,
+    TICK,
+    Writer,
+)
 from taskd.state.writes import (
     MAX_RESULT_CHARS,
     MAX_RUN_RESULT_CHARS,
-    Pending,
     bounded,
     storable,
 )
@@ -48,27 +58,20 @@ __all__ = ["MAX_RESULT_CHARS", "MAX_RUN_RESULT_CHARS", "JobRow", "StateStore"]
 
 log = structlog.get_logger("taskd.state")
 
-MAX_BUFFERED_RUNS = 100_000  # history rows kept in memory while the database is failing
-
 
 class StateStore:
-    """One SQLite file, used only from the event-loop thread."""
+    """One SQLite file. Its methods are called from the event-loop thread (or from a thread
+    with no loop: tools and tests, where each write is committed before it returns); the
+    connection belongs to the state writer's thread once the store is open."""
 
     def __init__(self, path: Path, retention: Retention | None = None) -> None:
         self.path = path
         self._retention = retention or Retention()
-        self._run_count = 0  # rows in the runs table, as of the last commit
-        # Rows past the retention limits that commits left (taskd.state.retention).
-        self._backlog = Backlog(self._prune_pass, self._prune_failed)
-        self._io_failed = False  # the disk failed a read or write since the file was opened
         self._db: sqlite3.Connection | None = None
-        self._pending = Pending()
-        self._waiters: list[asyncio.Future[None]] = []
-        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self.journal = TickJournal(path.parent / "ticks.journal")
-        self._journaled = False
-        self.write_errors = 0
-        self.failing = False
+        self._writer: Writer | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.journal = TickLog(path.parent / "ticks.journal")
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -91,8 +94,20 @@ class StateStore:
             interrupted = self._db.execute(
                 "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
             ).rowcount
-            self._run_count = count_runs(self._db)
-            self._backlog.begin()
+            writer = Writer(
+                self._db,
+                self.path,
+                self.journal,
+                self._retention,
+                count_runs(self._db),
+                self._on_cycle,
+            )
+            # One pass over rows past the limits now (READY must not wait for more); the
+            # rest on the writer's thread, or at once when no loop is there to hold up.
+            writer.backlog.begin()
+            if asyncio._get_running_loop() is None:
+                while writer.backlog.due:
+                    writer.backlog.step()
         except (OSError, sqlite3.Error) as exc:
             self._db.close()
             self._db = None
@@ -108,6 +123,8 @@ class StateStore:
             raise StateError(
                 f"cannot write {what}: {describe(exc, where=self.path.parent)}{hint}"
             ) from exc
+        writer.start()
+        self._writer = writer
         if interrupted:
             log.warning(
                 "runs_interrupted",
@@ -142,53 +159,12 @@ class StateStore:
                     f"cannot create state database {self.path}: {describe(exc2, where=self.path.parent)}"
                 ) from exc2
 
-    # -- retention -------------------------------------------------------------------------
-
-    @property
-    def retention(self) -> Retention:
-        return self._retention
-
-    @retention.setter
-    def retention(self, retention: Retention) -> None:
-        """A reload changes it; a lowered limit is applied in passes from now on."""
-        self._retention = retention
-        if self._db is not None:
-            self._backlog.due = True
-            self._backlog.schedule()
-
-    def _prune_pass(self) -> tuple[int, Pruned]:
-        """One bounded pass over rows past the limits, in its own transaction."""
-        db = self.db
-        if self.failing:
-            # The retried flush prunes once writes work again; its success reschedules.
-            raise sqlite3.OperationalError("state writes are failing")
-        db.execute("BEGIN")
-        try:
-            done = self._retention.prune_for(db, self._run_count, time.time())
-            db.execute("COMMIT")
-        except BaseException:
-            rollback(db)
-            raise
-        before, self._run_count = self._run_count, done.count
-        return before, done
-
-    def _prune_failed(self, exc: Exception) -> None:
-        if self.failing:
-            return  # said every second already
-        # Not the runs' writes: the next good commit reschedules the pass.
-        log.warning(
-            "history_prune_failed",
-            path=str(self.path),
-            error=describe(exc, where=self.path.parent, after_io_error=self._io_failed),
-            retry="after the next commit",
-        )
-
     def _replay_journal(self) -> None:
         """Fold what the journal holds (ticks and run starts not yet committed when the last
         daemon died) into the database, then empty it."""
         replay = self.journal.open()
-        if not (replay.ticks or replay.runs):
-            self.journal.reset()
+        if not (replay.ticks or replay.runs or replay.paused):
+            self.journal.reset_all()
             return
         db = self.db
         db.execute("BEGIN")
@@ -202,13 +178,23 @@ class StateStore:
             [(job, tick, time.time() + MAX_AHEAD) for job, tick in replay.ticks.items()],
         )
         db.executemany(
+            "INSERT INTO jobs (name, paused) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET paused=excluded.paused",
+            [(job, paused) for job, (_, paused) in replay.paused.items()],
+        )
+        db.executemany(
             "INSERT OR IGNORE INTO runs (run_id, job, scheduled, started, outcome, trigger) "
             "VALUES (?, ?, ?, ?, 'running', ?)",
             replay.runs,
         )
         db.execute("COMMIT")
-        self.journal.reset()
-        log.info("journal_replayed", ticks=len(replay.ticks), runs=len(replay.runs))
+        self.journal.reset_all()
+        log.info(
+            "journal_replayed",
+            ticks=len(replay.ticks),
+            runs=len(replay.runs),
+            paused=len(replay.paused),
+        )
 
     def _connect(self) -> sqlite3.Connection:
         # SQLite opens the files by path and follows a symlink there: check them first.
@@ -231,92 +217,95 @@ class StateStore:
             raise StateError("state store is not open")
         return self._db
 
-    # -- reads -----------------------------------------------------------------------------
+    # -- retention -------------------------------------------------------------------------
+
+    @property
+    def retention(self) -> Retention:
+        return self._retention
+
+    @retention.setter
+    def retention(self, retention: Retention) -> None:
+        """A reload changes it; a lowered limit is applied in passes from now on."""
+        self._retention = retention
+        if self._writer is not None:
+            self._writer.submit((RETENTION, retention))
+
+    # -- state of the writes ---------------------------------------------------------------
+
+    @property
+    def failing(self) -> bool:
+        """Commits are failing (the writer keeps the rows and retries)."""
+        return self._writer is not None and self._writer.failing
+
+    @property
+    def write_errors(self) -> int:
+        return 0 if self._writer is None else self._writer.write_errors
+
+    # -- reads: on the writer's thread, after every write queued before them --------------
+
+    def _read(self, fn: Callable[[Writer], Any]) -> Any:
+        if self._writer is None:
+            raise StateError("state store is not open")
+        self.journal.flush()
+        return self._writer.call(fn)
 
     def jobs(self) -> dict[str, JobRow]:
-        """Every job's row, including writes still buffered for this loop iteration; each
-        stored value checked (taskd.state.rows)."""
-        out: dict[str, JobRow] = {}
-        checker = RowChecker(self.path, time.time())
-        for row in self.db.execute(f"SELECT {JOB_COLUMNS} FROM jobs"):
-            checked = checker.row(row)
-            if checked is not None:
-                out[checked.name] = checked
-        for name, tick in self._pending.ticks.items():
-            out.setdefault(name, JobRow(name)).last_tick = tick
-        for name, paused in self._pending.paused.items():
-            out.setdefault(name, JobRow(name)).paused = paused
-        for name, (
-            run_id,
-            outcome,
-            started,
-            duration,
-            error,
-            _,
-            failures,
-            success,
-        ) in self._pending.job_last.items():
-            r = out.setdefault(name, JobRow(name))
-            r.last_run_id, r.last_outcome, r.last_started = run_id, outcome, started
-            r.last_duration, r.last_error, r.failures = duration, error, failures
-            r.last_success = success if success is not None else r.last_success
-        return out
+        """Every job's row, including writes kept in memory while commits fail; each stored
+        value checked (taskd.state.rows)."""
+        rows: dict[str, JobRow] = self._read(read_jobs)
+        return rows
 
     def shared(self) -> dict[str, Any]:
-        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM shared")}
+        return dict(self._read(read_shared))
 
     def history(self, job: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        sql = "SELECT run_id, job, scheduled, started, attempts, duration, outcome, error, trigger FROM runs"
-        args: tuple[Any, ...] = ()
-        if job is not None:
-            sql += " WHERE job = ?"
-            args = (job,)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        cols = (
-            "run_id",
-            "job",
-            "scheduled",
-            "started",
-            "attempts",
-            "duration",
-            "outcome",
-            "error",
-            "trigger",
-        )
-        return [dict(zip(cols, r, strict=True)) for r in self.db.execute(sql, (*args, limit))]
+        rows: list[dict[str, Any]] = self._read(lambda w: read_history(w.db, job, limit))
+        return rows
 
-    # -- buffered writes -------------------------------------------------------------------
+    # -- writes: queued for the writer ------------------------------------------------------
 
     def set_tick(self, job: str, tick: float) -> None:
-        """Record the job's cursor. On record at once (journal), in the database at the end
-        of this loop iteration."""
+        """Record the job's cursor: on record at once (the journal, written before this loop
+        iteration ends or the next run starts), in the database with the writer's next
+        commit."""
+        w = self._writer
+        if w is None:
+            return  # closed: a run that unwound after the stop
+        _check_name(job)
+        # Queued before its journal line is written: a commit that empties the journal file
+        # holding the line has this row in it (taskd.state.ticklog).
+        w.submit((TICK, job, tick))
         self.journal.tick(job, tick)
-        self._journaled = True
-        self._pending.ticks[job] = tick
-        self._dirty()
+        if asyncio._get_running_loop() is None:
+            self.flush()  # outside a loop (tools, tests): written through
 
     def set_paused(self, job: str, paused: bool) -> None:
-        self._pending.paused[job] = paused
-        self._dirty()
+        """On record at once (the journal): ``taskd pause`` answers right after."""
+        w = self._writer
+        if w is None:
+            return
+        _check_name(job)
+        w.submit((PAUSED, job, paused))
+        self.journal.paused(job, paused, time.time())
+        self._through()
 
     def run_started(
         self, run_id: str, job: str, scheduled: float, started: float, trigger: str
     ) -> None:
-        self.journal.run_started(run_id, job, scheduled, started, trigger)
-        self._journaled = True
-        self._pending.runs[run_id] = (
-            run_id,
-            job,
-            scheduled,
-            started,
-            1,
-            None,
-            "running",
-            None,
-            trigger,
-            None,
+        w = self._writer
+        if w is None:
+            return
+        _check_name(job)
+        w.submit(
+            (
+                RUN,
+                run_id,
+                (run_id, job, scheduled, started, 1, None, "running", None, trigger, None),
+            )
         )
-        self._dirty()
+        # With the kernel before this returns, and so before the job's code runs.
+        self.journal.run_started(run_id, job, scheduled, started, trigger)
+        self._through()
 
     def run_finished(
         self,
@@ -333,129 +322,105 @@ class StateStore:
         failures: int = 0,
     ) -> None:
         """``failures``: the job's consecutive failed runs, this one included."""
+        w = self._writer
+        if w is None:
+            return  # closed: its line is logged; its row is not
         error, result_json = storable(error), storable(result_json)
-        self._pending.runs[run_id] = (
-            run_id,
-            job,
-            scheduled,
-            started,
-            attempts,
-            duration,
-            outcome,
-            error,
-            trigger,
-            bounded(result_json, MAX_RUN_RESULT_CHARS),
+        w.submit(
+            (
+                FINISHED,
+                run_id,
+                (
+                    run_id,
+                    job,
+                    scheduled,
+                    started,
+                    attempts,
+                    duration,
+                    outcome,
+                    error,
+                    trigger,
+                    bounded(result_json, MAX_RUN_RESULT_CHARS),
+                ),
+                job,
+                (
+                    run_id,
+                    outcome,
+                    started,
+                    duration,
+                    error,
+                    bounded(result_json),
+                    failures,
+                    started + duration if outcome == "succeeded" else None,
+                ),
+            )
         )
-        self._pending.job_last[job] = (
-            run_id,
-            outcome,
-            started,
-            duration,
-            error,
-            bounded(result_json),
-            failures,
-            started + duration if outcome == "succeeded" else None,
-        )
-        self._dirty()
+        self._through()
 
     def set_shared(self, data: Mapping[str, Any], keys: frozenset[str]) -> None:
+        w = self._writer
+        if w is None:
+            return
         for key in keys:
             # The value's JSON is ASCII; a key is stored as it is, and must be UTF-8.
-            self._pending.shared[storable(key) or key] = (
-                json.dumps(data[key]) if key in data else None
-            )
-        self._dirty()
+            w.submit((SHARED, storable(key) or key, json.dumps(data[key]) if key in data else None))
+        self._through()
 
-    def _dirty(self) -> None:
-        if self._db is None:
-            # Closed: a run that unwound after the stop. Its line is logged; its row is not.
-            self._pending.clear()
-            return
-        if self._flush_handle is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()  # outside a loop (CLI tools): write through
-                return
-            self._flush_handle = loop.call_soon(self._flush_from_loop)
+    def _through(self) -> None:
+        if asyncio._get_running_loop() is None:
+            self.flush()  # outside a loop (tools, tests): written through
+
+    # -- waiting for commits ----------------------------------------------------------------
 
     async def durable(self) -> None:
         """Return once everything written so far is committed (at once while writes are
-        failing: the runs go on, the store keeps retrying)."""
-        if self._flush_handle is None or self.failing:
+        failing: the runs go on, the writer keeps retrying)."""
+        w = self._writer
+        if w is None or w.failing or w.committed >= w.submitted:
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._loop = asyncio.get_running_loop()
+        fut = self._loop.create_future()
+        self._waiters.append((w.submitted, fut))
+        w.hurry()  # after the append: the cycle it starts sees this waiter
         await fut
 
-    def _flush_from_loop(self) -> None:
-        self._flush_handle = None
-        try:
-            self.flush()
-        except (sqlite3.Error, OSError) as exc:
-            self._io_failed = self._io_failed or is_io_error(exc)
-            self.write_errors += 1
-            self.failing = True
-            # Keep the buffered writes and try again shortly. Runs waiting for durability go
-            # on regardless: a full disk must not stop every job, and the error is loud.
-            log.error(
-                "state_write_failed",
-                path=str(self.path),
-                error=describe(exc, where=self.path.parent, after_io_error=self._io_failed),
-                retry_in="1s",
-                hint="runs continue; state and history are kept in memory until the write succeeds",
-            )
-            if len(self._pending.runs) > MAX_BUFFERED_RUNS:
-                # Memory is not a place to keep history forever while the disk is failing.
-                rows = list(self._pending.runs.items())
-                drop = len(rows) - MAX_BUFFERED_RUNS // 2
-                self._pending.runs = dict(rows[drop:])
-                log.error("history_dropped", runs=drop, reason="state writes keep failing")
-            self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_from_loop)
-        else:
-            if self.failing:
-                log.warning("state_write_recovered", path=str(self.path))
-            self.failing = False
-            self._backlog.schedule()
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
+    def _on_cycle(self) -> None:
+        """On the writer's thread, after each commit (or failed commit)."""
+        loop = self._loop
+        if self._waiters and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        w = self._writer
+        keep = []
+        for target, fut in self._waiters:
+            if fut.done():
+                continue
+            if w is None or w.failing or w.committed >= target:
                 fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._waiters = keep
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        db = self.db
-        db.execute("BEGIN")
-        try:
-            added = self._pending.write(db)
-            # As many as were added, at most: exact at steady state, and a commit never
-            # costs more than its own writes did; a backlog goes in passes (above).
-            done = self._retention.prune(db, self._run_count + added, time.time(), added)
-            db.execute("COMMIT")
-        except BaseException:
-            rollback(db)
-            raise
-        self._run_count = done.count
-        self._backlog.note(done)
-        if self._journaled:
-            self.journal.reset()
-            self._journaled = False
-        self._pending.clear()
+        """Commit everything written so far, now; raises the commit's error if it fails."""
+        if self._writer is not None:
+            self.journal.flush()
+            self._writer.call(_nothing, strict=True)
 
     def close(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        # What is left goes after the next start: a stop must not wait for it.
-        self._backlog.cancel()
-        if self._db is not None:
-            try:
-                self.flush()
-            finally:
-                self._db.close()
-                self._db = None
-                self.journal.close()
-        for fut in self._waiters:
-            if not fut.done():
-                fut.set_result(None)
+        """Commit what is queued, checkpoint (the -wal emptied), close. Rows past the
+        retention limits that are left go after the next start: a stop must not wait."""
+        w, self._writer = self._writer, None
+        try:
+            if w is not None:
+                self.journal.flush()
+                w.close()
+        finally:
+            self._db = None
+            self.journal.close()
+            self._release()
+
+
+def _nothing(_: Writer) -> None:
+    return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Container
 from typing import Any
 
 MAX_RESULT_CHARS = 65_536  # a job's last result
@@ -61,8 +62,12 @@ class Pending:
         self.job_last.clear()
         self.shared.clear()
 
-    def write(self, db: sqlite3.Connection) -> int:
-        """Execute the writes inside the caller's transaction; the history rows added."""
+    def write(self, db: sqlite3.Connection, open_runs: Container[str] | None = None) -> int:
+        """Execute the writes inside the caller's transaction; the history rows added.
+        ``open_runs``: the runs committed as running so far, the only ones whose end must
+        update a row (a run that started and ended since the last commit is inserted as it
+        ended, and an UPDATE of it would cost an index lookup and a page for nothing); None:
+        any may."""
         added = 0
         if self.ticks:
             db.executemany(
@@ -87,7 +92,7 @@ class Pending:
                 [
                     (r[4], r[5], r[6], r[7], r[9], r[0])
                     for r in self.runs.values()
-                    if r[6] != "running"
+                    if r[6] != "running" and (open_runs is None or r[0] in open_runs)
                 ],
             )
         if self.job_last:

@@ -162,7 +162,14 @@ class TestModes:
             os.umask(old)
         d.wait_for("run", job="hello")
         sd = d.dir / "state"
-        names = {"state.db", "state.db-wal", "state.db-shm", "ticks.journal", "taskd.lock"}
+        names = {
+            "state.db",
+            "state.db-wal",
+            "state.db-shm",
+            "ticks.journal",
+            "ticks.journal.1",
+            "taskd.lock",
+        }
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in sd.iterdir()}
         assert modes == dict.fromkeys(names, 0o600)
         assert stat.S_IMODE(sd.stat().st_mode) == 0o700

@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from taskd.state import journal
 from taskd.state.journal import TickJournal
 from taskd.state.store import StateStore
+from tests.unit.test_store import _abandon
 
 
 class TestJournal:
@@ -55,15 +56,12 @@ class TestStoreReplay:
     def test_crash_between_journal_and_commit(self, tmp_path: Path) -> None:
         s = StateStore(tmp_path / "state.db")
         s.open()
-        s._pending.ticks["a"] = 5.0  # committed earlier
-        s.flush()
+        s.set_tick("a", 5.0)  # committed earlier (no loop: written through)
         # What a daemon killed before its next commit leaves behind: only the journal has it.
         s.journal.tick("a", 7.0)
         s.journal.tick("b", 3.0)
         s.journal.run_started("r9", "a", 7.0, 7.1, "schedule")
-        s.db.close()
-        s._db = None
-        s.journal.close()
+        _abandon(s)
         again = StateStore(tmp_path / "state.db")
         again.open()
         rows = again.jobs()
@@ -76,10 +74,9 @@ class TestStoreReplay:
     def test_journal_never_moves_a_tick_back(self, tmp_path: Path) -> None:
         s = StateStore(tmp_path / "state.db")
         s.open()
-        s._pending.ticks["a"] = 50.0
-        s.flush()
+        s.set_tick("a", 50.0)
         s.journal.tick("a", 40.0)
-        s.close()
+        _abandon(s)  # killed: the journal is replayed at the next start
         again = StateStore(tmp_path / "state.db")
         again.open()
         assert again.jobs()["a"].last_tick == 50.0
@@ -179,15 +176,15 @@ class TestReplayChecksValues:
             (b"T\ta\tabc\n", "tick is not a number"),  # a string
             (b"T\ta\t\n", "tick is not a number"),
             (b"T\ta\t0x10\n", "tick is not a number"),
-            (b"T\ta\n\t5.0\n", "not a T or R entry"),  # a name with a newline tears the line
+            (b"T\ta\n\t5.0\n", "not a T, R or P entry"),  # a name with a newline tears the line
             (b"T\ta b\t5.0\n", "invalid job name"),
             (b"T\ta\r\t5.0\n", "invalid job name"),
             (b"T\t\t5.0\n", "invalid job name"),
             (b"T\t-a\t5.0\n", "invalid job name"),
             (b"T\t\xff\xfe\t5.0\n", "invalid job name"),
             (b"T\t" + b"a" * 101 + b"\t5.0\n", "invalid job name"),
-            (b"T\ta\t5.0\textra\n", "not a T or R entry"),
-            (b'{"job": "a", "tick": 5.0}\n', "not a T or R entry"),
+            (b"T\ta\t5.0\textra\n", "not a T, R or P entry"),
+            (b'{"job": "a", "tick": 5.0}\n', "not a T, R or P entry"),
             (b"R\tr 1\ta\t1.0\t1.0\tschedule\n", "invalid run id or trigger"),
             (b"R\tr1\ta\t1.0\t1.0\tbogus\n", "invalid run id or trigger"),
             (b"R\tr1\ta\t1.0\tsoon\tschedule\n", "started is not a number"),

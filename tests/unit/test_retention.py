@@ -122,7 +122,7 @@ class TestStore:
             await store.durable()
             rows = store.history(limit=1000)
             assert len(rows) == 100 and rows[-1]["run_id"] == "y004900"
-            assert not store._backlog.due
+            assert not store._writer.backlog.due
         finally:
             store.close()
 
@@ -138,7 +138,7 @@ class TestStore:
                 assert len(store.history(limit=100_000)) == 20_000
                 for _ in range(2000):
                     await asyncio.sleep(0.01)
-                    if not store._backlog.due:
+                    if not store._writer.backlog.due:
                         break
             assert [r["run_id"] for r in store.history(limit=100)] == [
                 f"r{i:06d}" for i in range(19_999, 19_994, -1)
@@ -162,7 +162,7 @@ class TestStore:
             assert time.monotonic() - started < 5  # a commit does not wait for the backlog
             for _ in range(2000):
                 await asyncio.sleep(0.01)
-                if not store._backlog.due:
+                if not store._writer.backlog.due:
                     break
             assert [r["run_id"] for r in store.history(limit=100)] == [
                 f"x{i:06d}" for i in range(59, 9, -1)
@@ -195,6 +195,6 @@ async def test_steady_state_one_commit_at_a_time(tmp_path: Path, rows: int) -> N
             with contextlib.closing(sqlite3.connect(store.path)) as db:
                 count = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
             assert count == min(50, rows * (k + 1))
-            assert not store._backlog.due
+            assert not store._writer.backlog.due
     finally:
         store.close()

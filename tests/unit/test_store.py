@@ -25,20 +25,38 @@ def store(tmp_path: Path):
     s.close()
 
 
+def _abandon(s: StateStore) -> None:
+    """Leave the store as a kill -9 would: its connection closed without a final commit,
+    checkpoint or journal reset."""
+    w = s._writer
+    assert w is not None
+    w._cycle = lambda **_: None  # type: ignore[method-assign]
+    w._final = lambda: w.db.close()  # type: ignore[method-assign]
+    w.close()
+    s._writer = None
+    s.journal.close()
+
+
 def _ticks(path: Path) -> dict[str, float]:
     with sqlite3.connect(path) as db:
         return dict(db.execute("SELECT name, last_tick FROM jobs"))
 
 
 class TestBatching:
-    """Writes in one loop iteration become one commit; durable() returns after it."""
+    """Writes in one window become one commit; durable() returns after it."""
 
-    async def test_durable_waits_for_the_commit(self, store: StateStore) -> None:
-        store.set_tick("a", 10.0)
-        store.set_tick("b", 20.0)
-        assert _ticks(store.path) == {}  # buffered, not yet committed
+    async def test_durable_waits_for_the_commit(self, store: StateStore, monkeypatch) -> None:
+        from taskd.state import writer
+
+        monkeypatch.setattr(writer, "GROUP_SECONDS", 60.0)
+        monkeypatch.setattr(writer, "BUSY_OPS", 0)  # grouped however few
+        store.set_tick("a", 10.0)  # no commit in the last window: committed at once
         await store.durable()
-        assert _ticks(store.path) == {"a": 10.0, "b": 20.0}
+        store.set_tick("b", 20.0)
+        store.set_tick("c", 30.0)
+        assert _ticks(store.path) == {"a": 10.0}  # within the window: not yet committed
+        await store.durable()
+        assert _ticks(store.path) == {"a": 10.0, "b": 20.0, "c": 30.0}
 
     async def test_durable_with_nothing_pending_returns_at_once(self, store: StateStore) -> None:
         await asyncio.wait_for(store.durable(), 0.5)
@@ -59,16 +77,18 @@ class TestWriteFailure:
     """A failing commit is retried and does not hold runs up."""
 
     async def test_waiters_released_and_write_retried(self, store: StateStore, monkeypatch) -> None:
-        real_flush = store.flush
+        writer = store._writer
+        assert writer is not None
+        real_write = writer._write_pending
         calls = {"n": 0}
 
         def failing_once() -> None:
             calls["n"] += 1
             if calls["n"] == 1:
                 raise sqlite3.OperationalError("database or disk is full")
-            real_flush()
+            real_write()
 
-        monkeypatch.setattr(store, "flush", failing_once)
+        monkeypatch.setattr(writer, "_write_pending", failing_once)
         store.set_tick("a", 5.0)
         await store.durable()  # released by the failed commit, not held until the retry
         assert store.write_errors == 1 and store.failing
@@ -90,8 +110,9 @@ class TestReopen:
         s = StateStore(tmp_path / "state.db")
         s.open()
         s.run_started("r1", "a", 1.0, 1.0, "schedule")  # no loop: written through
-        s.db.close()  # as a kill -9 would leave it: no close(), no final flush
-        s._db = None
+        # As a kill -9 would leave it: no close(), no final checkpoint. The writer is
+        # stopped without committing anything more (there is nothing more).
+        _abandon(s)
         again = StateStore(tmp_path / "state.db")
         again.open()
         assert again.history("a")[0]["outcome"] == "interrupted"
