@@ -163,6 +163,8 @@ class Running:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.notify is not None:
+            self.notify.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -224,6 +226,15 @@ def _write_config(folder: Path, jobs: list[Job], offset: bool, spread: bool = Tr
     return path
 
 
+def _ready(run: Running) -> Running:
+    try:
+        run.wait_ready()
+    except BaseException:
+        run.cleanup()
+        raise
+    return run
+
+
 def start_taskd(jobs: list[Job], tree: Path, offset: bool, spread: bool = True) -> Running:
     """The real daemon, default config but for the paths: state on disk in a temp dir.
     spread=False keeps every `every` job on the epoch grid even without `offset`."""
@@ -247,9 +258,7 @@ def start_taskd(jobs: list[Job], tree: Path, offset: bool, spread: bool = True) 
         cwd=workdir,
         env=env,
     )
-    run = Running("taskd", proc, _Drain(proc, None), out, workdir, spawned, notify=notify)
-    run.wait_ready()
-    return run
+    return _ready(Running("taskd", proc, _Drain(proc, None), out, workdir, spawned, notify=notify))
 
 
 def start_worker(engine: str, jobs: list[Job]) -> Running:
@@ -265,9 +274,7 @@ def start_worker(engine: str, jobs: list[Job]) -> Running:
         stderr=subprocess.STDOUT,
         cwd=workdir,
     )
-    run = Running(engine, proc, _Drain(proc, b"BENCH-READY\n"), out, workdir, spawned)
-    run.wait_ready()
-    return run
+    return _ready(Running(engine, proc, _Drain(proc, b"BENCH-READY\n"), out, workdir, spawned))
 
 
 def start(engine: str, jobs: list[Job], tree: Path, offset: bool, spread: bool = True) -> Running:
