@@ -58,7 +58,7 @@ def spread(s: Settings, engine: str) -> Figures:
     try:
         time.sleep(s.pick(2, 1.5))
         c0, t0 = run.cpu(), time.time()
-        time.sleep(s.pick(6, 3))
+        time.sleep(s.pick(5, 3))
         c1, t1 = run.cpu(), time.time()
         time.sleep(0.5)
     finally:
@@ -104,7 +104,7 @@ def burst10k(s: Settings, engine: str) -> Figures:
     try:
         time.sleep(1)
         lo = float(math.ceil(time.time()))
-        hi = lo + s.pick(5, 2)
+        hi = lo + s.pick(4, 2)
         _sleep_until(hi + 1.5)  # runs of the last ticks may start late
     finally:
         rec = _stopped(run)
@@ -134,12 +134,12 @@ def _rate_ok(s: Settings, engine: str, rate: float) -> bool:
     return pct(late, 0.99) <= 0.1 and len(late) >= 0.99 * n * (t1 - t0)
 
 
-MAX_RATE = 32_000.0
+MAX_RATE = 64_000.0
 _found: dict[str, float] = {}  # each engine's figure from the first round, where later ones start
 
 
 def maxrate(s: Settings, engine: str) -> Figures:
-    """The highest rate with p99 <= 100 ms, at most 32,000/s. The first round doubles from
+    """The highest rate with p99 <= 100 ms, at most 64,000/s. The first round doubles from
     2,000/s and then bisects (geometrically) between the last rate that passed and the first
     that failed, twice; later rounds step by sqrt(2) from the first round's figure until the
     verdict flips and bisect once: three or four runs of a few seconds instead of six."""

@@ -169,12 +169,27 @@ class Running:
 
 
 def supports_offset(tree: Path) -> bool:
-    """Does this tree's `taskd check` accept `offset` on an `every` job (issue 9)?"""
+    """Does this tree's `taskd check` accept `offset` on an `every` job (issue 9)?
+
+    Run, like the daemon, in a temp dir: `python -m` puts the working directory first on
+    sys.path, so from a checkout it would import that checkout's taskd, not the tree's."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     with tempfile.TemporaryDirectory() as d:
+        where = subprocess.run(
+            [sys.executable, "-c", "import taskd; print(taskd.__file__)"],
+            env=env,
+            cwd=d,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not Path(where).resolve().is_relative_to(tree):
+            raise SystemExit(f"--tree {tree}: Python imports taskd from {where} instead")
         _write_config(Path(d), [Job(1.0, 0.25)], offset=True)
         r = subprocess.run(
             [sys.executable, "-m", "taskd", "check", "--config", str(Path(d) / "taskd.toml")],
-            env={**os.environ, "PYTHONPATH": str(tree)},
+            env=env,
+            cwd=d,
             capture_output=True,
         )
     return r.returncode == 0
