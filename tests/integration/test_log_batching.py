@@ -164,9 +164,11 @@ def start(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
         d.kill()
 
 
-def _jobs(kind: str, count: int, every: str = "1s", prefix: str = "j") -> str:
+def _jobs(kind: str, count: int, prefix: str = "j") -> str:
+    """``count`` jobs of ``kind``, all due at the start of every second: cron ticks fall on
+    the second itself, whatever phase `every` may give each job."""
     return "".join(
-        f'[jobs.{prefix}{i}]\ntype = "{kind}"\nevery = "{every}"\n' for i in range(count)
+        f'[jobs.{prefix}{i}]\ntype = "{kind}"\ncron = "* * * * * *"\n' for i in range(count)
     )
 
 
@@ -247,7 +249,7 @@ class TestThreadsAndLoop:
     never inside one of its lines."""
 
     def test_never_interleaved(self, start: Any) -> None:
-        jobs = _jobs("chatty", 2, every="1s", prefix="c") + _jobs("loud", 2, prefix="l")
+        jobs = _jobs("chatty", 2, prefix="c") + _jobs("loud", 2, prefix="l")
         d = start(jobs + _jobs("quick", 100))
         poll(lambda: len(d.events("from_thread")) >= 800, timeout=30)
         lines = d.lines()  # every packet whole lines of JSON, or this raises
