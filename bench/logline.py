@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from steady import _config as steady_config  # bench/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent.parent
 
 # Runs in a fresh interpreter with PYTHONPATH set to the tree under test; prints JSON.
@@ -105,17 +107,6 @@ cat.wait()
 print(json.dumps({"us_per_line": cpu / lines * 1e6}))
 """
 
-PLUGIN = """
-import taskd
-
-async def trivial(ctx) -> None:
-    return None
-
-@taskd.hookimpl
-def taskd_job_types():
-    return [taskd.JobType("trivial", trivial)]
-"""
-
 
 def _env(tree: Path, extra: str = "") -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), extra) if p)}
@@ -140,22 +131,14 @@ def probe(tree: Path, mode: str, lines: int, extra: str = "") -> float:
 def daemon(tree: Path, jobs: int, seconds: float) -> float:
     """CPU per run (µs) of `taskd run` from ``tree`` with ``jobs`` jobs every 1 s."""
     with tempfile.TemporaryDirectory() as d:
-        folder = Path(d)
-        (folder / "plugins.d").mkdir()
-        (folder / "plugins.d" / "trivial.py").write_text(PLUGIN)
-        head = (
-            '[daemon]\nplugin_dirs = ["plugins.d"]\nstate_dir = "state"\n'
-            'runtime_dir = "run"\nlog_format = "json"\n'
-        )
-        body = "".join(f'[jobs.j{i}]\ntype = "trivial"\nevery = "1s"\n' for i in range(jobs))
-        (folder / "taskd.toml").write_text(head + body)
+        config = steady_config(Path(d), jobs, "1s")  # steady.py's trivial io jobs
         cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         assert cat.stdin is not None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "taskd", "run", "-c", str(folder / "taskd.toml")],
+            [sys.executable, "-m", "taskd", "run", "-c", str(config)],
             stdout=cat.stdin,
             stderr=subprocess.DEVNULL,
-            cwd=folder,
+            cwd=config.parent,
             env={**_env(tree), "PYTHONUNBUFFERED": "1"},  # as the unit file
         )
         cat.stdin.close()

@@ -101,6 +101,9 @@ def utc_stamp() -> str:
 # structlog's map_method_name: the level a method logs at, where the names differ.
 _LEVEL_OF_METHOD = {"warn": "warning", "exception": "error"}
 
+# structlog's registry of the context variables bind_contextvars() ever made: while it is
+# empty there is nothing to merge. Should a later structlog drop it, the fallback is not
+# empty, and the merge always runs.
 _contextvars: dict[str, Any] = getattr(structlog.contextvars, "_CONTEXT_VARS", {"?": None})
 
 
@@ -114,7 +117,10 @@ class JsonLines(structlog.processors.JSONRenderer):
     It is every run's line: one call instead of five, the time formatted once a second, the
     encoder made once, and a processor skipped when it would do nothing (no context
     variable bound, no ``exc_info``). With ``journal`` the line starts with its syslog
-    priority."""
+    priority.
+
+    Not orjson: it renders a line about 2 µs faster (bench/logline.py --orjson), but writes
+    no space after ``:`` and ``,`` and leaves non-ASCII unescaped, a different line format."""
 
     def __init__(self, journal: bool = False) -> None:
         super().__init__()

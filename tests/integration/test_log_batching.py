@@ -77,7 +77,7 @@ _EPOLL = {"x86_64": {232, 281, 441}, "aarch64": {22, 441}}
 class SeqpacketDaemon:
     """``taskd run`` with its stdout one end of a SOCK_SEQPACKET pair; every packet kept."""
 
-    def __init__(self, workdir: Path, jobs: str) -> None:
+    def __init__(self, workdir: Path, jobs: str, loop: str) -> None:
         self.dir = workdir
         (workdir / "plugins.d").mkdir(parents=True)
         (workdir / "plugins.d" / "logs.py").write_text(textwrap.dedent(PLUGIN))
@@ -89,7 +89,8 @@ class SeqpacketDaemon:
         # Room for a 64 KiB batch in one packet, whatever the system's default.
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # as the unit file and the harness
+        # PYTHONUNBUFFERED as the unit file and the harness set it.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TASKD_LOOP": loop}
         env.pop("JOURNAL_STREAM", None)
         env.pop("NOTIFY_SOCKET", None)
         with open(workdir / "stderr", "wb") as err:
@@ -147,12 +148,13 @@ class SeqpacketDaemon:
             return [dict(r) for r in db.execute("SELECT run_id, job, outcome FROM runs")]
 
 
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Any]:
+@pytest.fixture(params=["uvloop", "asyncio"])
+def start(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """start(jobs) -> a started SeqpacketDaemon, on each kind of loop; killed at the end."""
     made: list[SeqpacketDaemon] = []
 
     def create(jobs: str) -> SeqpacketDaemon:
-        d = SeqpacketDaemon(tmp_path / f"d{len(made)}", jobs)
+        d = SeqpacketDaemon(tmp_path / f"d{len(made)}", jobs, request.param)
         made.append(d)
         poll(lambda: d.events("started"), timeout=20)
         return d
@@ -162,9 +164,11 @@ def start(tmp_path: Path) -> Iterator[Any]:
         d.kill()
 
 
-def _jobs(kind: str, count: int, every: str = "1s", prefix: str = "j") -> str:
+def _jobs(kind: str, count: int, prefix: str = "j") -> str:
+    """``count`` jobs of ``kind``, all due at the start of every second: cron ticks fall on
+    the second itself, whatever phase `every` may give each job."""
     return "".join(
-        f'[jobs.{prefix}{i}]\ntype = "{kind}"\nevery = "{every}"\n' for i in range(count)
+        f'[jobs.{prefix}{i}]\ntype = "{kind}"\ncron = "* * * * * *"\n' for i in range(count)
     )
 
 
@@ -245,7 +249,7 @@ class TestThreadsAndLoop:
     never inside one of its lines."""
 
     def test_never_interleaved(self, start: Any) -> None:
-        jobs = _jobs("chatty", 2, every="1s", prefix="c") + _jobs("loud", 2, prefix="l")
+        jobs = _jobs("chatty", 2, prefix="c") + _jobs("loud", 2, prefix="l")
         d = start(jobs + _jobs("quick", 100))
         poll(lambda: len(d.events("from_thread")) >= 800, timeout=30)
         lines = d.lines()  # every packet whole lines of JSON, or this raises
