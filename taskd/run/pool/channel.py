@@ -11,13 +11,21 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from taskd.errors import JobError, ResultTooLarge
+from taskd.errors import JobError, MemoryLimitExceeded, ResultTooLarge
 from taskd.run import worker as _wire
 from taskd.run.encoding import NO_RESULT, Encoded
 from taskd.run.limits import describe, remember
-from taskd.run.pool.records import Worker
+from taskd.run.pool.records import Worker, mib
 
-__all__ = ["Channel", "Encoder", "decode_error", "decode_reply", "label_of", "measured"]
+__all__ = [
+    "Channel",
+    "Encoder",
+    "decode_error",
+    "decode_memory",
+    "decode_reply",
+    "label_of",
+    "measured",
+]
 
 _REF_CACHE_MAX = 1024
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -182,6 +190,21 @@ def measured(body: tuple[Any, ...]) -> tuple[Any, Encoded]:
     if text is None:
         return result, NO_RESULT
     return result, Encoded(stored, text, serialisable, size)
+
+
+def decode_memory(
+    pid: int, label: str, limit: int, body: memoryview | bytes
+) -> MemoryLimitExceeded:
+    """The exception for a ``MEMORY`` reply of worker ``pid`` running ``label`` with
+    ``max_memory`` = ``limit``."""
+    summary, text = pickle.loads(body)
+    exc = MemoryLimitExceeded(
+        f"{label}: an allocation failed at max_memory={limit} bytes ({mib(limit)}), "
+        f"the limit set on worker process {pid}'s data segment (RLIMIT_DATA) for "
+        f"this run ({summary}); the worker is being replaced"
+    )
+    exc.add_note(f"Remote traceback (worker process {pid}, {label}):\n{text}")
+    return exc
 
 
 def decode_error(pid: int, label: str, body: memoryview | bytes) -> BaseException:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pickle
 import socket
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -18,8 +17,8 @@ import psutil
 from taskd.errors import JobError, JobTimeout, MemoryLimitExceeded, WorkerDied
 from taskd.run import worker as _wire
 from taskd.run.encoding import Encoded, transport_bound
-from taskd.run.pool.channel import Encoder, decode_reply, label_of
-from taskd.run.pool.records import Run, RunState, Worker, mib
+from taskd.run.pool.channel import Encoder, decode_memory, decode_reply, label_of
+from taskd.run.pool.records import Run, RunState, Worker, check_limits, mib
 from taskd.run.pool.supervisor import Supervisor
 
 __all__ = ["ProcessPool"]
@@ -222,12 +221,7 @@ class ProcessPool:
             )
         if sup.broken is not None:
             raise JobError(f"{label or label_of(func)}: {sup.broken}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if max_memory is not None and max_memory <= 0:
-            raise ValueError(f"max_memory must be > 0 bytes, got {max_memory}")
-        if max_pickle is not None and max_pickle <= 0:
-            raise ValueError(f"max_result must be > 0 bytes, got {max_pickle}")
+        check_limits(timeout, max_memory, max_pickle)
         # Pickling happens here, so arguments that cannot be sent fail in the caller.
         frame, default_label = self._encoder.encode(
             func, args, kwargs, max_memory, max_pickle, max_json
@@ -288,21 +282,18 @@ class ProcessPool:
     # -- submission ------------------------------------------------------------------------
 
     def _dispatch(self, worker: Worker, run: Run) -> None:
+        loop, transport = self._loop, worker.transport
+        assert loop is not None and transport is not None  # started; its channel is made
         worker.run = run
         worker.ran = True
         run.state = RunState.RUNNING
         self._busy += 1
-        transport = worker.transport
-        assert transport is not None  # set when the worker's channel was made
         transport.write(run.frame)
         run.frame = b""  # the transport has it now; do not hold big arguments twice
-        if run.timeout is not None or run.max_memory is not None:
-            loop = self._loop
-            assert loop is not None
-            if run.timeout is not None:
-                run.timer = loop.call_later(run.timeout, self._on_timeout, worker, run)
-            if run.max_memory is not None:
-                run.mem_timer = loop.call_later(self._mem_interval, self._check_memory, worker, run)
+        if run.timeout is not None:
+            run.timer = loop.call_later(run.timeout, self._on_timeout, worker, run)
+        if run.max_memory is not None:
+            run.mem_timer = loop.call_later(self._mem_interval, self._check_memory, worker, run)
 
     def _release(self, worker: Worker) -> None:
         """``worker`` finished a run: give it the next queued one, or make it idle."""
@@ -357,14 +348,7 @@ class ProcessPool:
         """An allocation failed at the run's ``max_memory`` in ``worker``, which then replied:
         the run fails, and the worker is replaced, since what the job left in its memory
         (half-built module state, a fragmented heap) is in doubt."""
-        summary, text = pickle.loads(body)
-        limit = cast(int, run.max_memory)
-        exc = MemoryLimitExceeded(
-            f"{run.label}: an allocation failed at max_memory={limit} bytes ({mib(limit)}), "
-            f"the limit set on worker process {worker.pid}'s data segment (RLIMIT_DATA) for "
-            f"this run ({summary}); the worker is being replaced"
-        )
-        exc.add_note(f"Remote traceback (worker process {worker.pid}, {run.label}):\n{text}")
+        exc = decode_memory(worker.pid, run.label, cast(int, run.max_memory), body)
         self._sup.retire(worker, exc)
         return exc
 

@@ -25,6 +25,7 @@ __all__ = [
     "StartFailedError",
     "Worker",
     "backoff",
+    "check_limits",
     "describe_exit",
     "mib",
     "restart_cause",
@@ -128,6 +129,16 @@ class Worker:
         self.loss_check_until = 0.0
         # Set when it died unexpectedly: how long its slot waits before starting another.
         self.respawn_in = 0.0
+
+
+def check_limits(timeout: float | None, max_memory: int | None, max_pickle: int | None) -> None:
+    """Refuse a run's limits that make no sense (ValueError), before it is queued."""
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    if max_memory is not None and max_memory <= 0:
+        raise ValueError(f"max_memory must be > 0 bytes, got {max_memory}")
+    if max_pickle is not None and max_pickle <= 0:
+        raise ValueError(f"max_result must be > 0 bytes, got {max_pickle}")
 
 
 def restart_cause(worker: Worker) -> str:
