@@ -1,18 +1,17 @@
 """The real daemon's start-up, idle cost and SIGHUP with many jobs.
 
-    .venv/bin/python bench/startup.py [--jobs 10000] [--repeat 3] [--only ready,rss,idle,hup]
+    .venv/bin/python bench/startup.py [--jobs 10000] [--repeat 3] [--only ready,idle,hup]
         [--base /tmp/start-base]
 
 Starts `taskd run` (JSON log to a pipe, state in a temp dir) with --jobs trivial io jobs
 `every = "1h"` and measures:
 - ready: spawn to READY=1 on NOTIFY_SOCKET (wall seconds, and the daemon's CPU seconds by
-  then);
-- rss: (RSS with --jobs jobs - RSS with none) / jobs, 2 s after READY;
+  then), and RSS per job: (RSS with --jobs jobs - RSS with none) / jobs, 2 s after READY;
 - idle: the daemon's CPU over 10 s once started (10,000 idle jobs should cost none), from
   cpu_times() (10 ms ticks) and from every thread's schedstat (ns);
-- hup: the same daemon plus 200 probe jobs every 1 s or so (spread), SIGHUP with the file unchanged:
-  the largest `late` of the probe runs logged between the signal and 0.5 s after the
-  `reloaded` line, against the largest in the 3 s before the signal;
+- hup: the same daemon plus 200 probe jobs every 1 s or so (spread over the second), SIGHUP
+  with the file unchanged: the largest `late` of the probe runs logged between the signal
+  and 0.5 s after the `reloaded` line, against the largest in the 3 s before the signal;
 - hupbusy: the same with the --jobs jobs `every = "1s"` (all due at once each second) and
   no probes (not in the default set: it loads the machine).
 

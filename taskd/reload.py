@@ -2,8 +2,8 @@
 
 Start, SIGHUP and the control socket's ``reload`` all come here: start loads with
 :func:`load_all`; a reload goes through :class:`Reloader`, which coalesces requests, loads
-with :func:`load_all_on_loop`, applies the rejection rules (:func:`rejection`) and hands a valid result to the
-daemon's ``apply``. Every reload ends in one :class:`ReloadResult`."""
+with :func:`load_all_on_loop`, applies the rejection rules (:func:`rejection`) and hands a
+valid result to the daemon's ``apply``. Every reload ends in one :class:`ReloadResult`."""
 
 from __future__ import annotations
 

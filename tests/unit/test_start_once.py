@@ -1,5 +1,6 @@
 """Start-up does its work once: the config file is read once, a job type's signature is
-worked out once however many jobs use it. A reload validates in slices on the loop."""
+worked out once however many jobs use it, values jobs share are kept once. A reload
+validates in slices on the loop."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from unittest.mock import patch
 import pytest
 
 from taskd.config import load_config, steps
+from taskd.config.durations import parse_duration
 from taskd.daemon import Daemon
 from taskd.errors import ConfigError
 from taskd.plugin.manager import PluginHost
 from taskd.plugin.resolve import resolve, resolve_steps
 from taskd.reload import load_all, load_all_on_loop
+from taskd.schedule.triggers import Every
 
 PLUGIN = """
 import taskd
@@ -192,3 +195,34 @@ class TestReloadLoadsInSlices:
             return total
 
         assert steps.finish(count(100)) == await steps.finish_in_slices(count(100), 0.0) == 4950
+
+
+class TestSharedValues:
+    """What thousands of jobs have in common is kept once: an every/at trigger per distinct
+    schedule, a float per duration text. A Cron, which keeps its position, stays per job."""
+
+    def test_jobs_with_one_schedule_share_its_trigger(self, tmp_path: Path) -> None:
+        path = _write(tmp_path, 20)
+        path.write_text(
+            path.read_text()
+            + '[jobs.c1]\ntype = "ping"\ncron = "0 3 * * *"\noptions = { url = "c" }\n'
+            + '[jobs.c2]\ntype = "ping"\ncron = "0 3 * * *"\noptions = { url = "c" }\n'
+            + '[jobs.other]\ntype = "ping"\nevery = "2h"\noptions = { url = "o" }\n'
+        )
+        config = load_config(path)
+        specs, issues = resolve(
+            config, PluginHost.load(config.daemon.plugin_dirs, entry_points=False)
+        )
+        assert issues == []
+        assert len({id(specs[f"j{i}"].trigger) for i in range(20)}) == 1
+        assert specs["other"].trigger is not specs["j0"].trigger
+        assert specs["other"].trigger == Every(7200.0)
+        assert specs["c1"].trigger == specs["c2"].trigger
+        assert specs["c1"].trigger is not specs["c2"].trigger
+
+    def test_one_float_per_duration_text(self) -> None:
+        assert parse_duration("1h") is parse_duration("1h") == 3600.0
+        with pytest.raises(ValueError, match="cannot read"):
+            parse_duration("1x")
+        with pytest.raises(ValueError, match="cannot read"):  # an error is not kept as a result
+            parse_duration("1x")
