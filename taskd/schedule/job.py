@@ -443,8 +443,8 @@ class ScheduledJob:
                     self.queue.extend((t, _cause(t, now, grace), None) for t in rest)
                 else:
                     self._skip_span(rest[0], rest[-1], len(rest), refused)
-            if not skipped and refused is None:
-                self._end_skips()  # a tick handled without a skip: the job is back on time
+            if not skipped and refused is None and self._skips is not None and self._skips.idle():
+                self._skips = None  # on time, and nothing to log: the next skip logs at once
         return False
 
     def _skip(self, ticks: list[float], reason: SkipReason) -> None:
