@@ -102,11 +102,12 @@ class ScheduledJob:
         self.paused = paused
         self.next_fire: float | None = None
         # Runs in flight: run id -> (the task running it, its info). An inline run's task is
-        # this job's own task.
-        self.active: dict[str, tuple[asyncio.Task[Any], RunInfo]] = {}
-        # (tick, cause, waiter) waiting to run; a list, not a deque: it is nearly always
-        # empty, and an empty deque costs 760 bytes per job where a list costs 56.
-        self.queue: list[tuple[float, Cause, ManualRun | None]] = []
+        # this job's own task. While there are none it is the shared empty _NO_RUNS, never
+        # written to (see _add_run): an idle job keeps no dict of its own (64 bytes).
+        self.active: dict[str, tuple[asyncio.Task[Any], RunInfo]] = _NO_RUNS
+        # (tick, cause, waiter) waiting to run; a list, not a deque (an empty deque costs 760
+        # bytes). Nearly always empty, so it is the shared _NO_TICKS then (see _enqueue).
+        self.queue: list[tuple[float, Cause, ManualRun | None]] = _NO_TICKS
         self._clock_warned: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.removed = False
@@ -199,9 +200,11 @@ class ScheduledJob:
             # Scheduled ticks queued behind a running run (overlap = "queue", a catch-up
             # backlog) do not run either; manual runs already asked for still do.
             manual = [entry for entry in self.queue if entry[1] is Cause.MANUAL]
-            self.queue = [entry for entry in self.queue if entry[1] is not Cause.MANUAL]
+            self.queue = [
+                entry for entry in self.queue if entry[1] is not Cause.MANUAL
+            ] or _NO_TICKS
             self._drop_queue(SkipReason.PAUSED)
-            self.queue = manual
+            self.queue = manual or _NO_TICKS
             self._end_skips()
         else:
             self._resumed = True
@@ -270,7 +273,7 @@ class ScheduledJob:
                     elif self._no_thread:
                         self._drop_queue(SkipReason.EXHAUSTED)
                     else:
-                        self.start_run(*self.queue.pop(0))
+                        self.start_run(*self._dequeue())
                     now = loop_now()
                     continue  # a stop or reload may have come while draining
                 if self.cursor > now + CLOCK_BACK and self._clock_warned != self.cursor:
@@ -440,11 +443,12 @@ class ScheduledJob:
                 # Catch-up ticks run one after another, oldest first, whatever ``overlap``
                 # says: they are a backlog, not ticks that collided with a slow run.
                 if refused is None:
-                    self.queue.extend((t, _cause(t, now, grace), None) for t in rest)
+                    for t in rest:
+                        self._enqueue((t, _cause(t, now, grace), None))
                 else:
                     self._skip_span(rest[0], rest[-1], len(rest), refused)
-            if not skipped and refused is None:
-                self._end_skips()  # a tick handled without a skip: the job is back on time
+            if not skipped and refused is None and self._skips is not None and self._skips.idle():
+                self._skips = None  # on time, and nothing to log: the next skip logs at once
         return False
 
     def _skip(self, ticks: list[float], reason: SkipReason) -> None:
@@ -535,7 +539,7 @@ class ScheduledJob:
                 if len(self.queue) >= QUEUE_LIMIT:
                     reason = SkipReason.QUEUE_FULL
                 else:
-                    self.queue.append((tick, cause, waiter))
+                    self._enqueue((tick, cause, waiter))
                     if waiter is not None:
                         waiter.queued = True
                     return None
@@ -553,7 +557,7 @@ class ScheduledJob:
         if self._inline:
             # Run it in this job's own task (see _drain): no task to create, no loop
             # iteration lost before the job starts.
-            self.queue.append((tick, cause, waiter))
+            self._enqueue((tick, cause, waiter))
         else:
             self.start_run(tick, cause, waiter)
         return None
@@ -579,7 +583,7 @@ class ScheduledJob:
                 # The pool was exhausted after these ticks were queued: they cannot start.
                 self._drop_queue(SkipReason.EXHAUSTED)
                 break
-            tick, cause, waiter = self.queue.pop(0)
+            tick, cause, waiter = self._dequeue()
             await self._run_inline(tick, cause, waiter)
 
     async def _run_inline(self, tick: float, cause: Cause, waiter: ManualRun | None) -> None:
@@ -589,7 +593,7 @@ class ScheduledJob:
             waiter.begin(info)
         task = asyncio.current_task()
         assert task is not None
-        self.active[info.run_id] = (task, info)
+        self._add_run(info, task)
         self._arm_next()
         try:
             await execute(rt, self.spec, info)
@@ -603,7 +607,7 @@ class ScheduledJob:
                 "run_crashed", job=self.name, run_id=info.run_id, error=repr(exc), exc_info=exc
             )
         finally:
-            self.active.pop(info.run_id, None)
+            self._end_run(info.run_id)
             # The timer stays: the job sleeps on it next if no run or reload came meanwhile.
             _settle(waiter, info)
             if not self._stopping:
@@ -648,6 +652,27 @@ class ScheduledJob:
         except Exception:
             log.exception("scheduler_crashed", job=self.name)
 
+    def _add_run(self, info: RunInfo, task: asyncio.Task[Any]) -> None:
+        if self.active is _NO_RUNS:
+            self.active = {}
+        self.active[info.run_id] = (task, info)
+
+    def _end_run(self, run_id: str) -> None:
+        self.active.pop(run_id, None)
+        if not self.active:
+            self.active = _NO_RUNS
+
+    def _enqueue(self, entry: tuple[float, Cause, ManualRun | None]) -> None:
+        if self.queue is _NO_TICKS:
+            self.queue = []
+        self.queue.append(entry)
+
+    def _dequeue(self) -> tuple[float, Cause, ManualRun | None]:
+        entry = self.queue.pop(0)
+        if not self.queue:
+            self.queue = _NO_TICKS
+        return entry
+
     def start_run(
         self, tick: float, cause: Cause = Cause.SCHEDULE, waiter: ManualRun | None = None
     ) -> RunInfo:
@@ -656,7 +681,7 @@ class ScheduledJob:
         task = asyncio.get_running_loop().create_task(
             execute(rt, self.spec, info), name=f"taskd-run:{self.name}:{info.run_id}"
         )
-        self.active[info.run_id] = (task, info)
+        self._add_run(info, task)
         if waiter is not None:
             waiter.begin(info)
         task.add_done_callback(functools.partial(self._run_done, info, self.spec, waiter))
@@ -670,7 +695,7 @@ class ScheduledJob:
         task: asyncio.Task[RunInfo],
     ) -> None:
         run_id = info.run_id
-        self.active.pop(run_id, None)
+        self._end_run(run_id)
         if info.outcome is None and task.cancelled():
             # Cancelled before its first step (overlap = "replace" in the same loop
             # iteration): execute never ran, so record the run here, or it would vanish.
@@ -688,18 +713,23 @@ class ScheduledJob:
             if self._no_thread:
                 self._drop_queue(SkipReason.EXHAUSTED)
             else:
-                self.start_run(*self.queue.pop(0))
+                self.start_run(*self._dequeue())
         if self.done or (self.queue and self._inline):
             self._poke()
 
     def _drop_queue(self, reason: SkipReason) -> None:
         if self.queue:
-            queue, self.queue = self.queue, []
+            queue, self.queue = self.queue, _NO_TICKS
             ticks = [tick for tick, cause, _ in queue if cause is not Cause.MANUAL]
             if ticks:
                 self._skip(ticks, reason)
             for _, _, waiter in queue:
                 _settle(waiter, reason)
+
+
+# Shared empty values, never written to: only _add_run and _enqueue add, to a fresh one.
+_NO_RUNS: dict[str, tuple[asyncio.Task[Any], RunInfo]] = {}
+_NO_TICKS: list[tuple[float, Cause, ManualRun | None]] = []
 
 
 def _cause(tick: float, now: float, grace: float) -> Cause:

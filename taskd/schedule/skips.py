@@ -1,13 +1,14 @@
-"""Skip reporting: every skipped tick is an event at once; the log line is per span.
+"""Skip reporting: every skipped tick is an event at once; the log line is rate-limited.
 
-Once the daemon falls a tick behind, every job skips a tick on each wake-up. One warning per
+Once the daemon falls a tick behind, every job skips a tick on many wake-ups. One warning per
 job per tick was 28% of the daemon's profile in a 10,000-jobs-per-second burst, and the cost
-fed the backlog that caused it. So the *log* is per span: the first skip of a job logs at
-once (so an operator sees it start), and further skips of the same job for the same reason
-are added up and logged as one ``skipped`` line with ``count``/``first``/``last`` when the
-span ends: the job handles a tick without skipping (it is back on time), the reason changes,
-a reload changes or removes the job, it is paused, the daemon stops, or 60 s have passed
-since the first one added up (so nothing waits in memory for long). The *event* (metrics,
+fed the backlog that caused it. So the *log* says it at most once a minute per job and
+reason: the first skip is logged at once (an operator sees it start), and the ones after it
+within REPORT_EVERY of that line are added up and logged as one ``skipped`` line with
+``count``/``first``/``last`` when the minute is up, or sooner when the reason changes, a
+reload changes or removes the job, it is paused, or the daemon stops (so nothing is left
+unlogged). A job in a burst is often on time for a tick between two skips, so "back on
+time" does not end the span: that would be a line per tick again. The *event* (metrics,
 ``taskd status``, plugins' ``taskd_job_event``) is still emitted for every skip when it
 happens, so the counters are exact whenever they are read."""
 
@@ -47,10 +48,9 @@ def log_skip(job: str, reason: SkipReason, first: float, last: float, count: int
 
 
 class SkipSpan:
-    """The skips of one job for one reason since its last ``skipped`` line: a job that has
-    one keeps skipping (or has just skipped), and what it adds up is logged later."""
+    """The skips of one job for one reason since its last ``skipped`` line."""
 
-    __slots__ = ("count", "first", "job", "last", "reason", "timer")
+    __slots__ = ("count", "first", "job", "last", "logged", "reason", "timer")
 
     def __init__(self, job: str, reason: SkipReason) -> None:
         self.job = job
@@ -58,24 +58,31 @@ class SkipSpan:
         self.count = 0  # skipped ticks not yet logged
         self.first = 0.0
         self.last = 0.0
+        self.logged = asyncio.get_running_loop().time()  # when its last line was written
         self.timer: asyncio.TimerHandle | None = None
+
+    def idle(self) -> bool:
+        """Nothing waits to be logged and the last line is older than REPORT_EVERY: the
+        next skip is logged at once."""
+        return not self.count and asyncio.get_running_loop().time() - self.logged >= REPORT_EVERY
 
     def add(self, first: float, last: float, count: int) -> None:
         if not self.count:
             self.first = first
-            # Bound how long a skip waits unlogged, even if the job never wakes again.
-            self.timer = asyncio.get_running_loop().call_later(REPORT_EVERY, self.report)
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_at(self.logged + REPORT_EVERY, self.report)
         self.count += count
         self.last = last
 
     def report(self) -> None:
-        """Log what was added up (if anything); the span goes on."""
+        """Log what was added up (if anything)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.count:
             log_skip(self.job, self.reason, self.first, self.last, self.count)
             self.count = 0
+            self.logged = asyncio.get_running_loop().time()
 
 
 def skip(
@@ -88,7 +95,7 @@ def skip(
     count: int,
 ) -> SkipSpan:
     """Count ``count`` skipped ticks from ``first`` to ``last`` now (one event), and log them
-    now or as part of the job's span. Returns the job's span from here on."""
+    now or with the job's span. Returns the job's span from here on."""
     rt.emit(
         JobEvent(
             EventKind.SKIPPED,
@@ -101,7 +108,7 @@ def skip(
             count=count,
         )
     )
-    if span is not None and span.reason is reason:
+    if span is not None and span.reason is reason and not span.idle():
         span.add(first, last, count)
         return span
     if span is not None:

@@ -1,5 +1,6 @@
-"""Skips in a span, on a real daemon: a job that keeps skipping logs one `skipped` line per span
-with the exact count, not one per tick, and its counters (metrics) stay exact meanwhile."""
+"""Skips on a real daemon: a job that keeps skipping logs its first skip at once and the rest
+added up (at most a line a minute, and at a pause or stop), never one line per tick; its
+counters (metrics) are exact meanwhile, and after a stop every tick is a run or logged."""
 
 from __future__ import annotations
 
@@ -54,11 +55,9 @@ def skips_total(port: int) -> float:
 
 
 class TestSkipSpans:
-    """One line per span of skips, counts exact in the log and in the metrics."""
+    """Skip lines per span, counts exact in the log and in the metrics."""
 
-    def test_a_span_is_logged_once_with_its_count_and_metrics_stay_exact(
-        self, daemon_factory
-    ) -> None:
+    def test_the_rest_of_a_span_is_one_line_and_metrics_stay_exact(self, daemon_factory) -> None:
         port = free_port()
         d = daemon_factory(
             daemon_table(metrics_address=f'"127.0.0.1:{port}"') + SLOW, {"p.py": PLUGIN}
@@ -81,15 +80,11 @@ class TestSkipSpans:
             timeout=5,
         )
         total = sum(e["count"] for e in lines)
-        runs = len(d.events("run", job="slow"))
         assert total >= 2 * 8, lines  # ~9 skipped ticks behind each of the runs so far
-        # Per span (one run's busy stretch): the first skip at once, the rest in one line.
-        assert len(lines) <= 2 * (runs + 1), lines
-        for line in lines:
-            if line["count"] > 1:
-                # A span's ticks are consecutive: first to last covers exactly `count` ticks.
-                ticks = round((epoch(line["last"]) - epoch(line["first"])) / INTERVAL) + 1
-                assert ticks == line["count"], line
+        # The first skip at once; every later one (well within a minute) in the one line the
+        # pause wrote, whatever runs came between.
+        assert len(lines) == 2, lines
+        assert lines[0]["count"] == 1 and lines[1]["count"] == total - 1, lines
         assert d.stop() == 0
 
     def test_every_tick_is_a_run_or_counted_in_the_log_after_a_stop(self, daemon_factory) -> None:
