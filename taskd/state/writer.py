@@ -1,23 +1,19 @@
 """The state writer: one thread that owns the SQLite connection once the store is open.
 
-The event loop must never wait for a disk. A commit costs ~120 µs of CPU and a WAL
-checkpoint an ``fdatasync`` (3-27 ms measured); done on the loop, one commit per spread-out
-run and SQLite's auto-checkpoints (~14 a second at 1,000 runs/s) were most of the CPU per run
-and all of the p99 lateness. So the loop only appends row operations to a deque (atomic under
-the GIL; the first one after an idle spell also sets an Event) and this thread folds them into
-one transaction per group: at most one commit per GROUP_SECONDS while rows come at BUSY_OPS a
-second or more (below that each commits as it comes), at once when GROUP_OPS rows wait or
-when someone waits for it (``flush``, ``durable``, a read, the stop).
-It checkpoints on its own schedule (auto-checkpoint is off on this connection), prunes the
-history (taskd.state.retention), and empties the tick journal's files once what they hold is
-committed (taskd.state.ticklog).
+The event loop must never wait for a disk. Done on the loop, a commit per spread-out run
+(~120 µs of CPU) and SQLite's auto-checkpoints (an ``fdatasync``, 3-27 ms, ~14 a second at
+1,000 runs/s) were most of the CPU per run and all of the p99 lateness. So the loop appends
+row operations to a deque (atomic under the GIL; the first after a quiet spell sets an Event)
+and this thread folds them into one transaction per group: each op commits as it comes while
+fewer than BUSY_OPS come a second; above that at most one commit per GROUP_SECONDS, held
+while a burst is still being queued (see _await_group); at once when GROUP_OPS wait or when
+someone waits (``flush``, ``durable``, a read, the stop). It checkpoints on its own schedule
+(auto-checkpoint is off on this connection), prunes the history (taskd.state.retention) and
+empties the journal's files once what they hold is committed (taskd.state.ticklog).
 
-Reads go through the same queue (:meth:`Writer.call`), so they run after every write queued
-before them is committed: ``taskd history`` (another process, reading the file) sees a run
-once its group commits, and the daemon's own reads see everything it wrote.
-
-A failing commit (disk full, read-only, I/O error) keeps the rows in memory and is tried again
-RETRY_SECONDS later, logged each time, as the loop did before; runs go on."""
+Reads go through the same queue (:meth:`Writer.call`): they see every write queued before
+them. A failing commit (disk full, read-only, I/O error) keeps the rows in memory and is tried
+again RETRY_SECONDS later, logged each time, as the loop did before; runs go on."""
 
 from __future__ import annotations
 
@@ -40,7 +36,7 @@ from taskd.state.writes import Pending
 
 log = structlog.get_logger("taskd.state")
 
-# Measured with bench/steady.py and a spread load (1,000 jobs a second): see the README.
+# Measured with bench/spread.py (1,000 jobs a second, spread and in a burst): see the README.
 GROUP_SECONDS = 0.05
 GROUP_OPS = 50_000  # a 10,000-run burst queues 30,000: one commit after it, not three in it
 BUSY_OPS = 200  # ops a second (a tick, a run start, a run end each) from which to group
