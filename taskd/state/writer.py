@@ -28,8 +28,8 @@ from typing import Any
 
 import structlog
 
-from taskd.errors import StateError
 from taskd.state.dbfile import describe, is_io_error, rollback
+from taskd.state.reads import Call, closed
 from taskd.state.retention import Backlog, Pruned, Retention
 from taskd.state.ticklog import TickLog
 from taskd.state.writes import Pending
@@ -54,20 +54,6 @@ _YIELD_EVERY = 512  # ops folded between two offers of the GIL to the loop threa
 
 # Operations: a tuple whose first item says what it is.
 TICK, PAUSED, RUN, FINISHED, SHARED, RETENTION, CALL = range(7)
-
-
-class Call:
-    """A function run on the writer thread after everything queued before it is committed
-    (or, while commits fail, folded into what is kept in memory)."""
-
-    __slots__ = ("done", "error", "fn", "result", "strict")
-
-    def __init__(self, fn: Callable[[Writer], Any], strict: bool) -> None:
-        self.fn = fn
-        self.strict = strict  # raise the commit's error instead of running fn
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
 
 
 class Writer:
@@ -133,13 +119,13 @@ class Writer:
         """Run ``fn(writer)`` on the writer thread once everything queued before is
         committed, and return what it returns (blocking the caller until then)."""
         if not self._thread.is_alive():
-            raise _closed()
+            raise closed()
         call = Call(fn, strict)
         self.submit((CALL, call))
         self.hurry()
         while not call.done.wait(1.0):
             if not self._thread.is_alive():  # it died of a bug (logged): do not hang here
-                raise _closed()
+                raise closed()
         if call.error is not None:
             raise call.error
         return call.result
@@ -414,9 +400,5 @@ class Writer:
                 while self.queue:  # a read that raced the stop: answered, not left hanging
                     op = self.queue.popleft()
                     if op[0] == CALL:
-                        op[1].error = _closed()
+                        op[1].error = closed()
                         op[1].done.set()
-
-
-def _closed() -> Exception:
-    return StateError("state store is not open")
