@@ -5,13 +5,35 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from taskd.errors import StateError
 from taskd.state.rows import JOB_COLUMNS, JobRow, RowChecker
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from taskd.state.writer import Writer
+
+
+class Call:
+    """A function run on the writer thread after everything queued before it is committed
+    (or, while commits fail, folded into what is kept in memory)."""
+
+    __slots__ = ("done", "error", "fn", "result", "strict")
+
+    def __init__(self, fn: Callable[[Writer], Any], strict: bool) -> None:
+        self.fn = fn
+        self.strict = strict  # raise the commit's error instead of running fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def closed() -> StateError:
+    return StateError("state store is not open")
 
 
 def read_jobs(w: Writer) -> dict[str, JobRow]:

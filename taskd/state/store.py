@@ -32,7 +32,7 @@ from taskd.state.dbfile import (
     move_aside,
 )
 from taskd.state.identify import foreign_reason
-from taskd.state.journal import MAX_AHEAD, _check_name
+from taskd.state.journal import _check_name
 from taskd.state.reads import read_history, read_jobs, read_shared
 from taskd.state.retention import Retention, count_runs
 from taskd.state.rows import JobRow
@@ -90,7 +90,7 @@ class StateStore:
                 f"cannot open state database {self.path}: {describe(exc, where=self.path.parent)}"
             ) from exc
         try:
-            self._replay_journal()
+            self.journal.replay_into(self._db)
             interrupted = self._db.execute(
                 "UPDATE runs SET outcome='interrupted', error='the daemon stopped during this run' WHERE outcome='running'"
             ).rowcount
@@ -158,43 +158,6 @@ class StateStore:
                 raise StateError(
                     f"cannot create state database {self.path}: {describe(exc2, where=self.path.parent)}"
                 ) from exc2
-
-    def _replay_journal(self) -> None:
-        """Fold what the journal holds (ticks and run starts not yet committed when the last
-        daemon died) into the database, then empty it."""
-        replay = self.journal.open()
-        if not (replay.ticks or replay.runs or replay.paused):
-            self.journal.reset_all()
-            return
-        db = self.db
-        db.execute("BEGIN")
-        # Never back, unless what is stored is not a time at all (inf, text, out of range):
-        # then the journal's checked tick replaces it rather than being lost behind it.
-        db.executemany(
-            "INSERT INTO jobs (name, last_tick) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
-            "last_tick = CASE WHEN typeof(jobs.last_tick) IN ('real', 'integer') "
-            "AND jobs.last_tick BETWEEN excluded.last_tick AND ? "
-            "THEN jobs.last_tick ELSE excluded.last_tick END",
-            [(job, tick, time.time() + MAX_AHEAD) for job, tick in replay.ticks.items()],
-        )
-        db.executemany(
-            "INSERT INTO jobs (name, paused) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET paused=excluded.paused",
-            [(job, paused) for job, (_, paused) in replay.paused.items()],
-        )
-        db.executemany(
-            "INSERT OR IGNORE INTO runs (run_id, job, scheduled, started, outcome, trigger) "
-            "VALUES (?, ?, ?, ?, 'running', ?)",
-            replay.runs,
-        )
-        db.execute("COMMIT")
-        self.journal.reset_all()
-        log.info(
-            "journal_replayed",
-            ticks=len(replay.ticks),
-            runs=len(replay.runs),
-            paused=len(replay.paused),
-        )
 
     def _connect(self) -> sqlite3.Connection:
         # SQLite opens the files by path and follows a symlink there: check them first.

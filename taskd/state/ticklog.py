@@ -21,10 +21,16 @@ so a ``kill -9`` before that write is the same as one just before the tick was h
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
-from taskd.state.journal import MAX_REPLAY_RUNS, Replay, TickJournal
+import structlog
+
+from taskd.state.journal import MAX_AHEAD, MAX_REPLAY_RUNS, Replay, TickJournal
+
+log = structlog.get_logger("taskd.state")
 
 __all__ = ["SECOND_SUFFIX", "TickLog"]
 
@@ -66,6 +72,43 @@ class TickLog:
         if len(first.runs) > MAX_REPLAY_RUNS:
             first.trim()
         return first
+
+    def replay_into(self, db: sqlite3.Connection) -> None:
+        """At open, before the writer starts: fold what the journal holds (ticks, run starts,
+        pauses not yet committed when the last daemon died) into the database, then empty
+        it."""
+        replay = self.open()
+        if not (replay.ticks or replay.runs or replay.paused):
+            self.reset_all()
+            return
+        db.execute("BEGIN")
+        # Never back, unless what is stored is not a time at all (inf, text, out of range):
+        # then the journal's checked tick replaces it rather than being lost behind it.
+        db.executemany(
+            "INSERT INTO jobs (name, last_tick) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+            "last_tick = CASE WHEN typeof(jobs.last_tick) IN ('real', 'integer') "
+            "AND jobs.last_tick BETWEEN excluded.last_tick AND ? "
+            "THEN jobs.last_tick ELSE excluded.last_tick END",
+            [(job, tick, time.time() + MAX_AHEAD) for job, tick in replay.ticks.items()],
+        )
+        db.executemany(
+            "INSERT INTO jobs (name, paused) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET paused=excluded.paused",
+            [(job, paused) for job, (_, paused) in replay.paused.items()],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO runs (run_id, job, scheduled, started, outcome, trigger) "
+            "VALUES (?, ?, ?, ?, 'running', ?)",
+            replay.runs,
+        )
+        db.execute("COMMIT")
+        self.reset_all()
+        log.info(
+            "journal_replayed",
+            ticks=len(replay.ticks),
+            runs=len(replay.runs),
+            paused=len(replay.paused),
+        )
 
     # -- the loop thread ---------------------------------------------------------------------
 

@@ -1,23 +1,19 @@
 """The state writer: one thread that owns the SQLite connection once the store is open.
 
-The event loop must never wait for a disk. A commit costs ~120 µs of CPU and a WAL
-checkpoint an ``fdatasync`` (3-27 ms measured); done on the loop, one commit per spread-out
-run and SQLite's auto-checkpoints (~14 a second at 1,000 runs/s) were most of the CPU per run
-and all of the p99 lateness. So the loop only appends row operations to a deque (atomic under
-the GIL; the first one after an idle spell also sets an Event) and this thread folds them into
-one transaction per group: at most one commit per GROUP_SECONDS while rows come at BUSY_OPS a
-second or more (below that each commits as it comes), at once when GROUP_OPS rows wait or
-when someone waits for it (``flush``, ``durable``, a read, the stop).
-It checkpoints on its own schedule (auto-checkpoint is off on this connection), prunes the
-history (taskd.state.retention), and empties the tick journal's files once what they hold is
-committed (taskd.state.ticklog).
+The event loop must never wait for a disk. Done on the loop, a commit per spread-out run
+(~120 µs of CPU) and SQLite's auto-checkpoints (an ``fdatasync``, 3-27 ms, ~14 a second at
+1,000 runs/s) were most of the CPU per run and all of the p99 lateness. So the loop appends
+row operations to a deque (atomic under the GIL; the first after a quiet spell sets an Event)
+and this thread folds them into one transaction per group: each op commits as it comes while
+fewer than BUSY_OPS come a second; above that at most one commit per GROUP_SECONDS, held
+while a burst is still being queued (see _await_group); at once when GROUP_OPS wait or when
+someone waits (``flush``, ``durable``, a read, the stop). It checkpoints on its own schedule
+(auto-checkpoint is off on this connection), prunes the history (taskd.state.retention) and
+empties the journal's files once what they hold is committed (taskd.state.ticklog).
 
-Reads go through the same queue (:meth:`Writer.call`), so they run after every write queued
-before them is committed: ``taskd history`` (another process, reading the file) sees a run
-once its group commits, and the daemon's own reads see everything it wrote.
-
-A failing commit (disk full, read-only, I/O error) keeps the rows in memory and is tried again
-RETRY_SECONDS later, logged each time, as the loop did before; runs go on."""
+Reads go through the same queue (:meth:`Writer.call`): they see every write queued before
+them. A failing commit (disk full, read-only, I/O error) keeps the rows in memory and is tried
+again RETRY_SECONDS later, logged each time, as the loop did before; runs go on."""
 
 from __future__ import annotations
 
@@ -32,15 +28,15 @@ from typing import Any
 
 import structlog
 
-from taskd.errors import StateError
 from taskd.state.dbfile import describe, is_io_error, rollback
+from taskd.state.reads import Call, closed
 from taskd.state.retention import Backlog, Pruned, Retention
 from taskd.state.ticklog import TickLog
 from taskd.state.writes import Pending
 
 log = structlog.get_logger("taskd.state")
 
-# Measured with bench/steady.py and a spread load (1,000 jobs a second): see the README.
+# Measured with bench/spread.py (1,000 jobs a second, spread and in a burst): see the README.
 GROUP_SECONDS = 0.05
 GROUP_OPS = 50_000  # a 10,000-run burst queues 30,000: one commit after it, not three in it
 BUSY_OPS = 200  # ops a second (a tick, a run start, a run end each) from which to group
@@ -48,7 +44,8 @@ BUSY_OPS = 200  # ops a second (a tick, a run start, a run end each) from which 
 # 1,000 runs a second queues about 6).
 QUIET_SECONDS = 0.002
 QUIET_OPS = 16
-QUIET_MAX = 0.25  # how long a group may wait for a burst to end
+QUIET_LATE = 0.001  # woken this much later than asked: the loop held the GIL, it is busy
+QUIET_MAX = 1.0  # how long a group may wait for a burst to end (10,000 runs: ~0.7 s)
 CHECKPOINT_SECONDS = 1.0  # a PASSIVE checkpoint at most this often, after commits
 RETRY_SECONDS = 1.0  # after a failed commit
 MAX_BUFFERED_RUNS = 100_000  # history rows kept in memory while the database is failing
@@ -57,20 +54,6 @@ _YIELD_EVERY = 512  # ops folded between two offers of the GIL to the loop threa
 
 # Operations: a tuple whose first item says what it is.
 TICK, PAUSED, RUN, FINISHED, SHARED, RETENTION, CALL = range(7)
-
-
-class Call:
-    """A function run on the writer thread after everything queued before it is committed
-    (or, while commits fail, folded into what is kept in memory)."""
-
-    __slots__ = ("done", "error", "fn", "result", "strict")
-
-    def __init__(self, fn: Callable[[Writer], Any], strict: bool) -> None:
-        self.fn = fn
-        self.strict = strict  # raise the commit's error instead of running fn
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
 
 
 class Writer:
@@ -136,13 +119,13 @@ class Writer:
         """Run ``fn(writer)`` on the writer thread once everything queued before is
         committed, and return what it returns (blocking the caller until then)."""
         if not self._thread.is_alive():
-            raise _closed()
+            raise closed()
         call = Call(fn, strict)
         self.submit((CALL, call))
         self.hurry()
         while not call.done.wait(1.0):
             if not self._thread.is_alive():  # it died of a bug (logged): do not hang here
-                raise _closed()
+                raise closed()
         if call.error is not None:
             raise call.error
         return call.result
@@ -180,9 +163,16 @@ class Writer:
             return
         until = time.monotonic() + QUIET_MAX
         seen = len(self.queue)
-        while not hurry.wait(QUIET_SECONDS):
+        while True:
+            asked = time.monotonic()
+            if hurry.wait(QUIET_SECONDS):
+                return
+            # Back from the wait only once the loop lets go of the GIL: woken late, the loop
+            # is busy, whatever it queued meanwhile (a burst has phases that queue nothing).
+            now = time.monotonic()
+            late = now - asked - QUIET_SECONDS > QUIET_LATE
             n = len(self.queue)
-            if n - seen < QUIET_OPS or time.monotonic() >= until:
+            if (n - seen < QUIET_OPS and not late) or now >= until:
                 return
             seen = n
 
@@ -213,16 +203,29 @@ class Writer:
         self._wake.clear()  # before draining: an op queued after the drain sets it again
         self.journal.cut()
         queue, n = self.queue, 0
+        # The three ops of every run inline (a burst folds 30,000 of them), the rest below.
+        runs, ticks, job_last = self.pending.runs, self.pending.ticks, self.pending.job_last
         while queue:
             op = queue.popleft()
             n += 1
-            if op[0] == CALL:
+            kind = op[0]
+            if kind == RUN:
+                runs[op[1]] = op[2]
+            elif kind == TICK:
+                ticks[op[1]] = op[2]
+            elif kind == FINISHED:
+                runs[op[1]] = op[2]
+                job_last[op[3]] = op[4]
+            elif kind == CALL:
                 self._drained += n
                 n = 0
                 self._commit(force=op[1].strict)
                 self._answer(op[1])
+                # A failing commit may have replaced the runs dict (history_dropped).
+                runs = self.pending.runs
                 continue
-            self._fold(op)
+            else:
+                self._fold(op)
             if n % _YIELD_EVERY == 0:
                 time.sleep(0)  # a burst's fold must not hold the GIL from the loop thread
         self._drained += n
@@ -397,9 +400,5 @@ class Writer:
                 while self.queue:  # a read that raced the stop: answered, not left hanging
                     op = self.queue.popleft()
                     if op[0] == CALL:
-                        op[1].error = _closed()
+                        op[1].error = closed()
                         op[1].done.set()
-
-
-def _closed() -> Exception:
-    return StateError("state store is not open")

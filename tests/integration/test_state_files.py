@@ -73,7 +73,7 @@ def refused(d: DaemonProc, *needles: str, victim: Path | None = None, was: bytes
 class TestPlantedLinks:
     """A symlink in state_dir is refused, and the file it points at is left as it was."""
 
-    @pytest.mark.parametrize("name", ["ticks.journal", "taskd.lock", "state.db"])
+    @pytest.mark.parametrize("name", ["ticks.journal", "ticks.journal.1", "taskd.lock", "state.db"])
     def test_link_in_a_root_state_dir(self, daemon_factory, victim: Path, name: str) -> None:
         d = daemon(daemon_factory)
         sd = state_dir(d)
