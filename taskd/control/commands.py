@@ -17,8 +17,8 @@ from taskd._version import __version__
 from taskd.config.load import suggest
 from taskd.control.protocol import PROTOCOL_VERSION, ControlError, ErrorCode
 from taskd.run.events import SkipReason
-from taskd.schedule.job import ManualRun
 from taskd.schedule.jobset import SKIP_TEXT, JobSet, NoSuchJob
+from taskd.schedule.manual import ManualRun
 
 if TYPE_CHECKING:
     from taskd.daemon import Daemon

@@ -15,119 +15,35 @@ missed ticks are found and handled by ``catchup``:
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 import time
-from collections import deque
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from taskd.run.events import Cause, SkipReason
-from taskd.run.runner import RunInfo, cancelled_before_start, execute
-from taskd.schedule.skips import SkipSpan, skip
-from taskd.schedule.timers import timers
-from taskd.schedule.triggers import Every, Trigger
+from taskd.schedule.catchup import JobCatchup
+from taskd.schedule.jobstate import _NO_TICKS
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
-    from taskd.run.runtime import Runtime
+    from taskd.schedule.manual import ManualRun
 
 
 log = structlog.get_logger("taskd.schedule")
 
-MAX_CATCHUP = 1000  # catchup = "all" runs at most this many of the newest due ticks
-MAX_STEPS = 10_000  # ticks stepped through per slice of a long backlog (non-every triggers)
 CLOCK_BACK = 1.0  # a cursor this far in the future means the wall clock went back
-QUEUE_LIMIT = 100  # overlap = "queue": ticks waiting behind a running run
-# uvloop rounds timers to whole milliseconds and can fire up to ~1 ms early; aiming 1 ms past
-# the tick makes an early wake-up (and the re-sleep it costs) rare.
-TIMER_SLACK = 0.001
-
-
-class ManualRun:
-    """What a manual trigger waits on: ``started`` and ``ended`` are resolved with the run's
-    RunInfo, or both with the SkipReason when it never runs (refused, or dropped from the
-    queue)."""
-
-    __slots__ = ("ended", "queued", "started")
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.queued = False  # waits behind a run in flight (overlap = "queue")
-        self.started: asyncio.Future[RunInfo | SkipReason] = loop.create_future()
-        self.ended: asyncio.Future[RunInfo | SkipReason] = loop.create_future()
-
-    def begin(self, info: RunInfo | SkipReason) -> None:
-        if not self.started.done():
-            self.started.set_result(info)
-
-    def end(self, value: RunInfo | SkipReason) -> None:
-        for fut in (self.started, self.ended):
-            if not fut.done():
-                fut.set_result(value)
 
 
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-class ScheduledJob:
-    __slots__ = (
-        "_clock_warned",
-        "_resumed",
-        "_skips",
-        "_stopping",
-        "_timer",
-        "_timer_at",
-        "_wake",
-        "active",
-        "cursor",
-        "next_fire",
-        "paused",
-        "queue",
-        "removed",
-        "rt",
-        "spec",
-        "task",
-    )
+class ScheduledJob(JobCatchup):
+    """The one asyncio Task that schedules one job (its layers: taskd.schedule.jobstate)."""
 
-    def __init__(
-        self, spec: JobSpec, rt: Runtime, *, cursor: float | None, paused: bool = False
-    ) -> None:
-        self.spec = spec
-        self.rt = rt
-        self.cursor = cursor  # last tick handled (run or skipped); None: never started
-        self.paused = paused
-        self.next_fire: float | None = None
-        # Runs in flight: run id -> (the task running it, its info). An inline run's task is
-        # this job's own task. While there are none it is the shared empty _NO_RUNS, never
-        # written to (see _add_run): an idle job keeps no dict of its own (64 bytes).
-        self.active: dict[str, tuple[asyncio.Task[Any], RunInfo]] = _NO_RUNS
-        # (tick, cause, waiter) waiting to run; a list, not a deque (an empty deque costs 760
-        # bytes). Nearly always empty, so it is the shared _NO_TICKS then (see _enqueue).
-        self.queue: list[tuple[float, Cause, ManualRun | None]] = _NO_TICKS
-        self._clock_warned: float | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.removed = False
-        self._stopping = False
-        self._wake: asyncio.Future[bool] | None = None
-        # One timer per tick, at wall-clock _timer_at: it ends the job's sleep, or, when the
-        # tick comes while the job's own task runs a run, handles the tick then. Armed once
-        # when a run starts, it is the very timer the job sleeps on after the run.
-        # The timer is an entry in the loop's one heap of job timers (taskd.schedule.timers).
-        self._timer: tuple[float, ScheduledJob] | None = None
-        self._timer_at = 0.0
-        # Resumed with ticks still due from the pause: those that do not run are skipped as
-        # "paused", not "missed" or "coalesced".
-        self._resumed = False
-        # Skips not yet logged (see taskd.schedule.skips); None while the job is on time.
-        self._skips: SkipSpan | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
+    __slots__ = ()
 
     # -- control, from the daemon --------------------------------------------------------
 
@@ -227,29 +143,7 @@ class ScheduledJob:
         self._rearm()
         self._poke()
 
-    def cancel_runs(self, reason: str) -> None:
-        for task, info in self.active.values():
-            if info.cancel_reason is not None and not self._stopping:
-                continue  # already being cancelled: a second cancel would not be absorbed
-            info.cancel_reason = reason
-            task.cancel()
-
-    def _poke(self) -> None:
-        """Wake the job's sleep to recompute it. The timer stays: the sleep that follows
-        reuses it if its tick is still the next one."""
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(False)
-
-    @property
-    def done(self) -> bool:
-        return (self._stopping or self.removed) and not self.active
-
     # -- the schedule loop -------------------------------------------------------------------
-
-    @property
-    def crashed(self) -> bool:
-        """The job's task ended while the job is still meant to run (a bug, logged)."""
-        return self.task is not None and self.task.done() and not (self._stopping or self.removed)
 
     async def _loop(self) -> None:
         # A bug here is caught, logged and ends this job's schedule only (the job shows as
@@ -343,161 +237,6 @@ class ScheduledJob:
                 self._drop_queue(SkipReason.CRASHED)
             self._end_skips()
 
-    def _due(
-        self, trigger: Trigger, first: float, now: float
-    ) -> tuple[list[float], int, float | None]:
-        """The due ticks from ``first`` up to ``now``: the newest MAX_CATCHUP of them (oldest
-        first) and how many there were in all. When stepping stopped short of ``now`` (a
-        long non-``every`` backlog, done in slices), also the newest tick older than the kept
-        ones: the slice ends there, and the kept ones are looked at again with the next."""
-        if isinstance(trigger, Every):
-            # O(1) however long the daemon was down: a month of every = "1s" is 2.6M ticks.
-            interval, anchor = trigger.interval, trigger.base
-            k0 = round((first - anchor) / interval)
-            if anchor + (k0 + 1) * interval > now:
-                return [anchor + k0 * interval], 1, None  # on time: just the tick woken for
-            count = max(int((now - first) // interval) + 1, 1)
-            # Floor division can be one off when now sits on a tick to within rounding: settle
-            # the count on the ticks themselves, computed the way they are everywhere else.
-            while anchor + (k0 + count) * interval <= now:
-                count += 1
-            while count > 1 and anchor + (k0 + count - 1) * interval > now:
-                count -= 1
-            ticks = [
-                anchor + (k0 + i) * interval for i in range(max(count - MAX_CATCHUP, 0), count)
-            ]
-            return ticks, count, None
-        kept: deque[float] = deque(maxlen=MAX_CATCHUP)
-        tick: float | None = first
-        count = 0
-        evicted: float | None = None
-        while tick is not None and tick <= now and count < MAX_STEPS:
-            if len(kept) == MAX_CATCHUP:
-                evicted = kept[0]
-            kept.append(tick)
-            count += 1
-            tick = trigger.next_after(tick)
-        more = tick is not None and tick <= now
-        return list(kept), count, evicted if more else None
-
-    def _handle_due(self, first: float, now: float) -> bool:
-        """Turn the due ticks into runs and skips per catchup/grace. True when only a slice
-        of a very long backlog was handled (the caller yields, then comes back for more)."""
-        spec = self.spec
-        trigger = spec.trigger
-        assert trigger is not None
-        cfg = spec.config
-        ticks, count, slice_end = self._due(trigger, first, now)
-        if slice_end is not None:
-            # Not the newest ticks yet: skip the ones that cannot be among the newest
-            # MAX_CATCHUP, and come back for the rest (the caller yields in between).
-            self._skip_span(
-                first,
-                slice_end,
-                count - len(ticks),
-                SkipReason.PAUSED if self._resumed else SkipReason.MISSED,
-            )
-            self.cursor = slice_end
-            if self.rt.store is not None:
-                self.rt.store.set_tick(self.name, slice_end)
-            return True
-        resumed, self._resumed = self._resumed, False
-        latest = ticks[-1]
-        if cfg.catchup == "all":
-            run = ticks
-        elif cfg.catchup == "latest" or now - latest <= cfg.grace:
-            run = [latest]
-        else:
-            run = []
-        skipped = count - len(run)
-        if skipped:
-            # Of the skipped ticks, those older than grace are missed, the rest coalesced.
-            # Ticks older than the ones kept are older still: missed.
-            kept_skipped = ticks[: len(ticks) - len(run)]
-            coalesced = [t for t in kept_skipped if now - t <= cfg.grace]
-            missed = skipped - len(coalesced)
-            if missed:
-                last_missed = (
-                    kept_skipped[len(kept_skipped) - len(coalesced) - 1]
-                    if len(kept_skipped) > len(coalesced)
-                    else first
-                )
-                self._skip_span(
-                    first, last_missed, missed, SkipReason.PAUSED if resumed else SkipReason.MISSED
-                )
-            if coalesced:
-                self._skip_span(
-                    coalesced[0],
-                    coalesced[-1],
-                    len(coalesced),
-                    SkipReason.PAUSED if resumed else SkipReason.COALESCED,
-                )
-        self.cursor = latest
-        if self.rt.store is not None:
-            self.rt.store.set_tick(self.name, latest)
-        if run:
-            grace = cfg.grace
-            refused = self._fire(run[0], now, _cause(run[0], now, grace))
-            rest = run[1:]
-            if rest:
-                # Catch-up ticks run one after another, oldest first, whatever ``overlap``
-                # says: they are a backlog, not ticks that collided with a slow run.
-                if refused is None:
-                    for t in rest:
-                        self._enqueue((t, _cause(t, now, grace), None))
-                else:
-                    self._skip_span(rest[0], rest[-1], len(rest), refused)
-            if not skipped and refused is None and self._skips is not None and self._skips.idle():
-                self._skips = None  # on time, and nothing to log: the next skip logs at once
-        return False
-
-    def _skip(self, ticks: list[float], reason: SkipReason) -> None:
-        self._skip_span(ticks[0], ticks[-1], len(ticks), reason)
-
-    def _skip_span(self, first: float, last: float, count: int, reason: SkipReason) -> None:
-        """Count ``count`` skipped ticks from ``first`` to ``last`` (one event, now) and log
-        them, at once or with the job's span of skips (taskd.schedule.skips)."""
-        self._skips = skip(self.rt, self.name, self._skips, reason, first, last, count)
-
-    def _end_skips(self) -> None:
-        """The job's span of skips is over: log what it added up."""
-        if self._skips is not None:
-            self._skips.report()
-            self._skips = None
-
-    def _sleep(self, when: float | None) -> asyncio.Future[bool]:
-        """A future that turns True at wall-clock ``when`` (None: never) or False when poked.
-
-        A plain future rather than a coroutine: one frame fewer per idle job."""
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._wake = fut
-        if when is None:
-            self._disarm()
-        else:
-            self._arm(when)
-        return fut
-
-    def _arm(self, when: float) -> None:
-        """The timer, at wall-clock ``when`` (kept if it is already set for that time)."""
-        heap = timers()
-        if self._timer is not None:
-            if self._timer_at == when:
-                return
-            self._timer = None
-            heap.discard()
-        self._timer_at = when
-        delay = max(when - time.time(), 0.0) + TIMER_SLACK
-        self._timer = heap.add(heap.now() + delay, self)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer = None
-            timers().discard()
-
-    def __lt__(self, other: ScheduledJob) -> bool:
-        # Only to break ties between equal deadlines in the timer heap: any fixed order does.
-        return id(self) < id(other)
-
     def _on_timer(self) -> None:
         """The timer fired (taskd.schedule.timers, which has cleared it)."""
         wake = self._wake
@@ -506,136 +245,6 @@ class ScheduledJob:
         elif self._running_inline:
             self._on_busy_tick()
         # Else the job's task is between steps: it looks at the time before it sleeps again.
-
-    # -- starting runs -------------------------------------------------------------------
-
-    def _fire(
-        self,
-        tick: float,
-        now: float,
-        cause: Cause = Cause.SCHEDULE,
-        waiter: ManualRun | None = None,
-    ) -> SkipReason | None:
-        """Start (or queue) a run for ``tick``; the reason if it was skipped instead."""
-        spec = self.spec
-        reason: SkipReason | None = None
-        if self._stopping:
-            reason = SkipReason.SHUTDOWN
-        elif self.crashed and self._inline:
-            reason = SkipReason.CRASHED  # no task left to run it
-        elif self.removed:
-            reason = SkipReason.REMOVED
-        elif spec.broken is not None:
-            reason = SkipReason.BROKEN
-        elif self.paused and cause is not Cause.MANUAL:
-            reason = SkipReason.PAUSED
-        elif self._no_thread:
-            reason = SkipReason.EXHAUSTED  # refused now, not queued behind stuck threads
-        elif self.active or self.queue:
-            overlap = spec.config.overlap
-            if overlap == "skip":
-                reason = SkipReason.OVERLAP
-            elif overlap == "queue":
-                if len(self.queue) >= QUEUE_LIMIT:
-                    reason = SkipReason.QUEUE_FULL
-                else:
-                    self._enqueue((tick, cause, waiter))
-                    if waiter is not None:
-                        waiter.queued = True
-                    return None
-            elif overlap == "replace":
-                self._drop_queue(SkipReason.REPLACED)
-                self.cancel_runs("replaced by a newer run")
-        if reason is not None:
-            if cause is Cause.MANUAL:
-                # A refused manual run is no tick of the schedule: the caller reports it.
-                log.info("trigger_refused", job=self.name, reason=str(reason))
-            else:
-                self._skip([tick], reason)
-            _settle(waiter, reason)
-            return reason
-        if self._inline:
-            # Run it in this job's own task (see _drain): no task to create, no loop
-            # iteration lost before the job starts.
-            self._enqueue((tick, cause, waiter))
-        else:
-            self.start_run(tick, cause, waiter)
-        return None
-
-    @property
-    def _no_thread(self) -> bool:
-        """A blocking run could get no thread: every one the pool may have is stuck."""
-        jt = self.spec.jobtype
-        return jt is not None and jt.kind == "blocking" and self.rt.threads.exhausted
-
-    @property
-    def _inline(self) -> bool:
-        """skip and queue never run two at once, so the job's own task can run each run
-        itself; replace and allow need a task per run."""
-        return self.spec.config.overlap in ("skip", "queue")
-
-    async def _drain(self) -> None:
-        """Run the queued ticks one after another in this task (inline mode)."""
-        while (
-            self.queue and self._inline and not self.active and not (self._stopping or self.removed)
-        ):
-            if self._no_thread:
-                # The pool was exhausted after these ticks were queued: they cannot start.
-                self._drop_queue(SkipReason.EXHAUSTED)
-                break
-            tick, cause, waiter = self._dequeue()
-            await self._run_inline(tick, cause, waiter)
-
-    async def _run_inline(self, tick: float, cause: Cause, waiter: ManualRun | None) -> None:
-        rt = self.rt
-        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
-        if waiter is not None:
-            waiter.begin(info)
-        task = asyncio.current_task()
-        assert task is not None
-        self._add_run(info, task)
-        self._arm_next()
-        try:
-            await execute(rt, self.spec, info)
-        except asyncio.CancelledError:
-            # An inline run's task is this job's own: a cancel meant for the run alone
-            # (overlap switched to "replace" by a reload) must not end the job's schedule.
-            if info.cancel_reason is None or self._stopping:
-                raise
-        except Exception as exc:  # execute records the job's own errors; this is our bug
-            log.error(
-                "run_crashed", job=self.name, run_id=info.run_id, error=repr(exc), exc_info=exc
-            )
-        finally:
-            self._end_run(info.run_id)
-            # The timer stays: the job sleeps on it next if no run or reload came meanwhile.
-            _settle(waiter, info)
-            if not self._stopping:
-                # Whatever cancels were aimed at the run (also one the job caught and
-                # swallowed) are spent: none may linger to end this task later.
-                while task.cancelling():
-                    task.uncancel()
-
-    @property
-    def _running_inline(self) -> bool:
-        """This job's own task is running a run (overlap = "skip" or "queue")."""
-        return any(task is self.task for task, _ in self.active.values())
-
-    def _rearm(self) -> None:
-        """A reload, resume or clock step touched the job: time its next tick anew."""
-        self._disarm()
-        if self._running_inline:
-            self._arm_next()
-
-    def _arm_next(self) -> None:
-        """While this task is busy running, the timer handles the ticks that come meanwhile
-        (skipped or queued, per ``overlap``), each at its own time."""
-        trigger = self.spec.trigger
-        if trigger is None or self.cursor is None:
-            return
-        tick = trigger.next_after(self.cursor)
-        if tick is not None:
-            self._arm(tick)
 
     def _on_busy_tick(self) -> None:
         if self._stopping or self.removed or self.paused:
@@ -651,92 +260,3 @@ class ScheduledJob:
             self._arm_next()
         except Exception:
             log.exception("scheduler_crashed", job=self.name)
-
-    def _add_run(self, info: RunInfo, task: asyncio.Task[Any]) -> None:
-        if self.active is _NO_RUNS:
-            self.active = {}
-        self.active[info.run_id] = (task, info)
-
-    def _end_run(self, run_id: str) -> None:
-        self.active.pop(run_id, None)
-        if not self.active:
-            self.active = _NO_RUNS
-
-    def _enqueue(self, entry: tuple[float, Cause, ManualRun | None]) -> None:
-        if self.queue is _NO_TICKS:
-            self.queue = []
-        self.queue.append(entry)
-
-    def _dequeue(self) -> tuple[float, Cause, ManualRun | None]:
-        entry = self.queue.pop(0)
-        if not self.queue:
-            self.queue = _NO_TICKS
-        return entry
-
-    def start_run(
-        self, tick: float, cause: Cause = Cause.SCHEDULE, waiter: ManualRun | None = None
-    ) -> RunInfo:
-        rt = self.rt
-        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
-        task = asyncio.get_running_loop().create_task(
-            execute(rt, self.spec, info), name=f"taskd-run:{self.name}:{info.run_id}"
-        )
-        self._add_run(info, task)
-        if waiter is not None:
-            waiter.begin(info)
-        task.add_done_callback(functools.partial(self._run_done, info, self.spec, waiter))
-        return info
-
-    def _run_done(
-        self,
-        info: RunInfo,
-        spec: JobSpec,
-        waiter: ManualRun | None,
-        task: asyncio.Task[RunInfo],
-    ) -> None:
-        run_id = info.run_id
-        self._end_run(run_id)
-        if info.outcome is None and task.cancelled():
-            # Cancelled before its first step (overlap = "replace" in the same loop
-            # iteration): execute never ran, so record the run here, or it would vanish.
-            cancelled_before_start(self.rt, spec, info)
-        _settle(waiter, info)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("run_crashed", job=self.name, run_id=run_id, error=repr(exc), exc_info=exc)
-        if (
-            self.queue
-            and not self.active
-            and not self._inline
-            and not (self._stopping or self.removed)
-        ):
-            if self._no_thread:
-                self._drop_queue(SkipReason.EXHAUSTED)
-            else:
-                self.start_run(*self._dequeue())
-        if self.done or (self.queue and self._inline):
-            self._poke()
-
-    def _drop_queue(self, reason: SkipReason) -> None:
-        if self.queue:
-            queue, self.queue = self.queue, _NO_TICKS
-            ticks = [tick for tick, cause, _ in queue if cause is not Cause.MANUAL]
-            if ticks:
-                self._skip(ticks, reason)
-            for _, _, waiter in queue:
-                _settle(waiter, reason)
-
-
-# Shared empty values, never written to: only _add_run and _enqueue add, to a fresh one.
-_NO_RUNS: dict[str, tuple[asyncio.Task[Any], RunInfo]] = {}
-_NO_TICKS: list[tuple[float, Cause, ManualRun | None]] = []
-
-
-def _cause(tick: float, now: float, grace: float) -> Cause:
-    """A tick run later than ``grace`` runs because of ``catchup``; others on schedule."""
-    return Cause.CATCHUP if now - tick > grace else Cause.SCHEDULE
-
-
-def _settle(waiter: ManualRun | None, value: RunInfo | SkipReason) -> None:
-    if waiter is not None:
-        waiter.end(value)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from taskd.run.events import SkipReason
-from taskd.schedule.job import ManualRun, ScheduledJob
+from taskd.schedule.job import ScheduledJob
+from taskd.schedule.manual import ManualRun
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec

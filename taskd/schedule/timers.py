@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from taskd.schedule.job import ScheduledJob
+    from taskd.schedule.jobstate import JobState
 
-    Entry = tuple[float, ScheduledJob]
+    Entry = tuple[float, JobState]
 
 log = structlog.get_logger("taskd.schedule")
 
@@ -40,7 +40,7 @@ class Timers:
         self._at = math.inf  # when the loop timer fires
         self._stale = 0
 
-    def add(self, deadline: float, job: ScheduledJob) -> Entry:
+    def add(self, deadline: float, job: JobState) -> Entry:
         """Call ``job._on_timer()`` at loop time ``deadline`` unless ``job._timer`` is no
         longer the returned entry by then."""
         entry = (deadline, job)

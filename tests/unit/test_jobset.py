@@ -14,8 +14,8 @@ from taskd.jobspec import JobSpec
 from taskd.run.events import Cause, Outcome, SkipReason
 from taskd.run.runner import RunInfo
 from taskd.run.runtime import Runtime
-from taskd.schedule.job import ManualRun
 from taskd.schedule.jobset import JobSet, NoSuchJob
+from taskd.schedule.manual import ManualRun
 from taskd.state.store import JobRow
 from tests.unit.test_scheduler import make_spec, runs, skips, stop, wait_until
 

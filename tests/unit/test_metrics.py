@@ -27,8 +27,8 @@ from taskd.run.events import Cause, Outcome
 from taskd.run.runner import RunInfo
 from taskd.run.runtime import Runtime
 from taskd.run.sinks import RunEnd
-from taskd.schedule.job import ManualRun
 from taskd.schedule.jobset import JobSet
+from taskd.schedule.manual import ManualRun
 from taskd.schedule.triggers import Every
 from taskd.state.store import JobRow
 from tests.unit.procpool_funcs import jobs as pool_jobs

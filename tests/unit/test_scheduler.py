@@ -18,7 +18,8 @@ from taskd.jobspec import JobSpec, make_trigger
 from taskd.plugin.jobtype import JobType
 from taskd.run.runtime import Runtime
 from taskd.schedule import skips as skips_module
-from taskd.schedule.job import MAX_CATCHUP, ScheduledJob
+from taskd.schedule.catchup import MAX_CATCHUP
+from taskd.schedule.job import ScheduledJob
 
 
 def make_spec(func: Callable[..., Any], **cfg: Any) -> JobSpec:

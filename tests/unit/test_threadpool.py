@@ -26,7 +26,8 @@ from taskd.run.events import SkipReason
 from taskd.run.executors import ThreadRunner
 from taskd.run.runtime import Runtime
 from taskd.run.threadpool import ThreadPool, Work
-from taskd.schedule.job import ManualRun, ScheduledJob
+from taskd.schedule.job import ScheduledJob
+from taskd.schedule.manual import ManualRun
 from taskd.state.shared import SharedState
 from tests.unit.test_scheduler import stop, wait_until
 
