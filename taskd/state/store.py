@@ -54,6 +54,9 @@ from taskd.state.writes import (
     storable,
 )
 
+# Rows queued by the end of a loop iteration from which it waits for their commit (a burst).
+SYNC_OPS = 1000
+
 __all__ = ["MAX_RESULT_CHARS", "MAX_RUN_RESULT_CHARS", "JobRow", "StateStore"]
 
 log = structlog.get_logger("taskd.state")
@@ -125,6 +128,7 @@ class StateStore:
             ) from exc
         writer.start()
         self._writer = writer
+        self.journal.after_iteration = self._after_burst
         if interrupted:
             log.warning(
                 "runs_interrupted",
@@ -328,6 +332,16 @@ class StateStore:
             # The value's JSON is ASCII; a key is stored as it is, and must be UTF-8.
             w.submit((SHARED, storable(key) or key, json.dumps(data[key]) if key in data else None))
         self._through()
+
+    def _after_burst(self) -> None:
+        """At the end of a loop iteration that handled ticks: if it queued a burst's worth of
+        rows, the loop waits for their commit, as it did when it committed itself. Left to
+        the writer, a commit of 10,000 runs overlaps the runs that follow, and its Python
+        work (folding, binding) takes the GIL from the loop in 5 ms turns: measured, CPU per
+        run +38% and p99 lateness +49% against one commit made while the loop waits."""
+        w = self._writer
+        if w is not None and len(w.queue) >= SYNC_OPS and not w.failing:
+            w.call(_nothing)
 
     def _through(self) -> None:
         if asyncio._get_running_loop() is None:

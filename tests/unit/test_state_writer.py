@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from taskd.state import store as store_mod
 from taskd.state import writer as writer_mod
 from taskd.state.store import StateStore
 from taskd.state.writer import Writer
@@ -100,6 +101,16 @@ class TestGrouping:
             store.set_tick(f"j{i}", 1.0)
         await asyncio.to_thread(_poll, lambda: bool(commits))  # no durable(): the count did it
         assert sum(commits) >= writer_mod.GROUP_OPS // 2
+
+    async def test_a_burst_is_committed_before_the_next_iteration(
+        self, store: StateStore, monkeypatch
+    ) -> None:
+        await _window(store, monkeypatch)  # left to the writer, nothing for a minute
+        for i in range(store_mod.SYNC_OPS):  # one loop iteration's burst
+            store.set_tick(f"j{i}", 1.0)
+        await asyncio.sleep(0)  # the iteration ends: the loop waits for the commit
+        await asyncio.sleep(0)
+        assert len(_ticks(store.path)) == store_mod.SYNC_OPS + 1
 
     async def test_a_group_closes_by_time(self, store: StateStore, monkeypatch) -> None:
         await _window(store, monkeypatch)
