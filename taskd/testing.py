@@ -242,7 +242,8 @@ class JobRunner:
         """The job as the daemon would hold it, or a ConfigError saying what the config
         loader would say about it. ``settings`` are the ``[jobs.<name>]`` keys: ``timeout``,
         ``retries``, ``retry_backoff``, ``max_memory`` (TOML values: ``timeout="5s"``)."""
-        from taskd.config.load import job_from_table, suggest
+        from taskd.config.checks import suggest
+        from taskd.config.load import job_from_table
         from taskd.jobspec import JobSpec
         from taskd.plugin.options import check_options, convert_options, signature_problem
 

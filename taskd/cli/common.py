@@ -114,7 +114,7 @@ def _raw_dirs(path: Path) -> tuple[Path | None, Path | None]:
 
 
 def _raw_path(value: Any, base: Path) -> Path | None:
-    # The same rules as taskd.config.load's path option, minus the error messages.
+    # The same rules as taskd.config.daemon_table's path option, minus the error messages.
     if not isinstance(value, str) or not value or "\x00" in value:
         return None
     try:

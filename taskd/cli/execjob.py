@@ -20,7 +20,8 @@ from taskd.errors import ConfigError, ConfigIssue
 def cmd_exec(args: argparse.Namespace) -> int:
     from taskd import log as logsetup
     from taskd.cli.overrides import OverrideError, apply_overrides, parse_override
-    from taskd.config.load import load_config_for_job, suggest
+    from taskd.config.checks import suggest
+    from taskd.config.load import load_config_for_job
     from taskd.loop import run
     from taskd.plugin.manager import PluginHost
     from taskd.plugin.resolve import resolve

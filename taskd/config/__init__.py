@@ -1,6 +1,7 @@
 """Config: TOML file -> validated frozen objects."""
 
-from taskd.config.load import DEFAULT_CONFIG, load_config, suggest
+from taskd.config.checks import suggest
+from taskd.config.load import DEFAULT_CONFIG, load_config
 from taskd.config.model import Config, DaemonConfig, JobConfig
 from taskd.config.source import read_toml
 

@@ -3,7 +3,8 @@
 from taskd.control.client import NoDaemon, request
 from taskd.control.peer import allowed, peer_credentials
 from taskd.control.protocol import PROTOCOL_VERSION, SOCKET_NAME, ControlError, ErrorCode
-from taskd.control.server import ControlServer, ControlSocketError, SocketInUseError
+from taskd.control.server import ControlServer
+from taskd.control.socketfile import ControlSocketError, SocketInUseError
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from taskd._version import __version__
-from taskd.config.load import suggest
+from taskd.config.checks import suggest
 from taskd.control.protocol import PROTOCOL_VERSION, ControlError, ErrorCode
 from taskd.run.events import SkipReason
 from taskd.schedule.jobset import SKIP_TEXT, JobSet, NoSuchJob

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import grp
 import os
-import secrets
-import socket
-import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,26 +23,24 @@ from taskd.control.protocol import (
     encode_error,
     encode_ok,
 )
-from taskd.errors import StateError
+from taskd.control.socketfile import (
+    BACKLOG,
+    MAX_SOCKET_PATH,
+    ControlSocketError,
+    bind,
+    check_existing,
+    lookup_group,
+    make_parent,
+    unlink_quietly,
+)
 
 log = structlog.get_logger("taskd.control")
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
-# sun_path is 108 bytes with the terminating NUL; the kernel refuses longer paths.
-MAX_SOCKET_PATH = 107
-BACKLOG = 128
 # While a request is being handled (a `trigger --wait`, a reload), how often to look whether
 # its client has gone: a gone client's request is dropped, and its slot freed.
 GONE_CHECK = 1.0
-
-
-class ControlSocketError(StateError):
-    """The control socket cannot be created at its path (see the message for what to do)."""
-
-
-class SocketInUseError(ControlSocketError):
-    """A live daemon already listens on the control socket path."""
 
 
 class ControlServer:
@@ -110,10 +103,10 @@ class ControlServer:
                 f"UNIX socket path may have at most {MAX_SOCKET_PATH}: choose a shorter "
                 "daemon.runtime_dir"
             )
-        self._group_gid = self._lookup_group()
-        self._make_parent()
-        self._check_existing()
-        sock, tmp = self._bind()
+        self._group_gid = lookup_group(self.group)
+        make_parent(self.path, self.group, self._group_gid)
+        check_existing(self.path)
+        sock, tmp = bind(self.path, self.group, self._group_gid)
         try:
             self._server = await asyncio.start_unix_server(
                 self._accept, sock=sock, limit=self.max_line, backlog=BACKLOG
@@ -128,132 +121,10 @@ class ControlServer:
                 self._server = None
             else:
                 sock.close()
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             self._bound = None
             raise
         log.debug("control_listening", path=str(self.path), group=self.group)
-
-    def _lookup_group(self) -> int | None:
-        if self.group is None:
-            return None
-        try:
-            return grp.getgrnam(self.group).gr_gid
-        except KeyError:
-            raise ControlSocketError(
-                f"control_group {self.group!r} does not exist on this host; create the group "
-                "or remove control_group"
-            ) from None
-
-    def _make_parent(self) -> None:
-        parent = self.path.parent
-        if parent.is_dir():
-            self._warn_if_unreachable(parent)
-            return  # an existing directory is the admin's (or systemd's): never re-mode it
-        mode = 0o700 if self._group_gid is None else 0o750
-        try:
-            parent.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.mkdir(parent, mode)
-            except FileExistsError:
-                if parent.is_dir():  # made by someone else meanwhile: theirs, leave it
-                    return
-                raise
-            os.chmod(parent, mode)  # mkdir's mode is cut by the umask
-            if self._group_gid is not None:
-                os.chown(parent, -1, self._group_gid)
-        except OSError as exc:
-            raise ControlSocketError(
-                f"cannot create the control socket's directory {parent}: "
-                f"{exc.strerror or exc}; create it or choose another daemon.runtime_dir"
-            ) from None
-
-    def _warn_if_unreachable(self, parent: Path) -> None:
-        if self._group_gid is None:
-            return
-        try:
-            st = parent.stat()
-        except OSError:
-            return
-        group_can_enter = st.st_gid == self._group_gid and st.st_mode & stat.S_IXGRP
-        if not group_can_enter and not st.st_mode & stat.S_IXOTH:
-            log.warning(
-                "control_dir_closed_to_group",
-                path=str(parent),
-                mode=oct(stat.S_IMODE(st.st_mode)),
-                group=self.group,
-                hint=f"members of {self.group!r} cannot reach the socket: chgrp {self.group} "
-                f"and chmod 0750 the directory (RuntimeDirectoryMode=0750 under systemd)",
-            )
-
-    def _check_existing(self) -> None:
-        """Refuse a path that holds anything but a stale socket; a stale one is left for the
-        atomic rename to replace."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise ControlSocketError(
-                f"cannot check the control socket path {self.path}: {exc.strerror or exc}"
-            ) from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlSocketError(
-                f"{self.path} exists and is not a socket; taskd will not remove it: move it "
-                "away or choose another daemon.runtime_dir"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.setblocking(False)  # a full backlog must not block the daemon's start
-            code = probe.connect_ex(os.fsencode(self.path))
-        finally:
-            probe.close()
-        if code in (errno.ECONNREFUSED, errno.ENOENT):
-            log.info("control_stale_socket_replaced", path=str(self.path))
-            return
-        if code in (0, errno.EAGAIN, errno.EINPROGRESS):
-            raise SocketInUseError(
-                f"another taskd is serving on {self.path} (its control socket answers); "
-                "each daemon needs its own daemon.runtime_dir: give this one another"
-            )
-        raise ControlSocketError(
-            f"cannot tell whether {self.path} belongs to a running daemon: "
-            f"{os.strerror(code)}; remove it if no taskd uses it, or choose another "
-            "daemon.runtime_dir"
-        )
-
-    def _bind(self) -> tuple[socket.socket, Path]:
-        """A listening socket at a temporary name beside the path, already at its final mode:
-        no client ever sees it with a looser one."""
-        tmp = self.path.with_name(f".{secrets.token_hex(4)}.tmp")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(os.fsencode(tmp))
-            try:
-                if self._group_gid is None:
-                    os.chmod(tmp, 0o600)
-                else:
-                    os.chown(tmp, -1, self._group_gid)
-                    os.chmod(tmp, 0o660)
-                sock.listen(BACKLOG)
-                sock.setblocking(False)
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
-        except OSError as exc:
-            sock.close()
-            what = (
-                f"give it to group {self.group!r} (run the daemon as root or as a member)"
-                if exc.errno == errno.EPERM and self._group_gid is not None
-                else f"create it in {self.path.parent}"
-            )
-            raise ControlSocketError(
-                f"cannot create the control socket {self.path}: could not {what}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        except BaseException:
-            sock.close()
-            raise
-        return sock, tmp
 
     # -- connections -------------------------------------------------------------------------
 
@@ -476,8 +347,3 @@ def _write_and_close(writer: asyncio.StreamWriter, data: bytes) -> None:
     with contextlib.suppress(ConnectionError, OSError, RuntimeError):
         writer.write(data)
     writer.close()
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)

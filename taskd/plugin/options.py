@@ -138,7 +138,7 @@ def check_options(
 ) -> list[tuple[str, str, str | None]]:
     """Problems as (option name or "", message, hint); empty when the options fit.
     ``spec``: the job type's OptionSpec when the caller has it."""
-    from taskd.config.load import suggest
+    from taskd.config.checks import suggest
 
     if spec is None:
         spec = OptionSpec.of(jt)

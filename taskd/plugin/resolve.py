@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from taskd.config.load import NO_OPTIONS, suggest
+from taskd.config.checks import suggest
+from taskd.config.job_table import NO_OPTIONS
 from taskd.config.model import Config
 from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigIssue

@@ -16,8 +16,8 @@ import types
 import typing
 from typing import Any
 
+from taskd.config.checks import type_name as _tname
 from taskd.config.durations import parse_duration
-from taskd.config.load import type_name as _tname
 
 
 def _hint_text(hint: Any) -> str:
@@ -64,7 +64,7 @@ def _fields(hint: Any) -> tuple[dict[str, Any], frozenset[str]]:
 
 def _check_table(value: Any, hint: Any) -> str | None:
     """A TOML table against a TypedDict: known keys only, required ones present, each typed."""
-    from taskd.config.load import suggest
+    from taskd.config.checks import suggest
 
     if not isinstance(value, dict):
         return f"expected a table ({hint.__name__}), got {_tname(value)}"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import structlog
 
-from taskd.config.load import JOB_NAME
+from taskd.config.job_table import JOB_NAME
 from taskd.errors import StateError
 from taskd.run.events import Cause
 from taskd.state import files

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from taskd.config.load import JOB_NAME
+from taskd.config.job_table import JOB_NAME
 from taskd.run.events import Outcome
 from taskd.state.journal import MAX_AHEAD, time_problem
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from taskd.config.load import JOB_NAME
+from taskd.config.job_table import JOB_NAME
 from tests.helpers import DaemonProc, daemon_table, rss
 
 MAX_RSS = 200 * 1024 * 1024  # a daemon or `taskd check` above this is reading what it must not

@@ -80,6 +80,17 @@ class TestApply:
         assert [e["job"] for e in logs if e["event"] == "job_broken"] == ["a", "a"]
         await close(jobs, rt)
 
+    async def test_same_count_other_names_removes_and_adds(self, rt: Runtime) -> None:
+        """A rename keeps the number of jobs: the old name still goes, the new one comes."""
+        jobs = JobSet(rt)
+        jobs.apply({"a": make_spec(quick, name="a"), "b": make_spec(quick, name="b")}, {})
+        old_b = jobs.jobs["b"]
+        diff = jobs.apply({"b": make_spec(quick, name="b"), "c": make_spec(quick, name="c")}, {})
+        assert (diff.added, diff.changed, diff.removed) == (("c",), (), ("a",))
+        assert sorted(jobs.jobs) == ["b", "c"]
+        assert jobs.jobs["b"] is old_b  # unchanged: the same scheduled job goes on
+        await close(jobs, rt)
+
     async def test_disabled_jobs_are_left_out(self, rt: Runtime) -> None:
         jobs = JobSet(rt)
         jobs.apply({"a": make_spec(quick, name="a", enabled=False)}, {})
