@@ -74,6 +74,7 @@ class StateStore:
         self._writer: Writer | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._mark = 0  # the writer's ops submitted at the last burst check
         self.journal = TickLog(path.parent / "ticks.journal")
 
     # -- opening ---------------------------------------------------------------------------
@@ -334,13 +335,17 @@ class StateStore:
         self._through()
 
     def _after_burst(self) -> None:
-        """At the end of a loop iteration that handled ticks: if it queued a burst's worth of
-        rows, the loop waits for their commit, as it did when it committed itself. Left to
+        """At the end of a loop iteration that handled ticks: if a burst's worth of rows were
+        queued since the last such check, the loop waits for their commit, as it did when it committed itself. Left to
         the writer, a commit of 10,000 runs overlaps the runs that follow, and its Python
         work (folding, binding) takes the GIL from the loop in 5 ms turns: measured, CPU per
         run +38% and p99 lateness +49% against one commit made while the loop waits."""
         w = self._writer
-        if w is not None and len(w.queue) >= SYNC_OPS and not w.failing:
+        if w is None:
+            return
+        # Counted as queued, not as waiting: the writer may have taken some already.
+        queued, self._mark = w.submitted - self._mark, w.submitted
+        if queued >= SYNC_OPS and not w.failing:
             w.call(_nothing)
 
     def _through(self) -> None:
