@@ -17,12 +17,13 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from taskd.log_output import LineLoggerFactory, dropped_lines, flush_std_streams
+from taskd.log_output import LineLogger, LineLoggerFactory, dropped_lines, flush_std_streams
 from taskd.log_output import std_fds_open as _std_fds_open
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ConsoleLines",
     "JsonLines",
     "configure",
+    "direct_json",
     "dropped_lines",
     "flush_std_streams",
     "is_journal",
@@ -138,6 +140,53 @@ class JsonLines(structlog.processors.JSONRenderer):
         if self.journal:
             return PRIORITY.get(name, _INFO) + self._encode(event_dict)
         return self._encode(event_dict)
+
+
+# The methods a direct emitter serves: structlog's name for each, and the level it logs at.
+_DIRECT_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+Emit = Callable[[str, str, dict[str, Any]], None]
+
+
+def direct_json(log: Any) -> Emit | None:
+    """For ``log`` (a bound logger :func:`configure` made for JSON lines, with no context
+    bound): ``emit(method, event, fields)``, which writes what ``log.<method>(event,
+    **fields)`` would, byte for byte, without structlog's own layers per call (the keyword
+    arguments packed twice, the context copied, the chain looped over, the method looked up:
+    about 1.5 µs of every run's line). ``fields`` becomes the line's dict and is not
+    copied. None for any other logger (console lines, a plugin's configuration), whose
+    caller logs as usual. A method below the configured level writes nothing, as there.
+
+    The check is made once per logger: structlog.configure replaces a logger's chain with a
+    new list, never in place, and taskd binds nothing to its run logger (re-checked per
+    call all the same, as one dict's truth value)."""
+    procs = getattr(log, "_processors", None)
+    logger = getattr(log, "_logger", None)
+    context = getattr(log, "_context", None)
+    if not (
+        isinstance(procs, list)
+        and len(procs) == 1
+        and type(procs[0]) is JsonLines
+        and isinstance(logger, LineLogger)
+        and isinstance(context, dict)
+        and not context
+        and callable(getattr(log, "is_enabled_for", None))
+    ):
+        return None
+    render = procs[0]
+    put = logger.msg
+    enabled = frozenset(m for m, level in _DIRECT_LEVELS.items() if log.is_enabled_for(level))
+    fallback = {m: getattr(log, m) for m in _DIRECT_LEVELS}
+
+    def emit(method: str, event: str, fields: dict[str, Any]) -> None:
+        if context or method not in enabled:  # bound since (or filtered): structlog's way
+            fallback[method](event, **fields)
+            return
+        # As structlog's _process_event builds it: the fields in order, then the event.
+        fields["event"] = event
+        put(render(logger, method, fields))
+
+    return emit
 
 
 # --------------------------------------------------------------------------- console

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from taskd.log import Emit, direct_json
 from taskd.run.encoding import NO_RESULT
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 
@@ -26,7 +27,6 @@ MAX_LOGGED_RESULT = 300  # characters of JSON; larger results are only stored
 SUCCEEDED = Outcome.SUCCEEDED
 CANCELLED = Outcome.CANCELLED
 SCHEDULE = Cause.SCHEDULE
-_NO_FIELDS: dict[str, Any] = {}  # never written to
 
 _EVENT_OF = {
     Outcome.SUCCEEDED: EventKind.SUCCEEDED,
@@ -152,39 +152,42 @@ class SharedStateSink:
 class LogSink:
     """The one canonical ``run`` line per run."""
 
-    __slots__ = ("rt",)
+    __slots__ = ("_emit", "_log", "rt")
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self._log: Any = None
+        self._emit: Emit | None = None
 
     def run_ended(self, end: RunEnd) -> None:
         info = end.info
         outcome = end.outcome
         log = self.rt.log  # read per run: a reload may have reconfigured logging
-        emit = (
-            log.info if outcome is SUCCEEDED else log.warning if outcome is CANCELLED else log.error
-        )
-        # The fields every line has are passed straight on (no dict built to be unpacked
-        # into another); the few optional ones follow, in this order.
-        extra = _NO_FIELDS
+        if log is not self._log:
+            self._log, self._emit = log, direct_json(log)
+        method = "info" if outcome is SUCCEEDED else "warning" if outcome is CANCELLED else "error"
+        # The line's fields in their order: the ones every line has, then the few optional.
+        fields = {
+            "job": end.spec.config.name,
+            "run_id": info.run_id,
+            "attempt": info.attempt,
+            "outcome": str(outcome),
+            "duration": round(end.duration, 6),
+            "late": round(info.started - info.scheduled, 6),
+        }
         if info.cause is not SCHEDULE:
-            extra = {"cause": str(info.cause)}
+            fields["cause"] = str(info.cause)
         if info.error:
-            extra = {**extra, "error": info.error}
+            fields["error"] = info.error
         text = end.result_json
         if end.serialisable and text is not None and len(text) <= MAX_LOGGED_RESULT:
             # Small enough for the line; the store has them all.
-            extra = {**extra, "result": end.result}
-        emit(
-            "run",
-            job=end.spec.config.name,
-            run_id=info.run_id,
-            attempt=info.attempt,
-            outcome=str(outcome),
-            duration=round(end.duration, 6),
-            late=round(info.started - info.scheduled, 6),
-            **extra,
-        )
+            fields["result"] = end.result
+        emit = self._emit
+        if emit is not None:  # JSON lines: straight to the renderer (taskd.log.direct_json)
+            emit(method, "run", fields)
+        else:
+            getattr(log, method)("run", **fields)
 
 
 class HookSink:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from taskd.plugin.manager import PluginHost
 from taskd.run.runtime import Runtime
@@ -33,3 +35,18 @@ def berlin() -> Iterator[None]:
     else:
         os.environ["TZ"] = old
     time.tzset()
+
+
+@pytest.fixture
+def structlog_reset(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that call taskd.log.configure: structlog and the root logger as they were
+    after. The test run itself may be a systemd service: its JOURNAL_STREAM must not leak in."""
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler).__name__ == "_ToStructlog":
+            root.removeHandler(handler)
+    root.setLevel(logging.WARNING)

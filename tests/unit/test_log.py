@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,18 +30,7 @@ class _Tty(io.StringIO):
         return True
 
 
-@pytest.fixture(autouse=True)
-def _restore_structlog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # The test run itself may be a systemd service: its JOURNAL_STREAM must not leak in.
-    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    yield
-    structlog.reset_defaults()
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if type(handler).__name__ == "_ToStructlog":
-            root.removeHandler(handler)
-    root.setLevel(logging.WARNING)
+pytestmark = pytest.mark.usefixtures("structlog_reset")
 
 
 def _journal_env(monkeypatch: pytest.MonkeyPatch, stream: TextIO) -> None:
