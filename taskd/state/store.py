@@ -31,6 +31,7 @@ from taskd.state.dbfile import (
     is_io_error,
     move_aside,
 )
+from taskd.state.endline import end_line
 from taskd.state.identify import foreign_reason
 from taskd.state.journal import _check_name
 from taskd.state.reads import read_history, read_jobs, read_shared
@@ -289,27 +290,31 @@ class StateStore:
         result_json: str | None = None,
         failures: int = 0,
     ) -> None:
-        """``failures``: the job's consecutive failed runs, this one included."""
+        """``failures``: the job's consecutive failed runs, this one included. On record with
+        the journal's next write too (an E line, taskd.state.endline): a kill before the
+        writer's commit must not leave the run ``interrupted`` in the history."""
         w = self._writer
         if w is None:
             return  # closed: its line is logged; its row is not
+        _check_name(job)
         error, result_json = storable(error), storable(result_json)
+        row = (
+            run_id,
+            job,
+            scheduled,
+            started,
+            attempts,
+            duration,
+            outcome,
+            error,
+            trigger,
+            bounded(result_json, MAX_RUN_RESULT_CHARS),
+        )
         w.submit(
             (
                 FINISHED,
                 run_id,
-                (
-                    run_id,
-                    job,
-                    scheduled,
-                    started,
-                    attempts,
-                    duration,
-                    outcome,
-                    error,
-                    trigger,
-                    bounded(result_json, MAX_RUN_RESULT_CHARS),
-                ),
+                row,
                 job,
                 (
                     run_id,
@@ -323,6 +328,8 @@ class StateStore:
                 ),
             )
         )
+        # Queued before its line is written, as a tick (taskd.state.ticklog).
+        self.journal.run_finished(end_line(row, failures))
         self._through()
 
     def set_shared(self, data: Mapping[str, Any], keys: frozenset[str]) -> None:
