@@ -24,7 +24,6 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -49,8 +48,6 @@ class TickLog:
         self._lock = threading.Lock()  # the loop's writes against the writer's cut
         self._buffer: list[str] = []
         self._flush_scheduled = False
-        # Called at the end of a loop iteration that handled ticks (the store's burst check).
-        self.after_iteration: Callable[[], None] | None = None
 
     @property
     def errors(self) -> int:
@@ -156,8 +153,6 @@ class TickLog:
     def _flush_from_loop(self) -> None:
         self._flush_scheduled = False
         self.flush()
-        if self.after_iteration is not None:
-            self.after_iteration()
 
     def flush(self) -> None:
         if not self._buffer:
