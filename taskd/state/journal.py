@@ -14,6 +14,7 @@ format is one tab-separated line per entry:
     T <job> <tick>                          a tick handled (run or skipped)
     R <run_id> <job> <scheduled> <started> <trigger>   a run started
     P <job> <0|1> <time>                    the job resumed (0) or paused (1) at <time>
+    E <run_id> <job> <scheduled> <started> ...          a run ended (taskd.state.endline)
 
 Whatever is read back is checked before use (see ``time_problem``): a line that is not one of
 these, or names no valid job, is skipped with a warning; a time out of range is logged as
@@ -35,6 +36,8 @@ from taskd.config.job_table import JOB_NAME
 from taskd.errors import StateError
 from taskd.run.events import Cause
 from taskd.state import files
+from taskd.state.endline import FIELDS as END_FIELDS
+from taskd.state.endline import End, parse_end
 
 log = structlog.get_logger("taskd.state")
 
@@ -54,7 +57,7 @@ MAX_REPORTED = 20
 # this many, the oldest are dropped (counted and logged). The same bound as the store's
 # buffer of history rows while writes fail.
 MAX_REPLAY_RUNS = 100_000
-MAX_LINE_BYTES = 4096  # the longest line taskd writes is about 250 bytes
+MAX_LINE_BYTES = 4096  # taskd writes under 3 KiB (an E line at its longest, taskd.state.endline)
 _READ_CHUNK = 1024 * 1024
 
 
@@ -84,6 +87,8 @@ class Replay:
     paused: dict[str, tuple[float, bool]] = field(default_factory=dict)
     # The newest MAX_REPLAY_RUNS run starts; older ones are counted in runs_dropped.
     runs: list[tuple[str, str, float, float, str]] = field(default_factory=list)
+    # run_id -> how it ended: the newest MAX_REPLAY_RUNS run ends, older ones counted too.
+    ends: dict[str, End] = field(default_factory=dict)
     bad_lines: int = 0  # lines skipped: malformed, or holding a value out of range
     runs_dropped: int = 0
 
@@ -91,6 +96,11 @@ class Replay:
         drop = len(self.runs) - MAX_REPLAY_RUNS
         if drop > 0:
             del self.runs[:drop]
+            self.runs_dropped += drop
+        drop = len(self.ends) - MAX_REPLAY_RUNS
+        if drop > 0:  # the oldest first: a dict keeps the order its keys came in
+            for run_id in list(self.ends)[:drop]:
+                del self.ends[run_id]
             self.runs_dropped += drop
 
 
@@ -169,6 +179,11 @@ class TickJournal:
         elif isinstance(entry, _Pause):
             if entry.at >= replay.paused.get(entry.job, (-1.0, False))[0]:
                 replay.paused[entry.job] = (entry.at, entry.paused)
+        elif isinstance(entry, End):
+            replay.ends.pop(entry.run_id, None)  # moved to the end: the newest
+            replay.ends[entry.run_id] = entry
+            if len(replay.ends) >= 2 * MAX_REPLAY_RUNS:
+                replay.trim()
         else:
             replay.runs.append(entry)
             if len(replay.runs) >= 2 * MAX_REPLAY_RUNS:  # trimmed in bulk: amortised O(1)
@@ -252,18 +267,21 @@ class _Unusable(ValueError):
         self.fields = fields
 
 
-def _parse(text: str, now: float) -> _Tick | _Pause | tuple[str, str, float, float, str]:
-    """One journal line: a tick, a pause or resume, or a run start as the store's history
-    row wants it."""
+def _parse(text: str, now: float) -> _Tick | _Pause | End | tuple[str, str, float, float, str]:
+    """One journal line: a tick, a pause or resume, a run's end, or a run start as the
+    store's history row wants it."""
     parts = text.split("\t")
-    if (parts[0], len(parts)) not in (("T", 3), ("R", 6), ("P", 4)):
+    if (parts[0], len(parts)) not in (("T", 3), ("R", 6), ("P", 4), ("E", END_FIELDS)):
         # Only a power cut can leave a torn last line; anything else is not ours.
-        raise _Unusable("journal_line_skipped", line=_clip(text), problem="not a T, R or P entry")
-    job = parts[2] if parts[0] == "R" else parts[1]
+        raise _Unusable(
+            "journal_line_skipped", line=_clip(text), problem="not a T, R, P or E entry"
+        )
+    job = parts[2] if parts[0] in ("R", "E") else parts[1]
     if not JOB_NAME.fullmatch(job):
         # The config refuses such a name, so no job of ours wrote it.
         raise _Unusable("journal_line_skipped", line=_clip(text), problem="invalid job name")
-    if parts[0] == "R" and not (RUN_ID.fullmatch(parts[1]) and parts[5] in _TRIGGERS):
+    trigger = parts[5] if parts[0] == "R" else parts[8] if parts[0] == "E" else ""
+    if parts[0] in ("R", "E") and not (RUN_ID.fullmatch(parts[1]) and trigger in _TRIGGERS):
         raise _Unusable(
             "journal_line_skipped", line=_clip(text), problem="invalid run id or trigger"
         )
@@ -299,6 +317,11 @@ def _parse(text: str, now: float) -> _Tick | _Pause | tuple[str, str, float, flo
         return _Tick(job, times[0])
     if parts[0] == "P":
         return _Pause(job, parts[2] == "1", times[0])
+    if parts[0] == "E":
+        end, problem = parse_end(parts)
+        if end is None:
+            raise _Unusable("journal_line_skipped", line=_clip(text), problem=problem)
+        return end
     return (parts[1], job, times[0], times[1], parts[5])
 
 

@@ -3,10 +3,11 @@ state. SQLite in WAL mode: a ``kill -9`` at any instant leaves the file readable
 everything up to the last commit.
 
 The event loop never waits for the disk: writes are handed to the state writer's thread
-(taskd.state.writer), which commits them in groups and checkpoints. What must be on record
-before a run starts (its tick, and that it started) goes to the tick journal first
+(taskd.state.writer), which commits them in groups and checkpoints; not even a burst's
+commit is waited for (measured: no win, see the README). What must be on record before a run
+starts (its tick, and that it started), and a run's end, goes to the tick journal first
 (taskd.state.ticklog), one write(2) per loop iteration or per run start, so a crash neither
-runs a recorded tick again nor forgets a run that started."""
+runs a recorded tick again, nor forgets a run that started, nor how one that ended did."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from taskd.state.dbfile import (
     is_io_error,
     move_aside,
 )
+from taskd.state.endline import end_line
 from taskd.state.identify import foreign_reason
 from taskd.state.journal import _check_name
 from taskd.state.reads import read_history, read_jobs, read_shared
@@ -54,9 +56,6 @@ from taskd.state.writes import (
     storable,
 )
 
-# Rows queued by the end of a loop iteration from which it waits for their commit (a burst).
-SYNC_OPS = 1000
-
 __all__ = ["MAX_RESULT_CHARS", "MAX_RUN_RESULT_CHARS", "JobRow", "StateStore"]
 
 log = structlog.get_logger("taskd.state")
@@ -74,7 +73,6 @@ class StateStore:
         self._writer: Writer | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._mark = 0  # the writer's ops submitted at the last burst check
         self.journal = TickLog(path.parent / "ticks.journal")
 
     # -- opening ---------------------------------------------------------------------------
@@ -129,7 +127,6 @@ class StateStore:
             ) from exc
         writer.start()
         self._writer = writer
-        self.journal.after_iteration = self._after_burst
         if interrupted:
             log.warning(
                 "runs_interrupted",
@@ -289,27 +286,31 @@ class StateStore:
         result_json: str | None = None,
         failures: int = 0,
     ) -> None:
-        """``failures``: the job's consecutive failed runs, this one included."""
+        """``failures``: the job's consecutive failed runs, this one included. On record with
+        the journal's next write too (an E line, taskd.state.endline): a kill before the
+        writer's commit must not leave the run ``interrupted`` in the history."""
         w = self._writer
         if w is None:
             return  # closed: its line is logged; its row is not
+        _check_name(job)
         error, result_json = storable(error), storable(result_json)
+        row = (
+            run_id,
+            job,
+            scheduled,
+            started,
+            attempts,
+            duration,
+            outcome,
+            error,
+            trigger,
+            bounded(result_json, MAX_RUN_RESULT_CHARS),
+        )
         w.submit(
             (
                 FINISHED,
                 run_id,
-                (
-                    run_id,
-                    job,
-                    scheduled,
-                    started,
-                    attempts,
-                    duration,
-                    outcome,
-                    error,
-                    trigger,
-                    bounded(result_json, MAX_RUN_RESULT_CHARS),
-                ),
+                row,
                 job,
                 (
                     run_id,
@@ -323,6 +324,8 @@ class StateStore:
                 ),
             )
         )
+        # Queued before its line is written, as a tick (taskd.state.ticklog).
+        self.journal.run_finished(end_line(row, failures))
         self._through()
 
     def set_shared(self, data: Mapping[str, Any], keys: frozenset[str]) -> None:
@@ -333,20 +336,6 @@ class StateStore:
             # The value's JSON is ASCII; a key is stored as it is, and must be UTF-8.
             w.submit((SHARED, storable(key) or key, json.dumps(data[key]) if key in data else None))
         self._through()
-
-    def _after_burst(self) -> None:
-        """At the end of a loop iteration that handled ticks: if a burst's worth of rows were
-        queued since the last such check, the loop waits for their commit, as it did when it committed itself. Left to
-        the writer, a commit of 10,000 runs overlaps the runs that follow, and its Python
-        work (folding, binding) takes the GIL from the loop in 5 ms turns: measured, CPU per
-        run +38% and p99 lateness +49% against one commit made while the loop waits."""
-        w = self._writer
-        if w is None:
-            return
-        # Counted as queued, not as waiting: the writer may have taken some already.
-        queued, self._mark = w.submitted - self._mark, w.submitted
-        if queued >= SYNC_OPS and not w.failing:
-            w.call(_nothing)
 
     def _through(self) -> None:
         if asyncio._get_running_loop() is None:

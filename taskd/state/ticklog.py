@@ -24,11 +24,11 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
+from taskd.state.endline import replay_ends
 from taskd.state.journal import MAX_AHEAD, MAX_REPLAY_RUNS, Replay, TickJournal
 
 log = structlog.get_logger("taskd.state")
@@ -48,8 +48,6 @@ class TickLog:
         self._lock = threading.Lock()  # the loop's writes against the writer's cut
         self._buffer: list[str] = []
         self._flush_scheduled = False
-        # Called at the end of a loop iteration that handled ticks (the store's burst check).
-        self.after_iteration: Callable[[], None] | None = None
 
     @property
     def errors(self) -> int:
@@ -70,18 +68,19 @@ class TickLog:
             if at > first.paused.get(job, (-1.0, False))[0]:
                 first.paused[job] = (at, paused)
         first.runs.extend(second.runs)
+        first.ends.update(second.ends)
         first.bad_lines += second.bad_lines
         first.runs_dropped += second.runs_dropped
-        if len(first.runs) > MAX_REPLAY_RUNS:
+        if len(first.runs) > MAX_REPLAY_RUNS or len(first.ends) > MAX_REPLAY_RUNS:
             first.trim()
         return first
 
     def replay_into(self, db: sqlite3.Connection) -> None:
-        """At open, before the writer starts: fold what the journal holds (ticks, run starts,
-        pauses not yet committed when the last daemon died) into the database, then empty
-        it."""
+        """At open, before the writer starts: fold what the journal holds (ticks, run starts
+        and ends, pauses not yet committed when the last daemon died) into the database, then
+        empty it."""
         replay = self.open()
-        if not (replay.ticks or replay.runs or replay.paused):
+        if not (replay.ticks or replay.runs or replay.paused or replay.ends):
             self.reset_all()
             return
         db.execute("BEGIN")
@@ -104,12 +103,14 @@ class TickLog:
             "VALUES (?, ?, ?, ?, 'running', ?)",
             replay.runs,
         )
+        replay_ends(db, list(replay.ends.values()))
         db.execute("COMMIT")
         self.reset_all()
         log.info(
             "journal_replayed",
             ticks=len(replay.ticks),
             runs=len(replay.runs),
+            ends=len(replay.ends),
             paused=len(replay.paused),
         )
 
@@ -118,7 +119,17 @@ class TickLog:
     # Job names are checked by the store before they get here (journal._check_name).
 
     def tick(self, job: str, tick: float) -> None:
-        self._buffer.append(f"T\t{job}\t{tick!r}\n")
+        self._append(f"T\t{job}\t{tick!r}\n")
+
+    def run_finished(self, line: str) -> None:
+        """A run's end (an E line, taskd.state.endline), with the iteration's write like a
+        tick (no write of its own): the run's ``run`` log line goes out at the end of the same
+        iteration, so a kill after that line was seen finds the end on record (short of one
+        in the microseconds between the two writes)."""
+        self._append(line)
+
+    def _append(self, line: str) -> None:
+        self._buffer.append(line)
         if not self._flush_scheduled:
             loop = asyncio._get_running_loop()
             if loop is None:
@@ -142,8 +153,6 @@ class TickLog:
     def _flush_from_loop(self) -> None:
         self._flush_scheduled = False
         self.flush()
-        if self.after_iteration is not None:
-            self.after_iteration()
 
     def flush(self) -> None:
         if not self._buffer:

@@ -109,3 +109,52 @@ class TestCleanStop:
             assert (state(d) / name).read_bytes() == b"", name
         rows = {r["run_id"] for r in d.history()}
         assert {run_id for run_id, _, _ in executed(rec)} <= rows
+
+
+ENDS = """
+import taskd
+
+
+async def ok(ctx) -> dict:
+    return {"run": ctx.run_id}
+
+
+async def bad(ctx) -> None:
+    raise RuntimeError("no luck for " + ctx.run_id)
+
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("ok", ok), taskd.JobType("bad", bad)]
+"""
+# 40 jobs every 50 ms (800 runs a second): the writer groups, so a kill right after a run's
+# line finds its end not yet committed.
+ENDS_LOAD = "".join(
+    f'[jobs.e{i}]\ntype = "{"ok" if i % 2 else "bad"}"\nevery = "50ms"\n' for i in range(40)
+)
+
+
+class TestKill9AfterRunsEnded:
+    """A run's end is on record once its ``run`` line is out: after kill -9 and a restart,
+    ``taskd history`` shows how it ended, not ``interrupted``."""
+
+    def test_logged_outcomes_survive_the_kill(self, daemon_factory) -> None:
+        logged: dict[str, str] = {}
+        for _ in range(3):
+            d = daemon_factory(ENDS_LOAD, {"ends.py": ENDS}).start()
+            d.wait_for("run", count=200, timeout=20)
+            d.kill()  # right after: the last group of ends is not committed yet
+            logged.update({e["run_id"]: e["outcome"] for e in d.events("run")})
+        d = daemon_factory(ENDS_LOAD, {"ends.py": ENDS}).start()
+        d.wait_for("run", count=1, timeout=20)
+        assert d.stop() == 0
+        rows = {r["run_id"]: r for r in d.history()}
+        wrong = {
+            run_id: (outcome, rows.get(run_id, {}).get("outcome"))
+            for run_id, outcome in logged.items()
+            if rows.get(run_id, {}).get("outcome") != outcome
+        }
+        assert wrong == {}, list(wrong.items())[:5]
+        assert {"succeeded", "failed"} <= set(logged.values())
+        failed = [r for r in rows.values() if r["run_id"] in logged and r["outcome"] == "failed"]
+        assert all(r["error"] and r["run_id"] in r["error"] for r in failed), failed[:3]

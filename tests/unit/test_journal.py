@@ -176,15 +176,15 @@ class TestReplayChecksValues:
             (b"T\ta\tabc\n", "tick is not a number"),  # a string
             (b"T\ta\t\n", "tick is not a number"),
             (b"T\ta\t0x10\n", "tick is not a number"),
-            (b"T\ta\n\t5.0\n", "not a T, R or P entry"),  # a name with a newline tears the line
+            (b"T\ta\n\t5.0\n", "not a T, R, P or E entry"),  # a name with a newline tears the line
             (b"T\ta b\t5.0\n", "invalid job name"),
             (b"T\ta\r\t5.0\n", "invalid job name"),
             (b"T\t\t5.0\n", "invalid job name"),
             (b"T\t-a\t5.0\n", "invalid job name"),
             (b"T\t\xff\xfe\t5.0\n", "invalid job name"),
             (b"T\t" + b"a" * 101 + b"\t5.0\n", "invalid job name"),
-            (b"T\ta\t5.0\textra\n", "not a T, R or P entry"),
-            (b'{"job": "a", "tick": 5.0}\n', "not a T, R or P entry"),
+            (b"T\ta\t5.0\textra\n", "not a T, R, P or E entry"),
+            (b'{"job": "a", "tick": 5.0}\n', "not a T, R, P or E entry"),
             (b"R\tr 1\ta\t1.0\t1.0\tschedule\n", "invalid run id or trigger"),
             (b"R\tr1\ta\t1.0\t1.0\tbogus\n", "invalid run id or trigger"),
             (b"R\tr1\ta\t1.0\tsoon\tschedule\n", "started is not a number"),
