@@ -5,8 +5,10 @@ daemon run that tick again. A SQLite commit per run start costs tens of microsec
 loop iteration; a burst of 10,000 runs due at once would wait for it. So each handled tick and
 each run start is appended here with one ``os.write`` (no fsync: once write(2) returns the
 kernel has the bytes, and a ``kill -9`` cannot lose them; only a power cut can, as with
-SQLite's ``synchronous=NORMAL``). The store replays the journal into SQLite when it opens and
-empties it after every commit, so it never holds more than one loop iteration's worth.
+SQLite's ``synchronous=NORMAL``). The store replays the journal into SQLite when it opens;
+while it runs, two journal files take turns (``ticklog.py``): each is emptied once the
+writer's commit that holds its lines has succeeded, so together they hold what came since
+about the last commit.
 
 Hand-written because no library offers an append-only, replayable record this small; the
 format is one tab-separated line per entry:
