@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 from compare_cases import CASES, Case, Settings
-from compare_proc import ROOT, supports_offset
+from compare_proc import ROOT, compile_tree, supports_offset
 
 COLUMNS = (("taskd", "taskd"), ("aps-asyncio", "APS asyncio"), ("aps-uvloop", "APS uvloop"))
 NO_RATIO = {"ran_pct", "lost", "doubled"}  # checks, not figures to compare
@@ -129,6 +129,7 @@ def main() -> None:
     if any(e.startswith("aps") for c in cases for e in c.engines):
         _need_apscheduler()
     tree = args.tree.resolve()
+    compile_tree(tree)
     s = Settings(tree=tree, offset=supports_offset(tree), quick=args.quick)
     load_start = os.getloadavg()
     began = time.time()

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+from compare_proc import compile_tree
 from steady import PLUGIN  # the same trivial io job (bench/ is the script's folder)
 
 HERE = str(Path(__file__).resolve().parent.parent)
@@ -213,6 +214,8 @@ def main() -> None:
     trees = {"this": HERE}
     if args.base:
         trees = {"base": args.base, "this": HERE}
+    for tree in trees.values():
+        compile_tree(tree)
     results: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for _ in range(args.repeat):
         for bench in args.only.split(","):

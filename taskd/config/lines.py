@@ -22,8 +22,14 @@ _KEY = re.compile(
 )
 
 
+_PART = re.compile(r"\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+")
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _split_dotted(text: str) -> list[str]:
-    parts = re.findall(r"\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+", text)
+    if _BARE.fullmatch(text):  # most keys: one bare part, no scan needed
+        return [text]
+    parts = _PART.findall(text)
     return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
 
 
@@ -35,6 +41,7 @@ def key_lines(text: str, depth: int = DEPTH) -> dict[str, int]:
     paths of more than ``depth`` parts are left out (their parents are in)."""
     lines: dict[str, int] = {}
     table: list[str] = []
+    prefix = ""
     in_multiline: str | None = None
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -44,17 +51,23 @@ def key_lines(text: str, depth: int = DEPTH) -> dict[str, int]:
             continue
         if not line or line.startswith("#"):
             continue
-        header = _HEADER.match(line)
+        header = _HEADER.match(line) if line[0] == "[" else None
         if header:
-            table = _split_dotted(header.group("name"))[:depth]
+            table = _split_dotted(header.group("name").strip())[:depth]
             if table:
                 lines.setdefault(".".join(table), number)
+            # What a bare key below it adds to make its path, while the table leaves room.
+            prefix = ".".join(table) + "." if 0 < len(table) < depth else ""
             continue
         key = _KEY.match(line)
         if key:
-            path = [*table, *_split_dotted(key.group("key"))][:depth]
-            for i in range(len(table) + 1, len(path) + 1):
-                lines.setdefault(".".join(path[:i]), number)
+            name = key.group("key")
+            if prefix and _BARE.fullmatch(name):  # `key = ...` in a table: one path
+                lines.setdefault(prefix + name, number)
+            else:
+                path = [*table, *_split_dotted(name)][:depth]
+                for i in range(len(table) + 1, len(path) + 1):
+                    lines.setdefault(".".join(path[:i]), number)
             rest = line[key.end() :]
             for quote in ('"""', "'''"):
                 if rest.count(quote) % 2 == 1:

@@ -15,7 +15,7 @@ from taskd.config.checks import _Collector, suggest, type_name
 from taskd.config.daemon_table import _daemon
 from taskd.config.job_table import _job
 from taskd.config.model import Config, DaemonConfig, JobConfig
-from taskd.config.source import open_config, read_open_toml, read_toml
+from taskd.config.source import Parse, open_config, read_open_toml, read_toml
 from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigError, ConfigIssue
 
@@ -24,10 +24,36 @@ DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError listing every problem found."""
-    config, issues, by_job = _read(path)
-    if issues or by_job:
-        raise ConfigError([*issues, *(i for found in by_job.values() for i in found)])
-    return config
+    return ConfigRead(path).load()
+
+
+class ConfigRead:
+    """load_config, started: the file opened and checked and its parse under way in the
+    parser's process (taskd.config.source.Parse) when this returns; :meth:`load` waits for
+    it and validates. ``taskd run`` starts it before importing the daemon, which then costs
+    no time of its own on a machine with a core to spare. Every problem, opening the file
+    included, is raised by :meth:`load`, so the caller handles ConfigError in one place."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = Path(path).expanduser().absolute()
+        self._parse: Parse | ConfigError
+        try:
+            fd = open_config(self._file)
+            try:
+                self._parse = Parse(self._file, fd)
+            finally:
+                os.close(fd)  # the parser has its own
+        except ConfigError as exc:
+            self._parse = exc
+
+    def load(self) -> Config:
+        if isinstance(self._parse, ConfigError):
+            raise self._parse
+        data, lines = self._parse.document()
+        config, issues, by_job = finish(_validate(self._file, data, lines))
+        if issues or by_job:
+            raise ConfigError([*issues, *(i for found in by_job.values() for i in found)])
+        return config
 
 
 def load_config_for_job(path: str | Path, job: str) -> tuple[Config, dict[str, list[ConfigIssue]]]:

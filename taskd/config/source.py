@@ -104,12 +104,40 @@ def read_open_toml(path: Path, fd: int) -> tuple[dict[str, Any], dict[str, int]]
     """read_toml for a file the caller opened (open_config: the very file whose trust was
     checked); the parser reads this descriptor, and ``path`` only names it in messages.
     The caller closes ``fd``."""
-    check_kind(path, os.fstat(fd))
-    answer = _parse(fd, path)
-    if answer[0] == "ok":
-        _, doc, lines = answer
-        return doc, lines
-    _refuse(path, *answer[1:])
+    return Parse(path, fd).document()
+
+
+class Parse:
+    """A parse under way: the parser process started on a file the caller opened (it may
+    close ``fd`` at once, the process has its own), its answer read by :meth:`document`.
+    Started first, the parse runs on another core while the caller does other work:
+    ``taskd run`` imports the daemon meanwhile. Raises ConfigError as read_open_toml does."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        check_kind(path, os.fstat(fd))
+        self.path = path
+        argv = [
+            sys.executable,
+            "-I",  # no PYTHON* variables, no user site, no script folder on sys.path
+            "-S",  # no site-packages: the parser uses the standard library only
+            str(_CHILD),
+            *map(str, (MAX_CONFIG_BYTES, MAX_DEPTH, PARSE_CPU_SECONDS, PARSE_MEMORY)),
+        ]
+        try:
+            self._proc = _spawn(argv, fd)
+        except OSError as exc:
+            raise _single(
+                path, f"cannot start the config parser ({sys.executable}): {exc.strerror or exc}"
+            ) from None
+        self._deadline = time.monotonic() + PARSE_TIMEOUT
+
+    def document(self) -> tuple[dict[str, Any], dict[str, int]]:
+        """The document and its key -> line map, once the parser answered."""
+        answer = _answer(self.path, self._proc, self._deadline)
+        if answer[0] == "ok":
+            _, doc, lines = answer
+            return doc, lines
+        _refuse(self.path, *answer[1:])
 
 
 def _open(path: Path) -> int:
@@ -151,23 +179,12 @@ def _too_big(size: int | None) -> str:
     return f"config file {what}; the limit is {MAX_CONFIG_BYTES} bytes (1 MiB): is this the right file?"
 
 
-def _parse(fd: int, path: Path) -> tuple[Any, ...]:
-    """The parser process's answer for the file open at ``fd`` (its stdin)."""
-    argv = [
-        sys.executable,
-        "-I",  # no PYTHON* variables, no user site, no script folder on sys.path
-        "-S",  # no site-packages: the parser uses the standard library only
-        str(_CHILD),
-        *map(str, (MAX_CONFIG_BYTES, MAX_DEPTH, PARSE_CPU_SECONDS, PARSE_MEMORY)),
-    ]
+def _answer(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> tuple[Any, ...]:
+    """The parser process's answer (``proc``, see _spawn), read by ``deadline``."""
     try:
-        out, code, err = _run(argv, fd)
+        out, code, err = _collect(proc, deadline)
     except _Failed as exc:
         raise _single(path, str(exc)) from None
-    except OSError as exc:
-        raise _single(
-            path, f"cannot start the config parser ({sys.executable}): {exc.strerror or exc}"
-        ) from None
     if code == -signal.SIGXCPU or (code == -signal.SIGKILL and not out):
         raise _single(
             path,
@@ -186,10 +203,9 @@ def _parse(fd: int, path: Path) -> tuple[Any, ...]:
     return answer
 
 
-def _run(argv: list[str], stdin: int) -> tuple[bytes, int, bytes]:
-    """Run the parser; (stdout, exit code, the tail of stderr). Raises _Failed when it takes
-    longer than PARSE_TIMEOUT or answers more than MAX_ANSWER_BYTES."""
-    proc = subprocess.Popen(
+def _spawn(argv: list[str], stdin: int) -> subprocess.Popen[bytes]:
+    """Start the parser on the open file ``stdin``."""
+    return subprocess.Popen(
         argv,
         stdin=stdin,
         stdout=subprocess.PIPE,
@@ -199,9 +215,14 @@ def _run(argv: list[str], stdin: int) -> tuple[bytes, int, bytes]:
         # shell's job control) must not kill the parse of the reload it asked for.
         start_new_session=True,
     )
+
+
+def _collect(proc: subprocess.Popen[bytes], deadline: float) -> tuple[bytes, int, bytes]:
+    """The parser's (stdout, exit code, the tail of stderr). Raises _Failed when it is not
+    done by ``deadline`` (PARSE_TIMEOUT after its start) or answers more than
+    MAX_ANSWER_BYTES."""
     assert proc.stdout is not None and proc.stderr is not None
     out, err = bytearray(), bytearray()
-    deadline = time.monotonic() + PARSE_TIMEOUT
     try:
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ, out)

@@ -133,6 +133,7 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
     # burst of runs does not walk 10,000 jobs' worth of objects.
     gc.collect()
     gc.freeze()
+    gc.enable()  # taskd run disabled it for the start (taskd.cli.main)
     daemon.notifier.ready(daemon._status_line())
     log.info(
         "started",

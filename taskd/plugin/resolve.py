@@ -32,6 +32,9 @@ def resolve_steps(
     # thousands of jobs share a few intervals; ~96 bytes a job the daemon keeps otherwise.
     # Not a Cron: it keeps its position in the minute stream, one per job.
     triggers: dict[Trigger, Trigger] = {}
+    # The same by (every, offset), looked up before an Every is built (its checks are most
+    # of a trigger's cost, and 10,000 every jobs would build 10,000 to find a few).
+    everies: dict[tuple[float | None, float], Trigger | None] = {}
 
     def issue(path: str, message: str, hint: str | None = None) -> None:
         issues.append(ConfigIssue(file, path, message, config.line_of(path), hint))
@@ -66,9 +69,14 @@ def resolve_steps(
                 "remove max_memory",
             )
         elif not problems:
-            trigger = make_trigger(job)
-            if isinstance(trigger, Every | At):
-                trigger = triggers.setdefault(trigger, trigger)
+            every = (job.every, job.offset) if job.schedule == "every" else None
+            trigger = everies.get(every) if every is not None else None
+            if trigger is None:
+                trigger = make_trigger(job)
+                if isinstance(trigger, Every | At):
+                    trigger = triggers.setdefault(trigger, trigger)
+                if every is not None:
+                    everies[every] = trigger
             specs[name] = JobSpec(
                 job,
                 jt,

@@ -173,3 +173,30 @@ def crunch(n: int = 10) -> int:
 def taskd_job_types():
     return [taskd.JobType("crunch", crunch, kind="cpu")]
 """
+
+
+GC_STATE = """
+import gc
+import taskd
+
+async def gc_state(ctx) -> dict:
+    return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+
+@taskd.hookimpl
+def taskd_job_types():
+    return [taskd.JobType("gc_state", gc_state)]
+"""
+
+
+class TestCollectorAfterStart:
+    """`taskd run` turns the cyclic collector off while it builds its jobs; once started it
+    is on again (off, cyclic garbage from every run would pile up for the daemon's life),
+    and what the start built is frozen out of its way."""
+
+    def test_collector_enabled_and_start_frozen(self, daemon_factory) -> None:
+        config = '[jobs.gc]\ntype = "gc_state"\nevery = "200ms"\n'
+        d = daemon_factory(config, {"gc_state.py": GC_STATE}).start()
+        state = d.wait_for("run", job="gc", outcome="succeeded")[0]["result"]
+        assert state["enabled"] is True
+        assert state["frozen"] > 0
+        assert d.stop() == 0
