@@ -20,8 +20,10 @@ import asyncio
 import atexit
 import errno
 import os
+import select
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -29,6 +31,10 @@ from typing import Any, TextIO
 # Characters (JSON lines are ASCII, so bytes) after which a batch is written without waiting
 # for the end of the iteration: bounds the memory a burst holds and the size of one write.
 BATCH_LIMIT = 64 * 1024
+
+# Seconds a batch waits for room in an fd that was made non-blocking before its lines are
+# dropped (counted); a blocking fd waits as long as its reader makes it.
+BLOCKED_WAIT = 10.0
 
 # Failures after which the stream never takes a line again: the pipe's or socket's reader has
 # gone (journald restarted, `taskd run | head` ended), or the fd was closed. A full disk, a
@@ -92,6 +98,7 @@ class Output:
         "_lines",
         "_scheduled",
         "_size",
+        "_torn",
         "flush",
         "lock",
         "stream",
@@ -118,6 +125,7 @@ class Output:
                     self._fd, self._encoding, self._errors = fd, encoding, errors
         self._lines: list[str] = []
         self._size = 0
+        self._torn = False  # the last write on the fd stopped part-way through a line
         # The loop whose callback will write the batch; None while none is due.
         self._scheduled: asyncio.AbstractEventLoop | None = None
         _all_outputs.add(self)
@@ -182,12 +190,31 @@ class Output:
             data = ("\n".join(lines) + "\n").encode(self._encoding, self._errors)
         except ValueError:  # a line the encoding cannot take: that line is lost, not all
             data = b"".join(self._encodable(lines))
+        start = 0  # where the lines begin: after the newline that ends a torn line
+        if self._torn:
+            data, start = b"\n" + data, 1
         done = 0
+        deadline = 0.0
         try:
             while done < len(data):
-                done += os.write(self._fd, data[done:] if done else data)
+                try:
+                    done += os.write(self._fd, data[done:] if done else data)
+                except BlockingIOError:
+                    # An fd someone made non-blocking (a shared pipe whose other user set
+                    # O_NONBLOCK): wait for room as a blocking write would, rather than drop
+                    # the rest of the batch; but not for ever, as a stuck reader would make us.
+                    now = time.monotonic()
+                    deadline = deadline or now + BLOCKED_WAIT
+                    if now >= deadline or not select.select([], [self._fd], [], deadline - now)[1]:
+                        raise
         except OSError as exc:
-            self._failed(exc, data.count(b"\n") - data.count(b"\n", 0, done))
+            self._failed(exc, data.count(b"\n", max(done, start)))
+            # A line cut part-way: the next write ends it first, so the line after it
+            # does not run on into the fragment and both stay parseable apart.
+            if done > 0:  # (nothing written: a torn line before this one stays torn)
+                self._torn = data[done - 1] != 10
+        else:
+            self._torn = False
 
     def _encodable(self, lines: list[str]) -> list[bytes]:
         parts = []

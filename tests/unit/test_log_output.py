@@ -245,6 +245,56 @@ class TestFailures:
         await asyncio.sleep(0)
         assert stream.getvalue() == "kept\n"
 
+    async def test_a_non_blocking_pipe_waits_for_its_reader(self) -> None:
+        # Someone set O_NONBLOCK on the pipe we share: a batch larger than the pipe's buffer
+        # gets EAGAIN part-way and must wait for the reader, not drop the rest.
+        out, r, stream = _pipe_output()
+        os.set_blocking(stream.fileno(), False)
+        os.set_blocking(r, True)
+        received: list[bytes] = []
+
+        def slow_reader() -> None:
+            while chunk := os.read(r, 4096):
+                received.append(chunk)
+
+        reader = threading.Thread(target=slow_reader)
+        reader.start()
+        before = log_output.dropped_lines()
+        lines = [f"line {n:06d} " + "x" * 100 for n in range(3000)]  # ~330 KB, > 64 KiB pipe
+        for line in lines:
+            out.put(line)
+        await asyncio.sleep(0)
+        out.write_pending()
+        stream.close()
+        reader.join(10)
+        assert b"".join(received).decode().splitlines() == lines
+        assert log_output.dropped_lines() == before and not out.gone
+        os.close(r)
+
+    async def test_a_non_blocking_pipe_nobody_reads_drops_after_a_wait(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(log_output, "BLOCKED_WAIT", 0.2)
+        out, r, stream = _pipe_output()
+        os.set_blocking(stream.fileno(), False)
+        before = log_output.dropped_lines()
+        lines = [f"line {n:06d} " + "x" * 100 for n in range(3000)]
+        for line in lines:
+            out.put(line)
+        await asyncio.sleep(0)
+        out.write_pending()
+        got = b"".join(_read_all(r)).decode()
+        written = got.count("\n")
+        assert 0 < written < len(lines) and got.splitlines()[:written] == lines[:written]
+        # Each line that did not go out is counted, including the one cut in half.
+        assert log_output.dropped_lines() - before == len(lines) - written
+        assert not out.gone  # a reader may come back: later lines are tried again
+        out.put("after")
+        await asyncio.sleep(0)
+        assert b"".join(_read_all(r)).endswith(b"\nafter\n")
+        os.close(r)
+        stream.close()
+
     async def test_gone_reader_counts_without_writing(self) -> None:
         out, r, stream = _pipe_output()
         os.close(r)
@@ -265,7 +315,7 @@ class TestFailures:
         def then_full(fd: int, data: bytes) -> int:
             calls[0] += 1
             if calls[0] > 1:
-                raise OSError(errno.EAGAIN, "full")
+                raise OSError(errno.ENOSPC, "full")
             return real(fd, data[: len(b"line 0\nline 1\nli")])
 
         monkeypatch.setattr(os, "write", then_full)
@@ -274,6 +324,11 @@ class TestFailures:
             out.put(f"line {n}")
         await asyncio.sleep(0)
         assert log_output.dropped_lines() == before + 3  # lines 2-4; 0 and 1 went out
+        monkeypatch.setattr(os, "write", real)
+        out.put("next")
+        await asyncio.sleep(0)
+        # The fragment of line 2 is ended before the next line, which stays whole.
+        assert b"".join(_read_all(r)) == b"line 0\nline 1\nli\nnext\n"
         os.close(r)
         stream.close()
 
