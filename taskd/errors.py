@@ -49,6 +49,15 @@ class StateError(TaskdError, OSError):
     """The state directory cannot be used: locked by another daemon, unwritable, or corrupt."""
 
 
+class StateNotSaved(StateError):
+    """The stop's last commit failed (a full or failing disk) after waiting for it: what
+    was only in memory is lost. ``error`` says why, in an operator's words."""
+
+    def __init__(self, error: str, *, runs: int, ticks: int, other: int) -> None:
+        super().__init__(error)
+        self.error, self.runs, self.ticks, self.other = error, runs, ticks, other
+
+
 class AlreadyRunningError(StateError):
     """Another daemon holds the single-instance lock on the same state_dir."""
 

@@ -15,8 +15,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from taskd import log as logsetup
-from taskd.daemon.start import EXIT_OK, START_LOAD_TIMEOUT, _plugin_files, _retention, start
+from taskd.daemon.start import (
+    EXIT_OK,
+    EXIT_STATE,
+    START_LOAD_TIMEOUT,
+    _plugin_files,
+    _retention,
+    start,
+)
 from taskd.daemon.stop import shutdown
+from taskd.errors import StateNotSaved
 from taskd.observe.loopwatch import LoopWatch
 from taskd.reload import Loaded, Reloader, ReloadResult, _in_thread, load_all
 from taskd.run.runtime import Runtime
@@ -29,6 +37,10 @@ if TYPE_CHECKING:
     from taskd.config.model import Config
     from taskd.control.server import ControlServer
     from taskd.observe.http import MetricsServer
+
+# Seconds the last commit waits for a full disk at the least, even when the stop's own time
+# is spent (a drain that used all of shutdown_timeout): room may come from a log rotation.
+STORE_WAIT_MIN = 2.0
 
 log = structlog.get_logger("taskd.daemon")
 
@@ -59,6 +71,10 @@ class Daemon:
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._early: list[int] = []
         self._stopping = False
+        self._state_lost = False  # the stop's last commit failed: exit EXIT_STATE
+        # time.monotonic() by which the stop promised to end (set when it starts): what is
+        # left of it bounds the wait for a full disk at the last commit.
+        self.stop_by: float | None = None
         # The pending handle of each periodic callback (watchdog ping, clock check), replaced on
         # every run, so a daemon up for months holds two handles, not millions.
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -78,7 +94,12 @@ class Daemon:
     async def serve(self, loaded: Loaded | None = None) -> int:
         """Start, run until a stop signal, stop; the exit code. Without ``loaded``, the
         config and plugins are loaded here, where a stop signal can cut the load short.
-        Raises ConfigError if they are invalid."""
+        Raises ConfigError if they are invalid. A stop that could not save the state held
+        in memory (a full disk) exits EXIT_STATE, not 0: runs were lost from the history."""
+        code = await self._serve(loaded)
+        return EXIT_STATE if self._state_lost else code
+
+    async def _serve(self, loaded: Loaded | None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signals.put_nowait, int(sig))
@@ -113,13 +134,35 @@ class Daemon:
             if self.metrics is not None:
                 await self.metrics.close()
             if self.store is not None:
-                try:
-                    self.store.close()
-                except Exception as exc:  # a failing disk must not keep the lock or skip exit
-                    log.error("state_close_failed", error=repr(exc))
+                self._close_store()
             if self.lock is not None:
                 self.lock.release()
             self.notifier.close()
+
+    def _close_store(self) -> None:
+        """The last commit; a full disk is waited for with what is left of the stop's time
+        (at least STORE_WAIT_MIN), so a stop under systemd stays within TimeoutStopSec."""
+        assert self.store is not None
+        wait = STORE_WAIT_MIN
+        if self.stop_by is not None:
+            wait = max(self.stop_by - time.monotonic(), STORE_WAIT_MIN)
+        try:
+            self.store.close(wait)
+        except StateNotSaved as exc:
+            self._state_lost = True
+            log.error(
+                "state_not_saved",
+                path=str(self.store.path),
+                error=exc.error,
+                runs_lost=exc.runs,
+                ticks_lost=exc.ticks,
+                other_changes_lost=exc.other,
+                hint="these runs are missing from the history; a tick they ran may run again "
+                "at the next start; free space under state_dir before starting again",
+            )
+        except Exception as exc:  # a failing disk must not keep the lock or skip exit
+            self._state_lost = True
+            log.error("state_close_failed", error=repr(exc))
 
     # -- start ------------------------------------------------------------------------------
 

@@ -21,8 +21,9 @@ FORCE_GRACE = 6.0  # after cancelling runs, how long to let them unwind (command
 async def shutdown(daemon: Daemon) -> int:
     assert daemon.loaded is not None and daemon.rt is not None and daemon.jobset is not None
     daemon._stopping = True
-    daemon.rt.stopping = True  # a run that fails now is not retried: there is no later
     d = daemon.loaded.config.daemon
+    daemon.stop_by = time.monotonic() + d.shutdown_timeout + FORCE_GRACE
+    daemon.rt.stopping = True  # a run that fails now is not retried: there is no later
     daemon.notifier.stopping("stopping: draining runs")
     # The control socket stays open through the drain: status shows what is draining and
     # a `trigger --wait` learns its run's outcome; every command that would start or

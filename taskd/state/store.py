@@ -379,14 +379,16 @@ class StateStore:
             self.journal.flush()
             self._writer.call(_nothing, strict=True)
 
-    def close(self) -> None:
+    def close(self, wait: float = 0.0) -> None:
         """Commit what is queued, checkpoint (the -wal emptied), close. Rows past the
-        retention limits that are left go after the next start: a stop must not wait."""
+        retention limits that are left go after the next start: a stop must not wait. A
+        disk that refuses the last commit is waited for up to ``wait`` seconds, then
+        StateNotSaved is raised (see Writer.close)."""
         w, self._writer = self._writer, None
         try:
             if w is not None:
                 self.journal.flush()
-                w.close()
+                w.close(wait)
         finally:
             self._db = None
             self.journal.close()

@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from taskd.errors import StateNotSaved
 from taskd.state.dbfile import describe, is_io_error, rollback
 from taskd.state.reads import Call, closed
 from taskd.state.retention import Backlog, Pruned, Retention
@@ -95,6 +96,7 @@ class Writer:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_error: str | None = None
         self.close_error: BaseException | None = None
+        self._close_wait = 0.0
         self._thread = threading.Thread(target=self._main, name="taskd-state-writer", daemon=True)
 
     # -- any thread ------------------------------------------------------------------------
@@ -130,9 +132,12 @@ class Writer:
             raise call.error
         return call.result
 
-    def close(self) -> None:
-        """Commit everything queued, checkpoint, close the connection; the final commit's
-        error, if it failed, is raised (the journal then keeps what it holds)."""
+    def close(self, wait: float = 0.0) -> None:
+        """Commit everything queued, checkpoint, close the connection. A final commit the
+        disk refuses is tried again every RETRY_SECONDS for up to ``wait`` seconds (room
+        may be made meanwhile); if it still fails, StateNotSaved is raised, with what is
+        lost (the journal keeps what it holds)."""
+        self._close_wait = wait
         self._closing = True
         self.hurry()
         self._thread.join()
@@ -383,12 +388,43 @@ class Writer:
             retry="after the next commit",
         )
 
+    def _wait_for_disk(self) -> None:
+        """At the stop, the disk refusing the last commit: what is only in memory (runs
+        since the disk filled) would be lost, so wait for room, bounded by the stop's time."""
+        p = self.pending
+        log.error(
+            "state_close_waiting",
+            path=str(self.path),
+            error=self._describe(self._last_error),
+            runs=len(p.runs),
+            wait=round(self._close_wait, 1),
+            hint="free space on the filesystem holding state_dir: what is held in memory is "
+            "written as soon as a commit succeeds, and the stop then ends",
+        )
+        until = time.monotonic() + self._close_wait
+        while self.failing and (left := until - time.monotonic()) > 0:
+            time.sleep(min(RETRY_SECONDS, left))
+            self._commit(force=True)
+
+    def _describe(self, exc: BaseException | None) -> str:
+        if exc is None:
+            return "state writes failed"
+        return describe(exc, where=self.path.parent, after_io_error=self._io_failed)
+
     def _final(self) -> None:
         """At the stop: everything queued committed, the -wal emptied into the file."""
         try:
             self._cycle(force=True)
             if self.failing:
-                self.close_error = self._last_error
+                self._wait_for_disk()
+            if self.failing:
+                p = self.pending
+                self.close_error = StateNotSaved(
+                    self._describe(self._last_error),
+                    runs=len(p.runs),
+                    ticks=len(p.ticks),
+                    other=len(p.paused) + len(p.shared) + len(p.job_last),
+                )
             else:
                 # What is left of a backlog goes after the next start: a stop must not wait.
                 self._checkpoint("TRUNCATE")

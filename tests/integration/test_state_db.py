@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -176,6 +177,55 @@ class TestFullDisk:
             assert ids <= stored, (len(ids - stored), logged)
 
 
+class TestFullDiskAtStop:
+    """SIGTERM while the disk is full: the runs held in memory are not silently dropped."""
+
+    def _full_and_stopping(self, daemon_factory, mnt: Path) -> tuple[DaemonProc, set[str]]:
+        """A daemon whose disk filled while it ran, then SIGTERM; the run ids it logged
+        while the disk was full (held in memory only)."""
+        d = daemon_factory(config(mnt / "state", shutdown_timeout='"1s"'), PLUGINS).start()
+        d.wait_for("run", job="fast", count=3, timeout=10)
+        fill(mnt / "filler")
+        d.wait_for("state_write_failed", timeout=20)
+        ran = len(d.events("run"))
+        d.wait_for("run", job="fast", count=ran + 10, timeout=20)
+        held = {r["run_id"] for r in d.events("run")[ran:]}
+        d.signal(signal.SIGTERM)
+        (waiting,) = d.wait_for("state_close_waiting", timeout=20)
+        assert "disk full" in waiting["error"] and waiting["runs"] >= len(held), waiting
+        return d, held
+
+    def test_room_made_while_it_waits_saves_every_run(self, daemon_factory, tmp_path) -> None:
+        with tmpfs(tmp_path / "small", "2m") as mnt:
+            d, held = self._full_and_stopping(daemon_factory, mnt)
+            (mnt / "filler").unlink()
+            assert d.wait_exit(timeout=30) == 0, d.raw[-10:]
+            assert not d.events("state_not_saved")
+            with contextlib.closing(sqlite3.connect(mnt / "state" / "state.db")) as c:
+                stored = {r[0] for r in c.execute("SELECT run_id FROM runs")}
+            assert held <= stored, len(held - stored)
+
+    def test_no_room_is_exit_3_with_what_was_lost(self, daemon_factory, tmp_path) -> None:
+        with tmpfs(tmp_path / "small", "2m") as mnt:
+            d, held = self._full_and_stopping(daemon_factory, mnt)
+            # Nobody makes room: the wait ends within the stop's own time (shutdown_timeout
+            # + the 6 s force grace), and the exit says the state was not saved.
+            assert d.wait_exit(timeout=30) == 3, d.raw[-10:]
+            (lost,) = d.events("state_not_saved")
+            assert lost["level"] == "error" and "disk full" in lost["error"], lost
+            assert lost["runs_lost"] >= len(held), (lost, len(held))
+            assert "state_dir" in lost["hint"]
+            assert not any("Traceback" in line for line in d.raw)
+            # Room made later: the next start works and keeps what was saved before.
+            (mnt / "filler").unlink()
+            again = daemon_factory(config(mnt / "state"), PLUGINS, name="again").start()
+            again.wait_for("run", job="fast", timeout=10)
+            assert again.stop() == 0
+            with contextlib.closing(sqlite3.connect(mnt / "state" / "state.db")) as c:
+                stored = {r[0] for r in c.execute("SELECT run_id FROM runs")}
+            assert {r["run_id"] for r in d.events("run")[:3]} <= stored
+
+
 def _have(*tools: str) -> bool:
     return all(shutil.which(t) for t in tools)
 
@@ -227,7 +277,7 @@ class TestIOError:
         except (subprocess.CalledProcessError, OSError) as exc:
             pytest.skip(f"cannot set up a loop device here: {exc}")
         try:
-            d = daemon_factory(config(mnt / "state"), PLUGINS).start()
+            d = daemon_factory(config(mnt / "state", shutdown_timeout='"1s"'), PLUGINS).start()
             d.wait_for("run", job="fast", count=3, timeout=10)
             fill(back / "filler")
             failed = d.wait_for("state_write_failed", timeout=30)
@@ -236,6 +286,10 @@ class TestIOError:
             assert not any("malformed" in e or "cannot rollback" in e for e in errors), errors
             ran = len(d.events("run"))
             d.wait_for("run", job="fast", count=ran + 10, timeout=20)  # runs go on
-            assert d.stop() == 0
+            # The disk never recovers: the stop waits its own time for it, then says what
+            # was lost and exits 3 (not 0 as if all were saved).
+            assert d.stop(timeout=30) == 3
+            (lost,) = d.events("state_not_saved")
+            assert lost["error"].startswith("I/O error") and lost["runs_lost"] >= 10, lost
         finally:
             ctx.__exit__(None, None, None)

@@ -4,6 +4,7 @@ disk retried with the journal kept, and a stop that drains everything."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from taskd.errors import StateNotSaved
 from taskd.state import writer as writer_mod
 from taskd.state.store import StateStore
 from taskd.state.writer import Writer
@@ -205,13 +207,67 @@ class TestFailure:
         with capture_logs():
             with pytest.raises(sqlite3.OperationalError):
                 s.set_tick("a", 9.0)  # no loop: written through, and the failure raised
-            with pytest.raises(sqlite3.OperationalError):
+            with pytest.raises(StateNotSaved) as lost:
                 s.close()
+        assert lost.value.ticks == 1 and lost.value.runs == 0
+        assert "disk I/O error" in lost.value.error, lost.value.error
         assert b"T\ta\t9.0" in _journal(s.path)
         again = StateStore(tmp_path / "state.db")
         again.open()  # the journal replays what the disk refused
         assert again.jobs()["a"].last_tick == 9.0
         again.close()
+
+    def test_close_waits_for_the_disk(self, tmp_path: Path, monkeypatch) -> None:
+        monkeypatch.setattr(writer_mod, "RETRY_SECONDS", 0.05)
+        s = StateStore(tmp_path / "state.db")
+        s.open()
+        w = _writer(s)
+        real = w._write_pending
+        fail = {"left": 5}  # two writes, the stop's commit and two retries fail; then room
+
+        def full() -> None:
+            if fail["left"]:
+                fail["left"] -= 1
+                raise sqlite3.OperationalError("database or disk is full")
+            real()
+
+        monkeypatch.setattr(w, "_write_pending", full)
+        with capture_logs() as logs:
+            with contextlib.suppress(sqlite3.OperationalError):  # no loop: written through
+                s.set_tick("a", 9.0)
+            with contextlib.suppress(sqlite3.OperationalError):
+                s.run_started("r1", "a", 9.0, 9.1, "schedule")
+            s.close(wait=5.0)  # no StateNotSaved: the disk came back within the wait
+        assert fail["left"] == 0
+        assert [e["event"] for e in logs].count("state_close_waiting") == 1
+        assert _ticks(s.path) == {"a": 9.0}
+        again = StateStore(tmp_path / "state.db")
+        again.open()
+        assert again.history("a")[0]["run_id"] == "r1"
+        again.close()
+
+    def test_close_wait_is_bounded(self, tmp_path: Path, monkeypatch) -> None:
+        monkeypatch.setattr(writer_mod, "RETRY_SECONDS", 0.05)
+        s = StateStore(tmp_path / "state.db")
+        s.open()
+        w = _writer(s)
+
+        def full() -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(w, "_write_pending", full)
+        with capture_logs():
+            for write in (
+                lambda: s.set_tick("a", 9.0),  # no loop: each written through, and raises
+                lambda: s.run_started("r1", "a", 9.0, 9.1, "schedule"),
+                lambda: s.run_started("r2", "a", 9.0, 9.2, "schedule"),
+            ):
+                with contextlib.suppress(sqlite3.OperationalError):
+                    write()
+            with pytest.raises(StateNotSaved) as lost:
+                s.close(wait=0.3)
+        assert (lost.value.runs, lost.value.ticks) == (2, 1)
+        assert "disk is full" in lost.value.error, lost.value.error
 
 
 class TestClose:
