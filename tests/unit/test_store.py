@@ -377,3 +377,28 @@ class TestUnencodable:
         assert store.shared() == {"k\\udc80": 1}
         assert store.jobs()["a"].last_result == "\ud800"  # the JSON escape: the same value
         assert _ticks(store.path) == {"a": 5.0}
+
+
+class TestNamesCheckedOnce:
+    """A name is checked when it first comes to the store; a bad one is refused every time."""
+
+    @pytest.mark.parametrize("name", ["a\n", "a\tb", "", "\nT\tb\t9e9"])
+    def test_bad_name_refused_by_every_write(self, tmp_path: Path, name: str) -> None:
+        s = StateStore(tmp_path / "state.db")
+        s.open()
+        try:
+            s.set_tick("good", 5.0)  # a good name admitted first lets no other through
+            for _ in range(2):  # refused again: a refusal does not admit the name
+                with pytest.raises(ValueError, match="not valid"):
+                    s.set_tick(name, 1.0)
+                with pytest.raises(ValueError, match="not valid"):
+                    s.run_started("r1", name, 1.0, 1.0, "schedule")
+                with pytest.raises(ValueError, match="not valid"):
+                    s.run_finished("r1", name, 1.0, 1.0, 1, 0.1, "succeeded", None, "schedule")
+                with pytest.raises(ValueError, match="not valid"):
+                    s.set_paused(name, True)
+            assert name not in s._names
+            s.flush()
+        finally:
+            s.close()
+        assert _ticks(tmp_path / "state.db") == {"good": 5.0}
