@@ -273,15 +273,25 @@ class StateStore:
             return
         if job not in self._names:
             self._admit(job)
-        w.submit(
-            (
-                RUN,
-                run_id,
-                (run_id, job, scheduled, started, 1, None, "running", None, trigger, None),
-            )
-        )
+        w.submit(_running(run_id, job, scheduled, started, trigger))
         # With the kernel before this returns, and so before the job's code runs.
         self.journal.run_started(run_id, job, scheduled, started, trigger)
+        self._through()
+
+    def tick_and_run_started(
+        self, job: str, tick: float, run_id: str, started: float, trigger: str
+    ) -> None:
+        """``set_tick(job, tick)`` and ``run_started`` of a run for that tick, at once: the
+        scheduler's fused path (one write(2) for both lines, no flush left for later)."""
+        w = self._writer
+        if w is None:
+            return
+        if job not in self._names:
+            self._admit(job)
+        # Both queued before their lines are written, as in set_tick (taskd.state.ticklog).
+        w.submit((TICK, job, tick))
+        w.submit(_running(run_id, job, tick, started, trigger))
+        self.journal.tick_and_run_started(job, tick, run_id, started, trigger)
         self._through()
 
     def run_finished(
@@ -404,6 +414,13 @@ class StateStore:
             self._db = None
             self.journal.close()
             self._release()
+
+
+def _running(
+    run_id: str, job: str, scheduled: float, started: float, trigger: str
+) -> tuple[Any, ...]:
+    """The writer's op for a run that started: its history row, as "running"."""
+    return (RUN, run_id, (run_id, job, scheduled, started, 1, None, "running", None, trigger, None))
 
 
 def _nothing(_: Writer) -> None:
