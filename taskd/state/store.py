@@ -40,6 +40,7 @@ from taskd.state.retention import Retention, count_runs
 from taskd.state.rows import JobRow
 from taskd.state.schema import prepare
 from taskd.state.ticklog import TickLog
+from taskd.state.waits import CommitWaits
 from taskd.state.writer import (
     FINISHED,
     PAUSED,
@@ -61,7 +62,7 @@ __all__ = ["MAX_RESULT_CHARS", "MAX_RUN_RESULT_CHARS", "JobRow", "StateStore"]
 log = structlog.get_logger("taskd.state")
 
 
-class StateStore:
+class StateStore(CommitWaits):
     """One SQLite file. Its methods are called from the event-loop thread (or from a thread
     with no loop: tools and tests, where each write is committed before it returns); the
     connection belongs to the state writer's thread once the store is open."""
@@ -70,9 +71,7 @@ class StateStore:
         self.path = path
         self._retention = retention or Retention()
         self._db: sqlite3.Connection | None = None
-        self._writer: Writer | None = None
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__()
         self.journal = TickLog(path.parent / "ticks.journal")
         # Names already checked (journal._check_name): a name is checked when it first comes
         # to the store, not on each of the three writes of every run (a regex each, 3% of a
@@ -363,38 +362,6 @@ class StateStore:
     def _through(self) -> None:
         if asyncio._get_running_loop() is None:
             self.flush()  # outside a loop (tools, tests): written through
-
-    # -- waiting for commits ----------------------------------------------------------------
-
-    async def durable(self) -> None:
-        """Return once everything written so far is committed (at once while writes are
-        failing: the runs go on, the writer keeps retrying)."""
-        w = self._writer
-        if w is None or w.failing or w.committed >= w.submitted:
-            return
-        self._loop = asyncio.get_running_loop()
-        fut = self._loop.create_future()
-        self._waiters.append((w.submitted, fut))
-        w.hurry()  # after the append: the cycle it starts sees this waiter
-        await fut
-
-    def _on_cycle(self) -> None:
-        """On the writer's thread, after each commit (or failed commit)."""
-        loop = self._loop
-        if self._waiters and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._release)
-
-    def _release(self) -> None:
-        w = self._writer
-        keep = []
-        for target, fut in self._waiters:
-            if fut.done():
-                continue
-            if w is None or w.failing or w.committed >= target:
-                fut.set_result(None)
-            else:
-                keep.append((target, fut))
-        self._waiters = keep
 
     def flush(self) -> None:
         """Commit everything written so far, now; raises the commit's error if it fails."""
