@@ -23,23 +23,30 @@ import taskd
 
 
 def _on_record(job: str, run_id: str) -> dict:
-    # What the journal (both files) and the committed database hold right now.
+    # What the journal (both files) and the committed database hold right now: a line may
+    # be in either (the writer empties a journal file once its lines are committed).
     text = ""
     for name in ("state/ticks.journal", "state/ticks.journal.1"):
         with contextlib.suppress(FileNotFoundError), open(name) as f:
             text += f.read()
-    runs = [line.split("\\t") for line in text.splitlines() if line.startswith("R\\t")]
-    mine = [r for r in runs if r[1] == run_id and r[2] == job]
-    if mine:
-        scheduled = mine[0][3]
-        return {"run": "journal", "tick": f"T\\t{job}\\t{scheduled}" in text.splitlines()}
+    lines = text.splitlines()
     with contextlib.closing(sqlite3.connect("file:state/state.db?mode=ro", uri=True)) as db:
         row = db.execute(
-            "SELECT r.outcome, j.last_tick >= r.scheduled FROM runs r JOIN jobs j "
+            "SELECT r.outcome, r.scheduled, j.last_tick FROM runs r JOIN jobs j "
             "ON j.name = r.job WHERE r.run_id = ?",
             (run_id,),
         ).fetchone()
-    return {"run": "db" if row and row[0] == "running" else None, "tick": bool(row and row[1])}
+    mine = [r for r in (x.split("\t") for x in lines) if r[0] == "R" and r[1:3] == [run_id, job]]
+    if mine:
+        run, scheduled = "journal", float(mine[0][3])
+    elif row is not None and row[0] == "running":
+        run, scheduled = "db", row[1]
+    else:
+        return {"run": None, "tick": False}
+    ticks = [float(x.split("\t")[2]) for x in lines if x.startswith(f"T\t{job}\t")]
+    if row is not None and row[2] is not None:
+        ticks.append(row[2])
+    return {"run": run, "tick": any(t >= scheduled for t in ticks)}
 
 
 async def peek(ctx) -> dict:
