@@ -25,6 +25,25 @@ class JobSpec:
     broken: str | None = None
     # The options as the job function receives them (converted per its annotations).
     kwargs: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # Eligible for the scheduler's fused run path (taskd.schedule.runs, _run_fast): decided
+    # once, here, when a build or reload makes the spec, never per run.
+    fast: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        cfg, jt = self.config, self.jobtype
+        # The common run, and all the fused path handles: an ``every`` tick, run in the job's
+        # own task (overlap "skip" or "queue"), an io job with no timeout and no retries.
+        # Any other job (or one a reload turns into one) takes the general path.
+        fast = (
+            self.broken is None
+            and jt is not None
+            and jt.kind == "io"
+            and isinstance(self.trigger, Every)
+            and cfg.overlap in ("skip", "queue")
+            and cfg.timeout is None
+            and cfg.retries == 0
+        )
+        object.__setattr__(self, "fast", fast)
 
     @property
     def name(self) -> str:

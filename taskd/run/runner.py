@@ -171,26 +171,10 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
                 info.error = None
                 break
             except asyncio.CancelledError as exc:
-                me = asyncio.current_task()
-                if me is not None and me.cancelling() == 0:
-                    # Nobody cancelled us: the job raised CancelledError itself (a library
-                    # leaking one). That is the job's failure, not a reason to stop.
-                    info.outcome, info.error = FAILED, _error_text(exc) + " (raised by the job)"
-                else:
-                    info.outcome = CANCELLED
-                    info.error = info.cancel_reason or "cancelled"
+                if _cancelled(info, exc):
                     raise
-            except JobTimeout as exc:
-                info.outcome, info.error = TIMED_OUT, cut(str(exc))
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the run's failure
-                info.outcome, info.error = FAILED, _error_text(exc, _label(spec, info))
-                if not isinstance(exc, Exception):
-                    rt.log.warning(
-                        "job_raised_base_exception",
-                        job=cfg.name,
-                        run_id=info.run_id,
-                        error=info.error,
-                    )
+                _failed(rt, spec, info, exc)
             if info.attempt > cfg.retries:
                 break
             if rt.stopping:
@@ -237,6 +221,76 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
         # many runs start at once, every one of them starts before any end is written.
         rt.defer(_finish, rt, spec, info)
     return info
+
+
+async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
+    """:func:`execute` for a job on the fused path (``spec.fast``: io, no timeout, no
+    retries), the same outcome, events and end, with fewer frames: one attempt, the job
+    awaited directly. The caller has put the run's start on record (the journal) already:
+    ``StateStore.tick_and_run_started``, with its tick, in one write."""
+    jt = spec.jobtype
+    assert jt is not None
+    rt.stats.running += 1
+    try:
+        if rt.listeners:
+            rt.emit(
+                JobEvent(
+                    EventKind.STARTED,
+                    info.job,
+                    info.run_id,
+                    _utc(info.scheduled),
+                    1,
+                    time.time(),
+                )
+            )
+        ctx = JobContext.for_run(info.job, info.run_id, 1, info.scheduled, rt)
+        try:
+            try:
+                result = await jt.func(ctx, **spec.kwargs)
+            finally:
+                if ctx._scope is not None:
+                    ctx.release_resources()
+            info.result = _checked(rt, info, result)
+            info.outcome = SUCCEEDED
+        except asyncio.CancelledError as exc:
+            if _cancelled(info, exc):
+                raise
+        except BaseException as exc:  # as in execute
+            _failed(rt, spec, info, exc)
+    finally:
+        rt.stats.running -= 1
+        info.ended = time.time()
+        rt.defer(_finish, rt, spec, info)
+    return info
+
+
+def _cancelled(info: RunInfo, exc: asyncio.CancelledError) -> bool:
+    """Record an attempt that ended in CancelledError; True when it is a real cancel (the
+    caller re-raises it)."""
+    me = asyncio.current_task()
+    if me is not None and me.cancelling() == 0:
+        # Nobody cancelled us: the job raised CancelledError itself (a library leaking one).
+        # That is the job's failure, not a reason to stop.
+        info.outcome, info.error = FAILED, _error_text(exc) + " (raised by the job)"
+        return False
+    info.outcome = CANCELLED
+    info.error = info.cancel_reason or "cancelled"
+    return True
+
+
+def _failed(rt: Runtime, spec: JobSpec, info: RunInfo, exc: BaseException) -> None:
+    """Record an attempt that raised (a JobTimeout, or anything else: the run's failure)."""
+    if isinstance(exc, JobTimeout):
+        info.outcome, info.error = TIMED_OUT, cut(str(exc))
+        return
+    info.outcome, info.error = FAILED, _error_text(exc, _label(spec, info))
+    if not isinstance(exc, Exception):
+        rt.log.warning(
+            "job_raised_base_exception",
+            job=spec.config.name,
+            run_id=info.run_id,
+            error=info.error,
+        )
 
 
 def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:

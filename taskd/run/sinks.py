@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from taskd.log import Emit, direct_json
+from taskd.log import Emit, RunLine, direct_json, direct_run_line
 from taskd.run.encoding import NO_RESULT
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 
@@ -152,19 +152,36 @@ class SharedStateSink:
 class LogSink:
     """The one canonical ``run`` line per run."""
 
-    __slots__ = ("_emit", "_log", "rt")
+    __slots__ = ("_emit", "_log", "_run_line", "rt")
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._log: Any = None
         self._emit: Emit | None = None
+        self._run_line: RunLine | None = None
 
     def run_ended(self, end: RunEnd) -> None:
         info = end.info
         outcome = end.outcome
         log = self.rt.log  # read per run: a reload may have reconfigured logging
         if log is not self._log:
-            self._log, self._emit = log, direct_json(log)
+            self._log, self._emit, self._run_line = log, direct_json(log), direct_run_line(log)
+        if (
+            outcome is SUCCEEDED
+            and self._run_line is not None
+            and info.cause is SCHEDULE
+            and end.result_json is None
+            and end.spec.fast  # a name the config checked, a run id of the daemon's
+        ):
+            # The commonest line, formatted directly (taskd.log.direct_run_line).
+            self._run_line(
+                end.spec.config.name,
+                info.run_id,
+                info.attempt,
+                round(end.duration, 6),
+                round(info.started - info.scheduled, 6),
+            )
+            return
         method = "info" if outcome is SUCCEEDED else "warning" if outcome is CANCELLED else "error"
         # The line's fields in their order: the ones every line has, then the few optional.
         fields = {

@@ -57,6 +57,32 @@ class JobCatchup(JobRuns):
         more = tick is not None and tick <= now
         return list(kept), count, evicted if more else None
 
+    def _due_fast(self, first: float, now: float) -> tuple[float, Cause] | None:
+        """For a job on the fused path (``spec.fast``): when handling the due tick ``first``
+        is exactly one run started at once, and nothing else (no skip, nothing queued),
+        move the cursor as :meth:`_handle_due` would and return the tick and its cause;
+        else None, and nothing changed (the caller takes the general path)."""
+        if self.active or self.queue or self.paused or self._stopping or self.removed:
+            return None  # _fire would skip it, queue it, or leave it to the queue
+        spec = self.spec
+        trigger = spec.trigger
+        assert isinstance(trigger, Every)
+        # The single-tick case of _due, computed the same way.
+        interval, anchor = trigger.interval, trigger.base
+        k0 = round((first - anchor) / interval)
+        if anchor + (k0 + 1) * interval <= now:
+            return None  # more than one tick due: catchup decides
+        tick = anchor + k0 * interval
+        cfg = spec.config
+        late = now - tick
+        if late > cfg.grace and cfg.catchup == "none":
+            return None  # skipped as missed
+        self._resumed = False
+        self.cursor = tick
+        if self._skips is not None and self._skips.idle():
+            self._skips = None  # on time, and nothing to log: the next skip logs at once
+        return tick, Cause.CATCHUP if late > cfg.grace else Cause.SCHEDULE
+
     def _handle_due(self, first: float, now: float) -> bool:
         """Turn the due ticks into runs and skips per catchup/grace. True when only a slice
         of a very long backlog was handled (the caller yields, then comes back for more)."""

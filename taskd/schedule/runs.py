@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -113,19 +114,34 @@ class JobRuns(JobState):
                 self._drop_queue(SkipReason.EXHAUSTED)
                 break
             tick, cause, waiter = self._dequeue()
-            await self._run_inline(tick, cause, waiter)
+            rt = self.rt
+            info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
+            if waiter is not None:
+                waiter.begin(info)
+            await self._run_inline(info, execute(rt, self.spec, info), waiter)
 
-    async def _run_inline(self, tick: float, cause: Cause, waiter: ManualRun | None) -> None:
+    def _start_fast(self, tick: float, cause: Cause) -> RunInfo:
+        """The fused path's run for ``tick`` (see _due_fast, which moved the cursor): its
+        tick and start on record in one journal write, before the job's code runs (the
+        caller awaits ``execute_fast`` in this same task step)."""
         rt = self.rt
-        info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
-        if waiter is not None:
-            waiter.begin(info)
+        name = self.spec.config.name
+        info = RunInfo(rt.new_run_id(), name, tick, time.time(), cause)
+        store = rt.store
+        if store is not None:
+            store.tick_and_run_started(name, tick, info.run_id, info.started, cause)
+        return info
+
+    async def _run_inline(
+        self, info: RunInfo, run: Coroutine[Any, Any, RunInfo], waiter: ManualRun | None
+    ) -> None:
+        """Await ``run`` (the run of ``info``) in this job's own task."""
         task = asyncio.current_task()
         assert task is not None
         self._add_run(info, task)
         self._arm_next()
         try:
-            await execute(rt, self.spec, info)
+            await run
         except asyncio.CancelledError:
             # An inline run's task is this job's own: a cancel meant for the run alone
             # (overlap switched to "replace" by a reload) must not end the job's schedule.

@@ -145,6 +145,17 @@ class TickLog:
         self._buffer.append(f"R\t{run_id}\t{job}\t{scheduled!r}\t{started!r}\t{trigger}\n")
         self.flush()
 
+    def tick_and_run_started(
+        self, job: str, tick: float, run_id: str, started: float, trigger: str
+    ) -> None:
+        """A tick and the start of its run, written at once in one write(2), in the order
+        ``tick`` then ``run_started`` would write them: the run is about to start, so
+        nothing is left for the end of the iteration (no flush scheduled only to find the
+        buffer empty)."""
+        self._buffer.append(f"T\t{job}\t{tick!r}\n")
+        self._buffer.append(f"R\t{run_id}\t{job}\t{tick!r}\t{started!r}\t{trigger}\n")
+        self.flush()
+
     def paused(self, job: str, paused: bool, at: float) -> None:
         """Written at once: a pause is answered to whoever asked for it right after."""
         self._buffer.append(f"P\t{job}\t{int(paused)}\t{at!r}\n")

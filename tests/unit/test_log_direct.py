@@ -91,3 +91,55 @@ def test_loggers_it_cannot_serve_are_left_to_structlog() -> None:
     assert logsetup.direct_json(structlog.get_logger("taskd.run").bind(job="a")) is None
     assert logsetup.direct_json(structlog.get_logger("taskd.run")) is None  # the lazy proxy
     assert logsetup.direct_json(object()) is None
+
+
+class TestRunLine:
+    """direct_run_line: the commonest run line, formatted directly, byte for byte structlog's."""
+
+    @pytest.mark.parametrize("journal", [False, True])
+    @pytest.mark.parametrize(
+        ("duration", "late"),
+        [
+            (2.8e-05, 0.000988),
+            (0.0, -0.0),
+            (1.0, 0.1),
+            (123456.789012, -0.000123),
+            (1e-06, 5e-324),
+            (round(1 / 3, 6), round(2 / 3, 6)),
+        ],
+    )
+    def test_same_bytes_as_structlog(
+        self,
+        journal: bool,
+        duration: float,
+        late: float,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Any,
+    ) -> None:
+        with open(tmp_path / "out", "w+") as out:
+            if journal:
+                st = os.fstat(out.fileno())
+                monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+            logsetup.configure("info", "json", out)
+            log = structlog.get_logger("taskd.run").bind()
+            line = logsetup.direct_run_line(log)
+            assert line is not None
+            fields = {"job": "j_1.x-y", "run_id": "ab12cd00002a", "attempt": 1}
+            fields |= {"outcome": "succeeded", "duration": duration, "late": late}
+            log.info("run", **fields)
+            line("j_1.x-y", "ab12cd00002a", 1, duration, late)
+            with structlog.contextvars.bound_contextvars(request="r1"):
+                log.info("run", **fields)
+                line("j_1.x-y", "ab12cd00002a", 1, duration, late)
+            out.seek(0)
+            lines = out.read().splitlines()
+        assert len(lines) == 4
+        assert lines[0] == lines[1]
+        assert lines[2] == lines[3] and '"request": "r1"' in lines[2]
+
+    def test_none_when_info_is_filtered(self, tmp_path: Any) -> None:
+        with open(tmp_path / "out", "w") as out:
+            logsetup.configure("warning", "json", out)
+            assert logsetup.direct_run_line(structlog.get_logger("taskd.run").bind()) is None
+            logsetup.configure("info", "console", out)
+            assert logsetup.direct_run_line(structlog.get_logger("taskd.run").bind()) is None

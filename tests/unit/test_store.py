@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from taskd.state.dbfile import APPLICATION_ID
 from taskd.state.schema import SCHEMA_VERSION
 from taskd.state.store import JobRow, StateStore
+from taskd.state.ticklog import TickLog
 
 
 @pytest.fixture
@@ -377,3 +378,58 @@ class TestUnencodable:
         assert store.shared() == {"k\\udc80": 1}
         assert store.jobs()["a"].last_result == "\ud800"  # the JSON escape: the same value
         assert _ticks(store.path) == {"a": 5.0}
+
+
+class TestNamesCheckedOnce:
+    """A name is checked when it first comes to the store; a bad one is refused every time."""
+
+    @pytest.mark.parametrize("name", ["a\n", "a\tb", "", "\nT\tb\t9e9"])
+    def test_bad_name_refused_by_every_write(self, tmp_path: Path, name: str) -> None:
+        s = StateStore(tmp_path / "state.db")
+        s.open()
+        try:
+            s.set_tick("good", 5.0)  # a good name admitted first lets no other through
+            for _ in range(2):  # refused again: a refusal does not admit the name
+                with pytest.raises(ValueError, match="not valid"):
+                    s.set_tick(name, 1.0)
+                with pytest.raises(ValueError, match="not valid"):
+                    s.run_started("r1", name, 1.0, 1.0, "schedule")
+                with pytest.raises(ValueError, match="not valid"):
+                    s.run_finished("r1", name, 1.0, 1.0, 1, 0.1, "succeeded", None, "schedule")
+                with pytest.raises(ValueError, match="not valid"):
+                    s.set_paused(name, True)
+            assert name not in s._names
+            s.flush()
+        finally:
+            s.close()
+        assert _ticks(tmp_path / "state.db") == {"good": 5.0}
+
+
+class TestTickAndRunStarted:
+    """The fused path's one call: the tick and the run's start, both on record."""
+
+    def test_one_write_tick_first(self, tmp_path: Path) -> None:
+        log = TickLog(tmp_path / "ticks.journal")
+        log.open()
+        try:
+            log.tick_and_run_started("j", 7.0, "r1", 7.5, "schedule")
+            # Written at once (no flush left for later), the tick before the run.
+            text = (tmp_path / "ticks.journal").read_text()
+            assert text == "T\tj\t7.0\nR\tr1\tj\t7.0\t7.5\tschedule\n"
+            assert not log._flush_scheduled
+        finally:
+            log.close()
+
+    async def test_replayed_after_a_kill(self, tmp_path: Path) -> None:
+        s = StateStore(tmp_path / "state.db")
+        s.open()
+        s.tick_and_run_started("j", 7.0, "r1", 7.5, "schedule")
+        _abandon(s)  # committed or not: the journal has it
+        again = StateStore(tmp_path / "state.db")
+        again.open()
+        try:
+            assert again.jobs()["j"].last_tick == 7.0
+            [row] = again.history("j")
+            assert (row["run_id"], row["scheduled"], row["outcome"]) == ("r1", 7.0, "interrupted")
+        finally:
+            again.close()
