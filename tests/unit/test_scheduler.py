@@ -18,7 +18,7 @@ from taskd.jobspec import JobSpec, make_trigger
 from taskd.plugin.jobtype import JobType
 from taskd.run.runtime import Runtime
 from taskd.schedule import skips as skips_module
-from taskd.schedule.catchup import MAX_CATCHUP
+from taskd.schedule.decide import MAX_CATCHUP
 from taskd.schedule.job import ScheduledJob
 
 
@@ -255,17 +255,14 @@ class TestSecondReview:
 
     @pytest.mark.parametrize("interval", [0.1, 0.3, 1 / 3, 0.01])
     def test_every_count_on_exact_ticks(self, rt: Runtime, interval: float) -> None:
+        from taskd.schedule.decide import due_ticks
         from taskd.schedule.triggers import Every
 
-        async def nothing(ctx: Any) -> None:
-            return None
-
-        job = ScheduledJob(make_spec(nothing, every=interval), rt, cursor=None)
         trigger = Every(interval)
         for k, n in ((7, 0), (1234567, 5), (10**9, 999), (3, 2500)):
             first = trigger.anchor + k * interval
             now = trigger.anchor + (k + n) * interval  # exactly on a tick
-            ticks, count, more = job._due(trigger, first, now)
+            ticks, count, more = due_ticks(trigger, first, now)
             assert count == n + 1 and more is None
             assert ticks[-1] <= now and len(ticks) == min(n + 1, MAX_CATCHUP)
 
