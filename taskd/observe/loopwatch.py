@@ -237,10 +237,12 @@ class LoopWatch:
         self._wake.set()  # the watchdog sleeps without a deadline while the probe is parked
 
     def beat(self, lag: float) -> None:
-        """A timer that fires anyway (the scheduler's) ran ``lag`` seconds after its time: a
-        lag sample that costs no wake-up of its own. It starts work, so it pokes too."""
-        self._record(max(lag, 0.0), time.monotonic())
+        """A timer that fires anyway (the scheduler's) ran ``lag`` seconds after its time.
+        On a parked probe it is the lag sample (one that costs no wake-up of its own) and
+        the start of work, so it arms the probe; on an armed one the probe measures, and a
+        beat costs one test (it comes with every tick)."""
         if self._handle is None:
+            self._record(max(lag, 0.0), time.monotonic())
             self.poke()
 
     def _probe(self) -> None:

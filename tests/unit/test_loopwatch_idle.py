@@ -168,9 +168,13 @@ class TestArmedAgain:
             assert watch.lag_max >= 0.003
             assert watch._handle is not None
             assert watch.pokes == 1
-            watch.beat(-0.0005)  # a timer a hair early: no negative lag, no second timer
-            assert watch.lag == 0.0
+            watch.beat(0.5)  # armed: the probe measures, the beat adds nothing
+            assert watch.lag_count == count + 1
             assert watch.pokes == 1
+            await until(lambda: watch.parks >= 2)
+            watch.beat(-0.0005)  # a timer a hair early: no negative lag
+            assert watch.lag == 0.0
+            assert watch.pokes == 2
         finally:
             watch.stop()
 
