@@ -15,11 +15,15 @@ from taskd.config.checks import _Collector, suggest, type_name
 from taskd.config.daemon_table import _daemon
 from taskd.config.job_table import _job
 from taskd.config.model import Config, DaemonConfig, JobConfig
-from taskd.config.source import Parse, open_config, read_open_toml, read_toml
+from taskd.config.source import (
+    Parse,
+    open_config,
+    read_open_toml,
+    read_toml,
+    start_parse,
+)
 from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigError, ConfigIssue
-
-DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
 
 
 def load_config(path: str | Path) -> Config:
@@ -34,17 +38,11 @@ class ConfigRead:
     no time of its own on a machine with a core to spare. Every problem, opening the file
     included, is raised by :meth:`load`, so the caller handles ConfigError in one place."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, started: Parse | ConfigError | None = None) -> None:
+        """``started``: start_parse(path) if the caller has already called it (taskd.cli
+        does, before it imports this module)."""
         self._file = Path(path).expanduser().absolute()
-        self._parse: Parse | ConfigError
-        try:
-            fd = open_config(self._file)
-            try:
-                self._parse = Parse(self._file, fd)
-            finally:
-                os.close(fd)  # the parser has its own
-        except ConfigError as exc:
-            self._parse = exc
+        self._parse = started if started is not None else start_parse(self._file)
 
     def load(self) -> Config:
         if isinstance(self._parse, ConfigError):

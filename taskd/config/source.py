@@ -39,6 +39,7 @@ from typing import Any, NoReturn
 from taskd.errors import ConfigError, ConfigIssue
 from taskd.trust import Problem, TrustChecker, Untrusted
 
+DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
 MAX_CONFIG_BYTES = 1024 * 1024  # 10,000 jobs of a few keys each take about 380 KB
 MAX_DEPTH = 32  # keys and indexes below the top: jobs.x.options.k is 4
 PARSE_CPU_SECONDS = 10  # RLIMIT_CPU of the parser; a valid 1 MiB file takes under 1 s
@@ -87,6 +88,25 @@ def open_config(file: Path) -> int:
         raise UntrustedConfig(file, exc.problems) from None
     except OSError as exc:
         raise _single(file, f"cannot read config file: {exc.strerror or exc}") from None
+
+
+def config_file(given: str | None) -> Path:
+    """The config file: ``given`` (--config), else $TASKD_CONFIG, else DEFAULT_CONFIG."""
+    return Path(given or os.environ.get("TASKD_CONFIG") or DEFAULT_CONFIG)
+
+
+def start_parse(path: str | Path) -> Parse | ConfigError:
+    """The file opened, checked and its parse started (see Parse), or why it could not be:
+    the ConfigError is returned, for the caller to raise where it handles the others."""
+    file = Path(path).expanduser().absolute()
+    try:
+        fd = open_config(file)
+        try:
+            return Parse(file, fd)
+        finally:
+            os.close(fd)  # the parser has its own
+    except ConfigError as exc:
+        return exc
 
 
 def read_toml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
