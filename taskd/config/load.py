@@ -80,7 +80,7 @@ def _read(path: str | Path) -> tuple[Config, list[ConfigIssue], dict[str, list[C
     return finish(_validate(*read_document(path)))
 
 
-def read_document(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, int]]:
+def read_document(path: str | Path) -> tuple[Path, dict[str, Any], Mapping[str, int]]:
     """The config file's absolute path, its TOML document and its key -> line map: the part
     of :func:`load_config` that reads the file (in a process of its own, see
     taskd.config.source). Raises ConfigError when the file cannot be read or parsed."""
@@ -93,7 +93,7 @@ def read_document(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, int
     return file, data, lines
 
 
-def validate_steps(file: Path, data: dict[str, Any], lines: dict[str, int]) -> Steps[Config]:
+def validate_steps(file: Path, data: dict[str, Any], lines: Mapping[str, int]) -> Steps[Config]:
     """The rest of :func:`load_config`, on what :func:`read_document` returned, in steps of
     one job (taskd.config.steps): a reload validates on the loop, a slice at a time."""
     config, issues, by_job = yield from _validate(file, data, lines)
@@ -116,7 +116,7 @@ def daemon_settings(path: str | Path) -> DaemonConfig | None:
 
 
 def _validate(
-    file: Path, data: dict[str, Any], lines: dict[str, int]
+    file: Path, data: dict[str, Any], lines: Mapping[str, int]
 ) -> Steps[tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]]:
     c = _Collector(file, lines)
     base = file.parent
