@@ -70,7 +70,8 @@ class JobConfig:
     enabled: bool = True
     max_memory: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
-    line: int | None = field(default=None, compare=False)
+    # No line of its own: Config.line_of finds it when a message needs it (a field read for
+    # every job made the start scan the whole file's lines, see taskd.config.lines.KeyLines).
 
     def schedule_text(self) -> str:
         if self.schedule == "every":

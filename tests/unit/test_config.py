@@ -148,13 +148,13 @@ class TestValidConfig:
             enabled=False,
             options={"urls": ["https://example.org/health"], "limit": 3},
         )
-        assert site.line == 15
+        assert cfg.line_of("jobs.site-up") == 15
         nightly = cfg.jobs["nightly"]
         assert (nightly.schedule, nightly.cron, nightly.every) == ("cron", "30 2 * * *", None)
         assert nightly.timezone == "America/New_York"
         assert nightly.max_memory == 512 * 2**20
         assert nightly.timeout == 90.0
-        assert nightly.line == 30
+        assert cfg.line_of("jobs.nightly") == 30
         once = cfg.jobs["once"]
         assert once.schedule == "at"
         assert once.at == utc(2026, 12, 1, 8, 0, 0)

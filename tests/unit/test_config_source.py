@@ -153,3 +153,14 @@ class TestKeyLines:
         assert "jobs.a.type" in lines and lines["jobs.a"] == 1
         assert dict(lines) == key_lines(path.read_text(encoding="utf-8-sig"))
         assert len(lines) == 4
+
+    def test_validating_a_valid_config_scans_no_line(self, toml) -> None:  # type: ignore[no-untyped-def]
+        # Nothing in a valid config's validation asks for a line (a JobConfig field once
+        # did, for every job, and the start then paid for the whole scan).
+        from taskd.config import load_config
+
+        config = load_config(
+            toml('[jobs.a]\ntype = "t"\nevery = "1h"\n[jobs.b]\ntype = "t"\non = "startup"\n')
+        )
+        assert isinstance(config.lines, KeyLines) and config.lines._lines is None
+        assert config.line_of("jobs.b.on") == 6
