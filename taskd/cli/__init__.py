@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: see the note on imports above.
     import argparse
 
-    from taskd.cli import history
+    from taskd.cli import history_args
     from taskd.config import DEFAULT_CONFIG
 
     local = "taskd.cli.local"
@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=_lazy("taskd.cli.scaffold", "cmd_new_plugin"))
     p = add("history", "show past runs from the state database (no daemon needed)")
-    history.add_arguments(p)
-    p.set_defaults(func=history.cmd_history)
+    history_args.add_arguments(p)
+    p.set_defaults(func=_lazy("taskd.cli.history", "cmd_history"))
 
     def remote(
         name: str, help: str, *, job: bool = False, json: bool = True
@@ -186,6 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"-n must be from 1 to {MAX_COUNT}")
     if args.command != "run":
         _tolerant_stdout()
+    else:
+        # The config parses in a process of its own (taskd.config.source): started here,
+        # before cmd_run's module and the validation are imported (about 50 ms), it runs
+        # on another core meanwhile. Its errors are raised where cmd_run handles them.
+        from taskd.config.source import config_file, start_parse
+
+        args.parse = start_parse(config_file(args.config))
     try:
         code: int = args.func(args)
         if args.command != "run":

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taskd.config import DEFAULT_CONFIG, Config, DaemonConfig, load_config, read_toml, suggest
+from taskd.config import Config, DaemonConfig, load_config, read_toml, suggest
+from taskd.config.source import config_file
 from taskd.errors import ConfigError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -21,7 +21,7 @@ EX_CONFIG = 78  # sysexits.h
 
 
 def config_path(args: argparse.Namespace) -> Path:
-    return Path(args.config or os.environ.get("TASKD_CONFIG") or DEFAULT_CONFIG)
+    return config_file(args.config)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                     str(config.path),
                     f"jobs.{name}",
                     f"job is broken: {other.broken}",
-                    other.config.line,
+                    config.line_of(f"jobs.{name}"),
                 )
             )
     if others:

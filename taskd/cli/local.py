@@ -38,9 +38,10 @@ if TYPE_CHECKING:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = config_path(args)
-    # The config parses in a process of its own (taskd.config.source): started first, it
-    # runs on another core while the daemon's modules are imported here.
-    reading = ConfigRead(path)
+    # The config parses in a process of its own (taskd.config.source): started first (by
+    # taskd.cli.main, before this module's imports), it runs on another core while the
+    # daemon's modules are imported here.
+    reading = ConfigRead(path, getattr(args, "parse", None))
     from taskd import log as logsetup
     from taskd.cli import EARLY_SIGNALS
     from taskd.daemon import Daemon

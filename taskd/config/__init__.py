@@ -1,9 +1,21 @@
-"""Config: TOML file -> validated frozen objects."""
+"""Config: TOML file -> validated frozen objects.
 
-from taskd.config.checks import suggest
-from taskd.config.load import DEFAULT_CONFIG, load_config
-from taskd.config.model import Config, DaemonConfig, JobConfig
-from taskd.config.source import read_toml
+The names below are imported when first used (PEP 562), not with the package: ``taskd run``
+starts the config parser's process (taskd.config.source) before it imports the validation
+(load.py and all it needs, about 25 ms), which then runs while the file parses."""
+
+from __future__ import annotations
+
+import importlib
+
+TYPE_CHECKING = False  # not typing's: see taskd/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
+
+    from taskd.config.checks import suggest
+    from taskd.config.load import load_config
+    from taskd.config.model import Config, DaemonConfig, JobConfig
+    from taskd.config.source import DEFAULT_CONFIG, read_toml
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -14,3 +26,28 @@ __all__ = [
     "read_toml",
     "suggest",
 ]
+
+_HOME = {
+    "DEFAULT_CONFIG": "taskd.config.source",
+    "Config": "taskd.config.model",
+    "DaemonConfig": "taskd.config.model",
+    "JobConfig": "taskd.config.model",
+    "load_config": "taskd.config.load",
+    "read_toml": "taskd.config.source",
+    "suggest": "taskd.config.checks",
+}
+
+
+# Hidden from type checkers, which see the names through the imports above.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        module = _HOME.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups find it directly, without this call
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_HOME})

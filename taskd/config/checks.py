@@ -41,7 +41,7 @@ def check_timezone(name: str) -> str | None:
 class _Collector:
     """Gathers issues with file and line so one pass reports everything."""
 
-    def __init__(self, file: Path, lines: dict[str, int]) -> None:
+    def __init__(self, file: Path, lines: Mapping[str, int]) -> None:
         self.file = str(file)
         self.lines = lines
         self.issues: list[ConfigIssue] = []

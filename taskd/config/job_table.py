@@ -171,7 +171,6 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
         enabled=c.take(table, "enabled", p, _bool, True),
         max_memory=c.take(table, "max_memory", p, parse_size, None),
         options=options or NO_OPTIONS,
-        line=c.lines.get(p),
     )
     return job if len(c.issues) == before else None
 

@@ -15,11 +15,15 @@ from taskd.config.checks import _Collector, suggest, type_name
 from taskd.config.daemon_table import _daemon
 from taskd.config.job_table import _job
 from taskd.config.model import Config, DaemonConfig, JobConfig
-from taskd.config.source import Parse, open_config, read_open_toml, read_toml
+from taskd.config.source import (
+    Parse,
+    open_config,
+    read_open_toml,
+    read_toml,
+    start_parse,
+)
 from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigError, ConfigIssue
-
-DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
 
 
 def load_config(path: str | Path) -> Config:
@@ -34,17 +38,11 @@ class ConfigRead:
     no time of its own on a machine with a core to spare. Every problem, opening the file
     included, is raised by :meth:`load`, so the caller handles ConfigError in one place."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, started: Parse | ConfigError | None = None) -> None:
+        """``started``: start_parse(path) if the caller has already called it (taskd.cli
+        does, before it imports this module)."""
         self._file = Path(path).expanduser().absolute()
-        self._parse: Parse | ConfigError
-        try:
-            fd = open_config(self._file)
-            try:
-                self._parse = Parse(self._file, fd)
-            finally:
-                os.close(fd)  # the parser has its own
-        except ConfigError as exc:
-            self._parse = exc
+        self._parse = started if started is not None else start_parse(self._file)
 
     def load(self) -> Config:
         if isinstance(self._parse, ConfigError):
@@ -82,7 +80,7 @@ def _read(path: str | Path) -> tuple[Config, list[ConfigIssue], dict[str, list[C
     return finish(_validate(*read_document(path)))
 
 
-def read_document(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, int]]:
+def read_document(path: str | Path) -> tuple[Path, dict[str, Any], Mapping[str, int]]:
     """The config file's absolute path, its TOML document and its key -> line map: the part
     of :func:`load_config` that reads the file (in a process of its own, see
     taskd.config.source). Raises ConfigError when the file cannot be read or parsed."""
@@ -95,7 +93,7 @@ def read_document(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, int
     return file, data, lines
 
 
-def validate_steps(file: Path, data: dict[str, Any], lines: dict[str, int]) -> Steps[Config]:
+def validate_steps(file: Path, data: dict[str, Any], lines: Mapping[str, int]) -> Steps[Config]:
     """The rest of :func:`load_config`, on what :func:`read_document` returned, in steps of
     one job (taskd.config.steps): a reload validates on the loop, a slice at a time."""
     config, issues, by_job = yield from _validate(file, data, lines)
@@ -118,7 +116,7 @@ def daemon_settings(path: str | Path) -> DaemonConfig | None:
 
 
 def _validate(
-    file: Path, data: dict[str, Any], lines: dict[str, int]
+    file: Path, data: dict[str, Any], lines: Mapping[str, int]
 ) -> Steps[tuple[Config, list[ConfigIssue], dict[str, list[ConfigIssue]]]]:
     c = _Collector(file, lines)
     base = file.parent

@@ -7,7 +7,7 @@ process sets its own CPU and address-space limits first, and whatever it costs i
 it. Only the standard library is used (``-S``: no site-packages, ``-I``: no environment, no
 script folder on sys.path), and nothing here imports taskd.
 
-The answer is ``("ok", document, key_lines)`` or ``("error", kind, detail, line, number)``
+The answer is ``("ok", document)`` or ``("error", kind, detail, line, number)``
 (``number`` is the depth found for kind "depth"); taskd.config.source turns the kinds into
 messages that name the bound and the fix."""
 
@@ -100,14 +100,15 @@ def _answer(max_bytes: int, max_depth: int) -> tuple[Any, ...]:
         # tomllib recurses once per nested array or inline table (about 300 of them), long
         # before any other limit: the same bound as below, met early.
         return ("error", "recursion", "", None, None)
-    # A key path per line, for messages; linear in the text (taskd.config.lines).
-    key_lines = runpy.run_path(str(Path(__file__).with_name("lines.py")))["key_lines"]
-    lines: dict[str, int] = key_lines(text)
     problem = _depth_problem(doc, max_depth)
     if problem is not None:
+        # A key path per line, to name the line; linear in the text (taskd.config.lines).
+        # Only here: the daemon scans a valid document's text itself if a message needs it.
+        key_lines = runpy.run_path(str(Path(__file__).with_name("lines.py")))["key_lines"]
+        lines: dict[str, int] = key_lines(text)
         path, depth = problem
         return ("error", "depth", path, _line_of(lines, path.split("[", 1)[0]), depth)
-    return ("ok", doc, lines)
+    return ("ok", doc)
 
 
 def _line_of(lines: dict[str, int], path: str) -> int | None:

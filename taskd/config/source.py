@@ -33,12 +33,15 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from taskd.config.lines import KeyLines
 from taskd.errors import ConfigError, ConfigIssue
 from taskd.trust import Problem, TrustChecker, Untrusted
 
+DEFAULT_CONFIG = Path("/etc/taskd/taskd.toml")
 MAX_CONFIG_BYTES = 1024 * 1024  # 10,000 jobs of a few keys each take about 380 KB
 MAX_DEPTH = 32  # keys and indexes below the top: jobs.x.options.k is 4
 PARSE_CPU_SECONDS = 10  # RLIMIT_CPU of the parser; a valid 1 MiB file takes under 1 s
@@ -89,7 +92,26 @@ def open_config(file: Path) -> int:
         raise _single(file, f"cannot read config file: {exc.strerror or exc}") from None
 
 
-def read_toml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+def config_file(given: str | None) -> Path:
+    """The config file: ``given`` (--config), else $TASKD_CONFIG, else DEFAULT_CONFIG."""
+    return Path(given or os.environ.get("TASKD_CONFIG") or DEFAULT_CONFIG)
+
+
+def start_parse(path: str | Path) -> Parse | ConfigError:
+    """The file opened, checked and its parse started (see Parse), or why it could not be:
+    the ConfigError is returned, for the caller to raise where it handles the others."""
+    file = Path(path).expanduser().absolute()
+    try:
+        fd = open_config(file)
+        try:
+            return Parse(file, fd)
+        finally:
+            os.close(fd)  # the parser has its own
+    except ConfigError as exc:
+        return exc
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], Mapping[str, int]]:
     """Parse a TOML file: the document and where each key sits (dotted path -> line). Every
     failure (missing, huge, binary, not TOML, too deep, a bound of the parser hit) becomes a
     ConfigError naming the file and what to do, never a traceback."""
@@ -100,7 +122,7 @@ def read_toml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         os.close(fd)
 
 
-def read_open_toml(path: Path, fd: int) -> tuple[dict[str, Any], dict[str, int]]:
+def read_open_toml(path: Path, fd: int) -> tuple[dict[str, Any], Mapping[str, int]]:
     """read_toml for a file the caller opened (open_config: the very file whose trust was
     checked); the parser reads this descriptor, and ``path`` only names it in messages.
     The caller closes ``fd``."""
@@ -130,13 +152,19 @@ class Parse:
                 path, f"cannot start the config parser ({sys.executable}): {exc.strerror or exc}"
             ) from None
         self._deadline = time.monotonic() + PARSE_TIMEOUT
+        # The text again, for the key -> line map a message may need (KeyLines scans it
+        # then): pread leaves the offset the parser reads from alone. Bounded like the parse.
+        try:
+            self._raw = os.pread(fd, MAX_CONFIG_BYTES, 0)
+        except OSError:
+            self._raw = b""  # messages name keys without lines; the parse says what is wrong
 
-    def document(self) -> tuple[dict[str, Any], dict[str, int]]:
+    def document(self) -> tuple[dict[str, Any], Mapping[str, int]]:
         """The document and its key -> line map, once the parser answered."""
         answer = _answer(self.path, self._proc, self._deadline)
         if answer[0] == "ok":
-            _, doc, lines = answer
-            return doc, lines
+            raw, self._raw = self._raw, b""
+            return answer[1], KeyLines(raw)
         _refuse(self.path, *answer[1:])
 
 

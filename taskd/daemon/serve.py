@@ -102,7 +102,7 @@ class Daemon:
     async def _serve(self, loaded: Loaded | None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._signals.put_nowait, int(sig))
+            loop.add_signal_handler(sig, self._on_signal, int(sig))
         for signum in self._early:
             self._signals.put_nowait(signum)
         self._early.clear()
@@ -241,6 +241,11 @@ class Daemon:
         return text
 
     # -- main loop --------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        if self.loopwatch is not None:
+            self.loopwatch.poke()  # a reload or a stop is work: watch the loop through it
+        self._signals.put_nowait(signum)
 
     async def _main_loop(self) -> None:
         while True:

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -19,6 +19,7 @@ from taskd.observe.loopwatch import LoopWatch
 from taskd.reload import Loaded, Reloader
 from taskd.run.runtime import Runtime
 from taskd.schedule.jobset import JobSet
+from taskd.schedule.timers import timers
 from taskd.state.dbfile import describe
 from taskd.state.lock import InstanceLock
 from taskd.state.retention import Retention
@@ -66,9 +67,14 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
     from taskd.control.commands import Commands
     from taskd.control.server import ControlServer
 
-    control = ControlServer(
-        d.runtime_dir / "control.sock", Commands(daemon).handle, group=d.control_group
-    )
+    commands = Commands(daemon)
+
+    async def handle(cmd: str, args: dict[str, Any]) -> Any:
+        if daemon.loopwatch is not None:
+            daemon.loopwatch.poke()  # a command is work: an idle daemon's watch is parked
+        return await commands.handle(cmd, args)
+
+    control = ControlServer(d.runtime_dir / "control.sock", handle, group=d.control_group)
     try:
         await control.start()
     except (StateError, OSError) as exc:
@@ -118,7 +124,7 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
     daemon.jobset.apply(loaded.specs, rows)
     # Right after the jobs start (no await between): a startup run that blocks the loop
     # is already watched.
-    daemon.loopwatch = _loop_watch(d.loop_block_threshold, daemon.jobset)
+    daemon.loopwatch = _loop_watch(d.loop_block_threshold, daemon.jobset, rt)
     daemon.loopwatch.is_plugin_file = _plugin_files(loaded)
     daemon.reloader = Reloader(
         daemon.config_path,
@@ -128,12 +134,6 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
         after=daemon._reloaded,
     )
     start_timers(daemon)
-    # Everything made so far (config, plugins, one task per job) lives as long as the
-    # daemon: move it out of the cyclic collector's way, so a full collection during a
-    # burst of runs does not walk 10,000 jobs' worth of objects.
-    gc.collect()
-    gc.freeze()
-    gc.enable()  # taskd run disabled it for the start (taskd.cli.main)
     daemon.notifier.ready(daemon._status_line())
     log.info(
         "started",
@@ -144,6 +144,15 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
         loop=daemon.loop_name,
         control=str(control.path),
     )
+    # Everything made so far (config, plugins, one task per job) lives as long as the
+    # daemon: move it out of the cyclic collector's way, so a full collection during a
+    # burst of runs does not walk 10,000 jobs' worth of objects. After READY=1, with no
+    # await between: the collection walks everything the start built (25 ms for 10,000
+    # jobs), housekeeping that units ordered after taskd need not wait for; a run due at
+    # once waits for it either way.
+    gc.collect()
+    gc.freeze()
+    gc.enable()  # taskd run disabled it for the start (taskd.cli.main)
     await loaded.host.daemon_started(daemon._info())
     return EXIT_OK
 
@@ -179,15 +188,20 @@ def start_timers(daemon: Daemon) -> None:
     daemon._timers["clock"] = loop.call_later(CLOCK_CHECK, clock_check)
 
 
-def _loop_watch(threshold: float, jobset: JobSet) -> LoopWatch:
-    """Measure the loop's lag and name whatever blocks it (taskd.observe.loopwatch)."""
+def _loop_watch(threshold: float, jobset: JobSet, rt: Runtime) -> LoopWatch:
+    """Measure the loop's lag and name whatever blocks it (taskd.observe.loopwatch). The
+    probe runs while runs are in flight and parks while the daemon is idle; the scheduler's
+    timer, signals and requests arm it again."""
 
     def run_ids(job: str) -> list[str]:
         scheduled = jobset.jobs.get(job)
         return list(scheduled.active) if scheduled is not None else []
 
+    stats = rt.stats
     watch = LoopWatch(threshold, run_ids)
+    watch.busy = lambda: stats.running > 0
     watch.start(asyncio.get_running_loop())
+    timers().beat = watch.beat
     return watch
 
 

@@ -127,7 +127,14 @@ class MetricsServer:
 
     # -- handlers ---------------------------------------------------------------------------
 
+    def _poke(self) -> None:
+        # A request is work on the loop: an idle daemon's loop watch is parked (loopwatch.py).
+        poke = getattr(self.daemon.loopwatch, "poke", None)
+        if poke is not None:
+            poke()
+
     async def _metrics(self, request: web.Request) -> web.Response:
+        self._poke()
         collector = self.collector
         parts: list[bytes] = []
         try:
@@ -143,10 +150,12 @@ class MetricsServer:
         return web.Response(body=b"".join(parts), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        self._poke()
         body = health(self.daemon)
         return web.json_response(body, status=200 if body["ok"] else 503, headers=_NO_STORE)
 
     async def _page(self, request: web.Request) -> web.Response:
+        self._poke()
         # Imported here: the page is only rendered when someone opens it.
         from taskd.control.commands import Commands
         from taskd.control.protocol import ControlError

@@ -1,14 +1,19 @@
-"""Loop lag, measured all the time, and a blocked loop named: the job, the run and the line.
+"""Loop lag, measured while the loop works, and a blocked loop named: the job, the run and
+the line.
 
-Two parts, so a healthy loop pays next to nothing:
+Two parts, so a healthy loop pays next to nothing and an idle one nothing at all:
 
 - a probe: one ``loop.call_later(interval)`` timer that records how late it ran (the loop lag)
-  and re-arms itself. That is the only work on the loop, ten times a second by default;
+  and re-arms itself while the loop has work (``busy``: runs in flight, or the loop thread
+  used CPU since the last probe). When the loop is idle it parks; whatever starts work arms
+  it again (``poke``: a request, a signal; ``beat``: the scheduler's own timer, whose lateness
+  is a lag sample too). A loop that waits in epoll cannot be blocked, so parking loses
+  nothing: an idle daemon wakes only when something is due (it was 8 times a second);
 - a watchdog thread that sleeps until the probe, if it has not run by then, would be
   overdue by the threshold: the first moment the loop can count as blocked. It then compares
   the clock with the time the probe is due; while the loop turns, that is one subtraction
   per probe or two, not a poll (a poll at a quarter of the threshold was 16 wake-ups a second,
-  most of an idle daemon's CPU).
+  most of an idle daemon's CPU). While the probe is parked it sleeps without a deadline.
 
 When the probe is overdue by more than the threshold, the watchdog logs ``loop_blocked`` once
 for that episode, naming the task the loop is running (and so the job and run id) and the
@@ -23,16 +28,14 @@ import asyncio
 import bisect
 import contextlib
 import math
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
-from typing import Any
 
 import structlog
+
+from taskd.observe.culprit import Skip, current_task, where
 
 log = structlog.get_logger("taskd.loopwatch")
 
@@ -54,8 +57,9 @@ LAG_BUCKETS: tuple[float, ...] = (
 )
 WINDOW = 10.0  # seconds per slot of the rolling maximum
 WINDOWS = 6  # slots kept: lag_max covers the last 50 to 60 seconds
-STACK_DEPTH = 5  # frames given in a report's ``stack``
-MAX_WALK = 256  # frames looked at for the culprit; a deeper stack is recursion, not news
+# The loop thread's CPU time between two probes above which the loop counts as working (the
+# probe and an empty loop iteration take tens of microseconds): 0.4% of a core at 250 ms.
+IDLE_CPU = 0.001
 MIN_WAKE = 0.01  # the watchdog never wakes more often than this, whatever the threshold
 JOIN_TIMEOUT = 1.0
 
@@ -124,7 +128,14 @@ class LoopWatch:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._failed = False
-        self._skip: _Skip | None = None
+        self._skip: Skip | None = None
+        # Whether the loop has work (the daemon sets it: runs in flight). Unset, the probe
+        # runs every interval for ever; set, it parks while the loop is idle, and poke() or
+        # beat() (work starting) arms it again. Called on the loop.
+        self.busy: Callable[[], bool] | None = None
+        self._cpu = 0.0  # the loop thread's CPU time at the last probe (time.thread_time)
+        self.pokes = 0  # times the probe was armed from parked; for tests and the curious
+        self.parks = 0  # times it parked
 
     @property
     def threshold(self) -> float:
@@ -145,12 +156,13 @@ class LoopWatch:
             raise RuntimeError("LoopWatch is already started")
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._skip = _Skip()
+        self._skip = Skip()
         self._stopped = threading.Event()
         now = time.monotonic()
         with self._lock:
             self._due = now + self.interval
         self.heartbeat = now
+        self._cpu = time.thread_time()
         self._handle = loop.call_later(self.interval, self._probe)
         self._thread = threading.Thread(target=self._watch, name="taskd-loopwatch", daemon=True)
         self._thread.start()
@@ -211,13 +223,57 @@ class LoopWatch:
 
     # -- the probe, on the loop --------------------------------------------------------------
 
+    def poke(self) -> None:
+        """Work is starting on the loop (a tick fired, a request or a signal came): arm the
+        probe if it is parked. Call it from the loop's thread; next to free when armed."""
+        if self._handle is not None or self._loop is None or self._stopped.is_set():
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._due = now + self.interval
+        self._cpu = time.thread_time()
+        self._handle = self._loop.call_later(self.interval, self._probe)
+        self.pokes += 1
+        self._wake.set()  # the watchdog sleeps without a deadline while the probe is parked
+
+    def beat(self, lag: float) -> None:
+        """A timer that fires anyway (the scheduler's) ran ``lag`` seconds after its time.
+        On a parked probe it is the lag sample (one that costs no wake-up of its own) and
+        the start of work, so it arms the probe; on an armed one the probe measures, and a
+        beat costs one test (it comes with every tick)."""
+        if self._handle is None:
+            self._record(max(lag, 0.0), time.monotonic())
+            self.poke()
+
     def _probe(self) -> None:
         now = time.monotonic()
+        working = self._working()
         with self._lock:
             # A timer may fire a hair early (clock resolution); early is not negative lag.
             lag = max(now - self._due, 0.0)
-            self._due = now + self.interval
+            self._due = now + self.interval if working else math.inf
             episode, self._episode = self._episode, None
+        self._record(lag, now)
+        if episode is not None:
+            self._unblocked(episode, lag, now)
+        if working and not self._stopped.is_set() and self._loop is not None:
+            self._handle = self._loop.call_later(self.interval, self._probe)
+        else:
+            self._handle = None
+            self.parks += 1
+
+    def _working(self) -> bool:
+        """Whether the loop has work, so the probe stays armed: without ``busy``, always;
+        else while ``busy()`` says so (runs in flight) or the loop thread used more than
+        IDLE_CPU since the last probe (work taskd was not told of: a plugin's own task)."""
+        busy = self.busy
+        if busy is None:
+            return True
+        cpu = time.thread_time()
+        used, self._cpu = cpu - self._cpu, cpu
+        return used > IDLE_CPU or busy()
+
+    def _record(self, lag: float, now: float) -> None:
         self.lag = lag
         self.heartbeat = now
         self.lag_sum += lag
@@ -230,10 +286,6 @@ class LoopWatch:
             self._max_lag[i] = lag
         elif lag > self._max_lag[i]:
             self._max_lag[i] = lag
-        if episode is not None:
-            self._unblocked(episode, lag, now)
-        if not self._stopped.is_set() and self._loop is not None:
-            self._handle = self._loop.call_later(self.interval, self._probe)
 
     def _unblocked(self, episode: _Episode, blocked_for: float, now: float) -> None:
         self._last_change = now
@@ -262,16 +314,19 @@ class LoopWatch:
                     with contextlib.suppress(Exception):
                         log.error("loopwatch_failed", error=repr(exc))
 
-    def _sleep_for(self) -> float:
+    def _sleep_for(self) -> float | None:
         """Seconds until the loop can first count as blocked: the probe's due time plus the
-        threshold. While an episode is reported (or the probe is not armed) nothing can be
-        reported before the probe runs again and is then overdue in turn, an interval plus
-        the threshold later at the earliest."""
+        threshold. While an episode is reported nothing can be reported before the probe runs
+        again and is then overdue in turn, an interval plus the threshold later at the
+        earliest. While the probe is parked (or not started), None: no deadline, the loop is
+        idle, and whatever arms the probe (poke, stop, a new threshold) wakes the thread."""
         with self._lock:
             due, episode = self._due, self._episode
         threshold = self.threshold
-        if episode is not None or due == math.inf:
+        if episode is not None:
             return self.interval + threshold
+        if due == math.inf:
+            return None
         return max(due + threshold - time.monotonic(), MIN_WAKE)
 
     def _check(self) -> None:
@@ -285,9 +340,11 @@ class LoopWatch:
                 return
             # Looked at and logged under the lock: the probe, which takes it too, cannot then
             # log loop_unblocked before this episode's loop_blocked line.
-            task = _current_task(loop)
+            task = current_task(loop)
             name = task.get_name() if task is not None else None
-            frame, stack, plugin_code = self._where()
+            frame, stack, plugin_code = where(
+                self._loop_thread, self.is_plugin_file, self._skip or Skip()
+            )
             # No plugin frame on the loop thread: the time went to taskd itself or to threads
             # holding the GIL (CPU-heavy blocking jobs). The task that happened to be current
             # did not block anything; blaming it would send the operator to the wrong job.
@@ -329,75 +386,3 @@ class LoopWatch:
                 ids = []
             return rest, ",".join(ids) or None
         return None, None
-
-    def _where(self) -> tuple[str | None, list[str], bool]:
-        """The culprit frame ("file:line in function"), the innermost frames of the loop
-        thread's stack (innermost last), and whether plugin code was on it."""
-        ident = self._loop_thread
-        top = sys._current_frames().get(ident) if ident is not None else None
-        frames: list[FrameType] = []
-        f = top
-        while f is not None and len(frames) < MAX_WALK:
-            frames.append(f)
-            f = f.f_back
-        if not frames:
-            return None, [], False
-        # A plugin's own frame names the culprit best, even when the wait is deeper in a
-        # library it calls (psutil, requests, socket.py); else the innermost frame outside the
-        # standard library, uvloop and taskd. When neither is there, name the innermost.
-        is_plugin = self.is_plugin_file
-        skip = self._skip or _Skip()
-        culprit = None
-        if is_plugin is not None:
-            culprit = next((f for f in frames if is_plugin(f.f_code.co_filename)), None)
-        plugin_code = culprit is not None
-        if culprit is None:
-            culprit = next((f for f in frames if not skip(f.f_code.co_filename)), None)
-            plugin_code = culprit is not None and is_plugin is None
-        culprit = culprit or frames[0]
-        code = culprit.f_code
-        frame = f"{code.co_filename}:{culprit.f_lineno} in {code.co_qualname}"
-        stack = [
-            f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_qualname}"
-            for f in reversed(frames[:STACK_DEPTH])
-        ]
-        return frame, stack, plugin_code
-
-
-def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
-    """The task ``loop`` is running now, looked up from another thread.
-
-    asyncio.current_task() answers only for the calling thread's loop, so this reads asyncio's
-    own map of loop -> current task (``asyncio.tasks._current_tasks``; on CPython 3.11-3.13
-    the C accelerator's dict, which uvloop's tasks use as well). Read-only, one lookup the GIL
-    makes atomic, and for diagnosis only: where the map is missing or differs, a report simply
-    names no job."""
-    tasks = getattr(asyncio.tasks, "_current_tasks", None)
-    if not isinstance(tasks, dict):
-        return None
-    task = tasks.get(loop)
-    return task if isinstance(task, asyncio.Task) else None
-
-
-class _Skip:
-    """Which code is not the culprit: the standard library (asyncio, selectors, threading,
-    socket...), uvloop and taskd. Site-packages inside the standard library's folder (a Python
-    without a venv) are not skipped: installed plugins live there."""
-
-    __slots__ = ("always", "keep", "stdlib")
-
-    def __init__(self) -> None:
-        import taskd
-
-        always = [os.path.dirname(taskd.__file__) + os.sep, "<"]  # "<frozen ...>", "<string>"
-        uvloop_file = getattr(sys.modules.get("uvloop"), "__file__", None)
-        if uvloop_file:
-            always.append(os.path.dirname(uvloop_file) + os.sep)
-        self.always = tuple(always)
-        self.stdlib = os.path.dirname(os.__file__) + os.sep
-        self.keep = (self.stdlib + "site-packages" + os.sep, self.stdlib + "dist-packages" + os.sep)
-
-    def __call__(self, filename: str) -> bool:
-        if filename.startswith(self.always):
-            return True
-        return filename.startswith(self.stdlib) and not filename.startswith(self.keep)

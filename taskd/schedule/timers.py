@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -31,7 +32,7 @@ EARLY = 0.0005
 
 
 class Timers:
-    __slots__ = ("_at", "_handle", "_heap", "_loop", "_stale")
+    __slots__ = ("_at", "_handle", "_heap", "_loop", "_stale", "beat")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -39,6 +40,9 @@ class Timers:
         self._handle: asyncio.TimerHandle | None = None
         self._at = math.inf  # when the loop timer fires
         self._stale = 0
+        # Told how late the loop timer fired, each time (LoopWatch.beat): a loop-lag sample
+        # from a timer that fires anyway, and the sign that the loop has work again.
+        self.beat: Callable[[float], None] | None = None
 
     def add(self, deadline: float, job: JobState) -> Entry:
         """Call ``job._on_timer()`` at loop time ``deadline`` unless ``job._timer`` is no
@@ -67,10 +71,13 @@ class Timers:
         self._handle = self._loop.call_at(deadline, self._fire)
 
     def _fire(self) -> None:
+        now = self._loop.time()
+        if self.beat is not None:
+            self.beat(now - self._at)
         self._handle = None
         self._at = math.inf
         heap = self._heap
-        limit = self._loop.time() + EARLY
+        limit = now + EARLY
         while heap and heap[0][0] <= limit:
             entry = heapq.heappop(heap)
             job = entry[1]

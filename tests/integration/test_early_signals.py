@@ -241,3 +241,31 @@ class TestLightImport:
             [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
         )
         assert done.returncode == 0, done.stderr
+
+    def test_the_config_parse_starts_before_the_validation_is_imported(
+        self, tmp_path: Path
+    ) -> None:
+        # taskd run starts the parser's process right after the arguments are parsed; what it
+        # needs until then must not pull in the validation, the CLI's shared helpers or
+        # asyncio (about 50 ms that would delay the parse, and READY with it).
+        config = tmp_path / "taskd.toml"
+        config.write_text("[daemon]\n")
+        probe = (
+            "import sys\n"
+            "import taskd.cli\n"
+            "args = taskd.cli.build_parser().parse_args(['run', '-c', sys.argv[1]])\n"
+            "from taskd.config.source import Parse, config_file, start_parse\n"
+            "parse = start_parse(config_file(args.config))\n"
+            "assert isinstance(parse, Parse), parse\n"
+            "heavy = [m for m in ('taskd.config.load', 'taskd.cli.common', 'taskd.cli.history',"
+            " 'asyncio', 'taskd.config.model') if m in sys.modules]\n"
+            "assert heavy == [], heavy\n"
+            "doc, lines = parse.document()\n"
+            "assert doc == {'daemon': {}}, doc\n"
+            "from taskd.config import DEFAULT_CONFIG, load_config\n"
+            "assert 'taskd.config.load' in sys.modules\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr

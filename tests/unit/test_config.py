@@ -6,6 +6,7 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import grp
+import inspect
 import os
 import random
 import textwrap
@@ -148,13 +149,13 @@ class TestValidConfig:
             enabled=False,
             options={"urls": ["https://example.org/health"], "limit": 3},
         )
-        assert site.line == 15
+        assert cfg.line_of("jobs.site-up") == 15
         nightly = cfg.jobs["nightly"]
         assert (nightly.schedule, nightly.cron, nightly.every) == ("cron", "30 2 * * *", None)
         assert nightly.timezone == "America/New_York"
         assert nightly.max_memory == 512 * 2**20
         assert nightly.timeout == 90.0
-        assert nightly.line == 30
+        assert cfg.line_of("jobs.nightly") == 30
         once = cfg.jobs["once"]
         assert once.schedule == "at"
         assert once.at == utc(2026, 12, 1, 8, 0, 0)
@@ -910,3 +911,29 @@ class TestPathEdges:
             load_config(path)
         (issue,) = info.value.issues
         assert issue.path == "daemon.state_dir" and fragment in issue.message
+
+
+class TestJobConfigInit:
+    """JobConfig's own __init__ (each slot set through its descriptor) is the dataclass's:
+    every field lands in its own slot, the defaults are the fields', and it stays frozen."""
+
+    def test_every_argument_lands_in_its_field(self) -> None:
+        values = {f.name: object() for f in dataclasses.fields(JobConfig)}
+        job = JobConfig(**values)
+        assert all(getattr(job, name) is value for name, value in values.items())
+        assert list(inspect.signature(JobConfig).parameters) == list(values)
+
+    def test_defaults_are_the_fields(self) -> None:
+        job = JobConfig(name="j", type="t", schedule="every")
+        for f in dataclasses.fields(JobConfig)[3:]:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            assert getattr(job, f.name) == default, f.name
+        assert JobConfig(name="a", type="t", schedule="at").options is not job.options
+
+    def test_frozen(self) -> None:
+        job = JobConfig(name="j", type="t", schedule="every", every=1.0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            job.every = 2.0  # type: ignore[misc]
+        assert dataclasses.replace(job, every=2.0) == JobConfig(
+            name="j", type="t", schedule="every", every=2.0
+        )

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from taskd.cli.history import MIN_DETAIL, parse_since, render
+from taskd.cli.history import MIN_DETAIL, render
+from taskd.cli.history_args import parse_since
 from taskd.errors import StateError
 from taskd.state.history import NoStateDatabase, daemon_running, is_truncated, read_history
 from taskd.state.lock import InstanceLock
