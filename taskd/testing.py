@@ -219,8 +219,9 @@ class JobRunner:
 
             procs, threads, threads_max, max_result = self._settings
             self._rt = Runtime(
+                # No ledger (the default, NULL_LEDGER): no history or schedule, a test
+                # leaves no state behind.
                 shared=SharedState(),
-                store=None,  # no history or schedule: a test leaves no state behind
                 host=self.host,
                 thread_workers=threads,
                 process_workers=procs,

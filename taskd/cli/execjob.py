@@ -143,10 +143,10 @@ async def _exec_once(config: Any, host: Any, spec: Any, *, retries: bool) -> Any
     d = config.daemon
     if not retries:
         spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, retries=0))
-    # No store: trying a job must not move the daemon's schedule or history.
+    # No ledger (the default, NULL_LEDGER): trying a job must not move the daemon's schedule
+    # or history.
     rt = Runtime(
         shared=SharedState(),
-        store=None,
         host=host,
         thread_workers=d.thread_workers,
         process_workers=min(d.process_workers or 1, 2),

@@ -146,11 +146,9 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
     """Run ``spec`` once for the tick in ``info``, with retries. Returns ``info`` with its
     outcome. Re-raises CancelledError after recording the run as cancelled."""
     cfg = spec.config
-    store = rt.store
-    if store is not None:
-        # On record (the journal) before the job does anything: a restart after a crash
-        # neither runs this tick again nor forgets that the run existed.
-        store.run_started(info.run_id, cfg.name, info.scheduled, info.started, info.cause)
+    # On record before the job does anything: a restart after a crash neither runs this
+    # tick again nor forgets that the run existed.
+    rt.ledger.open_run(info)
     rt.stats.running += 1
     try:
         while True:
@@ -226,8 +224,8 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
 async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
     """:func:`execute` for a job on the fused path (``spec.fast``: io, no timeout, no
     retries), the same outcome, events and end, with fewer frames: one attempt, the job
-    awaited directly. The caller has put the run's start on record (the journal) already:
-    ``StateStore.tick_and_run_started``, with its tick, in one write."""
+    awaited directly. The caller has put the run's start on record already:
+    ``Ledger.advance_and_open``, with its tick, in one write."""
     jt = spec.jobtype
     assert jt is not None
     rt.stats.running += 1

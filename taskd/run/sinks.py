@@ -1,7 +1,7 @@
 """Where a run's end goes: one list of sinks, called in order, once per run.
 
 The runner builds one :class:`RunEnd` (the result serialised once) and hands it to each sink:
-stats (counters and the job's failure streak, which the store then records), the store
+stats (counters and the job's failure streak, which the ledger then records), the ledger
 (history row and the job's last run), shared state (the result under the job's name), the
 log (the one canonical ``run`` line) and the plugins' event hook. A new consumer (metrics)
 is one more sink; the runner does not change. This is the hot path: a sink does O(1) work
@@ -93,8 +93,9 @@ class StatsSink:
         )
 
 
-class StoreSink:
-    """The history row and the job's last run, batched into the next commit."""
+class LedgerSink:
+    """The run's end on record with the job's ledger (taskd.ledger): for a LocalLedger, the
+    history row and the job's last run, batched into the next commit."""
 
     __slots__ = ("rt",)
 
@@ -102,23 +103,7 @@ class StoreSink:
         self.rt = rt
 
     def run_ended(self, end: RunEnd) -> None:
-        store = self.rt.store
-        if store is None:
-            return
-        info = end.info
-        store.run_finished(
-            info.run_id,
-            end.spec.config.name,
-            info.scheduled,
-            info.started,
-            info.attempt,
-            end.duration,
-            end.outcome,
-            info.error,
-            info.cause,
-            end.result_json,
-            end.failures,
-        )
+        self.rt.ledger.finish(end)
 
 
 class SharedStateSink:
@@ -238,6 +223,6 @@ class HookSink:
 
 
 def default_sinks(rt: Runtime) -> list[RunSink]:
-    """The sinks every daemon has, in order: stats first (the store records the streak it
+    """The sinks every daemon has, in order: stats first (the ledger records the streak it
     computes), the log line before the hooks (a slow notifier never delays the line)."""
-    return [StatsSink(rt), StoreSink(rt), SharedStateSink(rt), LogSink(rt), HookSink(rt)]
+    return [StatsSink(rt), LedgerSink(rt), SharedStateSink(rt), LogSink(rt), HookSink(rt)]

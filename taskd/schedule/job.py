@@ -71,8 +71,7 @@ class ScheduledJob(JobCatchup):
         # schedule, as after a restart with the changed config.
         if rescheduled and self.cursor is not None and not self.paused:
             self.cursor = max(self.cursor, time.time())
-            if self.rt.store is not None:
-                self.rt.store.set_tick(self.name, self.cursor)
+            self.rt.ledger.advance(self.name, self.cursor)
         self._end_skips()
         self._rearm()
         self._poke()
@@ -111,8 +110,7 @@ class ScheduledJob(JobCatchup):
         if paused == self.paused:
             return False
         self.paused = paused
-        if self.rt.store is not None:
-            self.rt.store.set_paused(self.name, paused)
+        self.rt.ledger.set_paused(self.name, paused)
         if paused:
             # Scheduled ticks queued behind a running run (overlap = "queue", a catch-up
             # backlog) do not run either; manual runs already asked for still do.

@@ -127,9 +127,7 @@ class JobRuns(JobState):
         rt = self.rt
         name = self.spec.config.name
         info = RunInfo(rt.new_run_id(), name, tick, time.time(), cause)
-        store = rt.store
-        if store is not None:
-            store.tick_and_run_started(name, tick, info.run_id, info.started, cause)
+        rt.ledger.advance_and_open(name, tick, info)
         return info
 
     async def _run_inline(
