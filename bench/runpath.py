@@ -75,9 +75,10 @@ async def measure(
         store = None if bare else StateStore(Path(tmp) / "state.db")
         if store is not None:
             store.open()
+        ledger = NULL_LEDGER if store is None else LocalLedger(store)
         rt = Runtime(
             shared=SharedState(),
-            ledger=NULL_LEDGER if store is None else LocalLedger(store),
+            ledger=ledger,
             host=PluginHost(),
             thread_workers=2,
             process_workers=2,
@@ -90,7 +91,7 @@ async def measure(
         async def one() -> None:
             now = time.time()
             info = runner.RunInfo(rt.new_run_id(), "j", now, now, Cause.SCHEDULE)
-            await runner.execute(rt, spec, info)
+            await runner.execute(rt, spec, info, ledger)
 
         if batch:
             await asyncio.gather(*(one() for _ in range(8)))  # the pool up, its workers warm

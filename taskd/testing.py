@@ -219,8 +219,6 @@ class JobRunner:
 
             procs, threads, threads_max, max_result = self._settings
             self._rt = Runtime(
-                # No ledger (the default, NULL_LEDGER): no history or schedule, a test
-                # leaves no state behind.
                 shared=SharedState(),
                 host=self.host,
                 thread_workers=threads,
@@ -300,6 +298,7 @@ class JobRunner:
     ) -> RunReport:
         """Run the job once, with its retries, and report how it ended. A job's failure is
         the report's outcome; bad options or settings raise ConfigError before it runs."""
+        from taskd.ledger import NULL_LEDGER
         from taskd.run.events import Cause
         from taskd.run.runner import RunInfo, execute
 
@@ -307,7 +306,8 @@ class JobRunner:
         rt = self._runtime()
         now = time.time()
         info = RunInfo(rt.new_run_id(), spec.name, now, now, Cause.EXEC)
-        await execute(rt, spec, info)
+        # NULL_LEDGER: no history or schedule, a test leaves no state behind.
+        await execute(rt, spec, info, NULL_LEDGER)
         await rt.settle()  # the end's bookkeeping: shared state, the end event
         return RunReport(
             job=spec.name,

@@ -22,6 +22,7 @@ from taskd.run.sinks import RunEnd
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
+    from taskd.ledger import Ledger
     from taskd.run.runtime import Runtime
 
 MAX_BACKOFF = 3600.0
@@ -142,13 +143,14 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
     return result
 
 
-async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
-    """Run ``spec`` once for the tick in ``info``, with retries. Returns ``info`` with its
-    outcome. Re-raises CancelledError after recording the run as cancelled."""
+async def execute(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> RunInfo:
+    """Run ``spec`` once for the tick in ``info``, with retries, on record with ``ledger``
+    (the job's). Returns ``info`` with its outcome. Re-raises CancelledError after recording
+    the run as cancelled."""
     cfg = spec.config
     # On record before the job does anything: a restart after a crash neither runs this
     # tick again nor forgets that the run existed.
-    rt.ledger.open_run(info)
+    ledger.open_run(info)
     rt.stats.running += 1
     try:
         while True:
@@ -217,11 +219,11 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
         info.ended = time.time()
         # The log line, history row and events are written one loop iteration later: when
         # many runs start at once, every one of them starts before any end is written.
-        rt.defer(_finish, rt, spec, info)
+        rt.defer(_finish, rt, spec, info, ledger)
     return info
 
 
-async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
+async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> RunInfo:
     """:func:`execute` for a job on the fused path (``spec.fast``: io, no timeout, no
     retries), the same outcome, events and end, with fewer frames: one attempt, the job
     awaited directly. The caller has put the run's start on record already:
@@ -258,7 +260,7 @@ async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
     finally:
         rt.stats.running -= 1
         info.ended = time.time()
-        rt.defer(_finish, rt, spec, info)
+        rt.defer(_finish, rt, spec, info, ledger)
     return info
 
 
@@ -291,13 +293,13 @@ def _failed(rt: Runtime, spec: JobSpec, info: RunInfo, exc: BaseException) -> No
         )
 
 
-def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
+def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> None:
     """Record a run whose task was cancelled before it took its first step (so ``execute``
     never ran): it ends as cancelled, with a log line and a history row like any other."""
     info.outcome = CANCELLED
     info.error = info.cancel_reason or "cancelled"
     info.ended = time.time()
-    rt.defer(_finish, rt, spec, info)
+    rt.defer(_finish, rt, spec, info, ledger)
 
 
 def _label(spec: JobSpec, info: RunInfo) -> str:
@@ -308,10 +310,10 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
+def _finish(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> None:
     """Hand the ended run to every sink (taskd.run.sinks), each on its own: one that raises
     is logged and the rest still run."""
-    end = RunEnd.of(spec, info)
+    end = RunEnd.of(spec, info, ledger)
     for sink in rt.sinks:
         try:
             sink.run_ended(end)

@@ -140,9 +140,10 @@ class Runtime:
         ledger: Ledger = NULL_LEDGER,
     ) -> None:
         self.shared = shared
-        # Where ticks and runs go on record (taskd.ledger): the only write path from the
-        # scheduler and the runner. The daemon keeps the store itself for its reads.
-        self.ledger = ledger
+        # Where ticks and runs go on record (taskd.ledger), by a job's scope: the only write
+        # path from the scheduler and the runner. Each job holds its own (JobState.ledger),
+        # so no run looks its scope up. The daemon keeps the store itself for its reads.
+        self.ledgers: dict[str, Ledger] = {"host": ledger}
         self.host = host
         self.threads = ThreadRunner(thread_workers, thread_workers_max)
         self.process_workers = process_workers or (os.cpu_count() or 1)

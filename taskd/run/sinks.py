@@ -19,6 +19,7 @@ from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
+    from taskd.ledger import Ledger
     from taskd.run.runner import RunInfo
     from taskd.run.runtime import Runtime
 
@@ -47,10 +48,11 @@ class RunEnd:
     stored: Any  # its JSON-able form: the result itself, or its repr
     result_json: str | None  # ``stored`` as JSON text, None for no result
     serialisable: bool  # the result itself was JSON (not a repr)
+    ledger: Ledger  # where the run went on record when it started (its job's)
     failures: int = 0  # the job's consecutive failures, this run included (StatsSink sets it)
 
     @classmethod
-    def of(cls, spec: JobSpec, info: RunInfo) -> RunEnd:
+    def of(cls, spec: JobSpec, info: RunInfo, ledger: Ledger) -> RunEnd:
         outcome = info.outcome or Outcome.CANCELLED
         result = info.result if outcome is Outcome.SUCCEEDED else None
         # The runner encoded (and measured) every result it accepted: see limits.encode.
@@ -65,6 +67,7 @@ class RunEnd:
             stored,
             result_json,
             serialisable,
+            ledger,
         )
 
 
@@ -94,16 +97,13 @@ class StatsSink:
 
 
 class LedgerSink:
-    """The run's end on record with the job's ledger (taskd.ledger): for a LocalLedger, the
-    history row and the job's last run, batched into the next commit."""
+    """The run's end on record with the ledger its start went to (taskd.ledger): for a
+    LocalLedger, the history row and the job's last run, batched into the next commit."""
 
-    __slots__ = ("rt",)
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    __slots__ = ()
 
     def run_ended(self, end: RunEnd) -> None:
-        self.rt.ledger.finish(end)
+        end.ledger.finish(end)
 
 
 class SharedStateSink:
@@ -225,4 +225,4 @@ class HookSink:
 def default_sinks(rt: Runtime) -> list[RunSink]:
     """The sinks every daemon has, in order: stats first (the ledger records the streak it
     computes), the log line before the hooks (a slow notifier never delays the line)."""
-    return [StatsSink(rt), LedgerSink(rt), SharedStateSink(rt), LogSink(rt), HookSink(rt)]
+    return [StatsSink(rt), LedgerSink(), SharedStateSink(rt), LogSink(rt), HookSink(rt)]

@@ -87,7 +87,7 @@ class TestLocalLedger:
         info = RunInfo("r1", "a", 10.0, 10.5, Cause.SCHEDULE)
         ledger.open_run(info)
         info.attempt, info.outcome, info.error, info.ended = 2, Outcome.FAILED, "E: x", 11.0
-        end = RunEnd.of(_spec("a"), info)
+        end = RunEnd.of(_spec("a"), info, NULL_LEDGER)
         end.failures = 3
         ledger.finish(end)
         [row] = store.history("a")
@@ -105,7 +105,7 @@ class TestLocalLedger:
         info = RunInfo("r1", "a", 10.0, 10.5, Cause.SCHEDULE)
         info.outcome, info.result, info.ended = Outcome.SUCCEEDED, 7, 10.75
         info.encoded = encode(7, 1 << 20)
-        LocalLedger(store).finish(RunEnd.of(_spec("a"), info))
+        LocalLedger(store).finish(RunEnd.of(_spec("a"), info, NULL_LEDGER))
         assert store.jobs()["a"].last_result == 7
         with sqlite3.connect(store.path) as db:
             assert db.execute("SELECT result FROM runs WHERE run_id = 'r1'").fetchall() == [("7",)]
@@ -146,11 +146,11 @@ class TestNullLedger:
         NULL_LEDGER.advance("a", 1.0)
         NULL_LEDGER.set_paused("a", True)
         info.outcome, info.ended = Outcome.SUCCEEDED, 1.5
-        NULL_LEDGER.finish(RunEnd.of(_spec("a"), info))
+        NULL_LEDGER.finish(RunEnd.of(_spec("a"), info, NULL_LEDGER))
 
     def test_the_runtime_default(self) -> None:
         rt = Runtime(shared=SharedState(), host=PluginHost(), thread_workers=1, process_workers=1)
-        assert rt.ledger is NULL_LEDGER
+        assert rt.ledgers == {"host": NULL_LEDGER}
 
 
 def _files(folder: Path) -> list[str]:
@@ -164,13 +164,16 @@ async def _wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _exercise(rt: Runtime) -> tuple[ScheduledJob, ScheduledJob]:
+async def _exercise(rt: Runtime, ledger: Ledger | None = None) -> tuple[ScheduledJob, ScheduledJob]:
     """Every write site once: runs on the fused path ("fast") and the general one ("slow":
-    retries), a manual run, a pause and a resume, and a reschedule."""
+    retries), a manual run, a pause and a resume, and a reschedule. ``ledger``: the jobs'
+    own, in place of the runtime's host ledger."""
     fast, slow = _spec("fast"), _spec("slow", retries=1)
     assert fast.fast and not slow.fast
     jobs = [ScheduledJob(fast, rt, cursor=None), ScheduledJob(slow, rt, cursor=None)]
     for job in jobs:
+        if ledger is not None:
+            job.ledger = ledger
         job.start()
     outcomes = rt.stats.outcomes
     await _wait_until(lambda: all(outcomes[(j.name, Outcome.SUCCEEDED)] >= 2 for j in jobs))
@@ -225,3 +228,87 @@ class TestEndToEnd:
         assert rt.stats.outcomes[("slow", Outcome.SUCCEEDED)] >= 5
         await rt.close(kill=False)
         assert _files(tmp_path) == []
+
+
+class Recorder:
+    """A Ledger that keeps what it is told, in order, and grants every run."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def advance(self, job: str, tick: float) -> None:
+        self.calls.append(("advance", job))
+
+    def open_run(self, info: RunInfo) -> Claim:
+        self.calls.append(("open_run", info.job, info.run_id))
+        return HOST_CLAIM
+
+    def advance_and_open(self, job: str, tick: float, info: RunInfo) -> Claim:
+        self.calls.append(("advance_and_open", job, info.run_id))
+        return HOST_CLAIM
+
+    def finish(self, end: RunEnd) -> None:
+        self.calls.append(("finish", end.info.job, end.info.run_id))
+
+    def set_paused(self, job: str, paused: bool) -> None:
+        self.calls.append(("set_paused", job, paused))
+
+    def of(self, kind: str, job: str) -> list[tuple[Any, ...]]:
+        return [c for c in self.calls if c[:2] == (kind, job)]
+
+
+class TestPerJob:
+    """Each job holds its ledger; every write about it goes there, and a run ends with the
+    ledger it started with."""
+
+    def test_a_job_takes_the_host_ledger(self, store: StateStore) -> None:
+        rt = Runtime(
+            shared=SharedState(),
+            host=PluginHost(),
+            thread_workers=1,
+            process_workers=1,
+            ledger=LocalLedger(store),
+        )
+        assert ScheduledJob(_spec("a"), rt, cursor=None).ledger is rt.ledgers["host"]
+
+    async def test_every_write_goes_to_the_jobs_ledger(self, rt: Runtime) -> None:
+        mine = Recorder()
+        ledger: Ledger = mine
+        await _exercise(rt, ledger)
+        for name in ("fast", "slow"):
+            runs = rt.stats.outcomes[(name, Outcome.SUCCEEDED)]
+            opened = mine.of("open_run", name) + mine.of("advance_and_open", name)
+            assert {c[2] for c in opened} == {c[2] for c in mine.of("finish", name)}
+            assert len(opened) == runs
+            assert mine.of("set_paused", name) == [
+                ("set_paused", name, True),
+                ("set_paused", name, False),
+            ]
+            assert mine.of("advance", name)  # the reschedule, at least
+        assert mine.of("advance_and_open", "fast")  # the fused path
+        assert not mine.of("advance_and_open", "slow")  # retries: the general path
+
+    async def test_a_run_ends_with_the_ledger_it_started_with(self, rt: Runtime) -> None:
+        gate = asyncio.Event()
+
+        async def held(ctx: Any) -> None:
+            await gate.wait()
+
+        config = JobConfig(name="a", type="t", schedule="at", at=4070908800.0, overlap="allow")
+        job = ScheduledJob(
+            JobSpec(config, JobType("t", held), make_trigger(config)), rt, cursor=None
+        )
+        first, second = Recorder(), Recorder()
+        job.ledger = first
+        job.start()
+        assert job.trigger_now() is None
+        await _wait_until(lambda: bool(first.calls))
+        job.ledger = second  # as a reload that changed the job's scope would
+        gate.set()
+        await _wait_until(lambda: not job.active)
+        await rt.settle()
+        assert [c[0] for c in first.calls] == ["open_run", "finish"]
+        assert second.calls == []
+        job.stop()
+        if job.task is not None:
+            await asyncio.wait([job.task], timeout=2)
