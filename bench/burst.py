@@ -68,6 +68,7 @@ async def _taskd(n: int) -> dict[str, float]:
     from taskd import log as logsetup
     from taskd.config.model import JobConfig
     from taskd.jobspec import JobSpec
+    from taskd.ledger import LocalLedger
     from taskd.plugin.jobtype import JobType
     from taskd.plugin.manager import PluginHost
     from taskd.run.runtime import Runtime
@@ -85,7 +86,11 @@ async def _taskd(n: int) -> dict[str, float]:
     store = StateStore(Path(tempfile.mkdtemp()) / "state.db")
     store.open()
     rt = Runtime(
-        shared=SharedState(), store=store, host=PluginHost(), thread_workers=2, process_workers=1
+        shared=SharedState(),
+        ledger=LocalLedger(store),
+        host=PluginHost(),
+        thread_workers=2,
+        process_workers=1,
     )
     jt = JobType("t", trivial)
     due = float(int(time.time()) + 2)

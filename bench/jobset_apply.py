@@ -50,9 +50,7 @@ def specs(n: int) -> dict[str, JobSpec]:
 
 
 async def measure(n: int, reps: int) -> list[float]:
-    rt = Runtime(
-        shared=SharedState(), store=None, host=PluginHost(), thread_workers=2, process_workers=1
-    )
+    rt = Runtime(shared=SharedState(), host=PluginHost(), thread_workers=2, process_workers=1)
     jobs = JobSet(rt)
     jobs.apply(specs(n), {})
     await asyncio.sleep(0.05)

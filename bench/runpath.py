@@ -1,13 +1,13 @@
 """CPU per run through the run path alone, in-process: execute() of a trivial io job and its
-end (the sinks: stats, store with its commit, shared state, the JSON `run` line to /dev/null,
-hooks), with no scheduling and no daemon around it. Deterministic enough to compare commits.
+end (the sinks: stats, the ledger's store with its commit, shared state, the JSON `run` line
+to /dev/null, hooks), with no scheduling and no daemon around it. Deterministic enough to compare commits.
 
     .venv/bin/python bench/runpath.py [--runs 4000] [--rounds 5] [--result none|small|medium]
         [--timeout SECONDS] [--bare] [--cpu [--batch 3000]]
     PYTHONPATH=/path/to/other/worktree .venv/bin/python bench/runpath.py   # another version
 
 --timeout gives the job a timeout (the timer around each attempt); --bare leaves out the store
-and the log line (no state store, log level "error"), so what remains is the runner and the
+and the log line (NULL_LEDGER, log level "error"), so what remains is the runner and the
 sinks' own work.
 
 --cpu runs a trivial `cpu` job instead (returns None in a pool worker; 2 workers): --batch
@@ -32,6 +32,7 @@ import uvloop
 from taskd import log as logsetup
 from taskd.config.model import JobConfig
 from taskd.jobspec import JobSpec, make_trigger
+from taskd.ledger import NULL_LEDGER, LocalLedger
 from taskd.plugin.jobtype import JobType
 from taskd.plugin.manager import PluginHost
 from taskd.run import runner
@@ -74,9 +75,10 @@ async def measure(
         store = None if bare else StateStore(Path(tmp) / "state.db")
         if store is not None:
             store.open()
+        ledger = NULL_LEDGER if store is None else LocalLedger(store)
         rt = Runtime(
             shared=SharedState(),
-            store=store,
+            ledger=ledger,
             host=PluginHost(),
             thread_workers=2,
             process_workers=2,
@@ -89,7 +91,7 @@ async def measure(
         async def one() -> None:
             now = time.time()
             info = runner.RunInfo(rt.new_run_id(), "j", now, now, Cause.SCHEDULE)
-            await runner.execute(rt, spec, info)
+            await runner.execute(rt, spec, info, ledger)
 
         if batch:
             await asyncio.gather(*(one() for _ in range(8)))  # the pool up, its workers warm

@@ -220,7 +220,6 @@ class JobRunner:
             procs, threads, threads_max, max_result = self._settings
             self._rt = Runtime(
                 shared=SharedState(),
-                store=None,  # no history or schedule: a test leaves no state behind
                 host=self.host,
                 thread_workers=threads,
                 process_workers=procs,
@@ -299,6 +298,7 @@ class JobRunner:
     ) -> RunReport:
         """Run the job once, with its retries, and report how it ended. A job's failure is
         the report's outcome; bad options or settings raise ConfigError before it runs."""
+        from taskd.ledger import NULL_LEDGER
         from taskd.run.events import Cause
         from taskd.run.runner import RunInfo, execute
 
@@ -306,7 +306,8 @@ class JobRunner:
         rt = self._runtime()
         now = time.time()
         info = RunInfo(rt.new_run_id(), spec.name, now, now, Cause.EXEC)
-        await execute(rt, spec, info)
+        # NULL_LEDGER: no history or schedule, a test leaves no state behind.
+        await execute(rt, spec, info, NULL_LEDGER)
         await rt.settle()  # the end's bookkeeping: shared state, the end event
         return RunReport(
             job=spec.name,

@@ -135,6 +135,7 @@ def _print_issues(issues: list[ConfigIssue], overrides: list[Any]) -> None:
 
 
 async def _exec_once(config: Any, host: Any, spec: Any, *, retries: bool) -> Any:
+    from taskd.ledger import NULL_LEDGER
     from taskd.run.events import Cause
     from taskd.run.runner import RunInfo, execute
     from taskd.run.runtime import Runtime
@@ -143,10 +144,8 @@ async def _exec_once(config: Any, host: Any, spec: Any, *, retries: bool) -> Any
     d = config.daemon
     if not retries:
         spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, retries=0))
-    # No store: trying a job must not move the daemon's schedule or history.
     rt = Runtime(
         shared=SharedState(),
-        store=None,
         host=host,
         thread_workers=d.thread_workers,
         process_workers=min(d.process_workers or 1, 2),
@@ -156,7 +155,8 @@ async def _exec_once(config: Any, host: Any, spec: Any, *, retries: bool) -> Any
     now = time.time()
     info = RunInfo(rt.new_run_id(), spec.name, now, now, Cause.EXEC)
     try:
-        await execute(rt, spec, info)
+        # NULL_LEDGER: trying a job must not move the daemon's schedule or history.
+        await execute(rt, spec, info, NULL_LEDGER)
     finally:
         await rt.close(kill=True)
     return info

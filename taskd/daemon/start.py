@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from taskd.errors import StateError
+from taskd.ledger import LocalLedger
 from taskd.observe.loopwatch import LoopWatch
 from taskd.reload import Loaded, Reloader
 from taskd.run.runtime import Runtime
@@ -85,7 +86,7 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
     shared.add_listener(daemon.store.set_shared)
     rt = Runtime(
         shared=shared,
-        store=daemon.store,
+        ledger=LocalLedger(daemon.store),
         host=loaded.host,
         thread_workers=d.thread_workers,
         process_workers=d.process_workers,

@@ -22,6 +22,7 @@ from taskd.run.sinks import RunEnd
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
+    from taskd.ledger import Ledger
     from taskd.run.runtime import Runtime
 
 MAX_BACKOFF = 3600.0
@@ -142,15 +143,14 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
     return result
 
 
-async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
-    """Run ``spec`` once for the tick in ``info``, with retries. Returns ``info`` with its
-    outcome. Re-raises CancelledError after recording the run as cancelled."""
+async def execute(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> RunInfo:
+    """Run ``spec`` once for the tick in ``info``, with retries, on record with ``ledger``
+    (the job's). Returns ``info`` with its outcome. Re-raises CancelledError after recording
+    the run as cancelled."""
     cfg = spec.config
-    store = rt.store
-    if store is not None:
-        # On record (the journal) before the job does anything: a restart after a crash
-        # neither runs this tick again nor forgets that the run existed.
-        store.run_started(info.run_id, cfg.name, info.scheduled, info.started, info.cause)
+    # On record before the job does anything: a restart after a crash neither runs this
+    # tick again nor forgets that the run existed.
+    ledger.open_run(info)
     rt.stats.running += 1
     try:
         while True:
@@ -219,15 +219,15 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
         info.ended = time.time()
         # The log line, history row and events are written one loop iteration later: when
         # many runs start at once, every one of them starts before any end is written.
-        rt.defer(_finish, rt, spec, info)
+        rt.defer(_finish, rt, spec, info, ledger)
     return info
 
 
-async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
+async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> RunInfo:
     """:func:`execute` for a job on the fused path (``spec.fast``: io, no timeout, no
     retries), the same outcome, events and end, with fewer frames: one attempt, the job
-    awaited directly. The caller has put the run's start on record (the journal) already:
-    ``StateStore.tick_and_run_started``, with its tick, in one write."""
+    awaited directly. The caller has put the run's start on record already:
+    ``Ledger.advance_and_open``, with its tick, in one write."""
     jt = spec.jobtype
     assert jt is not None
     rt.stats.running += 1
@@ -260,7 +260,7 @@ async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo) -> RunInfo:
     finally:
         rt.stats.running -= 1
         info.ended = time.time()
-        rt.defer(_finish, rt, spec, info)
+        rt.defer(_finish, rt, spec, info, ledger)
     return info
 
 
@@ -293,13 +293,13 @@ def _failed(rt: Runtime, spec: JobSpec, info: RunInfo, exc: BaseException) -> No
         )
 
 
-def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
+def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> None:
     """Record a run whose task was cancelled before it took its first step (so ``execute``
     never ran): it ends as cancelled, with a log line and a history row like any other."""
     info.outcome = CANCELLED
     info.error = info.cancel_reason or "cancelled"
     info.ended = time.time()
-    rt.defer(_finish, rt, spec, info)
+    rt.defer(_finish, rt, spec, info, ledger)
 
 
 def _label(spec: JobSpec, info: RunInfo) -> str:
@@ -310,10 +310,10 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def _finish(rt: Runtime, spec: JobSpec, info: RunInfo) -> None:
+def _finish(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> None:
     """Hand the ended run to every sink (taskd.run.sinks), each on its own: one that raises
     is logged and the rest still run."""
-    end = RunEnd.of(spec, info)
+    end = RunEnd.of(spec, info, ledger)
     for sink in rt.sinks:
         try:
             sink.run_ended(end)

@@ -1,4 +1,4 @@
-"""Runtime: the services every run uses (pools, state, store, hooks, counters), in one place."""
+"""Runtime: the services every run uses (pools, state, ledger, hooks, counters), in one place."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
+from taskd.ledger import NULL_LEDGER
 from taskd.run.events import EventKind, JobEvent, Outcome
 from taskd.run.executors import ThreadRunner
 from taskd.run.resources import Resources
@@ -19,10 +20,11 @@ from taskd.run.sinks import RunSink, default_sinks
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
+    from taskd.ledger import Ledger
     from taskd.plugin.manager import PluginHost
     from taskd.run.pool import ProcessPool
     from taskd.state.shared import SharedState
-    from taskd.state.store import JobRow, StateStore
+    from taskd.state.store import JobRow
 
 T = TypeVar("T")
 RECENT_FAILURES = 50
@@ -130,15 +132,18 @@ class Runtime:
         self,
         *,
         shared: SharedState,
-        store: StateStore | None,
         host: PluginHost,
         thread_workers: int,
         process_workers: int,
         max_result_size: int = 1 << 20,
         thread_workers_max: int = 0,
+        ledger: Ledger = NULL_LEDGER,
     ) -> None:
         self.shared = shared
-        self.store = store
+        # Where ticks and runs go on record (taskd.ledger), by a job's scope: the only write
+        # path from the scheduler and the runner. Each job holds its own (JobState.ledger),
+        # so no run looks its scope up. The daemon keeps the store itself for its reads.
+        self.ledgers: dict[str, Ledger] = {"host": ledger}
         self.host = host
         self.threads = ThreadRunner(thread_workers, thread_workers_max)
         self.process_workers = process_workers or (os.cpu_count() or 1)
@@ -159,7 +164,7 @@ class Runtime:
         self._seq = 0
         self.listeners = host.has_impls("taskd_job_event")
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Where each ended run goes (log, store, shared state, stats, hooks): see sinks.py.
+        # Where each ended run goes (log, ledger, shared state, stats, hooks): see sinks.py.
         self.sinks: list[RunSink] = default_sinks(self)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

@@ -1,7 +1,7 @@
 """Where a run's end goes: one list of sinks, called in order, once per run.
 
 The runner builds one :class:`RunEnd` (the result serialised once) and hands it to each sink:
-stats (counters and the job's failure streak, which the store then records), the store
+stats (counters and the job's failure streak, which the ledger then records), the ledger
 (history row and the job's last run), shared state (the result under the job's name), the
 log (the one canonical ``run`` line) and the plugins' event hook. A new consumer (metrics)
 is one more sink; the runner does not change. This is the hot path: a sink does O(1) work
@@ -19,6 +19,7 @@ from taskd.run.events import Cause, EventKind, JobEvent, Outcome
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
+    from taskd.ledger import Ledger
     from taskd.run.runner import RunInfo
     from taskd.run.runtime import Runtime
 
@@ -47,10 +48,11 @@ class RunEnd:
     stored: Any  # its JSON-able form: the result itself, or its repr
     result_json: str | None  # ``stored`` as JSON text, None for no result
     serialisable: bool  # the result itself was JSON (not a repr)
+    ledger: Ledger  # where the run went on record when it started (its job's)
     failures: int = 0  # the job's consecutive failures, this run included (StatsSink sets it)
 
     @classmethod
-    def of(cls, spec: JobSpec, info: RunInfo) -> RunEnd:
+    def of(cls, spec: JobSpec, info: RunInfo, ledger: Ledger) -> RunEnd:
         outcome = info.outcome or Outcome.CANCELLED
         result = info.result if outcome is Outcome.SUCCEEDED else None
         # The runner encoded (and measured) every result it accepted: see limits.encode.
@@ -65,6 +67,7 @@ class RunEnd:
             stored,
             result_json,
             serialisable,
+            ledger,
         )
 
 
@@ -93,32 +96,14 @@ class StatsSink:
         )
 
 
-class StoreSink:
-    """The history row and the job's last run, batched into the next commit."""
+class LedgerSink:
+    """The run's end on record with the ledger its start went to (taskd.ledger): for a
+    LocalLedger, the history row and the job's last run, batched into the next commit."""
 
-    __slots__ = ("rt",)
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    __slots__ = ()
 
     def run_ended(self, end: RunEnd) -> None:
-        store = self.rt.store
-        if store is None:
-            return
-        info = end.info
-        store.run_finished(
-            info.run_id,
-            end.spec.config.name,
-            info.scheduled,
-            info.started,
-            info.attempt,
-            end.duration,
-            end.outcome,
-            info.error,
-            info.cause,
-            end.result_json,
-            end.failures,
-        )
+        end.ledger.finish(end)
 
 
 class SharedStateSink:
@@ -238,6 +223,6 @@ class HookSink:
 
 
 def default_sinks(rt: Runtime) -> list[RunSink]:
-    """The sinks every daemon has, in order: stats first (the store records the streak it
+    """The sinks every daemon has, in order: stats first (the ledger records the streak it
     computes), the log line before the hooks (a slow notifier never delays the line)."""
-    return [StatsSink(rt), StoreSink(rt), SharedStateSink(rt), LogSink(rt), HookSink(rt)]
+    return [StatsSink(rt), LedgerSink(), SharedStateSink(rt), LogSink(rt), HookSink(rt)]

@@ -65,8 +65,7 @@ class JobCatchup(JobRuns):
         if d.coalesced is not None:
             self._skip_span(*d.coalesced)
         self.cursor = d.cursor
-        if self.rt.store is not None:
-            self.rt.store.set_tick(self.name, d.cursor)
+        self.ledger.advance(self.name, d.cursor)
         if d.more or not d.run:
             return d.more
         (tick, cause), rest = d.run[0], d.run[1:]

@@ -71,8 +71,7 @@ class ScheduledJob(JobCatchup):
         # schedule, as after a restart with the changed config.
         if rescheduled and self.cursor is not None and not self.paused:
             self.cursor = max(self.cursor, time.time())
-            if self.rt.store is not None:
-                self.rt.store.set_tick(self.name, self.cursor)
+            self.ledger.advance(self.name, self.cursor)
         self._end_skips()
         self._rearm()
         self._poke()
@@ -111,8 +110,7 @@ class ScheduledJob(JobCatchup):
         if paused == self.paused:
             return False
         self.paused = paused
-        if self.rt.store is not None:
-            self.rt.store.set_paused(self.name, paused)
+        self.ledger.set_paused(self.name, paused)
         if paused:
             # Scheduled ticks queued behind a running run (overlap = "queue", a catch-up
             # backlog) do not run either; manual runs already asked for still do.
@@ -220,7 +218,9 @@ class ScheduledJob(JobCatchup):
                     # The common run, fused (JobSpec.fast): what _handle_due, _fire and
                     # _drain would do for it, with fewer steps.
                     info = self._start_fast(*due)
-                    await self._run_inline(info, execute_fast(self.rt, spec, info), None)
+                    await self._run_inline(
+                        info, execute_fast(self.rt, spec, info, self.ledger), None
+                    )
                     if self.queue:
                         await self._drain()  # ticks queued during the run (overlap "queue")
                 else:

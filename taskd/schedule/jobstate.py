@@ -18,6 +18,7 @@ from taskd.schedule.timers import timers
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
+    from taskd.ledger import Ledger
     from taskd.run.events import Cause, SkipReason
     from taskd.run.runner import RunInfo
     from taskd.run.runtime import Runtime
@@ -39,6 +40,7 @@ class JobState:
         "_wake",
         "active",
         "cursor",
+        "ledger",
         "next_fire",
         "paused",
         "queue",
@@ -53,6 +55,10 @@ class JobState:
     ) -> None:
         self.spec = spec
         self.rt = rt
+        # Where this job's ticks and runs go on record. Every job is a host job until the
+        # ``scope`` key exists (issue 10 C5); then the spec's scope picks it, here and when a
+        # reload changes it.
+        self.ledger: Ledger = rt.ledgers["host"]
         self.cursor = cursor  # last tick handled (run or skipped); None: never started
         self.paused = paused
         self.next_fire: float | None = None

@@ -22,6 +22,7 @@ from taskd.schedule.jobstate import _NO_RUNS, _NO_TICKS, JobState
 
 if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
+    from taskd.ledger import Ledger
     from taskd.schedule.manual import ManualRun
 
 log = structlog.get_logger("taskd.schedule")
@@ -118,7 +119,7 @@ class JobRuns(JobState):
             info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
             if waiter is not None:
                 waiter.begin(info)
-            await self._run_inline(info, execute(rt, self.spec, info), waiter)
+            await self._run_inline(info, execute(rt, self.spec, info, self.ledger), waiter)
 
     def _start_fast(self, tick: float, cause: Cause) -> RunInfo:
         """The fused path's run for ``tick`` (see _due_fast, which moved the cursor): its
@@ -127,9 +128,7 @@ class JobRuns(JobState):
         rt = self.rt
         name = self.spec.config.name
         info = RunInfo(rt.new_run_id(), name, tick, time.time(), cause)
-        store = rt.store
-        if store is not None:
-            store.tick_and_run_started(name, tick, info.run_id, info.started, cause)
+        self.ledger.advance_and_open(name, tick, info)
         return info
 
     async def _run_inline(
@@ -209,18 +208,21 @@ class JobRuns(JobState):
         rt = self.rt
         info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
         task = asyncio.get_running_loop().create_task(
-            execute(rt, self.spec, info), name=f"taskd-run:{self.name}:{info.run_id}"
+            execute(rt, self.spec, info, self.ledger), name=f"taskd-run:{self.name}:{info.run_id}"
         )
         self._add_run(info, task)
         if waiter is not None:
             waiter.begin(info)
-        task.add_done_callback(functools.partial(self._run_done, info, self.spec, waiter))
+        # The spec and ledger the run started with: a run in flight ends under them.
+        done = functools.partial(self._run_done, info, self.spec, self.ledger, waiter)
+        task.add_done_callback(done)
         return info
 
     def _run_done(
         self,
         info: RunInfo,
         spec: JobSpec,
+        ledger: Ledger,
         waiter: ManualRun | None,
         task: asyncio.Task[RunInfo],
     ) -> None:
@@ -229,7 +231,7 @@ class JobRuns(JobState):
         if info.outcome is None and task.cancelled():
             # Cancelled before its first step (overlap = "replace" in the same loop
             # iteration): execute never ran, so record the run here, or it would vanish.
-            cancelled_before_start(self.rt, spec, info)
+            cancelled_before_start(self.rt, spec, info, ledger)
         _settle(waiter, info)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -13,14 +14,22 @@ import structlog
 from taskd.plugin.manager import PluginHost
 from taskd.run.runtime import Runtime
 from taskd.state.shared import SharedState
+from taskd.state.store import StateStore
 
 
 @pytest.fixture
 def rt() -> Runtime:
-    """A Runtime with no store: runs are logged, not recorded."""
-    return Runtime(
-        shared=SharedState(), store=None, host=PluginHost(), thread_workers=2, process_workers=1
-    )
+    """A Runtime with no ledger (NULL_LEDGER): runs are logged, not recorded."""
+    return Runtime(shared=SharedState(), host=PluginHost(), thread_workers=2, process_workers=1)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    """An open state store in ``tmp_path`` (state.db), closed after the test."""
+    s = StateStore(tmp_path / "state.db")
+    s.open()
+    yield s
+    s.close()
 
 
 @pytest.fixture

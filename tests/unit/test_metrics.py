@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from taskd._version import __version__
 from taskd.errors import WorkerDied
 from taskd.jobspec import JobSpec
+from taskd.ledger import NULL_LEDGER
 from taskd.observe.metrics import BUCKETS, DaemonCollector, MetricsSink, sink_of
 from taskd.observe.process import ProcessFigures
 from taskd.run.events import Cause, Outcome
@@ -290,7 +291,7 @@ class TestSink:
         spec = make_spec(ok, name="j")
         info = RunInfo("r1", "j", scheduled=1000.0, started=1000.0 + late, cause=Cause.SCHEDULE)
         info.outcome, info.ended = Outcome.SUCCEEDED, info.started + duration
-        return RunEnd.of(spec, info)
+        return RunEnd.of(spec, info, NULL_LEDGER)
 
     @pytest.mark.parametrize(
         ("duration", "bucket"),

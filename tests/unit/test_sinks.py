@@ -7,6 +7,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from taskd.ledger import NULL_LEDGER
 from taskd.run.events import Cause, Outcome
 from taskd.run.runner import RunInfo, execute
 from taskd.run.runtime import Runtime
@@ -38,7 +39,7 @@ async def answer(ctx: Any) -> dict[str, int]:
 async def run_once(rt: Runtime, func: Any) -> RunInfo:
     now = time.time()
     info = RunInfo(rt.new_run_id(), "j", now, now, Cause.MANUAL)
-    await execute(rt, make_spec(func, name="j"), info)
+    await execute(rt, make_spec(func, name="j"), info, NULL_LEDGER)
     await rt.settle()
     return info
 
@@ -90,7 +91,7 @@ async def big(ctx: Any) -> str:
 async def run_with(rt: Runtime, func: Any, cause: Cause) -> RunInfo:
     now = time.time()
     info = RunInfo(rt.new_run_id(), "j", now - 0.25, now, cause)
-    await execute(rt, make_spec(func, name="j"), info)
+    await execute(rt, make_spec(func, name="j"), info, NULL_LEDGER)
     await rt.settle()
     return info
 

@@ -8,7 +8,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,14 +19,6 @@ from taskd.state import writer as writer_mod
 from taskd.state.store import StateStore
 from taskd.state.writer import Writer
 from tests.unit.test_store import _abandon
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    s = StateStore(tmp_path / "state.db")
-    s.open()
-    yield s
-    s.close()
 
 
 def _writer(store: StateStore) -> Writer:

@@ -18,14 +18,6 @@ from taskd.state.store import JobRow, StateStore
 from taskd.state.ticklog import TickLog
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = StateStore(tmp_path / "state.db")
-    s.open()
-    yield s
-    s.close()
-
-
 def _abandon(s: StateStore) -> None:
     """Leave the store as a kill -9 would: its connection closed without a final commit,
     checkpoint or journal reset."""

@@ -379,7 +379,6 @@ class TestScheduling:
     ) -> None:
         rt = Runtime(
             shared=SharedState(),
-            store=None,
             host=PluginHost(),
             thread_workers=1,
             process_workers=1,
