@@ -9,7 +9,7 @@ taskd.schedule.job for catchup and grace).
 from __future__ import annotations
 
 from taskd.run.events import Cause
-from taskd.schedule.decide import decide, due_ticks
+from taskd.schedule.decide import cause_of, decide, due_ticks, on_time
 from taskd.schedule.runs import JobRuns
 from taskd.schedule.triggers import Every
 
@@ -27,21 +27,18 @@ class JobCatchup(JobRuns):
         spec = self.spec
         trigger = spec.trigger
         assert isinstance(trigger, Every)
-        # The single-tick case of _due, computed the same way.
-        interval, anchor = trigger.interval, trigger.base
-        k0 = round((first - anchor) / interval)
-        if anchor + (k0 + 1) * interval <= now:
+        tick = on_time(trigger, first, now)
+        if tick is None:
             return None  # more than one tick due: catchup decides
-        tick = anchor + k0 * interval
         cfg = spec.config
-        late = now - tick
-        if late > cfg.grace and cfg.catchup == "none":
+        cause = cause_of(tick, now, cfg.grace)
+        if cause is Cause.CATCHUP and cfg.catchup == "none":
             return None  # skipped as missed
         self._resumed = False
         self.cursor = tick
         if self._skips is not None and self._skips.idle():
             self._skips = None  # on time, and nothing to log: the next skip logs at once
-        return tick, Cause.CATCHUP if late > cfg.grace else Cause.SCHEDULE
+        return tick, cause
 
     def _handle_due(self, first: float, now: float) -> bool:
         """Turn the due ticks into runs and skips per catchup/grace. True when only a slice

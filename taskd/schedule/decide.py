@@ -44,11 +44,12 @@ def due_ticks(trigger: Trigger, first: float, now: float) -> tuple[list[float], 
     long non-``every`` backlog, done in slices), also the newest tick older than the kept
     ones: the slice ends there, and the kept ones are looked at again with the next."""
     if isinstance(trigger, Every):
+        single = on_time(trigger, first, now)
+        if single is not None:
+            return [single], 1, None  # on time: just the tick woken for
         # O(1) however long the daemon was down: a month of every = "1s" is 2.6M ticks.
         interval, anchor = trigger.interval, trigger.base
         k0 = round((first - anchor) / interval)
-        if anchor + (k0 + 1) * interval > now:
-            return [anchor + k0 * interval], 1, None  # on time: just the tick woken for
         count = max(int((now - first) // interval) + 1, 1)
         # Floor division can be one off when now sits on a tick to within rounding: settle
         # the count on the ticks themselves, computed the way they are everywhere else.
@@ -70,6 +71,16 @@ def due_ticks(trigger: Trigger, first: float, now: float) -> tuple[list[float], 
         tick = trigger.next_after(tick)
     more = tick is not None and tick <= now
     return list(kept), count, evicted if more else None
+
+
+def on_time(trigger: Every, first: float, now: float) -> float | None:
+    """The tick ``first`` stands for, when it is the only one due by ``now`` (the usual
+    wake-up, and the scheduler's fused path); None when more are due."""
+    interval, anchor = trigger.interval, trigger.base
+    k0 = round((first - anchor) / interval)
+    if anchor + (k0 + 1) * interval > now:
+        return anchor + k0 * interval
+    return None
 
 
 def decide(
@@ -124,7 +135,7 @@ def decide(
             reason = SkipReason.PAUSED if resumed else SkipReason.COALESCED
             coalesced_span = (coalesced[0], coalesced[-1], len(coalesced), reason)
     return Decision(
-        run=tuple((t, _cause(t, now, grace)) for t in run),
+        run=tuple((t, cause_of(t, now, grace)) for t in run),
         missed=missed_span,
         coalesced=coalesced_span,
         cursor=latest,
@@ -132,6 +143,6 @@ def decide(
     )
 
 
-def _cause(tick: float, now: float, grace: float) -> Cause:
+def cause_of(tick: float, now: float, grace: float) -> Cause:
     """A tick run later than ``grace`` runs because of ``catchup``; others on schedule."""
     return Cause.CATCHUP if now - tick > grace else Cause.SCHEDULE
