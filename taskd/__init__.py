@@ -6,16 +6,13 @@ The public API for plugin authors: :data:`hookimpl`, :class:`JobType`, :class:`J
 
 from __future__ import annotations
 
-import importlib
-
+from taskd._lazy import lazy
 from taskd._version import __version__
 
 # Not typing.TYPE_CHECKING: importing typing costs 2 ms before `taskd run` can install its
 # signal handlers. Type checkers treat any constant of this name as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
-
     from taskd.errors import (
         AlreadyRunningError,
         ConfigError,
@@ -79,14 +76,4 @@ _LAZY: dict[str, str] = {
 # Hidden from type checkers, which see the names through the imports above: a module
 # __getattr__ would make them accept any attribute of `taskd`, typos included.
 if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        module = _LAZY.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value  # later lookups find it directly, without this call
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *_LAZY})
+    __getattr__, __dir__ = lazy(__name__, _LAZY, globals())

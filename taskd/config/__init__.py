@@ -6,12 +6,10 @@ starts the config parser's process (taskd.config.source) before it imports the v
 
 from __future__ import annotations
 
-import importlib
+from taskd._lazy import lazy
 
 TYPE_CHECKING = False  # not typing's: see taskd/__init__.py
 if TYPE_CHECKING:
-    from typing import Any
-
     from taskd.config.checks import suggest
     from taskd.config.load import load_config
     from taskd.config.model import Config, DaemonConfig, JobConfig
@@ -40,14 +38,4 @@ _HOME = {
 
 # Hidden from type checkers, which see the names through the imports above.
 if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        module = _HOME.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value  # later lookups find it directly, without this call
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *_HOME})
+    __getattr__, __dir__ = lazy(__name__, _HOME, globals())
