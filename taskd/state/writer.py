@@ -319,7 +319,7 @@ class Writer:
         log.error(
             "state_write_failed",
             path=str(self.path),
-            error=describe(exc, where=self.path.parent, after_io_error=self._io_failed),
+            error=self._describe(exc),
             retry_in="1s",
             hint="runs continue; state and history are kept in memory until the write succeeds",
         )
@@ -347,7 +347,7 @@ class Writer:
         try:
             self.db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
         except sqlite3.Error as exc:
-            error = describe(exc, where=self.path.parent, after_io_error=self._io_failed)
+            error = self._describe(exc)
             if error != self._checkpoint_error:  # once per kind, not once a second
                 self._checkpoint_error = error
                 log.warning(
@@ -384,7 +384,7 @@ class Writer:
         log.warning(
             "history_prune_failed",
             path=str(self.path),
-            error=describe(exc, where=self.path.parent, after_io_error=self._io_failed),
+            error=self._describe(exc),
             retry="after the next commit",
         )
 
@@ -407,6 +407,7 @@ class Writer:
             self._commit(force=True)
 
     def _describe(self, exc: BaseException | None) -> str:
+        """What a failure of this file means, in an operator's words (dbfile.describe)."""
         if exc is None:
             return "state writes failed"
         return describe(exc, where=self.path.parent, after_io_error=self._io_failed)
