@@ -155,16 +155,7 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> 
     try:
         while True:
             if rt.listeners:
-                rt.emit(
-                    JobEvent(
-                        EventKind.STARTED,
-                        cfg.name,
-                        info.run_id,
-                        _utc(info.scheduled),
-                        info.attempt,
-                        time.time(),
-                    )
-                )
+                _emit_started(rt, info)
             try:
                 info.result = _checked(rt, info, await _attempt(rt, spec, info))
                 info.outcome = SUCCEEDED
@@ -233,16 +224,7 @@ async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger
     rt.stats.running += 1
     try:
         if rt.listeners:
-            rt.emit(
-                JobEvent(
-                    EventKind.STARTED,
-                    info.job,
-                    info.run_id,
-                    _utc(info.scheduled),
-                    1,
-                    time.time(),
-                )
-            )
+            _emit_started(rt, info)
         ctx = JobContext.for_run(info.job, info.run_id, 1, info.scheduled, rt)
         try:
             try:
@@ -262,6 +244,20 @@ async def execute_fast(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger
         info.ended = time.time()
         rt.defer(_finish, rt, spec, info, ledger)
     return info
+
+
+def _emit_started(rt: Runtime, info: RunInfo) -> None:
+    """The STARTED event of the run's current attempt (for listeners: callers check first)."""
+    rt.emit(
+        JobEvent(
+            EventKind.STARTED,
+            info.job,
+            info.run_id,
+            _utc(info.scheduled),
+            info.attempt,
+            time.time(),
+        )
+    )
 
 
 def _cancelled(info: RunInfo, exc: asyncio.CancelledError) -> bool:
