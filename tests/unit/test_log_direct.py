@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 import structlog
@@ -35,17 +35,22 @@ def _fields() -> dict[str, Any]:
     }
 
 
+def _json_log(out: TextIO, journal: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """JSON logging to ``out`` (as journald's stream when ``journal``); the run logger."""
+    if journal:
+        st = os.fstat(out.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    logsetup.configure("info", "json", out)
+    return structlog.get_logger("taskd.run").bind()
+
+
 @pytest.mark.parametrize("method", ["info", "warning", "error"])
 @pytest.mark.parametrize("journal", [False, True])
 def test_same_bytes_as_structlog(
     method: str, journal: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     with open(tmp_path / "out", "w+") as out:
-        if journal:
-            st = os.fstat(out.fileno())
-            monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-        logsetup.configure("info", "json", out)
-        log = structlog.get_logger("taskd.run").bind()
+        log = _json_log(out, journal, monkeypatch)
         emit = logsetup.direct_json(log)
         assert emit is not None
         getattr(log, method)("run", **_fields())
@@ -117,11 +122,7 @@ class TestRunLine:
         tmp_path: Any,
     ) -> None:
         with open(tmp_path / "out", "w+") as out:
-            if journal:
-                st = os.fstat(out.fileno())
-                monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-            logsetup.configure("info", "json", out)
-            log = structlog.get_logger("taskd.run").bind()
+            log = _json_log(out, journal, monkeypatch)
             line = logsetup.direct_run_line(log)
             assert line is not None
             fields = {"job": "j_1.x-y", "run_id": "ab12cd00002a", "attempt": 1}

@@ -154,22 +154,30 @@ class TestOrder:
         assert (row.paused, row.last_outcome, row.failures) == (True, "failed", 0)
 
 
+def _failing_commits(
+    monkeypatch: pytest.MonkeyPatch, w: Writer, error: str, times: int | None = None
+) -> dict[str, int]:
+    """Make ``w``'s commits raise OperationalError(``error``): the next ``times`` of them
+    (then they work again), or all (None). Returns the count still to fail."""
+    real = w._write_pending
+    left = {"left": -1 if times is None else times}
+
+    def failing() -> None:
+        if left["left"]:
+            left["left"] -= 1
+            raise sqlite3.OperationalError(error)
+        real()
+
+    monkeypatch.setattr(w, "_write_pending", failing)
+    return left
+
+
 class TestFailure:
     """A failing commit keeps the rows and the journal, is retried, and says so."""
 
     async def test_failing_then_recovered(self, store: StateStore, monkeypatch) -> None:
         monkeypatch.setattr(writer_mod, "RETRY_SECONDS", 0.05)
-        w = _writer(store)
-        real = w._write_pending
-        fail = {"left": 3}
-
-        def flaky() -> None:
-            if fail["left"]:
-                fail["left"] -= 1
-                raise sqlite3.OperationalError("database or disk is full")
-            real()
-
-        monkeypatch.setattr(w, "_write_pending", flaky)
+        _failing_commits(monkeypatch, _writer(store), "database or disk is full", times=3)
         with capture_logs() as logs:
             store.set_tick("a", 5.0)
             store.run_started("r1", "a", 5.0, 5.1, "schedule")
@@ -190,12 +198,7 @@ class TestFailure:
     def test_close_while_failing_keeps_the_journal(self, tmp_path: Path, monkeypatch) -> None:
         s = StateStore(tmp_path / "state.db")
         s.open()
-        w = _writer(s)
-
-        def broken() -> None:
-            raise sqlite3.OperationalError("disk I/O error")
-
-        monkeypatch.setattr(w, "_write_pending", broken)
+        _failing_commits(monkeypatch, _writer(s), "disk I/O error")
         with capture_logs():
             with pytest.raises(sqlite3.OperationalError):
                 s.set_tick("a", 9.0)  # no loop: written through, and the failure raised
@@ -213,17 +216,8 @@ class TestFailure:
         monkeypatch.setattr(writer_mod, "RETRY_SECONDS", 0.05)
         s = StateStore(tmp_path / "state.db")
         s.open()
-        w = _writer(s)
-        real = w._write_pending
-        fail = {"left": 5}  # two writes, the stop's commit and two retries fail; then room
-
-        def full() -> None:
-            if fail["left"]:
-                fail["left"] -= 1
-                raise sqlite3.OperationalError("database or disk is full")
-            real()
-
-        monkeypatch.setattr(w, "_write_pending", full)
+        # Two writes, the stop's commit and two retries fail; then there is room.
+        fail = _failing_commits(monkeypatch, _writer(s), "database or disk is full", times=5)
         with capture_logs() as logs:
             with contextlib.suppress(sqlite3.OperationalError):  # no loop: written through
                 s.set_tick("a", 9.0)
@@ -242,12 +236,7 @@ class TestFailure:
         monkeypatch.setattr(writer_mod, "RETRY_SECONDS", 0.05)
         s = StateStore(tmp_path / "state.db")
         s.open()
-        w = _writer(s)
-
-        def full() -> None:
-            raise sqlite3.OperationalError("database or disk is full")
-
-        monkeypatch.setattr(w, "_write_pending", full)
+        _failing_commits(monkeypatch, _writer(s), "database or disk is full")
         with capture_logs():
             for write in (
                 lambda: s.set_tick("a", 9.0),  # no loop: each written through, and raises
