@@ -228,11 +228,10 @@ class Daemon:
     def _status_line(self) -> str:
         assert self.jobset is not None
         jobs = self.jobset
-        text = f"{len(jobs.jobs)} jobs, {jobs.running()} running"
-        broken = len(jobs.broken())
+        running, broken, paused = jobs.counts()
+        text = f"{len(jobs.jobs)} jobs, {running} running"
         if broken:
             text += f", {broken} broken"
-        paused = len(jobs.paused())
         if paused:
             text += f", {paused} paused"
         last = self.reloader.last if self.reloader is not None else None
