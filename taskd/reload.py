@@ -21,7 +21,7 @@ import structlog
 
 from taskd.config import Config, load_config
 from taskd.config.load import read_document, validate_steps
-from taskd.config.steps import finish_in_slices
+from taskd.config.steps import Steps, finish_in_slices
 from taskd.errors import ConfigError, ConfigIssue
 from taskd.jobspec import JobSpec
 from taskd.plugin.manager import PluginHost
@@ -150,12 +150,14 @@ class Reloader:
         *,
         before: Callable[[], None] = lambda: None,
         after: Callable[[ReloadResult], None] = lambda r: None,
+        prepare: Callable[[Loaded], Steps[None]] | None = None,
     ) -> None:
         self.path = path
         self.loaded = loaded
         self._apply = apply
         self._before = before
         self._after = after
+        self._prepare = prepare
         self.last: ReloadResult | None = None
         self._waiting: list[asyncio.Future[ReloadResult]] = []  # asked, not yet begun
         self._serving: list[asyncio.Future[ReloadResult]] = []  # the reload going now answers
@@ -246,6 +248,10 @@ class Reloader:
         for text in warnings:
             log.warning("reload_warning", warning=text)
         try:
+            if self._prepare is not None:
+                # Read-only work ahead of apply, in slices (JobSet.compare); apply itself
+                # stays one piece, right after it with no await between.
+                await finish_in_slices(self._prepare(new))
             diff = self._apply(new)
         except Exception as exc:  # a bug while applying must not end reloads for good
             log.exception("reload_apply_failed", error=repr(exc))

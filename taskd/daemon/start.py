@@ -121,8 +121,8 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
             )
     rows = daemon.store.jobs()
     rt.stats.seed(rows)
-    daemon.jobset = JobSet(rt)
-    daemon.jobset.apply(loaded.specs, rows)
+    daemon.jobset = jobset = JobSet(rt)
+    jobset.apply(loaded.specs, rows)
     # Right after the jobs start (no await between): a startup run that blocks the loop
     # is already watched.
     daemon.loopwatch = _loop_watch(d.loop_block_threshold, daemon.jobset, rt)
@@ -133,6 +133,7 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
         daemon._apply,
         before=daemon.notifier.reloading,
         after=daemon._reloaded,
+        prepare=lambda new: jobset.compare(new.specs),
     )
     start_timers(daemon)
     daemon.notifier.ready(daemon._status_line())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from taskd.jobspec import JobSpec
     from taskd.run.runtime import Runtime
     from taskd.state.store import JobRow
+
+# Jobs compared per step of JobSet.compare: a step is then ~50 us, far below a 5 ms slice,
+# and the generator's switch is paid once per 64 jobs, not per job.
+COMPARE_STEP = 64
 
 log = structlog.get_logger("taskd.schedule")
 
@@ -42,20 +46,39 @@ class NoSuchJob(LookupError):
 
 
 class JobSet:
-    __slots__ = ("jobs", "retiring", "rt")
+    __slots__ = ("_verdicts", "jobs", "retiring", "rt")
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.jobs: dict[str, ScheduledJob] = {}
         self.retiring: list[ScheduledJob] = []  # removed by a reload, finishing a run
+        # name -> (the job's spec then, the new spec, same_as): judged ahead by compare()
+        self._verdicts: dict[str, tuple[JobSpec, JobSpec, bool]] = {}
 
     # -- applying a config ---------------------------------------------------------------------
+
+    def compare(self, specs: Mapping[str, JobSpec]) -> Generator[None, None, None]:
+        """Judge ahead, in steps (taskd.config.steps), which jobs ``specs`` leaves unchanged,
+        for the next :meth:`apply`: on a reload of 10,000 jobs ``JobSpec.same_as`` was most
+        of apply's ~12 ms in one piece on the loop. Only reads: a verdict is used only if
+        the job still has the very spec it was judged on, so apply stays correct (and stays
+        one piece: no run sees a half-applied config) whatever happens between."""
+        verdicts: dict[str, tuple[JobSpec, JobSpec, bool]] = {}
+        jobs = self.jobs
+        for i, (name, spec) in enumerate(specs.items()):
+            job = jobs.get(name)
+            if job is not None:
+                verdicts[name] = (job.spec, spec, job.spec.same_as(spec))
+            if i % COMPARE_STEP == COMPARE_STEP - 1:
+                yield
+        self._verdicts = verdicts
 
     def apply(self, specs: Mapping[str, JobSpec], rows: Mapping[str, JobRow]) -> Diff:
         """Make the table match ``specs`` (disabled jobs are left out). ``rows`` are the stored
         job rows: a job new to the table starts from its stored cursor and pause flag, so a
         job removed and added back by a reload is treated as after a restart."""
         wanted = {n: s for n, s in specs.items() if s.config.enabled}
+        verdicts, self._verdicts = self._verdicts, {}
         added: list[str] = []
         changed: list[str] = []
         removed: list[str] = []
@@ -97,7 +120,7 @@ class JobSet:
                 self.jobs[name] = job
                 job.start()
                 added.append(name)
-            elif not job.spec.same_as(spec):
+            elif not _same(job.spec, spec, verdicts.get(name)):
                 job.update(spec)
                 # The next run opens fresh resources from the new options; runs in flight
                 # keep the old ones until they end.
@@ -276,3 +299,10 @@ SKIP_TEXT: dict[str, str] = {
         "thread_stuck in the log) and restart taskd, or raise thread_workers_max"
     ),
 }
+
+
+def _same(old: JobSpec, new: JobSpec, verdict: tuple[JobSpec, JobSpec, bool] | None) -> bool:
+    """``old.same_as(new)``, from the verdict compare() gave if it was on these very specs."""
+    if verdict is not None and verdict[0] is old and verdict[1] is new:
+        return verdict[2]
+    return old.same_as(new)

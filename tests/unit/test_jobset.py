@@ -341,3 +341,54 @@ class TestReviewRegressions:
         await rt.settle()
         assert sum(e["count"] for e in skips(logs, "paused")) >= 5
         await close(jobs, rt)
+
+
+class TestCompareAhead:
+    """A reload judges unchanged jobs ahead, in steps (JobSet.compare); apply, still one
+    piece, takes those verdicts, and only for the very specs they were made on."""
+
+    async def test_apply_takes_the_verdicts(
+        self, rt: Runtime, logs, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        jobs = JobSet(rt)
+        jobs.apply({n: make_spec(quick, name=n, every=3600.0) for n in ("a", "b")}, {})
+        new = {
+            "a": make_spec(quick, name="a", every=3600.0),  # equal, a fresh object
+            "b": make_spec(quick, name="b", every=60.0),
+        }
+        steps = jobs.compare(new)
+        assert list(steps) == []  # two jobs: one step, no yield
+        calls: list[str] = []
+        same_as = JobSpec.same_as
+
+        def counted(self: JobSpec, other: JobSpec) -> bool:
+            calls.append(self.name)
+            return same_as(self, other)
+
+        monkeypatch.setattr(JobSpec, "same_as", counted)
+        diff = jobs.apply(new, {})
+        assert (diff.added, diff.changed, diff.removed) == ((), ("b",), ())
+        assert calls == []  # every verdict came from compare
+        assert jobs.jobs["a"].spec is new["a"]
+        await close(jobs, rt)
+
+    async def test_verdict_on_other_specs_is_not_used(self, rt: Runtime, logs) -> None:
+        jobs = JobSet(rt)
+        jobs.apply({"a": make_spec(quick, name="a", every=3600.0)}, {})
+        list(jobs.compare({"a": make_spec(quick, name="a", every=3600.0)}))  # "same"
+        changed = {"a": make_spec(quick, name="a", every=60.0)}
+        assert jobs.apply(changed, {}).changed == ("a",)  # judged again: a new spec
+        list(jobs.compare(changed))  # "same": the job has that very spec now
+        # The job's spec was replaced after that compare ran (say, by another apply).
+        jobs.jobs["a"].spec = make_spec(quick, name="a", every=30.0)
+        assert jobs.apply(changed, {}).changed == ("a",)
+        await close(jobs, rt)
+
+    async def test_many_jobs_compare_in_steps(self, rt: Runtime, logs) -> None:
+        jobs = JobSet(rt)
+        specs = {f"j{i}": make_spec(quick, name=f"j{i}", every=3600.0) for i in range(200)}
+        jobs.apply(specs, {})
+        steps = len(list(jobs.compare(dict(specs))))
+        assert steps == 200 // 64  # it yields to the loop between groups of jobs
+        assert jobs.apply(dict(specs), {}).changed == ()
+        await close(jobs, rt)
