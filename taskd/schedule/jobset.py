@@ -178,7 +178,7 @@ class JobSet:
         running = broken = paused = 0
         for j in self.jobs.values():
             running += len(j.active)
-            broken += j.spec.broken is not None
+            broken += bool(j.spec.broken)
             paused += bool(j.paused)
         for j in self.retiring:
             running += len(j.active)
