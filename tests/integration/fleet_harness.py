@@ -188,11 +188,13 @@ class FleetHosts:
         return dict(row)
 
     def stop(self) -> None:
-        """Stop every host still running (SIGTERM to its process group: a wrapper such as
-        faketime passes no signal on)."""
+        """Stop every host still running, cleanly: SIGTERM to taskd itself (a wrapper such as
+        faketime passes no signal on, and exits when taskd has)."""
         for host in self.hosts:
             if host.proc is not None and host.proc.poll() is None:
-                os.killpg(host.proc.pid, signal.SIGTERM)
+                os.kill(host.daemon_pid, signal.SIGTERM)
+        for host in self.hosts:
+            if host.proc is not None:
                 host.wait_exit(timeout=20)
 
 
