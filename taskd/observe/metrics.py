@@ -341,7 +341,7 @@ class DaemonCollector:
         )
         figures = self.processes
         rt = self.daemon.rt
-        pool = rt._procs if rt is not None else None  # None until a cpu job needs it
+        pool = rt.started_procs if rt is not None else None  # None until a cpu job needs it
         for label, (r, c, f) in (
             ("daemon", figures.daemon()),
             ("workers", figures.pool(pool.pids() if pool is not None else ())),

@@ -13,7 +13,7 @@ import structlog
 
 from taskd.ledger import NULL_LEDGER, NoFleetLedger
 from taskd.run.events import EventKind, JobEvent, Outcome
-from taskd.run.executors import ThreadRunner
+from taskd.run.executor import Executors, ExecutorSettings, ExecutorType, builtin_registry
 from taskd.run.resources import Resources
 from taskd.run.sinks import RunSink, default_sinks
 
@@ -149,12 +149,23 @@ class Runtime:
         # Fleet jobs are refused (fleet_unavailable) until a fleet ledger takes "fleet".
         self.ledgers: dict[str, Ledger] = {"host": ledger, "fleet": NoFleetLedger(ledger, NO_FLEET)}
         self.host = host
-        self.threads = ThreadRunner(thread_workers, thread_workers_max)
         self.process_workers = process_workers or (os.cpu_count() or 1)
+        sizes = ExecutorSettings(
+            thread_workers=thread_workers,
+            thread_workers_max=thread_workers_max,
+            process_workers=self.process_workers,
+        )
+
+        def settings(kind: ExecutorType) -> ExecutorSettings:
+            return sizes
+
+        # Where blocking and cpu runs go (taskd.run.executor): the thread pool and the
+        # process pool are the built-ins, read directly on their kinds' default paths.
+        self.executors = Executors(builtin_registry(), settings)
+        self.process = self.executors.process
+        self.threads = self.executors.thread.runner
         # [daemon] max_result_size; a reload sets it anew.
         self.max_result_size = max_result_size
-        self._procs: ProcessPool | None = None
-        self._procs_lock = asyncio.Lock()
         self.stats = Stats()
         self.log: FilteringBoundLogger = structlog.get_logger("taskd.run").bind()
         # io jobs' long-lived resources (ctx.resource): a reload retires a changed or removed
@@ -225,25 +236,18 @@ class Runtime:
 
     async def procs(self) -> ProcessPool:
         """The process pool, started on first use (a config without cpu jobs never forks)."""
-        if self._procs is None:
-            async with self._procs_lock:
-                if self._procs is None:
-                    from taskd.run.pool import ProcessPool
-
-                    pool = ProcessPool(self.process_workers)
-                    await pool.start()
-                    self._procs = pool
-        return self._procs
+        return await self.process.started()
 
     @property
     def started_procs(self) -> ProcessPool | None:
         """The process pool if it has been started, else None (see :meth:`procs`)."""
-        return self._procs
+        return self.process.pool
 
     @property
     def pool_degraded(self) -> str | None:
         """Why the process pool is degraded (its workers crash-loop), or None."""
-        return self._procs.degraded if self._procs is not None else None
+        pool = self.process.pool
+        return pool.degraded if pool is not None else None
 
     async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return await self.threads.call(func, *args, **kwargs)
@@ -258,9 +262,5 @@ class Runtime:
     async def close(self, *, kill: bool, timeout: float | None = None) -> None:
         await self.settle()
         await self.resources.close_all()
-        if self._procs is not None:
-            if kill:
-                self._procs.kill()
-            await self._procs.close(timeout=0 if kill else timeout)
-        self.threads.shutdown()
+        await self.executors.close(kill=kill, timeout=timeout)
         await self.settle()
