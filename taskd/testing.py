@@ -240,7 +240,8 @@ class JobRunner:
     ) -> JobSpec:
         """The job as the daemon would hold it, or a ConfigError saying what the config
         loader would say about it. ``settings`` are the ``[jobs.<name>]`` keys: ``timeout``,
-        ``retries``, ``retry_backoff``, ``max_memory`` (TOML values: ``timeout="5s"``)."""
+        ``retries``, ``retry_backoff``, ``max_memory``, ``executor`` (TOML values:
+        ``timeout="5s"``)."""
         from taskd.config.checks import suggest
         from taskd.config.load import job_from_table
         from taskd.jobspec import JobSpec
@@ -286,7 +287,17 @@ class JobRunner:
             raise ConfigError(issues)
         table = {"type": jt.name, "on": "startup", **settings, "options": options}
         config = job_from_table(name, table, file=_FILE)
-        return JobSpec(config, jt, None, kwargs=convert_options(jt, options))
+        executor = None
+        if config.executor is not None:  # checked as the daemon does (the executor's table empty)
+            from taskd.plugin.executors import ExecutorCheck
+
+            def issue(path: str, message: str, hint: str | None) -> None:
+                issues.append(ConfigIssue(_FILE, path, message, hint=hint))
+
+            executor = ExecutorCheck({}, self.host.executors, issue).job(prefix, config, jt)[1]
+            if issues:
+                raise ConfigError(issues)
+        return JobSpec(config, jt, None, kwargs=convert_options(jt, options), executor=executor)
 
     async def run(
         self,

@@ -16,6 +16,7 @@ from taskd.ledger._base import CLAIMING, HOST_CLAIM, Claim
 from taskd.run.context import JobContext
 from taskd.run.encoding import NO_RESULT, Encoded, TooLarge, encode
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
+from taskd.run.executor import Call
 from taskd.run.executor.thread import blocking, too_large_error
 from taskd.run.executors import with_timeout
 from taskd.run.limits import MAX_ERROR_TEXT, cut, describe, recall
@@ -110,6 +111,8 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         finally:
             if ctx._scope is not None:
                 ctx.release_resources()
+    if spec.executor is not None:  # a job that named an executor not its kind's default
+        return await _elsewhere(rt, spec, info)
     if kind == "blocking":
         call = functools.partial(blocking, jt.func, spec.kwargs, rt.max_result_size)
         result, info.encoded = await rt.threads.run(call, {}, cfg.timeout, _label(spec, info))
@@ -124,6 +127,26 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         max_result=rt.max_result_size,
         label=_label(spec, info),
     )
+    return result
+
+
+async def _elsewhere(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
+    """An attempt through the job's executor (a plugin's, or the bundled dask one): started
+    on its first run, a failure to start failing this run (the next one tries again)."""
+    name = spec.executor
+    assert name is not None and spec.jobtype is not None
+    cfg = spec.config
+    executor = rt.executors.live.get(name) or await rt.executors.start(name)
+    call = Call(
+        spec.jobtype.func,
+        spec.kwargs,
+        cfg.timeout,
+        cfg.max_memory,
+        rt.max_result_size,
+        _label(spec, info),
+        f"{info.run_id}-{info.attempt}",
+    )
+    result, info.encoded = await executor.run(call)
     return result
 
 

@@ -13,7 +13,8 @@ import structlog
 
 from taskd.ledger import NULL_LEDGER, NoFleetLedger
 from taskd.run.events import EventKind, JobEvent, Outcome
-from taskd.run.executor import Executors, ExecutorSettings, ExecutorType, builtin_registry
+from taskd.run.executor import ExecutorSettings, ExecutorType
+from taskd.run.executor.live import Executors
 from taskd.run.resources import Resources
 from taskd.run.sinks import RunSink, default_sinks
 
@@ -141,6 +142,7 @@ class Runtime:
         max_result_size: int = 1 << 20,
         thread_workers_max: int = 0,
         ledger: Ledger = NULL_LEDGER,
+        executor_tables: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.shared = shared
         # Where ticks and runs go on record (taskd.ledger), by a job's scope: the only write
@@ -150,18 +152,21 @@ class Runtime:
         self.ledgers: dict[str, Ledger] = {"host": ledger, "fleet": NoFleetLedger(ledger, NO_FLEET)}
         self.host = host
         self.process_workers = process_workers or (os.cpu_count() or 1)
-        sizes = ExecutorSettings(
-            thread_workers=thread_workers,
-            thread_workers_max=thread_workers_max,
-            process_workers=self.process_workers,
-        )
+        # The config's executor tables ([dask], [executors.<name>]) by table name: read when
+        # an executor is made, so a reload's change applies from the next daemon start.
+        self.executor_tables: Mapping[str, Mapping[str, Any]] = executor_tables or {}
 
         def settings(kind: ExecutorType) -> ExecutorSettings:
-            return sizes
+            return ExecutorSettings(
+                table=self.executor_tables.get(kind.table, {}),
+                thread_workers=thread_workers,
+                thread_workers_max=thread_workers_max,
+                process_workers=self.process_workers,
+            )
 
         # Where blocking and cpu runs go (taskd.run.executor): the thread pool and the
         # process pool are the built-ins, read directly on their kinds' default paths.
-        self.executors = Executors(builtin_registry(), settings)
+        self.executors = Executors(host.executors, settings)
         self.process = self.executors.process
         self.threads = self.executors.thread.runner
         # [daemon] max_result_size; a reload sets it anew.
@@ -220,6 +225,18 @@ class Runtime:
     def set_host(self, host: PluginHost) -> None:
         self.host = host
         self.listeners = host.has_impls("taskd_job_event")
+        self.executors.set_registry(host.executors)
+
+    def set_executor_tables(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
+        """A reload's executor tables: an executor not made yet gets them; one made already
+        keeps its own until the next start (logged, as daemon settings that need one)."""
+        for name in self.executors.made_with_tables(self.executor_tables, tables):
+            self.log.warning(
+                "restart_needed",
+                key=name,
+                hint="this setting takes effect at the next restart",
+            )
+        self.executor_tables = tables
 
     def new_run_id(self) -> str:
         # Short, unique per daemon start and sortable within it; cheaper than uuid4 per run.

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+import taskd
 from taskd.plugin.jobtype import Kind
 from taskd.plugin.manager import PluginHost
 from taskd.run.encoding import Encoded, encode
@@ -14,13 +15,12 @@ from taskd.run.executor import (
     DEFAULT_EXECUTOR,
     Call,
     ExecutorRegistry,
-    Executors,
     ExecutorSettings,
     ExecutorType,
-    ThreadExecutor,
     builtin_registry,
 )
-from taskd.run.executor.thread import _NoChecks
+from taskd.run.executor.live import Executors
+from taskd.run.executor.thread import ThreadExecutor, _NoChecks
 from taskd.run.runtime import Runtime
 from taskd.state.shared import SharedState
 
@@ -119,3 +119,43 @@ async def test_runtime_default_paths_read_the_builtins() -> None:
     finally:
         await rt.close(kill=True)
     assert pool.size == 0
+
+
+class InlinePlugin:
+    @taskd.hookimpl
+    def taskd_executors(self, register: ExecutorRegistry) -> None:
+        register.add(Inline)
+
+
+class ClashPlugin:
+    @taskd.hookimpl
+    def taskd_executors(self, register: ExecutorRegistry) -> None:
+        register.add(Inline)
+        register.add(ThreadExecutor)  # a built-in's name: this plugin is broken
+
+
+def test_a_plugin_adds_an_executor_through_the_hook() -> None:
+    host = PluginHost.load(entry_points=False, extra=[InlinePlugin()])
+    found = host.executors.get("inline")
+    assert found is not None
+    assert found.cls is Inline
+    assert not host.broken
+
+
+def test_a_plugin_that_registers_a_taken_name_is_broken_and_adds_nothing() -> None:
+    host = PluginHost.load(entry_points=False, extra=[ClashPlugin()])
+    assert [r.error for r in host.broken] == [
+        "taskd_executors() failed: ValueError: executor 'thread' is registered already"
+    ]
+    assert "inline" not in host.executors  # what it registered before the clash is dropped
+
+
+def test_taskd_executors_must_be_a_plain_def() -> None:
+    class AsyncPlugin:
+        @taskd.hookimpl
+        async def taskd_executors(self, register: ExecutorRegistry) -> None:
+            register.add(Inline)
+
+    host = PluginHost.load(entry_points=False, extra=[AsyncPlugin()])
+    assert "taskd_executors must be a plain def" in (host.broken[0].error or "")
+    assert "inline" not in host.executors

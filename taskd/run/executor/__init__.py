@@ -1,4 +1,7 @@
-"""Executors: where a blocking or cpu job's function runs (see _base for the seam)."""
+"""Executors: where a blocking or cpu job's function runs (see _base for the seam).
+
+Only the seam is imported here (the plugin host needs it to load plugins): the executors
+themselves are in their modules, imported when a daemon makes them (live.Executors)."""
 
 from taskd.run.executor._base import (
     DEFAULT_EXECUTOR,
@@ -8,10 +11,8 @@ from taskd.run.executor._base import (
     ExecutorSettings,
     ExecutorType,
     Problem,
+    builtin_registry,
 )
-from taskd.run.executor.live import Executors
-from taskd.run.executor.process import ProcessExecutor
-from taskd.run.executor.thread import LoopExecutor, ThreadExecutor
 
 __all__ = [
     "DEFAULT_EXECUTOR",
@@ -20,19 +21,6 @@ __all__ = [
     "ExecutorRegistry",
     "ExecutorSettings",
     "ExecutorType",
-    "Executors",
-    "LoopExecutor",
     "Problem",
-    "ProcessExecutor",
-    "ThreadExecutor",
     "builtin_registry",
 ]
-
-
-def builtin_registry() -> ExecutorRegistry:
-    """A registry with the built-ins: ``loop`` (io), ``thread`` (blocking), ``process`` (cpu)."""
-    registry = ExecutorRegistry()
-    registry.add(LoopExecutor)
-    registry.add(ThreadExecutor)
-    registry.add(ProcessExecutor)
-    return registry

@@ -8,6 +8,9 @@ runner keeps its direct calls), so the seam costs the default runs nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -60,6 +63,9 @@ class Executor(Protocol):
     name: ClassVar[str]
     kinds: ClassVar[frozenset[Kind]]
 
+    def __init__(self, settings: ExecutorSettings) -> None:
+        """Cheap: nothing starts until :meth:`start`."""
+
     @classmethod
     def check_table(cls, table: Mapping[str, Any]) -> list[Problem]:
         """Problems with the executor's config table (load time; keys relative to it)."""
@@ -93,16 +99,35 @@ ExecutorFactory = Callable[[ExecutorSettings], Executor]
 
 @dataclass(frozen=True, slots=True)
 class ExecutorType:
-    """A registered executor: how to make one, and how its config is checked."""
+    """A registered executor: its class (imported on first use when registered lazily),
+    how to make one, and the config table its settings come from."""
 
     name: str
-    cls: type[Executor]
-    factory: ExecutorFactory
-    table: str  # the config table its settings come from ("executors.<name>" by default)
+    kinds: frozenset[Kind]
+    table: str  # "executors.<name>" unless it registered its own (the bundled dask: "dask")
+    _load: Callable[[], type[Executor]] = field(repr=False, compare=False)
+    _factory: ExecutorFactory | None = field(default=None, repr=False, compare=False)
 
     @property
-    def kinds(self) -> frozenset[Kind]:
-        return self.cls.kinds
+    def cls(self) -> type[Executor]:
+        """The executor's class (its checks are classmethods: nothing is made to ask them)."""
+        return self._load()
+
+    def make(self, settings: ExecutorSettings) -> Executor:
+        factory = self._factory if self._factory is not None else self.cls
+        return factory(settings)
+
+
+def _import(target: str) -> Callable[[], type[Executor]]:
+    """A loader of ``"module:Class"``, imported on first call and kept."""
+
+    @functools.cache
+    def load() -> type[Executor]:
+        module, _, attr = target.partition(":")
+        cls: type[Executor] = getattr(importlib.import_module(module), attr)
+        return cls
+
+    return load
 
 
 class ExecutorRegistry:
@@ -121,23 +146,55 @@ class ExecutorRegistry:
         """Register ``cls`` under ``cls.name``; ``factory`` (default: ``cls`` itself) makes
         one from its settings, read from ``[<table>]`` (default ``[executors.<name>]``).
         A name taken already raises ValueError: two executors must not share one."""
-        name = cls.name
+        self._add(ExecutorType(cls.name, cls.kinds, "", lambda: cls, factory), table)
+
+    def add_lazy(
+        self, name: str, kinds: frozenset[Kind], target: str, *, table: str | None = None
+    ) -> None:
+        """Register ``"module:Class"`` without importing it: the import happens when a job
+        names the executor (the bundled dask one: a daemon without dask jobs never imports
+        its module, let alone distributed)."""
+        self._add(ExecutorType(name, kinds, "", _import(target)), table)
+
+    def _add(self, kind: ExecutorType, table: str | None) -> None:
+        name = kind.name
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"executor name must be an identifier, got {name!r}")
         if name in self._types:
             raise ValueError(f"executor {name!r} is registered already")
-        self._types[name] = ExecutorType(
-            name, cls, factory if factory is not None else cls, table or f"executors.{name}"
-        )
+        self._types[name] = dataclasses.replace(kind, table=table or f"executors.{name}")
 
     def get(self, name: str) -> ExecutorType | None:
         return self._types.get(name)
 
+    def copy(self) -> ExecutorRegistry:
+        other = ExecutorRegistry()
+        other._types = dict(self._types)
+        return other
+
     def names(self) -> list[str]:
         return sorted(self._types)
+
+    def tables(self) -> dict[str, str]:
+        """Config table -> executor name."""
+        return {kind.table: name for name, kind in self._types.items()}
 
     def __contains__(self, name: object) -> bool:
         return name in self._types
 
     def __iter__(self) -> Iterator[ExecutorType]:
         return iter(self._types.values())
+
+
+_CPU: frozenset[Kind] = frozenset({"cpu"})
+
+
+def builtin_registry() -> ExecutorRegistry:
+    """A registry with the built-ins: ``loop`` (io), ``thread`` (blocking), ``process``
+    (cpu), each imported when a daemon makes it."""
+    registry = ExecutorRegistry()
+    here = "taskd.run.executor"
+    registry.add_lazy("loop", frozenset({"io"}), f"{here}.thread:LoopExecutor")
+    registry.add_lazy("thread", frozenset({"blocking"}), f"{here}.thread:ThreadExecutor")
+    registry.add_lazy("process", _CPU, f"{here}.process:ProcessExecutor")
+    return registry

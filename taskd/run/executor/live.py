@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from taskd.run.executor._base import Executor, ExecutorRegistry, ExecutorSettings, ExecutorType
 from taskd.run.executor.process import ProcessExecutor
@@ -45,7 +46,7 @@ class Executors:
                     kind = self.registry.get(name)
                     if kind is None:
                         raise KeyError(name)
-                    executor = self._made[name] = kind.factory(self._settings(kind))
+                    executor = self._made[name] = kind.make(self._settings(kind))
                 await executor.start()
                 self.live[name] = executor
         return executor
@@ -53,6 +54,17 @@ class Executors:
     def set_registry(self, registry: ExecutorRegistry) -> None:
         """A reload's plugins: executors started already stay as they are."""
         self.registry = registry
+
+    def made_with_tables(
+        self, old: Mapping[str, Mapping[str, Any]], new: Mapping[str, Mapping[str, Any]]
+    ) -> list[str]:
+        """The tables of executors made already that differ between ``old`` and ``new``."""
+        changed = []
+        for name in self._made:
+            kind = self.registry.get(name)
+            if kind is not None and old.get(kind.table) != new.get(kind.table):
+                changed.append(kind.table)
+        return changed
 
     def gauges(self) -> dict[str, Mapping[str, float]]:
         """Each started executor's figures, by name."""
