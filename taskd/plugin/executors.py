@@ -9,7 +9,7 @@ from typing import Any
 from taskd.config.checks import suggest
 from taskd.config.model import JobConfig
 from taskd.plugin.jobtype import JobType
-from taskd.run.executor import DEFAULT_EXECUTOR, ExecutorRegistry
+from taskd.run.executor.registry import DEFAULT_EXECUTOR, ExecutorRegistry
 
 Issue = Callable[[str, str, "str | None"], None]
 

@@ -26,7 +26,7 @@ import structlog
 from taskd.plugin import dropin, hookspecs
 from taskd.plugin.jobtype import JobType
 from taskd.plugin.options import signature_problem
-from taskd.run.executor import ExecutorRegistry, builtin_registry
+from taskd.run.executor.registry import ExecutorRegistry, builtin_registry
 
 log = structlog.get_logger("taskd.plugins")
 

@@ -16,7 +16,7 @@ from taskd.ledger._base import CLAIMING, HOST_CLAIM, Claim
 from taskd.run.context import JobContext
 from taskd.run.encoding import NO_RESULT, Encoded, TooLarge, encode
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
-from taskd.run.executor import Call
+from taskd.run.executor._base import Call
 from taskd.run.executor.thread import blocking, too_large_error
 from taskd.run.executors import with_timeout
 from taskd.run.limits import MAX_ERROR_TEXT, cut, describe, recall

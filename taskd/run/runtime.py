@@ -13,8 +13,9 @@ import structlog
 
 from taskd.ledger import NULL_LEDGER, NoFleetLedger
 from taskd.run.events import EventKind, JobEvent, Outcome
-from taskd.run.executor import ExecutorSettings, ExecutorType
+from taskd.run.executor._base import ExecutorSettings
 from taskd.run.executor.live import Executors
+from taskd.run.executor.registry import ExecutorType
 from taskd.run.resources import Resources
 from taskd.run.sinks import RunSink, default_sinks
 

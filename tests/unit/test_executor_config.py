@@ -3,6 +3,8 @@ mistake a config issue naming its key; a job on a plugin's executor runs there."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -211,3 +213,88 @@ async def test_the_kit_refuses_an_unknown_executor() -> None:
     async with JobRunner(Plugin()) as kit:
         with pytest.raises(ConfigError, match="unknown executor 'nope'"):
             kit.spec("crunch", executor="nope")
+
+
+# -- [dask] ------------------------------------------------------------------------------
+
+DASK_JOB = '[jobs.d]\ntype = "crunch"\nevery = "1m"\nexecutor = "dask"\n'
+
+
+@pytest.mark.parametrize(
+    ("table", "path", "message", "hint"),
+    [
+        ("", "dask.scheduler", "missing 'scheduler'", 'set scheduler = "local"'),
+        ('scheduler = "dask:8786"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "local"\nworkers = 0', "dask.workers", "must be from 1 to 256", None),
+        ('scheduler = "local"\nworkers = "2"', "dask.workers", "expected a whole number", None),
+        (
+            'scheduler = "tcp://h:8786"\nworkers = 2',
+            "dask.workers",
+            "'workers' applies to scheduler = \"local\" only",
+            "remove workers",
+        ),
+        ('scheduler = "local"\nconnect_timeout = "soon"', "dask.connect_timeout", "", None),
+        (
+            'scheduler = "local"\nconect_timeout = "1s"',
+            "dask.conect_timeout",
+            "unknown key",
+            "did you mean 'connect_timeout'?",
+        ),
+    ],
+)
+def test_dask_table_errors(
+    tmp_path: Path, host: PluginHost, table: str, path: str, message: str, hint: str | None
+) -> None:
+    _, issues = _resolve(tmp_path, host, f"[dask]\n{table}\n{DASK_JOB}")
+    (issue,) = issues
+    assert issue.path == path
+    assert message in issue.message
+    if hint is not None:
+        assert hint in (issue.hint or "")
+
+
+def test_a_dask_job_without_a_dask_table(tmp_path: Path, host: PluginHost) -> None:
+    _, issues = _resolve(tmp_path, host, DASK_JOB)
+    assert [i.path for i in issues] == ["dask.scheduler"]
+
+
+def test_dask_refuses_max_memory(tmp_path: Path, host: PluginHost) -> None:
+    _, issues = _resolve(
+        tmp_path, host, f'[dask]\nscheduler = "local"\n{DASK_JOB}max_memory = "1GiB"\n'
+    )
+    (issue,) = issues
+    assert issue.path == "jobs.d.max_memory"
+    assert issue.message.startswith("max_memory is not supported by the dask executor")
+    assert issue.hint == 'remove max_memory, or run the job on executor = "process"'
+
+
+def test_only_cpu_jobs_may_use_dask(tmp_path: Path, host: PluginHost) -> None:
+    _, issues = _resolve(
+        tmp_path,
+        host,
+        '[dask]\nscheduler = "local"\n[jobs.w]\ntype = "wait"\nevery = "1m"\nexecutor = "dask"\n',
+    )
+    assert [(i.path, i.message) for i in issues] == [
+        ("jobs.w.executor", "the 'dask' executor runs cpu jobs; 'wait' is a blocking job")
+    ]
+
+
+def test_a_good_dask_config_resolves_without_importing_distributed(
+    tmp_path: Path, host: PluginHost
+) -> None:
+    specs, issues = _resolve(
+        tmp_path,
+        host,
+        f'[dask]\nscheduler = "tcp://127.0.0.1:8786"\nconnect_timeout = "3s"\n{DASK_JOB}',
+    )
+    assert issues == []
+    assert specs["d"].executor == "dask"
+    # Checking the config imports the executor's module, never distributed: asked in a
+    # fresh interpreter (a test before this one may have imported it in this process).
+    code = (
+        "import sys; from taskd.run.executor.dask import DaskExecutor; "
+        "DaskExecutor.check_table({'scheduler': 'local'}); "
+        "print('distributed' in sys.modules, 'dask' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -56,7 +56,7 @@ def test_builtins_cover_every_kind_default() -> None:
         found = registry.get(name)
         assert found is not None
         assert kind in found.kinds
-    assert registry.names() == ["loop", "process", "thread"]
+    assert registry.names() == ["dask", "loop", "process", "thread"]
 
 
 def test_a_name_is_registered_once() -> None:

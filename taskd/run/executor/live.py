@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from taskd.run.executor._base import Executor, ExecutorRegistry, ExecutorSettings, ExecutorType
+from taskd.run.executor._base import Executor, ExecutorSettings
 from taskd.run.executor.process import ProcessExecutor
+from taskd.run.executor.registry import ExecutorRegistry, ExecutorType
 from taskd.run.executor.thread import ThreadExecutor
 
 
