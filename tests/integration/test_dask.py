@@ -82,6 +82,11 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc
         d.kill()
 
 
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
 def helper_pid(d: DaemonProc) -> int:
     return int(d.wait_for("dask_local_started", timeout=60)[0]["pid"])
 
@@ -134,8 +139,7 @@ class TestLocalCluster:
         status = run_cli("status", "--json", "-c", str(d.config_path))
         figures = json.loads(status.stdout)["daemon"]["executors"]["dask"]
         assert figures["up"] == 1.0
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
+        text = metrics(port)
         assert "taskd_dask_up 1.0" in text
         assert "taskd_dask_workers " in text
         assert "taskd_dask_orphaned_total 0.0" in text
@@ -177,6 +181,50 @@ every = "1h"
     assert trigger(d, "tick").returncode == 0  # the daemon goes on
     assert ended(d, "tick")["outcome"] == "succeeded"
     assert d.stop() == 0
+
+
+async def test_a_remote_cluster_is_left_alone_and_the_orphan_counted(
+    daemon_factory, tmp_path: Path
+) -> None:
+    """A tcp:// scheduler is a cluster taskd does not own (here one started for the test):
+    a timed-out run's worker is not restarted, its task runs on, and it is counted."""
+    helper = await LocalHelper.start(1)
+    try:
+        port = free_port()
+        pidfile = tmp_path / "slow.pid"
+        config = (
+            daemon_table(metrics_address=f'"127.0.0.1:{port}"')
+            + f"""
+[dask]
+scheduler = "{helper.address}"
+
+[jobs.slow]
+type = "slow"
+every = "1h"
+executor = "dask"
+timeout = "500ms"
+[jobs.slow.options]
+pidfile = "{pidfile}"
+seconds = 4.0
+"""
+        )
+        d = daemon_factory(config, {"dask_jobs.py": PLUGIN})
+        await asyncio.to_thread(d.start)
+        await asyncio.to_thread(d.wait_for, "dask_connected", timeout=30)
+        result = await asyncio.to_thread(trigger, d, "slow")
+        assert result.returncode == 1
+        run = await asyncio.to_thread(ended, d, "slow")
+        assert run["outcome"] == "timed_out"
+        orphan = (await asyncio.to_thread(d.wait_for, "dask_task_orphaned", timeout=30))[0]
+        assert orphan["key"].startswith(f"taskd-{run['run_id']}")
+        assert d.events("dask_worker_restart") == []
+        worker = int(pidfile.read_text())
+        assert psutil.pid_exists(worker)  # the task runs on in the cluster's worker
+        assert "taskd_dask_orphaned_total 1.0" in await asyncio.to_thread(metrics, port)
+        assert await asyncio.to_thread(d.stop) == 0
+        assert helper.proc.returncode is None  # taskd's stop leaves a cluster it does not own
+    finally:
+        await helper.close(5.0)
 
 
 async def ended_alone(helper: LocalHelper) -> int:
