@@ -134,6 +134,16 @@ class TestLocalCluster:
         assert run["result"] == "survived"
         assert not psutil.pid_exists(int((tmp / "died").read_text()))
 
+    def test_a_reload_keeps_the_cluster(self, local) -> None:
+        d, _, _ = local
+        sid = helper_pid(d)
+        before = len(d.events("run", job="where"))
+        d.signal(signal.SIGHUP)
+        d.wait_for("reloaded", timeout=30)
+        assert trigger(d, "where").returncode == 0
+        assert ended(d, "where", before + 1)["result"]["sid"] == sid
+        assert len(d.events("dask_local_started")) == 1
+
     def test_status_and_metrics_show_the_cluster(self, local) -> None:
         d, _, port = local
         status = run_cli("status", "--json", "-c", str(d.config_path))
