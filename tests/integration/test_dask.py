@@ -88,7 +88,8 @@ def metrics(port: int) -> str:
 
 
 def helper_pid(d: DaemonProc) -> int:
-    return int(d.wait_for("dask_local_started", timeout=60)[0]["pid"])
+    """The pid of the helper running now (the latest started)."""
+    return int(d.wait_for("dask_local_started", timeout=60)[-1]["pid"])
 
 
 class TestLocalCluster:
@@ -143,6 +144,18 @@ class TestLocalCluster:
         assert trigger(d, "where").returncode == 0
         assert ended(d, "where", before + 1)["result"]["sid"] == sid
         assert len(d.events("dask_local_started")) == 1
+
+    def test_a_killed_helper_is_started_anew_by_the_next_run(self, local) -> None:
+        d, _, _ = local
+        sid = helper_pid(d)
+        before = len(d.events("run", job="where"))
+        os.kill(sid, signal.SIGKILL)
+        poll(lambda: not psutil.pid_exists(sid), timeout=10)  # reaped: taskd has seen it end
+        assert trigger(d, "where").returncode == 0
+        run = ended(d, "where", before + 1)
+        assert d.wait_for("dask_local_lost", pid=sid, timeout=10)
+        assert run["result"]["sid"] == helper_pid(d) != sid
+        assert session_processes(sid) == []  # what the killed helper left was ended
 
     def test_status_and_metrics_show_the_cluster(self, local) -> None:
         d, _, port = local

@@ -128,6 +128,7 @@ class DaskExecutor:
         self._blobs: dict[Callable[..., Any], bytes] = {}
         self._inflight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock = asyncio.Lock()
         self._killed_worker: type[BaseException] = _Never
         self._cancelled: type[BaseException] = _Never
 
@@ -238,11 +239,23 @@ class DaskExecutor:
 
     # -- runs ------------------------------------------------------------------------------
 
+    async def _client(self) -> Any:
+        """The client, after starting anew if the local cluster's helper has died (killed
+        from outside, say): its runs would otherwise fail for good."""
+        helper = self.helper
+        if self.client is not None and (helper is None or helper.proc.returncode is None):
+            return self.client
+        async with self._lock:
+            helper = self.helper
+            if helper is not None and helper.proc.returncode is not None:
+                log.warning("dask_local_lost", pid=helper.pid, status=helper.proc.returncode)
+                await self.close(kill=True, timeout=0)
+            if self.client is None:
+                await self.start()
+        return self.client
+
     async def run(self, call: Call) -> tuple[Any, Encoded]:
-        client = self.client
-        if client is None:
-            await self.start()
-            client = self.client
+        client = await self._client()
         if client.status != "running":
             raise DaskUnavailable(
                 f"dask scheduler {self.settings.scheduler} unreachable: the client is "
