@@ -162,6 +162,9 @@ class TestLocalCluster:
         status = run_cli("status", "--json", "-c", str(d.config_path))
         figures = json.loads(status.stdout)["daemon"]["executors"]["dask"]
         assert figures["up"] == 1.0
+        plain = run_cli("status", "-c", str(d.config_path)).stdout
+        assert "  dask:   up, " in plain
+        assert " workers, " in plain
         text = metrics(port)
         assert "taskd_dask_up 1.0" in text
         assert "taskd_dask_workers " in text
