@@ -23,6 +23,8 @@ from taskd.run.limits import MAX_ERROR_TEXT, cut, describe, recall
 from taskd.run.sinks import RunEnd
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from taskd.jobspec import JobSpec
     from taskd.ledger import Ledger
     from taskd.run.runtime import Runtime
@@ -150,11 +152,18 @@ async def _elsewhere(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
     return result
 
 
-async def execute(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> RunInfo:
+async def execute(
+    rt: Runtime,
+    spec: JobSpec,
+    info: RunInfo,
+    ledger: Ledger,
+    claimed: Callable[[RunInfo], None] | None = None,
+) -> RunInfo:
     """Run ``spec`` once for the tick in ``info``, with retries, on record with ``ledger``
     (the job's). Returns ``info`` with its outcome. Re-raises CancelledError after recording
     the run as cancelled. Raises :class:`~taskd.ledger.NotClaimed` when the ledger refused
-    the run: then nothing was recorded or counted (the caller skips its tick)."""
+    the run: then nothing was recorded or counted (the caller skips its tick). ``claimed``
+    is called once a ledger that asks first has granted the run."""
     cfg = spec.config
     # On record before the job does anything: a restart after a crash neither runs this
     # tick again nor forgets that the run existed.
@@ -164,6 +173,8 @@ async def execute(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> 
         # while it asks leaves before the run is counted; nothing is on record then.
         info.claim = CLAIMING
         info.claim = await ledger.claim(info)
+        if claimed is not None:
+            claimed(info)
     rt.stats.running += 1
     try:
         while True:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -120,9 +120,9 @@ class JobRuns(JobState):
             tick, cause, waiter = self._dequeue()
             rt = self.rt
             info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
-            if waiter is not None:
-                waiter.begin(info)
-            await self._run_inline(info, execute(rt, self.spec, info, self.ledger), waiter)
+            ledger = self.ledger
+            claimed = None if waiter is None else _begin(waiter, info, ledger)
+            await self._run_inline(info, execute(rt, self.spec, info, ledger, claimed), waiter)
 
     def _start_fast(self, tick: float, cause: Cause) -> RunInfo:
         """The fused path's run for ``tick`` (see _due_fast, which moved the cursor): its
@@ -216,12 +216,13 @@ class JobRuns(JobState):
     ) -> RunInfo:
         rt = self.rt
         info = RunInfo(rt.new_run_id(), self.name, tick, time.time(), cause)
+        ledger = self.ledger
+        claimed = None if waiter is None else _begin(waiter, info, ledger)
         task = asyncio.get_running_loop().create_task(
-            execute(rt, self.spec, info, self.ledger), name=f"taskd-run:{self.name}:{info.run_id}"
+            execute(rt, self.spec, info, ledger, claimed),
+            name=f"taskd-run:{self.name}:{info.run_id}",
         )
         self._add_run(info, task)
-        if waiter is not None:
-            waiter.begin(info)
         # The spec and ledger the run started with: a run in flight ends under them.
         done = functools.partial(self._run_done, info, self.spec, self.ledger, waiter)
         task.add_done_callback(done)
@@ -301,6 +302,16 @@ class JobRuns(JobState):
                 self._skip(ticks, reason)
             for _, _, waiter in queue:
                 _settle(waiter, reason)
+
+
+def _begin(waiter: ManualRun, info: RunInfo, ledger: Ledger) -> Callable[[RunInfo], None] | None:
+    """A manual run has started: its caller (``taskd trigger``) learns it now, or, when the
+    ledger may refuse the run, once the ledger granted it (the callback for ``execute``),
+    so that a refused claim is answered as refused, never as started."""
+    if ledger.may_refuse:
+        return waiter.begin
+    waiter.begin(info)
+    return None
 
 
 def _settle(waiter: ManualRun | None, value: RunInfo | SkipReason) -> None:

@@ -218,6 +218,38 @@ class TestManual:
         # What `taskd trigger --wait` then prints.
         assert "was not run: the job is paused" in str(_refused("j", ended))
 
+    @pytest.mark.parametrize("overlap", ["skip", "allow"])
+    async def test_trigger_without_wait_learns_the_verdict_not_just_the_start(
+        self, runtime: Runtime, store: StateStore, overlap: str
+    ) -> None:
+        """`taskd trigger` (no --wait) answers once the run started: for a ledger that asks
+        first, once the claim was granted (with its fence) or refused (the reason)."""
+
+        async def job_func(ctx: Any) -> None:
+            return None
+
+        spec = _spec(job_func, schedule="at", at=4070908800.0, overlap=overlap)
+        job = ScheduledJob(spec, runtime, cursor=None)
+        ledger = AsksFirst(store, refuse=lambda n, info: n == 1, reason=SkipReason.OVERLAP)
+        ledger.gate = asyncio.Event()  # hold every claim until the test lets it go
+        job.ledger = ledger
+        job.start()
+        results = []
+        for _ in range(2):
+            waiter = ManualRun()
+            assert job.trigger_now(waiter) is None
+            await _wait_until(lambda: ledger.asked >= len(results) + 1)
+            await asyncio.sleep(0.05)
+            assert not waiter.started.done()  # still asking: no answer yet
+            ledger.gate.set()
+            results.append(await asyncio.wait_for(waiter.started, 5))
+            ledger.gate.clear()
+            await asyncio.wait_for(waiter.ended, 5)
+        await _stop(job, runtime)
+        refused, granted = results
+        assert refused is SkipReason.OVERLAP
+        assert isinstance(granted, RunInfo) and granted.claim.fence == 101
+
     def test_every_new_reason_has_a_text(self) -> None:
         for reason in (SkipReason.ELSEWHERE, SkipReason.FLEET_UNAVAILABLE, SkipReason.CLOCK_SKEW):
             assert str(_refused("j", reason)).endswith(SKIP_TEXT[reason])  # a sentence
