@@ -36,6 +36,8 @@ T = TypeVar("T")
 REPORT_USER = "report"
 REPORT_PASSWORD = "pw-Zq8xK3vT-not-in-any-log"
 ADMIN_PASSWORD = "admin-pw-Hh41"
+FLEET_USER = "taskd_fleet"
+FLEET_PASSWORD = "fleet-pw-Rt7wQ2-not-in-any-log"
 PG_BIN = Path(os.environ.get("TASKD_TEST_PG_BIN", "/usr/local/bin"))
 START_TIMEOUT = 60.0
 
@@ -221,8 +223,10 @@ class PgServer(_Server):
             "synchronous_commit=off",
             "-c",
             "full_page_writes=off",
+            # Fleet tests: three hosts x (a pool of 4 + a LISTEN connection), plus the tests'
+            # own connections and sql_query's.
             "-c",
-            "max_connections=50",
+            "max_connections=100",
         ]
 
     def ready(self) -> bool:
@@ -262,6 +266,14 @@ class PgServer(_Server):
             "SELECT pid, state, query FROM pg_stat_activity WHERE application_name = $1",
             application_name,
         )
+
+    def fleet_db(self, name: str) -> str:
+        """A fresh database ``name`` owned by the fleet role (:data:`FLEET_USER`, password
+        :data:`FLEET_PASSWORD`, created once): taskd creates its own tables in it. Its DSN."""
+        if not self.sql("SELECT 1 FROM pg_roles WHERE rolname = $1", FLEET_USER, db="postgres"):
+            self.sql(f"CREATE ROLE {FLEET_USER} LOGIN PASSWORD '{FLEET_PASSWORD}'", db="postgres")
+        self.sql(f"CREATE DATABASE {name} OWNER {FLEET_USER}", db="postgres")
+        return self.dsn(FLEET_USER, name)
 
     def setup(self) -> None:
         self.sql("SELECT 1", db="postgres")
