@@ -27,7 +27,6 @@ import datetime as dt
 import decimal
 import json
 import math
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +34,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import taskd
+from taskd.config.secrets import (
+    PasswordUnavailable,
+    SecretKeys,
+    dsn_without_password,
+    one_source,
+    read_password,
+)
 
 # What TOML can give as a query parameter.
 Param = str | int | float | bool | dt.datetime | dt.date | dt.time
@@ -51,9 +57,12 @@ _CLOSE_TIMEOUT = 5.0  # for a pool being replaced, and for a KILL QUERY
 _MYSQL_CONN_CODES = {1040, 1044, 1045, 1053, 1152, 1927}
 
 
-_NO_PASSWORD = (
-    "The config is no place for a password: put it in a file (option 'password_file', mode "
-    "0600) or an environment variable (option 'password_env'), and drop it from the DSN."
+# The password rule every DSN of taskd follows (taskd.config.secrets), named as options.
+_KEYS = SecretKeys(
+    dsn="option 'dsn'",
+    file="option 'password_file'",
+    env="option 'password_env'",
+    prefix="sql_query: ",
 )
 
 
@@ -80,25 +89,7 @@ class _Target:
                 f"sql_query: option 'dsn' must start with postgresql://, postgres:// or "
                 f"mysql:// (mariadb:// too), got {parts.scheme + '://' if parts.scheme else dsn!r}"
             )
-        elsewhere = "@" in dsn.split("://", 1)[-1][len(parts.netloc) :]
-        if "@" not in parts.netloc and elsewhere:
-            # A "/", "#" or "?" in a password ends the host part early ("u:Se/cret@h" reads
-            # as host "u", port "Se"): nothing of the DSN can be shown safely.
-            raise ValueError(
-                f"sql_query: option 'dsn' ({parts.scheme}://...) has an '@' after its host "
-                f"part: a password with '/', '#' or '?' in it? {_NO_PASSWORD} If the '@' "
-                f"belongs in the database name or a parameter, write it as %40"
-            )
-        # Keys decoded as the drivers decode them: ?pass%77ord= is ?password=.
-        in_query = any(
-            unquote(p.split("=", 1)[0]).lower() == "password" for p in parts.query.split("&")
-        )
-        if parts.password is not None or in_query:
-            shown = dsn.replace(f":{parts.password}@", ":***@", 1) if parts.password else dsn
-            shown = shown.split("?", 1)[0] + ("?..." if parts.query else "")
-            raise ValueError(
-                f"sql_query: option 'dsn' {shown!r} has a password in it. {_NO_PASSWORD}"
-            )
+        dsn_without_password(dsn, _KEYS)
         try:
             port = parts.port
         except ValueError:
@@ -179,36 +170,14 @@ class _Pool:
 
 
 async def _read_password(ctx: taskd.JobContext, file: str | None, env: str | None) -> str | None:
-    if file is not None and env is not None:
-        raise ValueError("sql_query: give at most one of option 'password_file' and 'password_env'")
-    if env is not None:
-        value = os.environ.get(env)
-        if not value:
-            raise SqlQueryError(
-                f"sql_query: option 'password_env': the environment variable {env!r} is "
-                f"{'empty' if value == '' else 'not set'} in the daemon's environment"
-            )
-        return value
-    if file is not None:
-
-        def read() -> str:
-            # The first line only: a note may follow it (who rotated it, when).
-            with open(file, encoding="utf-8") as f:
-                return f.readline(64 * 1024).rstrip("\r\n")
-
-        try:
-            value = await ctx.to_thread(read)  # a stat can hang on a dead network mount
-        except OSError as exc:
-            raise SqlQueryError(
-                f"sql_query: option 'password_file' {file!r}: {exc.strerror or exc}"
-            ) from None
-        if not value:
-            raise SqlQueryError(
-                f"sql_query: option 'password_file' {file!r}: its first line is empty (the "
-                f"password goes on the first line)"
-            )
-        return value
-    return None
+    one_source(file, env, _KEYS)  # a ValueError before any thread is asked
+    try:
+        if file is None:
+            return read_password(None, env, _KEYS)  # the environment: no I/O
+        # In a thread: a stat can hang on a dead network mount.
+        return await ctx.to_thread(read_password, file, None, _KEYS)
+    except PasswordUnavailable as exc:
+        raise SqlQueryError(str(exc)) from None
 
 
 def _import(driver: str) -> Any:

@@ -1,7 +1,16 @@
 """Where a job's ticks and runs go on record: the ledger seam (see :mod:`taskd.ledger._base`)."""
 
-from taskd.ledger._base import HOST_CLAIM, Claim, Ledger
+from taskd.ledger._base import CLAIMING, HOST_CLAIM, Claim, Ledger, NotClaimed
 from taskd.ledger.local import LocalLedger
 from taskd.ledger.null import NULL_LEDGER, NullLedger
 
-__all__ = ["HOST_CLAIM", "NULL_LEDGER", "Claim", "Ledger", "LocalLedger", "NullLedger"]
+__all__ = [
+    "CLAIMING",
+    "HOST_CLAIM",
+    "NULL_LEDGER",
+    "Claim",
+    "Ledger",
+    "LocalLedger",
+    "NotClaimed",
+    "NullLedger",
+]

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 from taskd.ledger._base import HOST_CLAIM, Claim
 
@@ -17,11 +17,15 @@ class NullLedger:
     the one instance, :data:`NULL_LEDGER`, serves every runtime."""
 
     __slots__ = ()
+    may_refuse: ClassVar[bool] = False
 
     def advance(self, job: str, tick: float) -> None:
         pass
 
     def open_run(self, info: RunInfo) -> Claim:
+        return HOST_CLAIM
+
+    async def claim(self, info: RunInfo) -> Claim:
         return HOST_CLAIM
 
     def advance_and_open(self, job: str, tick: float, info: RunInfo) -> Claim:

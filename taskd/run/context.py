@@ -60,14 +60,15 @@ class JobContext:
 
     Attributes: ``job`` (its name in the config), ``run_id``, ``attempt`` (1 for the first try),
     ``scheduled`` (the tick this run belongs to, an aware UTC datetime), ``log`` (a structlog
-    logger bound to job and run id), ``state`` (the :class:`~taskd.state.shared.SharedState`).
-    Long-lived resources (a session, a pool) come from :meth:`resource`.
+    logger bound to job and run id), ``state`` (the :class:`~taskd.state.shared.SharedState`),
+    ``fence`` (a fleet run's fencing token; None for a host run). Long-lived resources (a session, a pool) come from :meth:`resource`.
     """
 
     # log and scheduled are made on first use: most jobs never touch them, and a burst of
     # 10,000 runs should not pay for 10,000 bound loggers and datetimes it does not need.
     __slots__ = (
         "_base_log",
+        "_fence",
         "_log",
         "_offload",
         "_resources",
@@ -91,6 +92,7 @@ class JobContext:
         offload: Offloader | None = None,
         base_log: FilteringBoundLogger | None = None,
         resources: Resources | None = None,
+        fence: int | None = None,
     ) -> None:
         self.job = job
         self.run_id = run_id
@@ -103,10 +105,17 @@ class JobContext:
         # The daemon's registry; None outside a daemon until a resource is asked for.
         self._resources = resources
         self._scope: Scope | None = None  # held from the first resource() to the run's end
+        self._fence = fence
 
     @classmethod
     def for_run(
-        cls, job: str, run_id: str, attempt: int, scheduled: float, rt: _Daemon
+        cls,
+        job: str,
+        run_id: str,
+        attempt: int,
+        scheduled: float,
+        rt: _Daemon,
+        fence: int | None = None,
     ) -> JobContext:
         """The context of one attempt of a daemon's run (the runner's hot path): the same
         object ``__init__`` makes, without its keyword parsing and defaults, a quarter of
@@ -122,7 +131,17 @@ class JobContext:
         ctx._offload = rt
         ctx._resources = rt.resources
         ctx._scope = None
+        ctx._fence = fence
         return ctx
+
+    @property
+    def fence(self) -> int | None:
+        """The fencing token of this run's fleet claim (``scope = "fleet"``): it grows with
+        every claim of the job's ticks, and a newer one means another host took this run
+        over. A store of the job's own accepts a write only with a fence not older than the
+        newest it has seen (``UPDATE ... SET fence = $f WHERE fence <= $f``). None for a
+        host run."""
+        return self._fence
 
     @property
     def scheduled(self) -> datetime:

@@ -57,6 +57,10 @@ class SkipReason(enum.StrEnum):
     REPLACED = "replaced"  # queued behind a run that overlap = "replace" cancelled
     CRASHED = "crashed"  # the job's scheduling task ended by a bug (logged); restart taskd
     EXHAUSTED = "exhausted"  # a blocking run, and every thread thread_workers_max allows is stuck
+    # scope = "fleet" (the run is claimed from the fleet's database first):
+    ELSEWHERE = "elsewhere"  # another host claimed this tick and runs it (logged at debug)
+    FLEET_UNAVAILABLE = "fleet_unavailable"  # the fleet database is down or unreachable
+    CLOCK_SKEW = "clock_skew"  # the tick came early twice by the database's clock
 
 
 @dataclass(frozen=True, slots=True)

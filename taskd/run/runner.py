@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from taskd.errors import JobTimeout, ResultTooLarge
+from taskd.ledger._base import CLAIMING, HOST_CLAIM, Claim
 from taskd.run.context import JobContext
 from taskd.run.encoding import NO_RESULT, Encoded, TooLarge, encode, too_large
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
@@ -52,6 +53,10 @@ class RunInfo:
     cancel_reason: str | None = field(default=None)
     ended: float = 0.0
     in_backoff: bool = False  # waiting to retry: a stop need not wait for it
+    # The run's right to its tick, as its ledger granted it: the shared HOST_CLAIM for a host
+    # run (nothing allocated), CLAIMING while a fleet ledger is asked, then the fleet's claim
+    # with its fence (ctx.fence).
+    claim: Claim = HOST_CLAIM
 
 
 def _error_text(exc: BaseException, label: str = "") -> str:
@@ -117,7 +122,9 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
     info.encoded = None
     kind = jt.kind
     if kind == "io":
-        ctx = JobContext.for_run(cfg.name, info.run_id, info.attempt, info.scheduled, rt)
+        ctx = JobContext.for_run(
+            cfg.name, info.run_id, info.attempt, info.scheduled, rt, info.claim.fence
+        )
         try:
             if cfg.timeout is None:
                 # No with_timeout frame around the job when it has no timeout (the default).
@@ -146,11 +153,17 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
 async def execute(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> RunInfo:
     """Run ``spec`` once for the tick in ``info``, with retries, on record with ``ledger``
     (the job's). Returns ``info`` with its outcome. Re-raises CancelledError after recording
-    the run as cancelled."""
+    the run as cancelled. Raises :class:`~taskd.ledger.NotClaimed` when the ledger refused
+    the run: then nothing was recorded or counted (the caller skips its tick)."""
     cfg = spec.config
     # On record before the job does anything: a restart after a crash neither runs this
     # tick again nor forgets that the run existed.
-    ledger.open_run(info)
+    claim = ledger.open_run(info)
+    if claim is None:
+        # A fleet job: its ledger asks the fleet first. A refusal (NotClaimed) or a cancel
+        # while it asks leaves before the run is counted; nothing is on record then.
+        info.claim = CLAIMING
+        info.claim = await ledger.claim(info)
     rt.stats.running += 1
     try:
         while True:
@@ -289,9 +302,17 @@ def _failed(rt: Runtime, spec: JobSpec, info: RunInfo, exc: BaseException) -> No
         )
 
 
+def never_claimed(info: RunInfo, ledger: Ledger) -> bool:
+    """The run's ledger may refuse runs and never granted this one (its task was cancelled
+    before ``execute`` asked, or while it asked): the run was never opened, and leaves no
+    record. A host run is granted by the first step of ``execute``."""
+    return info.claim is CLAIMING or (ledger.may_refuse and info.claim is HOST_CLAIM)
+
+
 def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> None:
     """Record a run whose task was cancelled before it took its first step (so ``execute``
-    never ran): it ends as cancelled, with a log line and a history row like any other."""
+    never ran): it ends as cancelled, with a log line and a history row like any other.
+    Not for a run :func:`never_claimed` (the caller skips its tick instead)."""
     info.outcome = CANCELLED
     info.error = info.cancel_reason or "cancelled"
     info.ended = time.time()

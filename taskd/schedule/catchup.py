@@ -24,6 +24,8 @@ class JobCatchup(JobRuns):
         else None, and nothing changed (the caller takes the general path)."""
         if self.active or self.queue or self.paused or self._stopping or self.removed:
             return None  # _fire would skip it, queue it, or leave it to the queue
+        if self.ledger.may_refuse:
+            return None  # its run must be claimed first, which the fused path cannot do
         spec = self.spec
         trigger = spec.trigger
         assert isinstance(trigger, Every)

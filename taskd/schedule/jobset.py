@@ -298,6 +298,16 @@ SKIP_TEXT: dict[str, str] = {
         "stuck in a blocking call that outlived its run; fix the job that hangs (see "
         "thread_stuck in the log) and restart taskd, or raise thread_workers_max"
     ),
+    SkipReason.PAUSED: "the job is paused (taskd resume runs it again)",
+    SkipReason.ELSEWHERE: "another host of the fleet runs this tick",
+    SkipReason.FLEET_UNAVAILABLE: (
+        "the fleet database is unreachable, and a fleet job never runs unclaimed; see "
+        "fleet_db_down in the log"
+    ),
+    SkipReason.CLOCK_SKEW: (
+        "this host's clock is ahead of the fleet database's; fix its time sync (see "
+        "clock_skew in the log)"
+    ),
 }
 
 

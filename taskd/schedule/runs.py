@@ -3,7 +3,9 @@
 A run starts inline, in the job's own task (overlap = "skip" or "queue": never two at once),
 or as a child task of its own (overlap = "replace" or "allow"), so the overlap policy can see
 and cancel it. Ticks that wait behind a run are queued here; a tick that cannot run is
-skipped with its reason.
+skipped with its reason. A run its ledger refuses (a fleet job's tick claimed by another
+host, say: taskd.ledger.NotClaimed) is no run either: its tick is skipped with the ledger's
+reason, with no run line and no history row.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from taskd.ledger import CLAIMING, NotClaimed
 from taskd.run.events import Cause, SkipReason
-from taskd.run.runner import RunInfo, cancelled_before_start, execute
+from taskd.run.runner import RunInfo, cancelled_before_start, execute, never_claimed
 from taskd.schedule.jobstate import _NO_RUNS, _NO_TICKS, JobState
 
 if TYPE_CHECKING:
@@ -139,9 +142,15 @@ class JobRuns(JobState):
         assert task is not None
         self._add_run(info, task)
         self._arm_next()
+        refused: SkipReason | None = None
         try:
             await run
+        except NotClaimed as exc:
+            refused = self._not_claimed(info, exc.reason, exc.detail, exc.holder)
         except asyncio.CancelledError:
+            if info.claim is CLAIMING:
+                # Cancelled while its ledger was asked: never opened, so no run: a skip.
+                refused = self._not_claimed(info, self._cancelled_why())
             # An inline run's task is this job's own: a cancel meant for the run alone
             # (overlap switched to "replace" by a reload) must not end the job's schedule.
             if info.cancel_reason is None or self._stopping:
@@ -153,7 +162,7 @@ class JobRuns(JobState):
         finally:
             self._end_run(info.run_id)
             # The timer stays: the job sleeps on it next if no run or reload came meanwhile.
-            _settle(waiter, info)
+            _settle(waiter, info if refused is None else refused)
             if not self._stopping:
                 # Whatever cancels were aimed at the run (also one the job caught and
                 # swallowed) are spent: none may linger to end this task later.
@@ -228,14 +237,27 @@ class JobRuns(JobState):
     ) -> None:
         run_id = info.run_id
         self._end_run(run_id)
-        if info.outcome is None and task.cancelled():
-            # Cancelled before its first step (overlap = "replace" in the same loop
-            # iteration): execute never ran, so record the run here, or it would vanish.
-            cancelled_before_start(self.rt, spec, info, ledger)
-        _settle(waiter, info)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("run_crashed", job=self.name, run_id=run_id, error=repr(exc), exc_info=exc)
+        refused: SkipReason | None = None
+        crash: BaseException | None = None
+        if task.cancelled():
+            if info.outcome is None:
+                # Cancelled before its first step (overlap = "replace" in the same loop
+                # iteration): execute never ran, so record the run here, or it would
+                # vanish; unless its ledger never granted it (then it is a skip).
+                if never_claimed(info, ledger):
+                    refused = self._not_claimed(info, self._cancelled_why())
+                else:
+                    cancelled_before_start(self.rt, spec, info, ledger)
+        else:
+            crash = task.exception()
+            if isinstance(crash, NotClaimed):
+                refused = self._not_claimed(info, crash.reason, crash.detail, crash.holder)
+                crash = None
+        _settle(waiter, info if refused is None else refused)
+        if crash is not None:
+            log.error(
+                "run_crashed", job=self.name, run_id=run_id, error=repr(crash), exc_info=crash
+            )
         if (
             self.queue
             and not self.active
@@ -248,6 +270,31 @@ class JobRuns(JobState):
                 self.start_run(*self._dequeue())
         if self.done or (self.queue and self._inline):
             self._poke()
+
+    def _not_claimed(
+        self, info: RunInfo, reason: SkipReason, detail: str = "", holder: str | None = None
+    ) -> SkipReason:
+        """The ledger did not grant the run of ``info``: its tick is skipped with ``reason``
+        (a manual run is no tick: its caller is answered). Returns the reason."""
+        log.debug(
+            "not_claimed",
+            job=self.name,
+            run_id=info.run_id,
+            reason=str(reason),
+            detail=detail,
+            holder=holder,
+        )
+        if info.cause is Cause.MANUAL:
+            log.info("trigger_refused", job=self.name, reason=str(reason))
+        else:
+            self._skip([info.scheduled], reason)
+        return reason
+
+    def _cancelled_why(self) -> SkipReason:
+        """Why a run cancelled before its ledger granted it did not run."""
+        if self._stopping:
+            return SkipReason.SHUTDOWN
+        return SkipReason.REMOVED if self.removed else SkipReason.REPLACED
 
     def _drop_queue(self, reason: SkipReason) -> None:
         if self.queue:

@@ -41,7 +41,8 @@ def log_skip(job: str, reason: SkipReason, first: float, last: float, count: int
     fields = {"job": job, "reason": str(reason), "count": count, "first": _utc(first).isoformat()}
     if count > 1:
         fields["last"] = _utc(last).isoformat()
-    if reason is SkipReason.PAUSED:
+    if reason is SkipReason.PAUSED or reason is SkipReason.ELSEWHERE:
+        # Expected, not a problem: a paused job, a tick another host of the fleet runs.
         log.debug("skipped", **fields)
     else:
         log.warning("skipped", **fields)

@@ -233,6 +233,8 @@ class TestEndToEnd:
 class Recorder:
     """A Ledger that keeps what it is told, in order, and grants every run."""
 
+    may_refuse = False
+
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
@@ -242,6 +244,9 @@ class Recorder:
     def open_run(self, info: RunInfo) -> Claim:
         self.calls.append(("open_run", info.job, info.run_id))
         return HOST_CLAIM
+
+    async def claim(self, info: RunInfo) -> Claim:
+        raise AssertionError("a ledger that grants every run is never asked to claim")
 
     def advance_and_open(self, job: str, tick: float, info: RunInfo) -> Claim:
         self.calls.append(("advance_and_open", job, info.run_id))
