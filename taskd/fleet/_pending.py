@@ -1,16 +1,11 @@
-"""Stand-ins for names that branch i10-claim adds (``FleetConfig`` in taskd.config.model,
-``NotClaimed`` in taskd.ledger._base, two SkipReasons). # until i10-claim lands: the lead
-replaces each with an import of the real one at merge; the fields and names match the design
-(issue10-design.md §2.1, §4.1)."""
+"""A stand-in for ``FleetConfig``, which branch i10-claim adds to taskd.config.model (C5).
+# until i10-claim lands: the lead replaces it with an import of the real one at merge; the
+fields and names match the design (issue10-design.md §4.1)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-
-# until i10-claim lands: SkipReason.ELSEWHERE / SkipReason.FLEET_DOWN
-ELSEWHERE = "elsewhere"
-FLEET_DOWN = "fleet_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,13 +22,3 @@ class FleetConfig:  # until i10-claim lands (taskd.config.model.FleetConfig)
     on_owner_lost: Literal["retry", "abandon"] = "retry"
     max_takeovers: int = 3
     connect_timeout: float = 5.0
-
-
-class NotClaimed(Exception):  # until i10-claim lands (taskd.ledger._base.NotClaimed)
-    """The ledger refused the run: its tick becomes a skip with ``reason``, never a run."""
-
-    def __init__(self, reason: str, detail: str = "", holder: str | None = None) -> None:
-        super().__init__(detail or reason)
-        self.reason = reason
-        self.detail = detail
-        self.holder = holder

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import asyncpg
 import structlog
+
+from taskd.config.secrets import PasswordUnavailable, SecretKeys, read_password
 
 if TYPE_CHECKING:
     from taskd.fleet._pending import FleetConfig
@@ -62,34 +63,17 @@ def is_gone(exc: BaseException) -> bool:
     return isinstance(exc, _GONE)
 
 
-def read_password(cfg: FleetConfig) -> str | None:
-    """The password from ``password_file`` (its first line) or ``password_env``; never the
-    DSN (the config refuses one there). Read at each connect, so a rotated file is picked
-    up by the next pool."""
-    if cfg.password_env is not None:
-        value = os.environ.get(cfg.password_env)
-        if not value:
-            how = "empty" if value == "" else "not set"
-            raise FleetDown(
-                f"[fleet] password_env: the environment variable {cfg.password_env!r} is "
-                f"{how} in the daemon's environment"
-            )
-        return value
-    if cfg.password_file is not None:
-        try:
-            with open(cfg.password_file, encoding="utf-8") as f:
-                value = f.readline(64 * 1024).rstrip("\r\n")
-        except OSError as exc:
-            raise FleetDown(
-                f"[fleet] password_file {cfg.password_file!r}: {exc.strerror or exc}"
-            ) from None
-        if not value:
-            raise FleetDown(
-                f"[fleet] password_file {cfg.password_file!r}: its first line is empty (the "
-                f"password goes on the first line)"
-            )
-        return value
-    return None
+KEYS: Final = SecretKeys(dsn="fleet.dsn", file="fleet.password_file", env="fleet.password_env")
+
+
+async def password(cfg: FleetConfig) -> str | None:
+    """The password from ``password_file`` or ``password_env``, never the DSN (the config
+    refuses one there). Read at each connect, in a thread (a stat can hang on a dead
+    network mount), so a rotated file is picked up by the next connection."""
+    try:
+        return await asyncio.to_thread(read_password, cfg.password_file, cfg.password_env, KEYS)
+    except (PasswordUnavailable, ValueError) as exc:
+        raise FleetDown(str(exc)) from None
 
 
 class Conn:
@@ -116,10 +100,10 @@ class Conn:
     def on_down(self, cb: Callable[[], None]) -> None:
         self._on_down.append(cb)
 
-    def connect_kwargs(self, app: str) -> dict[str, Any]:
+    async def connect_kwargs(self, app: str) -> dict[str, Any]:
         return {
             "dsn": self.cfg.dsn,
-            "password": read_password(self.cfg),
+            "password": await password(self.cfg),
             "timeout": self.cfg.connect_timeout,
             "command_timeout": self.command_timeout,
             "server_settings": {"application_name": f"{app}:{self.node}"[:63]},
@@ -128,7 +112,7 @@ class Conn:
     async def open(self) -> None:
         """The first connect: its failure is the caller's (a start error or a retry)."""
         self.pool = await asyncpg.create_pool(
-            min_size=1, max_size=4, **self.connect_kwargs("taskd")
+            min_size=1, max_size=4, **(await self.connect_kwargs("taskd"))
         )
         self.state = "up"
 

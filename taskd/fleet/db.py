@@ -331,7 +331,7 @@ class FleetDB:
         old, self._listen = self._listen, None
         if old is not None:
             old.terminate()
-        conn = await asyncpg.connect(**self.conn.connect_kwargs("taskd-listen"))
+        conn = await asyncpg.connect(**(await self.conn.connect_kwargs("taskd-listen")))
         await conn.add_listener(sql.CHANNEL, self._on_notify)
         conn.add_termination_listener(self._on_listen_lost)
         self._listen = conn
