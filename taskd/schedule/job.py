@@ -137,6 +137,49 @@ class ScheduledJob(JobCatchup):
             self._poke()  # an inline run is started by the job's own task
         return reason
 
+    def take_over(self, tick: float) -> SkipReason | None:
+        """Run ``tick`` here now: a fleet job's tick whose owner lost its lease, which this
+        host's ledger has claimed already (its sweep). Bypasses the local overlap check (the
+        fleet checked it when the tick was first claimed) but not a pause, a stop, a removal
+        or a broken job: then the reason, and the caller gives the claim back."""
+        reason: SkipReason | None = None
+        if self._stopping:
+            reason = SkipReason.SHUTDOWN
+        elif self.removed:
+            reason = SkipReason.REMOVED
+        elif self.spec.broken is not None:
+            reason = SkipReason.BROKEN
+        elif self.paused:
+            reason = SkipReason.PAUSED
+        elif self._no_thread:
+            reason = SkipReason.EXHAUSTED
+        if reason is None:
+            self.start_run(tick, Cause.TAKEOVER)
+        return reason
+
+    def cancel_run(self, run_id: str, reason: str) -> bool:
+        """Cancel one run in flight (a fleet run whose claim was lost); False if it is not
+        running (any more)."""
+        entry = self.active.get(run_id)
+        if entry is None:
+            return False
+        task, info = entry
+        if info.cancel_reason is None:
+            info.cancel_reason = reason
+            task.cancel()
+        return True
+
+    def rewind(self, tick: float) -> None:
+        """Handle ticks from ``tick`` on again, as a backlog under ``catchup``: a fleet
+        job's ticks skipped while the fleet database was down, once it is back."""
+        if self.cursor is None or self.cursor < tick:
+            return
+        # The cursor is the last tick handled: just before ``tick`` makes it the next due.
+        self.cursor = tick - 0.001
+        self.ledger.advance(self.name, self.cursor)
+        self._rearm()
+        self._poke()
+
     def clock_changed(self) -> None:
         """The wall clock stepped: time the next tick anew (the timer counts loop time)."""
         self._rearm()

@@ -159,6 +159,23 @@ class JobSet:
             log.info("paused" if paused else "resumed", job=name)
         return changed
 
+    def take_over(self, name: str, tick: float) -> SkipReason | None:
+        """Start a taken-over fleet run of ``name``'s ``tick`` (see ScheduledJob.take_over);
+        the reason when it cannot run here. Raises NoSuchJob."""
+        return self.get(name).take_over(tick)
+
+    def cancel_run(self, name: str, run_id: str, reason: str) -> bool:
+        job = self.jobs.get(name)
+        if job is not None and job.cancel_run(run_id, reason):
+            return True
+        return any(j.cancel_run(run_id, reason) for j in self.retiring if j.name == name)
+
+    def rewind(self, name: str, tick: float) -> None:
+        """Handle ``name``'s ticks from ``tick`` on again (see ScheduledJob.rewind)."""
+        job = self.jobs.get(name)
+        if job is not None:
+            job.rewind(tick)
+
     def clock_changed(self) -> None:
         for job in self.jobs.values():
             job.clock_changed()
