@@ -201,8 +201,11 @@ class FleetDB:
         db_now = from_ts(row["db_now"])
         return Beat(frozenset(row["kept"]), db_now, db_now - (sent + got) / 2)
 
-    async def sweep(self, jobs: Sequence[str], *, limit: int = SWEEP_BATCH) -> list[Swept]:
-        """Take over (retry) or abandon the expired claims of ``jobs``."""
+    async def sweep(
+        self, jobs: Sequence[str], mine: Sequence[int] = (), *, limit: int = SWEEP_BATCH
+    ) -> list[Swept]:
+        """Take over (retry) or abandon the expired claims of ``jobs``, but not those whose
+        fence is in ``mine`` (runs of this node, still going)."""
         rows = await self._call(
             "fetch",
             sql.SWEEP,
@@ -213,6 +216,7 @@ class FleetDB:
             interval(self.cfg.claim_window),
             limit,
             self.cfg.max_takeovers,
+            list(mine),
         )
         return [
             Swept(

@@ -66,11 +66,13 @@ SELECT pid, boot_id, addr, heartbeat > now() - $2::interval AS live, now() AS db
 # Take over or abandon expired claims of the jobs this node knows. SKIP LOCKED keeps nodes
 # off each other's rows, and a row a heartbeat holds is skipped; READ COMMITTED re-checks
 # `lease_until < now()` on a row whose lock it waited for, so a live owner is never swept.
-# $1 node, $2 jobs, $3 retry?, $4 lease, $5 claim window, $6 batch, $7 max takeovers.
+# $1 node, $2 jobs, $3 retry?, $4 lease, $5 claim window, $6 batch, $7 max takeovers,
+# $8 the fences this node still runs (never taken over by itself: one run per tick here).
 SWEEP: Final = """
 WITH expired AS (
   SELECT job, tick, kind, takeovers FROM taskd.claims
    WHERE state = 'running' AND lease_until < now() AND job = ANY($2::text[])
+     AND NOT fence = ANY($8::bigint[])
    ORDER BY lease_until LIMIT $6::int FOR UPDATE SKIP LOCKED)
 UPDATE taskd.claims c SET lost_owners = c.lost_owners || c.owner,
    takeovers = c.takeovers + 1,

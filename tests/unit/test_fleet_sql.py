@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from taskd.fleet._pending import FleetConfig
 from taskd.fleet.conn import FleetDown, interval, to_ts
 from taskd.fleet.db import EARLY_SLACK, FleetDB, NodeTaken
 from tests.dbservers import FLEET_PASSWORD, PgServer
+from tests.fleetkit import fleet_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,10 +29,7 @@ LEASE = 30.0
 @pytest.fixture
 def fleet_cfg(postgres: PgServer, tmp_path: Path) -> FleetConfig:
     """A [fleet] table for a fresh database."""
-    dsn = postgres.fleet_db(f"fleet_{uuid.uuid4().hex[:12]}")
-    pw = tmp_path / "fleet.pw"
-    pw.write_text(FLEET_PASSWORD + "\nrotated by the tests\n")
-    return FleetConfig(dsn=dsn, password_file=str(pw), lease=LEASE, sweep=1.0)
+    return fleet_config(postgres, tmp_path, lease=LEASE, sweep=1.0)
 
 
 @pytest.fixture
@@ -305,7 +302,7 @@ class TestLeases:
         tx = a.transaction()
         await tx.start()
         (took,) = await a.fetch(sql.SWEEP, "h2", ["j"], True, interval(LEASE),
-                                interval(3600), 10, 3)  # fmt: skip
+                                interval(3600), 10, 3, [])  # fmt: skip
         assert took["fence"] > f1
         # The writer still sees its claim live, so it must wait for the sweep's row lock.
         put = asyncio.ensure_future(w.fetchval(sql.PUT_STATE, "k", '"stale"', f1, "h1", "j"))
