@@ -32,10 +32,12 @@ class JobSpec:
     def __post_init__(self) -> None:
         cfg, jt = self.config, self.jobtype
         # The common run, and all the fused path handles: an ``every`` tick, run in the job's
-        # own task (overlap "skip" or "queue"), an io job with no timeout and no retries.
+        # own task (overlap "skip" or "queue"), an io job with no timeout and no retries, of
+        # this host alone (a fleet job's run is claimed first, which the fused path cannot).
         # Any other job (or one a reload turns into one) takes the general path.
         fast = (
             self.broken is None
+            and cfg.scope == "host"
             and jt is not None
             and jt.kind == "io"
             and isinstance(self.trigger, Every)

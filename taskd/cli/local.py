@@ -31,6 +31,7 @@ from taskd.config.load import ConfigRead
 from taskd.errors import ConfigError
 
 if TYPE_CHECKING:
+    from taskd.config.model import Config
     from taskd.daemon import Daemon
 
 # -- run ---------------------------------------------------------------------------------------
@@ -127,6 +128,23 @@ def _run_daemon(daemon: Daemon) -> int:
 # -- check -------------------------------------------------------------------------------------
 
 
+def _fleet_summary(config: Config) -> dict[str, Any]:
+    """What `taskd check` says about [fleet]: the database without its user's password (there
+    is none in the DSN: the config refuses it), this host's node name, the fleet jobs."""
+    from urllib.parse import urlsplit
+
+    fleet = config.fleet
+    assert fleet is not None
+    parts = urlsplit(fleet.dsn)
+    return {
+        "node": fleet.node,
+        "database": f"{parts.scheme}://{parts.netloc}{parts.path}",
+        "jobs": sum(1 for j in config.jobs.values() if j.scope == "fleet"),
+        "lease": fleet.lease,
+        "sweep": fleet.sweep,
+    }
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from taskd import log as logsetup
     from taskd.plugin.manager import PluginHost
@@ -176,6 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "kinds": kinds,
                 "plugins": len(host.records),
                 **({"hints": hints} if errors else {}),  # commands that fix several at once
+                **({"fleet": _fleet_summary(config)} if config.fleet is not None else {}),
             }
         )
         return EXIT_FAIL if errors else EXIT_OK
@@ -195,6 +214,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         + (f"; {disabled} disabled" if disabled else "")
         + f"), {plural(len(host.records), 'plugin')}, {plural(len(host.job_types), 'job type')}"
     )
+    if config.fleet is not None:
+        fleet = _fleet_summary(config)
+        print(
+            f"taskd: fleet: node {fleet['node']!r}, {plural(fleet['jobs'], 'fleet job')}, "
+            f"database {fleet['database']} (not contacted by check)"
+        )
     now = time.time()
     for job in config.jobs.values():
         if job.schedule == "at" and job.at is not None and job.at <= now and job.enabled:

@@ -20,7 +20,7 @@ from taskd.config.checks import (
     type_name,
 )
 from taskd.config.durations import parse_duration, parse_offset, parse_size
-from taskd.config.model import CATCHUPS, OVERLAPS, JobConfig
+from taskd.config.model import CATCHUPS, OVERLAPS, SCOPES, JobConfig
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 SCHEDULE_KEYS = ("every", "cron", "at", "on")
@@ -39,6 +39,7 @@ JOB_KEYS = (
     "enabled",
     "max_memory",
     "options",
+    "scope",
 )
 MAX_RETRIES = 100
 # One empty table for every job without options (most): a dict each is 64 bytes a job that
@@ -171,8 +172,30 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
         enabled=c.take(table, "enabled", p, _bool, True),
         max_memory=c.take(table, "max_memory", p, parse_size, None),
         options=options or NO_OPTIONS,
+        scope=c.take(table, "scope", p, _choice(SCOPES), "host"),
     )
+    if job.scope == "fleet":
+        _fleet_job(c, p, job)
     return job if len(c.issues) == before else None
+
+
+def _fleet_job(c: _Collector, p: str, job: JobConfig) -> None:
+    """What a job with scope = "fleet" may not have (whether [fleet] exists is checked by
+    taskd.config.fleet_table.check_scope)."""
+    if job.overlap in ("queue", "replace"):
+        c.add(
+            f"{p}.overlap",
+            f'overlap = "{job.overlap}" cannot be used with scope = "fleet": a run on '
+            f"another host cannot be queued behind or cancelled",
+            'use overlap = "skip" (one run at a time across the fleet), or "allow"',
+        )
+    if job.schedule == "startup":
+        c.add(
+            f"{p}.on",
+            'on = "startup" cannot be used with scope = "fleet": a host\'s start is no tick '
+            "the hosts of the fleet share",
+            'give it every, cron or at, or keep scope = "host"',
+        )
 
 
 def _positive_duration(value: Any) -> float:

@@ -2,7 +2,8 @@
 
 This checks the config's own shape. Whether a job's ``type`` exists and its ``options`` fit
 the job function is checked against the loaded plugins by :mod:`taskd.plugin.resolve`.
-The [daemon] table is read by daemon_table.py, each job's table by job_table.py."""
+The [daemon] table is read by daemon_table.py, [fleet] by fleet_table.py, each job's table by
+job_table.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from taskd.config.checks import _Collector, suggest, type_name
 from taskd.config.daemon_table import _daemon
+from taskd.config.fleet_table import _fleet, check_scope
 from taskd.config.job_table import _job
 from taskd.config.model import Config, DaemonConfig, JobConfig
 from taskd.config.source import (
@@ -24,6 +26,8 @@ from taskd.config.source import (
 )
 from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigError, ConfigIssue
+
+TOP_KEYS = ("daemon", "fleet", "jobs")
 
 
 def load_config(path: str | Path) -> Config:
@@ -122,15 +126,16 @@ def _validate(
     base = file.parent
 
     for key in data:
-        if key not in ("daemon", "jobs"):
+        if key not in TOP_KEYS:
             c.add(
                 key,
                 f"unknown top-level key {key!r}",
-                suggest(key, ("daemon", "jobs"))
-                or "the top level has [daemon] and [jobs.<name>] tables",
+                suggest(key, TOP_KEYS)
+                or "the top level has [daemon], [fleet] and [jobs.<name>] tables",
             )
 
     daemon = _daemon(c, data.get("daemon", {}), base)
+    fleet = _fleet(c, data.get("fleet"), base)
     jobs_table = data.get("jobs", {})
     jobs: dict[str, JobConfig] = {}
     by_job: dict[str, list[ConfigIssue]] = {}
@@ -140,10 +145,13 @@ def _validate(
         for name, table in jobs_table.items():
             before = len(c.issues)
             job = _job(c, name, table, daemon.timezone)
+            if job is not None:
+                check_scope(c, job, fleet)
             if len(c.issues) > before:
                 by_job[name] = c.issues[before:]
                 del c.issues[before:]
             if job is not None:
                 jobs[name] = job
             yield
-    return Config(path=file, daemon=daemon, jobs=jobs, lines=c.lines), c.issues, by_job
+    config = Config(path=file, daemon=daemon, jobs=jobs, lines=c.lines, fleet=fleet)
+    return config, c.issues, by_job

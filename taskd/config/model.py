@@ -12,11 +12,15 @@ ScheduleKind = Literal["every", "cron", "at", "startup"]
 Overlap = Literal["skip", "queue", "replace", "allow"]
 Catchup = Literal["none", "latest", "all"]
 LogFormat = Literal["auto", "console", "json"]
+Scope = Literal["host", "fleet"]
+OnOwnerLost = Literal["retry", "abandon"]
 
 OVERLAPS: tuple[Overlap, ...] = ("skip", "queue", "replace", "allow")
 CATCHUPS: tuple[Catchup, ...] = ("none", "latest", "all")
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SCOPES: tuple[Scope, ...] = ("host", "fleet")
+ON_OWNER_LOST: tuple[OnOwnerLost, ...] = ("retry", "abandon")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,23 @@ class DaemonConfig:
     history_max_age: float | None = None  # seconds; runs that started longer ago go
 
 
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """The ``[fleet]`` table: the PostgreSQL database through which hosts share the jobs
+    with ``scope = "fleet"`` (each tick runs on one host). Times in seconds."""
+
+    dsn: str  # postgresql://user@host/db, never with a password (taskd.config.secrets)
+    password_file: Path | None = None
+    password_env: str | None = None
+    node: str = ""  # this host's name in the fleet; the loader fills in the host name
+    lease: float = 30.0  # how long a claim holds without a heartbeat
+    sweep: float = 5.0  # how often expired claims are looked for (lease/6 by default)
+    claim_window: float = 3600.0  # how old a tick a catch-up run may still claim
+    on_owner_lost: OnOwnerLost = "retry"
+    max_takeovers: int = 3  # a run taken over this often is abandoned
+    connect_timeout: float = 5.0
+
+
 @dataclass(frozen=True, slots=True, init=False)
 class JobConfig:
     """One ``[jobs.<name>]`` table. Equality is what a reload uses to call a job changed."""
@@ -70,6 +91,7 @@ class JobConfig:
     enabled: bool = True
     max_memory: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    scope: Scope = "host"  # "fleet": each tick runs on one host of the fleet ([fleet])
     # No line of its own: Config.line_of finds it when a message needs it (a field read for
     # every job made the start scan the whole file's lines, see taskd.config.lines.KeyLines).
 
@@ -93,6 +115,7 @@ class JobConfig:
         enabled: bool = True,
         max_memory: int | None = None,
         options: Mapping[str, Any] | None = None,
+        scope: Scope = "host",
     ) -> None:
         # Each field set through its slot's own descriptor: the frozen dataclass's __init__
         # calls object.__setattr__ per field, 2.0 µs a job against 1.2 (10,000 jobs are
@@ -116,6 +139,7 @@ class JobConfig:
         s[15](self, enabled)
         s[16](self, max_memory)
         s[17](self, {} if options is None else options)
+        s[18](self, scope)
 
     def schedule_text(self) -> str:
         if self.schedule == "every":
@@ -145,6 +169,7 @@ class Config:
     jobs: Mapping[str, JobConfig]
     # Dotted key path -> line, so later checks (job types, options) can name a line too.
     lines: Mapping[str, int] = field(default_factory=dict, compare=False)
+    fleet: FleetConfig | None = None  # no [fleet] table: no job may have scope = "fleet"
 
     def line_of(self, path: str) -> int | None:
         """The line of ``path``, or of its nearest enclosing table."""

@@ -281,6 +281,11 @@ class Daemon:
                     key=f"daemon.{key}",
                     hint="this setting takes effect at the next restart",
                 )
+        if self.loaded.config.fleet != new.config.fleet:
+            # The fleet's connection, node name and lease are the running fleet ledger's.
+            log.warning(
+                "restart_needed", key="fleet", hint="this setting takes effect at the next restart"
+            )
         if (old_daemon.log_level, old_daemon.log_format) != (
             new_daemon.log_level,
             new_daemon.log_format,

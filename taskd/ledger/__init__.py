@@ -2,6 +2,7 @@
 
 from taskd.ledger._base import CLAIMING, HOST_CLAIM, Claim, Ledger, NotClaimed
 from taskd.ledger.local import LocalLedger
+from taskd.ledger.nofleet import NoFleetLedger
 from taskd.ledger.null import NULL_LEDGER, NullLedger
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "Claim",
     "Ledger",
     "LocalLedger",
+    "NoFleetLedger",
     "NotClaimed",
     "NullLedger",
 ]

@@ -11,11 +11,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from taskd.ledger import NULL_LEDGER
+from taskd.ledger import NULL_LEDGER, NoFleetLedger
 from taskd.run.events import EventKind, JobEvent, Outcome
 from taskd.run.executors import ThreadRunner
 from taskd.run.resources import Resources
 from taskd.run.sinks import RunSink, default_sinks
+
+# Why fleet jobs do not run while no fleet ledger has taken the runtime's "fleet" slot.
+NO_FLEET = "this daemon has no connection to the fleet's database (taskd.fleet)"
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -143,7 +146,8 @@ class Runtime:
         # Where ticks and runs go on record (taskd.ledger), by a job's scope: the only write
         # path from the scheduler and the runner. Each job holds its own (JobState.ledger),
         # so no run looks its scope up. The daemon keeps the store itself for its reads.
-        self.ledgers: dict[str, Ledger] = {"host": ledger}
+        # Fleet jobs are refused (fleet_unavailable) until a fleet ledger takes "fleet".
+        self.ledgers: dict[str, Ledger] = {"host": ledger, "fleet": NoFleetLedger(ledger, NO_FLEET)}
         self.host = host
         self.threads = ThreadRunner(thread_workers, thread_workers_max)
         self.process_workers = process_workers or (os.cpu_count() or 1)

@@ -58,6 +58,9 @@ class ScheduledJob(JobCatchup):
         flight finish under the old one (they hold their own spec)."""
         old, new = self.spec.config, spec.config
         self.spec = spec
+        if old.scope != new.scope:
+            # From the next tick on; a run in flight ends with the ledger it started with.
+            self.ledger = self.rt.ledgers[new.scope]
         rescheduled = (old.schedule, old.every, old.offset, old.cron, old.at, old.timezone) != (
             new.schedule,
             new.every,

@@ -55,10 +55,9 @@ class JobState:
     ) -> None:
         self.spec = spec
         self.rt = rt
-        # Where this job's ticks and runs go on record. Every job is a host job until the
-        # ``scope`` key exists (issue 10 C5); then the spec's scope picks it, here and when a
-        # reload changes it.
-        self.ledger: Ledger = rt.ledgers["host"]
+        # Where this job's ticks and runs go on record, by its scope (and anew when a reload
+        # changes it: ScheduledJob.update).
+        self.ledger: Ledger = rt.ledgers[spec.config.scope]
         self.cursor = cursor  # last tick handled (run or skipped); None: never started
         self.paused = paused
         self.next_fire: float | None = None

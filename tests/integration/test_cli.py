@@ -282,6 +282,25 @@ class TestCheck:
             "plugins": 1,
         }
 
+    def test_fleet(self, project: Project) -> None:
+        fleet = '[fleet]\ndsn = "postgresql://taskd@db.internal:5433/taskd?sslmode=require"\n'
+        shared = '\n[jobs.shared]\ntype = "hello"\nevery = "1m"\nscope = "fleet"\n'
+        config = project.write(DAEMON + fleet + 'node = "web-3"\n' + JOBS + shared, "fleet.toml")
+        result = run_cli("check", "-c", str(config))
+        assert result.returncode == 0, result.stderr
+        assert (
+            "taskd: fleet: node 'web-3', 1 fleet job, database "
+            "postgresql://taskd@db.internal:5433/taskd (not contacted by check)\n"
+        ) in result.stdout
+        result = run_cli("check", "--json", "-c", str(config))
+        assert json.loads(result.stdout)["fleet"] == {
+            "node": "web-3",
+            "database": "postgresql://taskd@db.internal:5433/taskd",
+            "jobs": 1,
+            "lease": 30.0,
+            "sweep": 5.0,
+        }
+
     def test_options_and_type_errors(self, project: Project) -> None:
         path = project.write(
             DAEMON

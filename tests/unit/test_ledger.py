@@ -15,7 +15,15 @@ import pytest
 
 from taskd.config.model import JobConfig
 from taskd.jobspec import JobSpec, make_trigger
-from taskd.ledger import HOST_CLAIM, NULL_LEDGER, Claim, Ledger, LocalLedger, NullLedger
+from taskd.ledger import (
+    HOST_CLAIM,
+    NULL_LEDGER,
+    Claim,
+    Ledger,
+    LocalLedger,
+    NoFleetLedger,
+    NullLedger,
+)
 from taskd.plugin.jobtype import JobType
 from taskd.plugin.manager import PluginHost
 from taskd.run.encoding import encode
@@ -150,7 +158,10 @@ class TestNullLedger:
 
     def test_the_runtime_default(self) -> None:
         rt = Runtime(shared=SharedState(), host=PluginHost(), thread_workers=1, process_workers=1)
-        assert rt.ledgers == {"host": NULL_LEDGER}
+        assert rt.ledgers["host"] is NULL_LEDGER
+        # Until a fleet ledger takes its place, fleet jobs are refused, never run unclaimed.
+        assert isinstance(rt.ledgers["fleet"], NoFleetLedger)
+        assert rt.ledgers["fleet"].may_refuse
 
 
 def _files(folder: Path) -> list[str]:
@@ -275,6 +286,16 @@ class TestPerJob:
             ledger=LocalLedger(store),
         )
         assert ScheduledJob(_spec("a"), rt, cursor=None).ledger is rt.ledgers["host"]
+
+    def test_the_scope_picks_the_ledger_and_a_reload_switches_it(self, rt: Runtime) -> None:
+        fleet_cfg = dataclasses.replace(_spec("a").config, scope="fleet")
+        fleet = JobSpec(fleet_cfg, _spec("a").jobtype, make_trigger(fleet_cfg))
+        job = ScheduledJob(fleet, rt, cursor=None)
+        assert job.ledger is rt.ledgers["fleet"]
+        job.update(_spec("a"))
+        assert job.ledger is rt.ledgers["host"]
+        job.update(fleet)
+        assert job.ledger is rt.ledgers["fleet"]
 
     async def test_every_write_goes_to_the_jobs_ledger(self, rt: Runtime) -> None:
         mine = Recorder()
