@@ -9,6 +9,8 @@ fails the tests that need it, with the reason and the server's log.
 
 Both have a database ``shop`` with a table ``orders`` and a login ``report`` whose password is
 :data:`REPORT_PASSWORD`, a string unusual enough to grep for in logs and the state database.
+PostgreSQL also makes a fresh database per fleet test (:meth:`PgServer.fleet_db`), owned by
+the login ``taskd_fleet`` (password :data:`FLEET_PASSWORD`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ REPORT_USER = "report"
 REPORT_PASSWORD = "pw-Zq8xK3vT-not-in-any-log"
 ADMIN_PASSWORD = "admin-pw-Hh41"
 FLEET_USER = "taskd_fleet"
-FLEET_PASSWORD = "fleet-pw-Rt7wQ2-not-in-any-log"
+FLEET_PASSWORD = "fleet-pw-Rw7nP2-not-in-any-log"
 PG_BIN = Path(os.environ.get("TASKD_TEST_PG_BIN", "/usr/local/bin"))
 START_TIMEOUT = 60.0
 
@@ -223,8 +225,8 @@ class PgServer(_Server):
             "synchronous_commit=off",
             "-c",
             "full_page_writes=off",
-            # Fleet tests: three hosts x (a pool of 4 + a LISTEN connection), plus the tests'
-            # own connections and sql_query's.
+            # Fleet tests: three hosts, each with a pool and a LISTEN connection, plus the
+            # sql_query tests' pools and the test's own sessions.
             "-c",
             "max_connections=100",
         ]
@@ -268,11 +270,13 @@ class PgServer(_Server):
         )
 
     def fleet_db(self, name: str) -> str:
-        """A fresh database ``name`` owned by the fleet role (:data:`FLEET_USER`, password
-        :data:`FLEET_PASSWORD`, created once): taskd creates its own tables in it. Its DSN."""
+        """A new, empty database ``name`` owned by ``taskd_fleet`` (the login made once per
+        server): the DSN a fleet's hosts share, without the password (FLEET_PASSWORD goes in
+        their password_file). taskd makes its tables itself, so each test starts bare."""
         if not self.sql("SELECT 1 FROM pg_roles WHERE rolname = $1", FLEET_USER, db="postgres"):
             self.sql(f"CREATE ROLE {FLEET_USER} LOGIN PASSWORD '{FLEET_PASSWORD}'", db="postgres")
-        self.sql(f"CREATE DATABASE {name} OWNER {FLEET_USER}", db="postgres")
+        self.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', db="postgres")
+        self.sql(f'CREATE DATABASE "{name}" OWNER {FLEET_USER}', db="postgres")
         return self.dsn(FLEET_USER, name)
 
     def setup(self) -> None:

@@ -6,7 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from taskd.fleet._pending import FleetConfig
+from taskd.config.model import FleetConfig
 from tests.dbservers import FLEET_PASSWORD, PgServer
 
 
@@ -15,4 +15,4 @@ def fleet_config(postgres: PgServer, tmp_path: Path, **kw: Any) -> FleetConfig:
     dsn = postgres.fleet_db(f"fleet_{uuid.uuid4().hex[:12]}")
     pw = tmp_path / "fleet.pw"
     pw.write_text(FLEET_PASSWORD + "\nrotated by the tests\n")
-    return FleetConfig(dsn=dsn, password_file=str(pw), **kw)
+    return FleetConfig(dsn=dsn, password_file=pw, **kw)

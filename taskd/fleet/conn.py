@@ -18,7 +18,7 @@ import structlog
 from taskd.config.secrets import PasswordUnavailable, SecretKeys, read_password
 
 if TYPE_CHECKING:
-    from taskd.fleet._pending import FleetConfig
+    from taskd.config.model import FleetConfig
 
 log = structlog.get_logger("taskd.fleet")
 
@@ -71,7 +71,8 @@ async def password(cfg: FleetConfig) -> str | None:
     refuses one there). Read at each connect, in a thread (a stat can hang on a dead
     network mount), so a rotated file is picked up by the next connection."""
     try:
-        return await asyncio.to_thread(read_password, cfg.password_file, cfg.password_env, KEYS)
+        file = None if cfg.password_file is None else str(cfg.password_file)
+        return await asyncio.to_thread(read_password, file, cfg.password_env, KEYS)
     except (PasswordUnavailable, ValueError) as exc:
         raise FleetDown(str(exc)) from None
 

@@ -22,7 +22,7 @@ from taskd.fleet import schema, sql
 from taskd.fleet.conn import Conn, FleetDown, from_ts, interval, is_gone, log, to_ts
 
 if TYPE_CHECKING:
-    from taskd.fleet._pending import FleetConfig
+    from taskd.config.model import FleetConfig
 
 EARLY_SLACK: Final = 1.0  # how early (DB clock) a claim may come: hosts' clocks differ
 MANUAL_WINDOW: Final = 36500 * 86400.0  # a manual claim is never late (PG 15: no infinity)

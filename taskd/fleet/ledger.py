@@ -26,8 +26,7 @@ from taskd.ledger import Claim, LocalLedger, NotClaimed
 from taskd.run.events import Cause, SkipReason
 
 if TYPE_CHECKING:
-    from taskd.config.model import JobConfig
-    from taskd.fleet._pending import FleetConfig
+    from taskd.config.model import FleetConfig, JobConfig
     from taskd.run.runner import RunInfo
     from taskd.run.sinks import RunEnd
 

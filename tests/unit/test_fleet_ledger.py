@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from taskd.config.model import JobConfig
-from taskd.fleet._pending import FleetConfig
+from taskd.config.model import FleetConfig, JobConfig
 from taskd.fleet.db import FleetDB
 from taskd.fleet.ledger import FleetLedger
 from taskd.jobspec import JobSpec, make_trigger
@@ -53,7 +52,7 @@ class Host:
     async def start(self, *specs: JobSpec, run: bool = True) -> None:
         for spec in specs:
             job = ScheduledJob(spec, self.rt, cursor=None)
-            job.ledger = self.fleet
+            assert job.ledger is self.fleet  # by the job's scope
             self.jobs.jobs[spec.name] = job
         await self.fleet.start(self.jobs, [s.config for s in specs])
         if run:
@@ -82,6 +81,7 @@ def _spec(func: Callable[..., Any], name: str = "j", **cfg: Any) -> JobSpec:
     cfg.setdefault("schedule", "every")
     cfg.setdefault("every", 0.1)
     cfg.setdefault("grace", 5.0)
+    cfg.setdefault("scope", "fleet")
     config = JobConfig(name=name, type="t", **cfg)
     return JobSpec(config, JobType("t", func), make_trigger(config))
 

@@ -14,8 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from taskd.config.model import FleetConfig
 from taskd.fleet import schema, sql
-from taskd.fleet._pending import FleetConfig
 from taskd.fleet.conn import FleetDown, interval, to_ts
 from taskd.fleet.db import EARLY_SLACK, FleetDB, NodeTaken
 from tests.dbservers import FLEET_PASSWORD, PgServer
