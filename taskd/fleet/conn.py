@@ -27,7 +27,7 @@ _US: Final = timedelta(microseconds=1)
 BACKOFF_MIN: Final = 0.5
 BACKOFF_MAX: Final = 30.0
 
-State = Literal["up", "down", "reconnecting"]
+State = Literal["up", "down", "reconnecting", "refused"]
 
 
 def to_ts(tick: float) -> datetime:
@@ -135,13 +135,24 @@ class Conn:
     def require(self) -> asyncpg.Pool:
         """The pool, or FleetDown at once while the database is down."""
         if self.state != "up" or self.pool is None:
+            if self.state == "refused":
+                raise FleetDown(self.last_error)
             raise FleetDown(f"fleet database unreachable: {self.last_error or self.state}")
         return self.pool
+
+    def refuse(self, why: str) -> None:
+        """For good (a schema too new, a node name in use): every call fails with ``why``
+        and no reconnect is tried; a restart of taskd is needed."""
+        self.state = "refused"
+        self.last_error = why
+        self._closed = True
 
     def gone(self, exc: BaseException) -> FleetDown:
         """Note a lost database (the state goes down, a reconnect starts) and return the
         error to raise."""
         text = f"{type(exc).__name__}: {exc}"[:300]
+        if self.state == "refused":
+            return FleetDown(self.last_error)
         if self.state == "up":
             self.state = "down"
             self.last_error = text

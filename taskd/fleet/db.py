@@ -105,6 +105,11 @@ class FleetDB:
         """Connect, migrate the schema, check the node name, mark the node alive. Raises
         SchemaTooNew, NodeTaken or a connection error: fleet jobs cannot start."""
         await self.conn.open()
+        await self.prepare()
+
+    async def prepare(self) -> None:
+        """The schema, the node check and the node's first heartbeat (after the pool is
+        open: at :meth:`open`, or after a first connect that failed, when it comes)."""
         pool = self.conn.require()
         async with pool.acquire() as c:
             await schema.migrate(c)

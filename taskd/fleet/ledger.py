@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import structlog
 
-from taskd.fleet.conn import FleetDown
-from taskd.fleet.db import FleetDB
+from taskd.fleet.conn import FleetDown, is_gone
+from taskd.fleet.db import FleetDB, NodeTaken
+from taskd.fleet.schema import SchemaTooNew
 from taskd.ledger import Claim, LocalLedger, NotClaimed
 from taskd.run.events import Cause, SkipReason
 
@@ -107,6 +108,7 @@ class FleetLedger:
         self.history_max_age: float | None = None  # [daemon] history_max_age: retention
         self.sweeps = 0
         self.writes: asyncio.Queue[tuple[Held, tuple[Any, ...]]] = asyncio.Queue()
+        self.ready = False  # schema, node check, jobs and LISTEN done
         self._deadline: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         db.conn.on_up(self._back_up)
@@ -118,16 +120,59 @@ class FleetLedger:
     # -- life --------------------------------------------------------------------------------
 
     async def start(self, scheduler: Scheduler, jobs: Iterable[JobConfig]) -> None:
-        """Open the database (schema, node check), register the fleet jobs, apply the
-        fleet's pause flags, listen for pause notices, start the loops. Raises what
-        FleetDB.open raises: the fleet jobs cannot run then."""
+        """:meth:`open`, then :meth:`attach` (the tests' one step)."""
+        await self.open(jobs)
+        self.attach(scheduler)
+
+    async def open(self, jobs: Iterable[JobConfig]) -> None:
+        """Connect, migrate, check the node name, register ``jobs``, listen for pauses.
+        Never raises: a database that cannot be reached is retried with backoff (fleet jobs
+        are skipped as fleet_unavailable meanwhile), a schema too new or a node name in use
+        refuses the fleet jobs for good, with the reason in each skip."""
+        self.jobs = {cfg.name: cfg for cfg in jobs}
+        try:
+            await self.db.conn.open()
+            await self._prepare()
+        except (SchemaTooNew, NodeTaken) as exc:
+            self._refuse(exc)
+        except Exception as exc:
+            if not is_gone(exc) and not isinstance(exc, FleetDown):
+                raise
+            log.warning("fleet_db_down", node=self.node, error=f"{type(exc).__name__}: {exc}",
+                        hint="fleet jobs are skipped until the database answers")  # fmt: skip
+            self.db.conn.gone(exc)
+
+    async def _prepare(self) -> None:
+        await self.db.prepare()
+        await self.register(self.jobs.values())
+        await self.db.listen(self._notice)
+        self.ready = True
+
+    def _refuse(self, exc: Exception) -> None:
+        log.error("fleet_refused", node=self.node, error=str(exc))
+        self.db.conn.refuse(str(exc))
+
+    def attach(self, scheduler: Scheduler) -> None:
+        """The scheduler is there (its jobs hold this ledger): apply the fleet's pause
+        flags and start the heartbeat, sweep and writer."""
         from taskd.fleet import loops
 
         self.scheduler = scheduler
-        await self.db.open()
-        await self.register(jobs)
-        await self.db.listen(self._notice)
+        for job, paused in self.flags.items():
+            self._apply_flag(job, paused)
         self._tasks = loops.start(self)
+
+    def reconfigure(self, jobs: Iterable[JobConfig]) -> None:
+        """A reload changed the fleet jobs: register them (a task; a database that is down
+        registers them when it is back)."""
+        self.jobs = {cfg.name: cfg for cfg in jobs}
+        if self.ready and self.db.state == "up":
+            task = asyncio.get_running_loop().create_task(self._register_quietly())
+            self._tasks.append(task)
+
+    async def _register_quietly(self) -> None:
+        with contextlib.suppress(FleetDown):  # registered again after the reconnect
+            await self.register(self.jobs.values())
 
     async def register(self, jobs: Iterable[JobConfig]) -> None:
         """The fleet jobs (at start and after a reload): their rows, their pause flags, and
@@ -316,9 +361,14 @@ class FleetLedger:
     async def _back_up(self) -> None:
         """After a reconnect: the pause flags again (notices may have been lost), then each
         job held back catches up from its first skipped tick, under its ``catchup``."""
-        if self.jobs:
-            for job, paused in (await self.db.paused(list(self.jobs))).items():
-                self._apply_flag(job, paused)
+        try:
+            if not self.ready:
+                await self._prepare()  # the first connect failed at start
+            elif self.jobs:
+                await self.register(self.jobs.values())
+        except (SchemaTooNew, NodeTaken) as exc:
+            self._refuse(exc)
+            return
         held, self.held_from = self.held_from, {}
         if self.scheduler is not None:
             for job, tick in held.items():

@@ -265,6 +265,9 @@ class JobSet:
                 "error": last.error,
             },
             "failures": stats.failures.get(job.name, 0),
+            "scope": cfg.scope,
+            # A fleet job: the fleet's running claim of it (owner, fence), from its ledger.
+            "fleet": _fleet_view(job) if cfg.scope == "fleet" else None,
         }
 
     # -- stopping ------------------------------------------------------------------------------
@@ -290,6 +293,11 @@ class JobSet:
     def tasks(self) -> list[asyncio.Task[None]]:
         """The job tasks still going."""
         return [j.task for j in self.everyone() if j.task is not None and not j.task.done()]
+
+
+def _fleet_view(job: ScheduledJob) -> Any:
+    view = getattr(job.ledger, "view", None)  # FleetLedger.view; NoFleetLedger has none
+    return None if view is None else view(job.name)
 
 
 def _next_run(job: ScheduledJob, now: float) -> float | None:
