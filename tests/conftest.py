@@ -12,6 +12,9 @@ import pytest
 from tests.dbservers import mariadb, mariadb_server, postgres, postgres_server  # noqa: F401
 from tests.helpers import DaemonProc
 
+# n real `taskd run` hosts sharing a fresh fleet database (tests/integration/test_fleet.py).
+from tests.integration.fleet_harness import fleet_hosts  # noqa: F401
+
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:

@@ -130,6 +130,8 @@ class DaemonProc:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env.pop("NOTIFY_SOCKET", None)
         self.proc: subprocess.Popen[str] | None = None
+        # A command ``taskd run`` runs under (``["faketime", "-f", "+20s"]``): set before start.
+        self.wrap: list[str] = []
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
@@ -154,7 +156,7 @@ class DaemonProc:
 
     def start(self, *, wait: bool = True, timeout: float = 15.0) -> DaemonProc:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "taskd", "run", "--config", str(self.config_path)],
+            [*self.wrap, sys.executable, "-m", "taskd", "run", "--config", str(self.config_path)],
             cwd=self.dir,
             env=self.env,
             stdout=subprocess.PIPE,
@@ -188,6 +190,14 @@ class DaemonProc:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def daemon_pid(self) -> int:
+        """The taskd process itself: under a wrapper (``wrap``) that is not :attr:`pid`, so
+        it is read from the ``started`` line."""
+        if not self.wrap:
+            return self.pid
+        return int(self.wait_for("started")[0]["pid"])
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
