@@ -120,10 +120,10 @@ class Commands:
                 "pool_degraded": rt.pool_degraded if rt is not None else None,
                 "state_write_failing": bool(d.store is not None and d.store.failing),
                 "last_reload": last.as_dict() if last is not None else None,
-                # Fleet jobs: this node, the database (up/down/reconnecting/refused), the
-                # clock offset to it, claims lost; None without a fleet job.
-                "fleet": d.fleet.status() if d.fleet is not None else None,
             },
+            # Fleet jobs: this node, the database (up/down/reconnecting/refused), how far
+            # this host's clock is off the database's, claims lost; None without one.
+            "fleet": d.fleet.status() if d.fleet is not None else None,
             "jobs": jobs.status(now),
         }
 

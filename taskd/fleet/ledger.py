@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import copy
+import dataclasses
 import socket
-import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import structlog
 
 from taskd.fleet.conn import FleetDown, is_gone
 from taskd.fleet.db import FleetDB, NodeTaken
+from taskd.fleet.held import Held, Scheduler, boottime, spec_hash
 from taskd.fleet.schema import SchemaTooNew
 from taskd.ledger import Claim, LocalLedger, NotClaimed
-from taskd.run.events import Cause, SkipReason
+from taskd.run.events import Cause, Outcome, SkipReason
 
 if TYPE_CHECKING:
     from taskd.config.model import FleetConfig, JobConfig
@@ -42,42 +42,6 @@ _REASONS: Final = {
     "unknown": SkipReason.FLEET_UNAVAILABLE,
 }
 _STATES: Final = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
-
-
-def boottime() -> float:
-    """CLOCK_BOOTTIME: it runs on while the host is suspended, as the database's lease does
-    (a monotonic clock would stand still then, and a woken host would trust a dead lease)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-class Scheduler(Protocol):
-    """What the ledger asks of the scheduler (taskd.schedule.jobset.JobSet)."""
-
-    def take_over(self, name: str, tick: float) -> SkipReason | None: ...
-    def cancel_run(self, name: str, run_id: str, reason: str) -> bool: ...
-    def rewind(self, name: str, tick: float) -> None: ...
-    def set_paused(self, name: str, paused: bool) -> bool: ...
-
-
-@dataclass(slots=True)
-class Held:
-    """A claim this host holds: its run, and until when (CLOCK_BOOTTIME) it may trust it."""
-
-    job: str
-    fence: int
-    tick: float
-    run_id: str
-    valid_until: float
-    ended: bool = False  # the run ended; its finish waits to be written
-    lost: bool = False  # taken over, or the local deadline passed: the run was cancelled
-
-
-def spec_hash(cfg: JobConfig) -> str:
-    """What makes hosts compute the same ticks and claim them alike: a job whose hash
-    differs between hosts runs on both (their ticks differ), so it is logged."""
-    key = (cfg.type, cfg.schedule, cfg.every, cfg.offset, cfg.cron, cfg.at, cfg.timezone,
-           cfg.grace, cfg.overlap, cfg.catchup)  # fmt: skip
-    return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
 
 class FleetLedger:
@@ -107,7 +71,8 @@ class FleetLedger:
         self.skew = 0.0
         self.history_max_age: float | None = None  # [daemon] history_max_age: retention
         self.sweeps = 0
-        self.writes: asyncio.Queue[tuple[Held, tuple[Any, ...]]] = asyncio.Queue()
+        # (the claim, the run's end or None for a tick given back, the finish's values)
+        self.writes: asyncio.Queue[tuple[Held, RunEnd | None, tuple[Any, ...]]] = asyncio.Queue()
         self.ready = False  # schema, node check, jobs and LISTEN done
         self._deadline: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -204,6 +169,13 @@ class FleetLedger:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Finishes never written: on this host's record as they ended (the fleet's rows
+        # stay running; a sweep elsewhere decides on them).
+        while not self.writes.empty():
+            held, end, _ = self.writes.get_nowait()
+            self.release(held)
+            if end is not None:
+                self.local.finish(end)
         await self.db.close()
 
     # -- the Ledger protocol ---------------------------------------------------------------
@@ -260,25 +232,39 @@ class FleetLedger:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def finish(self, end: RunEnd) -> None:
-        self.local.finish(end)
+        """The run ended: its fleet row is written by the writer task, and this host's
+        history gets the run once the fleet's verdict is in (:meth:`recorded`): a result the
+        fleet refused (the claim was taken over) is on record here as cancelled, since the
+        tick ran, or runs, elsewhere."""
         fence = end.info.claim.fence
         held = None if fence is None else self.held.get(fence)
         if held is None:
+            self.local.finish(end)
             return
         held.ended = True
         if held.lost:
-            self.release(held)
-            log.warning(
-                "fleet_result_discarded", job=held.job, fence=held.fence, run_id=held.run_id,
-                why="the claim was lost before the run ended",
-            )  # fmt: skip
+            self.recorded(held, end, "the claim was lost before the run ended")
             return
         state = str(end.outcome)
         info = end.info
-        self.writes.put_nowait((held, (
+        self.writes.put_nowait((held, end, (
             state if state in _STATES else "failed", info.attempt, end.duration,
             info.error, end.result_json,
         )))  # fmt: skip
+
+    def recorded(self, held: Held, end: RunEnd | None, discarded: str | None) -> None:
+        """The fleet's verdict on a finished run: kept (``discarded`` None) or not."""
+        self.release(held)
+        if discarded is not None:
+            log.warning("fleet_result_discarded", job=held.job, fence=held.fence,
+                        run_id=held.run_id, why=discarded)  # fmt: skip
+        if end is None:
+            return
+        if discarded is not None and end.outcome is not Outcome.CANCELLED:
+            info = copy.copy(end.info)
+            info.error = f"fenced out: {discarded}; the fleet does not count this run"
+            end = dataclasses.replace(end, info=info, outcome=Outcome.CANCELLED, result_json=None)
+        self.local.finish(end)
 
     def set_paused(self, job: str, paused: bool) -> None:
         self.local.set_paused(job, paused)
@@ -302,7 +288,8 @@ class FleetLedger:
         return None if row is None else {**row, "node": self.node}
 
     def status(self) -> Mapping[str, Any]:
-        return {"node": self.node, "db": self.db.state, "skew": round(self.skew, 3),
+        # skew: how far this host's clock is ahead of the database's (negative: behind).
+        return {"node": self.node, "db": self.db.state, "skew": round(-self.skew, 3),
                 "claims_lost": self.claims_lost}  # fmt: skip
 
     # -- claims held -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from taskd.fleet.conn import FleetDown
-from taskd.fleet.ledger import Held, boottime
+from taskd.fleet.held import Held, boottime
 
 if TYPE_CHECKING:
     from taskd.fleet.db import Swept
@@ -111,7 +111,7 @@ def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:
         held = Held(row.job, row.fence, row.tick, "", valid_until, ended=True)
         ledger.held[row.fence] = held
         ledger.writes.put_nowait(
-            (held, ("cancelled", 0, 0.0, f"not taken over by {ledger.node}: {reason}", None))
+            (held, None, ("cancelled", 0, 0.0, f"not taken over by {ledger.node}: {reason}", None))
         )
 
 
@@ -119,13 +119,14 @@ async def writer(ledger: FleetLedger) -> None:
     """Write each finished run: retried with backoff while the database is down, until the
     claim's local deadline; past it the tick may be another host's, and the result goes."""
     while True:
-        held, (state, attempts, duration, error, result_json) = await ledger.writes.get()
+        held, end, (state, attempts, duration, error, result_json) = await ledger.writes.get()
+        discarded: str | None = None
         try:
-            await _write(ledger, held, state, attempts, duration, error, result_json)
+            discarded = await _write(ledger, held, state, attempts, duration, error, result_json)
         except Exception:
             log.exception("fleet_finish_failed", job=held.job, fence=held.fence)
         finally:
-            ledger.release(held)
+            ledger.recorded(held, end, discarded)
             ledger.writes.task_done()
 
 
@@ -137,7 +138,8 @@ async def _write(
     duration: float,
     error: str | None,
     result_json: str | None,
-) -> None:
+) -> str | None:
+    """Write the finish; None when the fleet kept it, else why it did not."""
     delay = 0.2
     while True:
         try:
@@ -149,13 +151,11 @@ async def _write(
             break
         except FleetDown as exc:
             if held.lost or boottime() + delay >= held.valid_until:
-                log.warning("fleet_result_discarded", job=held.job, fence=held.fence,
-                            run_id=held.run_id, why=f"database unreachable: {exc}")  # fmt: skip
-                return
+                return f"the database was unreachable until the claim ran out ({exc})"
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     if not ended:
-        log.warning("fleet_result_discarded", job=held.job, fence=held.fence,
-                    run_id=held.run_id, why="the claim was taken over")  # fmt: skip
-    elif wrote is False:
+        return f"fence {held.fence} was taken over"
+    if wrote is False:
         log.warning("fenced_write_refused", job=held.job, fence=held.fence, key=held.job)
+    return None
