@@ -289,8 +289,11 @@ class FleetDB:
                 raise self.conn.gone(exc) from exc
             raise
 
-    async def put_state(self, fence: int, job: str, items: Mapping[str, Any]) -> bool:
-        """Write ``items`` fenced, all or none: False (nothing kept) if any key refused."""
+    async def put_state(
+        self, fence: int, job: str, items: Mapping[str, Any], deleted: Sequence[str] = ()
+    ) -> bool:
+        """Write ``items`` and delete ``deleted`` fenced, all or none: False (nothing kept)
+        if any key was refused (the claim is not live and ours, or a newer fence wrote it)."""
         pool = self.conn.require()
         try:
             async with pool.acquire() as c:
@@ -301,6 +304,10 @@ class FleetDB:
                         sql.PUT_STATE, key, json.dumps(value), fence, self.node, job
                     )
                     if got is None:
+                        await tx.rollback()
+                        return False
+                for key in deleted:
+                    if not await c.fetchval(sql.DEL_STATE, key, fence, self.node, job):
                         await tx.rollback()
                         return False
                 await tx.commit()

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from taskd.config.model import FleetConfig, JobConfig
     from taskd.run.runner import RunInfo
     from taskd.run.sinks import RunEnd
+    from taskd.state.shared import SharedState
 
 log = structlog.get_logger("taskd.fleet")
 
@@ -277,6 +278,12 @@ class FleetLedger:
         """Pause or resume ``job`` fleet-wide; raises FleetDown (the pause was not made)."""
         await self.db.set_paused(job, paused)
         self.flags[job] = paused
+
+    def state_for(self, job: str, fence: int) -> SharedState:
+        """``ctx.state`` of a fleet run: the fleet's state, written fenced by ``fence``."""
+        from taskd.fleet.state import FleetState
+
+        return FleetState(self.db, job, fence)
 
     def view(self, job: str) -> Mapping[str, Any] | None:
         """Status extras for ``job``: the fleet's running claim (owner, fence), if any."""

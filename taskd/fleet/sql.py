@@ -119,6 +119,19 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, fence = EXCLUDED.fence,
 RETURNING s.fence
 """
 
+# A fenced delete of one key, under the same rules: ok is false when the claim is not live
+# and ours, or a newer fence wrote the key. $1 key, $2 fence, $3 node, $4 job.
+DEL_STATE: Final = """
+WITH c AS (SELECT c.fence FROM taskd.claims c
+            WHERE c.fence = $2::bigint AND c.owner = $3::text AND c.job = $4::text
+              AND c.state = 'running' AND c.lease_until > now()
+            FOR SHARE OF c),
+ d AS (DELETE FROM taskd.state s USING c WHERE s.key = $1::text AND s.fence <= c.fence
+       RETURNING s.key)
+SELECT EXISTS (SELECT 1 FROM c) AND NOT EXISTS (
+         SELECT 1 FROM taskd.state s WHERE s.key = $1::text AND s.fence > $2::bigint) AS ok
+"""
+
 GET_STATE: Final = "SELECT key, value, fence FROM taskd.state"
 
 # End a claim: only its current fence and owner may. No row: it was taken over.

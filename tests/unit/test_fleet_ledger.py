@@ -281,3 +281,33 @@ class TestPause:
                 break
             await asyncio.sleep(0.02)
         assert len(await _rows(h1)) > n  # runs again
+
+
+class TestFleetState:
+    """ctx.state of a fleet run is the fleet's, written fenced."""
+
+    async def test_writes_land_and_a_stale_fence_is_fenced_out(self, hosts: Any) -> None:
+        from taskd.fleet.state import FencedOut, FleetState
+
+        seen: list[int] = []
+
+        async def func(ctx: Any) -> None:
+            assert isinstance(ctx.state, FleetState)
+            async with ctx.state.locked() as state:
+                state["n"] = state.get("n", 0) + 1
+                state["last"] = ctx.fence
+                state.pop("gone", None)
+            seen.append(ctx.fence)
+
+        (h1,) = await hosts(1)
+        await h1.start(_spec(func, every=0.2))
+        await _until(lambda: len(seen) >= 2)
+        await _until(lambda: not h1.fleet.held)
+        state = await h1.fleet.db.get_state()
+        assert state["n"] >= 2 and state["last"] >= seen[1]
+        # A fence that holds no live claim: every write refused, none kept.
+        stale = FleetState(h1.fleet.db, "j", seen[0])
+        with pytest.raises(FencedOut, match=f"fence {seen[0]} no longer holds job 'j'"):
+            async with stale.locked() as st:
+                st["n"] = -1
+        assert (await h1.fleet.db.get_state())["n"] >= 2

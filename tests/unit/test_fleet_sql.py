@@ -327,6 +327,10 @@ class TestLeases:
         # its keys stay (all or none).
         assert await h1.put_state(old.fence, "j", {"n": 9, "k": 1}) is False
         assert await h1.get_state() == {"k": 2, "n": 1}
+        # Deletes are fenced alike: not a key a newer fence wrote; yes with the newest.
+        assert await h1.put_state(old.fence, "j", {}, ["k"]) is False
+        assert await h1.put_state(new.fence, "j", {}, ["n", "never-there"]) is True
+        assert await h1.get_state() == {"k": 2}
         # A fence from another job's claim is refused too.
         await h1.register({"other": "x"})
         assert await h1.put_state(new.fence, "other", {"k": 3}) is False
