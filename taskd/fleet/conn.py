@@ -77,6 +77,12 @@ async def password(cfg: FleetConfig) -> str | None:
         raise FleetDown(str(exc)) from None
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """The pool's release without asyncpg's reset query (UNLISTEN *, RESET ALL, ...): our
+    statements leave no session state behind (LISTEN has its own connection, the schema
+    lock is a transaction's), and that query was one round trip more per claim."""
+
+
 class Conn:
     """The pool (claims and finishes; heartbeat and sweep) and the up/down state."""
 
@@ -113,7 +119,7 @@ class Conn:
     async def open(self) -> None:
         """The first connect: its failure is the caller's (a start error or a retry)."""
         self.pool = await asyncpg.create_pool(
-            min_size=1, max_size=4, **(await self.connect_kwargs("taskd"))
+            min_size=1, max_size=4, reset=_no_reset, **(await self.connect_kwargs("taskd"))
         )
         self.state = "up"
 

@@ -271,23 +271,12 @@ class FleetDB:
         """End the claim ``fence`` (and write its result, fenced, under ``result_key``).
         Returns (ended, result written or None when none was asked); (False, …): the claim
         was taken over, and nothing was kept."""
-        pool = self.conn.require()
-        try:
-            async with pool.acquire() as c, c.transaction():
-                wrote: bool | None = None
-                if result_key is not None:
-                    got = await c.fetchval(
-                        sql.PUT_STATE, result_key, result_json, fence, self.node, job
-                    )
-                    wrote = got is not None
-                ended = await c.fetchval(
-                    sql.FINISH, fence, self.node, state, attempts, duration, error, result_json
-                )
-                return ended is not None, wrote
-        except Exception as exc:
-            if is_gone(exc):
-                raise self.conn.gone(exc) from exc
-            raise
+        row = await self._call(
+            "fetchrow", sql.FINISH, fence, self.node, state, attempts, duration, error,
+            result_json, result_key,
+        )  # fmt: skip
+        ended = row["ended"] is not None
+        return ended, None if result_key is None else ended and row["wrote"] is not None
 
     async def put_state(
         self, fence: int, job: str, items: Mapping[str, Any], deleted: Sequence[str] = ()

@@ -134,13 +134,26 @@ SELECT EXISTS (SELECT 1 FROM c) AND NOT EXISTS (
 
 GET_STATE: Final = "SELECT key, value, fence FROM taskd.state"
 
-# End a claim: only its current fence and owner may. No row: it was taken over.
-# $1 fence, $2 node, $3 state, $4 attempts, $5 duration, $6 error, $7 result.
+# End a claim, and write the run's result under its key ($8; NULL: no result), in one
+# statement: only the claim's current fence and owner may. The UPDATE locks the claim row,
+# so a sweep that wants it waits for us, or we wait for the sweep and then match nothing
+# (READ COMMITTED re-checks the row); the result is written only if the claim was ended,
+# and never over a value a newer fence wrote. ended NULL: the claim was taken over.
+# $1 fence, $2 node, $3 state, $4 attempts, $5 duration, $6 error, $7 result, $8 key.
 FINISH: Final = """
-UPDATE taskd.claims SET state = $3::text, ended_at = now(), attempts = $4::int,
-       duration = $5::float8, error = $6::text, result = $7::jsonb
- WHERE fence = $1::bigint AND owner = $2::text AND state = 'running'
-RETURNING fence
+WITH fin AS (
+  UPDATE taskd.claims SET state = $3::text, ended_at = now(), attempts = $4::int,
+         duration = $5::float8, error = $6::text, result = $7::jsonb
+   WHERE fence = $1::bigint AND owner = $2::text AND state = 'running'
+  RETURNING fence, job),
+ put AS (
+  INSERT INTO taskd.state AS s (key, value, fence, job)
+  SELECT $8::text, $7::jsonb, fin.fence, fin.job FROM fin WHERE $8::text IS NOT NULL
+  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, fence = EXCLUDED.fence,
+     job = EXCLUDED.job, updated_at = now()
+   WHERE s.fence <= EXCLUDED.fence
+  RETURNING s.fence)
+SELECT (SELECT fence FROM fin) AS ended, (SELECT fence FROM put) AS wrote
 """
 
 # Fleet-wide pause/resume, and the notice every node's LISTEN connection gets. One
