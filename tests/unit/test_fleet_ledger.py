@@ -311,3 +311,28 @@ class TestFleetState:
             async with stale.locked() as st:
                 st["n"] = -1
         assert (await h1.fleet.db.get_state())["n"] >= 2
+
+
+class TestRefused:
+    """A database this taskd must not use refuses the fleet jobs, with the reason."""
+
+    async def test_a_newer_schema_refuses_every_tick_with_the_reason(
+        self, hosts: Any, logs: list[dict[str, Any]]
+    ) -> None:
+        ran: list[float] = []
+
+        async def func(ctx: Any) -> None:
+            ran.append(ctx.scheduled.timestamp())
+
+        h0, h1 = await hosts(2)
+        await h0.fleet.db.open()  # creates the schema; then "a newer taskd" moves it on
+        await h0.fleet.db.conn.require().execute("UPDATE taskd.meta SET schema_version = 99")
+        await h1.start(_spec(func))
+        assert h1.fleet.db.state == "refused"
+        await _until(lambda: h1.rt.stats.skips.get(("j", "fleet_unavailable"), 0) >= 2)
+        assert not ran
+        (refused,) = [e for e in logs if e["event"] == "fleet_refused"]
+        assert "schema v99 is newer than this taskd (v1)" in refused["error"]
+        assert h1.fleet.status()["db"] == "refused"
+        refusals = [e for e in logs if e["event"] == "not_claimed"]
+        assert refusals and "upgrade taskd" in refusals[0]["detail"]
