@@ -85,7 +85,8 @@ class Ledger(Protocol):
 
     def advance_and_open(self, job: str, tick: float, info: RunInfo) -> Claim:
         """:meth:`advance` to ``tick`` and :meth:`open_run` for a run of that tick, in one
-        write: the scheduler's fused path for the common run."""
+        write: the scheduler's fused path for the common run. Never called on a ledger that
+        ``may_refuse`` (its runs are claimed first)."""
 
     def finish(self, end: RunEnd) -> None:
         """The run has ended: its history row and the job's last run (batched into a later

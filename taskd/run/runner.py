@@ -309,14 +309,18 @@ def never_claimed(info: RunInfo, ledger: Ledger) -> bool:
     return info.claim is CLAIMING or (ledger.may_refuse and info.claim is HOST_CLAIM)
 
 
-def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> None:
+def cancelled_before_start(rt: Runtime, spec: JobSpec, info: RunInfo, ledger: Ledger) -> bool:
     """Record a run whose task was cancelled before it took its first step (so ``execute``
     never ran): it ends as cancelled, with a log line and a history row like any other.
-    Not for a run :func:`never_claimed` (the caller skips its tick instead)."""
+    False, and nothing recorded, for a run :func:`never_claimed`: it never opened, so there
+    is no run to end (the caller skips its tick instead)."""
+    if never_claimed(info, ledger):
+        return False
     info.outcome = CANCELLED
     info.error = info.cancel_reason or "cancelled"
     info.ended = time.time()
     rt.defer(_finish, rt, spec, info, ledger)
+    return True
 
 
 def _label(spec: JobSpec, info: RunInfo) -> str:

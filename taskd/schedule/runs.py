@@ -20,7 +20,7 @@ import structlog
 
 from taskd.ledger import CLAIMING, NotClaimed
 from taskd.run.events import Cause, SkipReason
-from taskd.run.runner import RunInfo, cancelled_before_start, execute, never_claimed
+from taskd.run.runner import RunInfo, cancelled_before_start, execute
 from taskd.schedule.jobstate import _NO_RUNS, _NO_TICKS, JobState
 
 if TYPE_CHECKING:
@@ -240,14 +240,11 @@ class JobRuns(JobState):
         refused: SkipReason | None = None
         crash: BaseException | None = None
         if task.cancelled():
-            if info.outcome is None:
-                # Cancelled before its first step (overlap = "replace" in the same loop
-                # iteration): execute never ran, so record the run here, or it would
-                # vanish; unless its ledger never granted it (then it is a skip).
-                if never_claimed(info, ledger):
-                    refused = self._not_claimed(info, self._cancelled_why())
-                else:
-                    cancelled_before_start(self.rt, spec, info, ledger)
+            # Cancelled before its first step (overlap = "replace" in the same loop
+            # iteration): execute never ran, so record the run here, or it would vanish;
+            # unless its ledger never granted it (then it is a skip).
+            if info.outcome is None and not cancelled_before_start(self.rt, spec, info, ledger):
+                refused = self._not_claimed(info, self._cancelled_why())
         else:
             crash = task.exception()
             if isinstance(crash, NotClaimed):
