@@ -7,19 +7,23 @@ from the pool, so a notice never waits behind a claim."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-import asyncpg
-
 from taskd.fleet import schema, sql
-from taskd.fleet.conn import Conn, FleetDown, from_ts, interval, is_gone, log, to_ts
+from taskd.fleet.conn import (
+    Conn,
+    FleetDown,
+    from_ts,
+    interval,
+    is_gone,
+    to_ts,
+)
+from taskd.fleet.notify import Listener
 
 if TYPE_CHECKING:
     from taskd.config.model import FleetConfig
@@ -93,9 +97,7 @@ class FleetDB:
         self.pid = os.getpid()
         self.boot_id = _boot_id()
         self.lease = interval(cfg.lease)
-        self._listen: asyncpg.Connection | None = None
-        self._notice: Callable[[str, bool, str], None] | None = None
-        self.conn.on_up(self._relisten)
+        self.listener = Listener(self.conn, node)
 
     @property
     def state(self) -> str:
@@ -117,11 +119,7 @@ class FleetDB:
         await self.heartbeat(())
 
     async def close(self) -> None:
-        listen, self._listen = self._listen, None  # first: its close is no lost database
-        if listen is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(listen.close(), 2)
-            listen.terminate()
+        await self.listener.close()  # first: its close is no lost database
         await self.conn.close()
 
     async def _call(self, how: str, query: str, *args: Any) -> Any:
@@ -324,36 +322,13 @@ class FleetDB:
         rows = await self._call("fetch", sql.PAUSED, list(jobs))
         return {r["job"]: r["paused"] for r in rows}
 
-    async def listen(self, notice: Callable[[str, bool, str], None]) -> None:
-        """Call ``notice(job, paused, by)`` for each pause notice, on its own connection.
-        Its loss marks the database down; the reconnect opens it again."""
-        self._notice = notice
-        await self._relisten()
-
-    async def _relisten(self) -> None:
-        if self._notice is None:
-            return
-        old, self._listen = self._listen, None
-        if old is not None:
-            old.terminate()
-        conn = await asyncpg.connect(**(await self.conn.connect_kwargs("taskd-listen")))
-        await conn.add_listener(sql.CHANNEL, self._on_notify)
-        conn.add_termination_listener(self._on_listen_lost)
-        self._listen = conn
-
-    def _on_notify(self, _c: Any, _pid: int, _ch: str, payload: object) -> None:
-        if self._notice is None:
-            return
-        try:
-            msg = json.loads(str(payload))
-            self._notice(str(msg["job"]), bool(msg["paused"]), str(msg.get("by") or ""))
-        except (ValueError, KeyError, TypeError):
-            log.warning("fleet_notice_bad", payload=str(payload)[:200])
-
-    def _on_listen_lost(self, conn: Any) -> None:
-        if conn is self._listen and not self.conn.closed:
-            self._listen = None
-            self.conn.gone(ConnectionError("the LISTEN connection was closed"))
+    async def listen(
+        self,
+        notice: Callable[[str, bool, str], None],
+        resync: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Pause notices to ``notice`` (taskd.fleet.notify.Listener)."""
+        await self.listener.listen(notice, resync)
 
 
 def _alive(pid: int | None) -> bool:

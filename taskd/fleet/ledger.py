@@ -111,7 +111,7 @@ class FleetLedger:
     async def _prepare(self) -> None:
         await self.db.prepare()
         await self.register(self.jobs.values())
-        await self.db.listen(self._notice)
+        await self.db.listen(self._notice, self._resync)
         self.ready = True
 
     def _refuse(self, exc: Exception) -> None:
@@ -369,6 +369,12 @@ class FleetLedger:
                 self.scheduler.rewind(job, tick)
 
     # -- pause flags -------------------------------------------------------------------------
+
+    async def _resync(self) -> None:
+        """Pause notices may have been missed: the flags as the database has them."""
+        if self.jobs:
+            for job, paused in (await self.db.paused(list(self.jobs))).items():
+                self._apply_flag(job, paused)
 
     def _notice(self, job: str, paused: bool, by: str) -> None:
         if job in self.jobs:

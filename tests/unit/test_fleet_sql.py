@@ -378,6 +378,25 @@ class TestNodesAndNotices:
         await h1.set_paused("j", False, by="ops")
         assert await asyncio.wait_for(got.get(), 10) == ("j", False, "ops")
 
+    async def test_a_lost_listen_connection_comes_back_and_resyncs(
+        self, opened: Any, postgres: PgServer
+    ) -> None:
+        h1, h2 = await opened("h1"), await opened("h2")
+        await h1.register({"j": "x"})
+        got: asyncio.Queue[tuple[str, bool, str]] = asyncio.Queue()
+        resynced: asyncio.Queue[None] = asyncio.Queue()
+
+        async def resync() -> None:
+            resynced.put_nowait(None)
+
+        await h2.listen(lambda *n: got.put_nowait(n), resync)
+        (pid,) = [r[0] for r in postgres.connections("taskd-listen:h2")]
+        postgres.sql("SELECT pg_terminate_backend($1)", pid, db="postgres")
+        await asyncio.wait_for(resynced.get(), 20)  # listening again, flags re-read
+        assert h2.state == "up"  # a lost LISTEN alone is no lost database
+        await h1.set_paused("j", True)
+        assert await asyncio.wait_for(got.get(), 10) == ("j", True, "h1")
+
     async def test_config_hash_differs(self, opened: Any) -> None:
         h1, h2 = await opened("h1"), await opened("h2")
         assert [r["differs"] for r in await h1.register({"j": "a", "k": "b"})] == [False] * 2
