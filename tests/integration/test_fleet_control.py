@@ -4,6 +4,7 @@ database is down; status shows the running claim's owner and fence and the node'
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -46,3 +47,41 @@ def test_pause_with_the_database_down_is_refused_and_changes_nothing(
     assert fleet.cli(h1, "pause", "s").returncode == 0
     assert fleet.sql("SELECT paused FROM taskd.jobs WHERE job = 's'") == [(True,)]
     assert fleet.job_status(h1, "s")["paused"] is True
+
+
+FAST = """
+[jobs.t]
+type = "fleet_tick"
+every = "100ms"
+scope = "fleet"
+"""
+
+
+@pytest.mark.timeout(90)
+def test_history_of_a_fleet_job_is_the_fleets(
+    fleet_hosts: Callable[..., FleetHosts], postgres: PgServer
+) -> None:
+    fleet = fleet_hosts(2, FAST)
+    h1, h2 = fleet
+    fleet.wait_claims("t", lambda rows: sum(r["state"] == "succeeded" for r in rows) >= 10, 20)
+    result = fleet.cli(h1, "history", "t", "-n", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 5
+    claims = {r["fence"]: r for r in fleet.claims("t")}
+    for row in rows:  # each is the fleet's row of that fence, whichever host ran it
+        claim = claims[row["fence"]]
+        assert row["owner"] == claim["owner"] and row["outcome"] == claim["state"]
+        assert row["scheduled"] == pytest.approx(claim["tick"], abs=1e-6)
+    text = fleet.cli(h2, "history", "t", "-n", "3")
+    assert text.returncode == 0 and "OWNER" in text.stdout and "FENCE" in text.stdout
+    # --local: this host's own history (its runs only, with run ids).
+    local = json.loads(fleet.cli(h1, "history", "t", "--local", "--json").stdout)
+    assert local and all("owner" not in r for r in local)
+    postgres.stop()
+    try:
+        down = fleet.cli(h1, "history", "t")
+        assert down.returncode == 1
+        assert "fleet database unreachable" in down.stderr and "--local" in down.stderr
+    finally:
+        postgres.start()
