@@ -65,7 +65,8 @@ class FleetLedger:
         self.held: dict[int, Held] = {}
         self.granted: dict[tuple[str, float], tuple[Claim, float]] = {}
         self.flags: dict[str, bool] = {}  # the fleet's pause flags, as last known
-        self.held_from: dict[str, float] = {}  # first tick skipped while the DB was down
+        # The first and last tick of each job skipped while the DB was down (to catch up).
+        self.held_from: dict[str, tuple[float, float]] = {}
         self.running: dict[str, Mapping[str, Any]] = {}  # status: the fleet's running claims
         self.scheduler: Scheduler | None = None
         self.claims_lost = 0
@@ -350,7 +351,8 @@ class FleetLedger:
 
     def _held_back(self, info: RunInfo) -> None:
         if info.cause in (Cause.SCHEDULE, Cause.CATCHUP):
-            self.held_from.setdefault(info.job, info.scheduled)
+            first, last = self.held_from.get(info.job, (info.scheduled, info.scheduled))
+            self.held_from[info.job] = (min(first, info.scheduled), max(last, info.scheduled))
 
     async def _back_up(self) -> None:
         """After a reconnect: the pause flags again (notices may have been lost), then each
@@ -365,8 +367,8 @@ class FleetLedger:
             return
         held, self.held_from = self.held_from, {}
         if self.scheduler is not None:
-            for job, tick in held.items():
-                self.scheduler.rewind(job, tick)
+            for job, (first, last) in held.items():
+                self.scheduler.catch_up(job, first, last)
 
     # -- pause flags -------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import structlog
 from taskd.run.events import Cause, SkipReason
 from taskd.run.runner import execute_fast
 from taskd.schedule.catchup import JobCatchup
+from taskd.schedule.decide import decide, due_ticks
 from taskd.schedule.jobstate import _NO_TICKS
 
 if TYPE_CHECKING:
@@ -172,15 +173,25 @@ class ScheduledJob(JobCatchup):
             task.cancel()
         return True
 
-    def rewind(self, tick: float) -> None:
-        """Handle ticks from ``tick`` on again, as a backlog under ``catchup``: a fleet
-        job's ticks skipped while the fleet database was down, once it is back."""
-        if self.cursor is None or self.cursor < tick:
+    def catch_up(self, first: float, last: float) -> None:
+        """Run what ``catchup`` picks of the ticks ``first``..``last``, which were handled
+        already (skipped: a fleet job's ticks while the fleet database was down), as after
+        downtime. They were counted as skips when skipped: the ones not picked now are not
+        counted again. The cursor does not move."""
+        trigger = self.spec.trigger
+        if trigger is None or self._stopping or self.removed or self.paused:
             return
-        # The cursor is the last tick handled: just before ``tick`` makes it the next due.
-        self.cursor = tick - 0.001
-        self.ledger.advance(self.name, self.cursor)
-        self._rearm()
+        cfg = self.spec.config
+        now = time.time()
+        d = decide(*due_ticks(trigger, first, now), first, now, catchup=cfg.catchup,
+                   grace=cfg.grace, resumed=False)  # fmt: skip
+        run = [(t, c) for t, c in d.run if t <= last]
+        if not run:
+            return  # the newest tick picked is after the outage: the schedule runs it
+        (tick, cause), rest = run[0], run[1:]
+        if self._fire(tick, now, cause) is None:
+            for t, c in rest:
+                self._enqueue((t, c, None))
         self._poke()
 
     def clock_changed(self) -> None:

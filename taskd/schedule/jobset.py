@@ -170,11 +170,12 @@ class JobSet:
             return True
         return any(j.cancel_run(run_id, reason) for j in self.retiring if j.name == name)
 
-    def rewind(self, name: str, tick: float) -> None:
-        """Handle ``name``'s ticks from ``tick`` on again (see ScheduledJob.rewind)."""
+    def catch_up(self, name: str, first: float, last: float) -> None:
+        """Run what ``name``'s catchup picks of its skipped ticks ``first``..``last`` (see
+        ScheduledJob.catch_up)."""
         job = self.jobs.get(name)
         if job is not None:
-            job.rewind(tick)
+            job.catch_up(first, last)
 
     def clock_changed(self) -> None:
         for job in self.jobs.values():

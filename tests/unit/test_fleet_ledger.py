@@ -245,7 +245,7 @@ class TestLostClaims:
         assert [e for e in logs if e["event"] == "fleet_claim_lost"]
         await _until(lambda: h1.rt.stats.skips.get(("j", "fleet_unavailable"), 0) >= 2)
         assert len(ran) == 1  # never run unclaimed
-        first = h1.fleet.held_from["j"]
+        first = h1.fleet.held_from["j"][0]
         postgres.start()
         back = time.time()
         # Back: catchup = "all", so every tick skipped while down runs now, once.

@@ -1,7 +1,7 @@
 """The scheduler's hooks for a fleet ledger (issue 10): start a taken-over run of a given
 tick (Cause.TAKEOVER, past the local overlap check but not a pause), cancel one run whose
-claim was lost, and rewind a job so ticks skipped while the fleet was down are handled
-again under ``catchup``."""
+claim was lost, and run what ``catchup`` picks of the ticks skipped while the fleet was down
+(counted once, when they were skipped)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from taskd.config.model import JobConfig
 from taskd.jobspec import JobSpec, make_trigger
@@ -86,7 +88,10 @@ async def test_take_over_runs_the_tick_past_overlap_but_not_pause(store: StateSt
     assert not job.active
 
 
-async def test_rewind_handles_skipped_ticks_again(store: StateStore) -> None:
+@pytest.mark.parametrize("catchup", ["latest", "all", "none"])
+async def test_catch_up_runs_what_catchup_picks_of_skipped_ticks(
+    store: StateStore, catchup: str
+) -> None:
     rt = _runtime(store)
     ran: list[float] = []
 
@@ -94,19 +99,28 @@ async def test_rewind_handles_skipped_ticks_again(store: StateStore) -> None:
         ran.append(ctx.scheduled.timestamp())
 
     now = time.time()
-    spec = _spec(func, every=10.0, catchup="latest", grace=1.0)
+    spec = _spec(func, every=3600.0, catchup=catchup, grace=1.0)
     job = ScheduledJob(spec, rt, cursor=now)
     job.start()
     try:
         await asyncio.sleep(0)
         assert spec.trigger is not None
-        first = spec.trigger.next_after(now - 35)
+        # Four ticks, already handled (skipped while the fleet was down), an hour apart:
+        # no tick of the schedule comes during the test.
+        first = spec.trigger.next_after(now - 4 * 3600)
         assert first is not None
-        job.rewind(first)
-        await _until(lambda: bool(ran))
-        # catchup = "latest": the backlog since ``first`` became one run, of its newest
-        # tick, already past (no tick of the schedule came in between: they are 10 s apart).
-        assert first + 20 <= ran[0] <= now
+        skipped = [first + 3600 * i for i in range(4)]
+        job.catch_up(skipped[0], skipped[-1])
+        if catchup == "none":
+            await asyncio.sleep(0.2)
+            # Late ones are not run (one within grace would be, as on time).
+            assert not set(ran) & {t for t in skipped if now - t > 1.0}
+        else:
+            want = skipped[-1:] if catchup == "latest" else skipped
+            await _until(lambda: len(ran) == len(want))
+            assert ran == want
+        assert not rt.stats.skips  # counted when they were skipped, not again
+        assert job.cursor == now  # already past them
     finally:
         job.stop()
         job.cancel_runs("test over")
