@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import structlog
 
-from taskd.fleet.conn import FleetDown, is_gone
+from taskd.fleet.conn import FleetDown
 from taskd.fleet.db import FleetDB, NodeTaken
 from taskd.fleet.held import Held, Scheduler, boottime, spec_hash
 from taskd.fleet.schema import SchemaTooNew
@@ -78,6 +78,7 @@ class FleetLedger:
         self.ready = False  # schema, node check, jobs and LISTEN done
         self._deadline: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._publishing: set[asyncio.Task[None]] = set()
         db.conn.on_up(self._back_up)
 
     @classmethod
@@ -103,8 +104,8 @@ class FleetLedger:
         except (SchemaTooNew, NodeTaken) as exc:
             self._refuse(exc)
         except Exception as exc:
-            if not is_gone(exc) and not isinstance(exc, FleetDown):
-                raise
+            # Unreachable, or refused (a wrong password, no such database): all may be
+            # fixed without a restart of taskd, so retried with backoff all the same.
             log.warning("fleet_db_down", node=self.node, error=f"{type(exc).__name__}: {exc}",
                         hint="fleet jobs are skipped until the database answers")  # fmt: skip
             self.db.conn.gone(exc)
@@ -273,7 +274,9 @@ class FleetLedger:
         if self.flags.get(job) == paused:
             return  # the fleet's flag already (a notice, or the claim's answer)
         self.flags[job] = paused
-        asyncio.get_running_loop().create_task(self._publish(job, paused))
+        task = asyncio.get_running_loop().create_task(self._publish(job, paused))
+        self._publishing.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._publishing.discard)
 
     async def publish_paused(self, job: str, paused: bool) -> None:
         """Pause or resume ``job`` fleet-wide; raises FleetDown (the pause was not made)."""

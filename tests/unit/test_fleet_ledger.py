@@ -336,3 +336,24 @@ class TestRefused:
         assert h1.fleet.status()["db"] == "refused"
         refusals = [e for e in logs if e["event"] == "not_claimed"]
         assert refusals and "upgrade taskd" in refusals[0]["detail"]
+
+    async def test_a_wrong_password_is_retried_and_a_fixed_file_picked_up(
+        self, hosts: Any, tmp_path: Path
+    ) -> None:
+        ran: list[float] = []
+
+        async def func(ctx: Any) -> None:
+            ran.append(ctx.scheduled.timestamp())
+
+        (h1,) = await hosts(1)
+        pw = h1.fleet.cfg.password_file
+        assert pw is not None
+        right = pw.read_text()
+        pw.write_text("not-the-password\n")
+        await h1.start(_spec(func))  # no exception: the start goes on, fleet jobs skip
+        assert h1.fleet.db.state in ("down", "reconnecting")
+        await _until(lambda: h1.rt.stats.skips.get(("j", "fleet_unavailable"), 0) >= 1)
+        assert not ran
+        pw.write_text(right)  # read again at the next connect
+        await _until(lambda: bool(ran), timeout=40)
+        assert h1.fleet.db.state == "up" and h1.fleet.ready
