@@ -25,6 +25,9 @@ class JobSpec:
     broken: str | None = None
     # The options as the job function receives them (converted per its annotations).
     kwargs: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # Where its runs go when not its kind's default executor (taskd.run.executor): the
+    # default paths read None and never look an executor up.
+    executor: str | None = field(default=None, compare=False)
     # Eligible for the scheduler's fused run path (taskd.schedule.runs, _run_fast): decided
     # once, here, when a build or reload makes the spec, never per run.
     fast: bool = field(init=False, compare=False, repr=False)

@@ -137,6 +137,7 @@ class JobRunner:
 
     ``plugins``: drop-in files (paths) and modules or objects with hook implementations.
     ``entry_points``: also load installed plugins, as the daemon does by default.
+    ``executor_tables``: the executors' config tables, ``{"dask": {"scheduler": "local"}}``.
     The other arguments are the ``[daemon]`` settings of the same names."""
 
     def __init__(
@@ -147,8 +148,11 @@ class JobRunner:
         thread_workers: int = 4,
         thread_workers_max: int = 0,
         max_result_size: int = 1 << 20,
+        executor_tables: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self._plugins = plugins
+        # The config's executor tables by name: {"dask": {"scheduler": "local"}}.
+        self._tables: Mapping[str, Mapping[str, Any]] = executor_tables or {}
         self._entry_points = entry_points
         self._settings = (process_workers, thread_workers, thread_workers_max, max_result_size)
         self._recorder = _Recorder()
@@ -225,6 +229,7 @@ class JobRunner:
                 process_workers=procs,
                 thread_workers_max=threads_max,
                 max_result_size=max_result,
+                executor_tables=self._tables,
             )
         return self._rt
 
@@ -240,7 +245,8 @@ class JobRunner:
     ) -> JobSpec:
         """The job as the daemon would hold it, or a ConfigError saying what the config
         loader would say about it. ``settings`` are the ``[jobs.<name>]`` keys: ``timeout``,
-        ``retries``, ``retry_backoff``, ``max_memory`` (TOML values: ``timeout="5s"``)."""
+        ``retries``, ``retry_backoff``, ``max_memory``, ``executor`` (TOML values:
+        ``timeout="5s"``)."""
         from taskd.config.checks import suggest
         from taskd.config.load import job_from_table
         from taskd.jobspec import JobSpec
@@ -286,7 +292,18 @@ class JobRunner:
             raise ConfigError(issues)
         table = {"type": jt.name, "on": "startup", **settings, "options": options}
         config = job_from_table(name, table, file=_FILE)
-        return JobSpec(config, jt, None, kwargs=convert_options(jt, options))
+        executor = None
+        if config.executor is not None:  # checked as the daemon does
+            from taskd.plugin.executors import ExecutorCheck
+
+            def issue(path: str, message: str, hint: str | None) -> None:
+                issues.append(ConfigIssue(_FILE, path, message, hint=hint))
+
+            check = ExecutorCheck(self._tables, self.host.executors, issue)
+            executor = check.job(prefix, config, jt)[1]
+            if issues:
+                raise ConfigError(issues)
+        return JobSpec(config, jt, None, kwargs=convert_options(jt, options), executor=executor)
 
     async def run(
         self,

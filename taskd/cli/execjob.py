@@ -151,6 +151,7 @@ async def _exec_once(config: Any, host: Any, spec: Any, *, retries: bool) -> Any
         process_workers=min(d.process_workers or 1, 2),
         thread_workers_max=d.thread_workers_max,
         max_result_size=d.max_result_size,
+        executor_tables=config.executor_tables,  # a dask job runs on its [dask] cluster
     )
     now = time.time()
     info = RunInfo(rt.new_run_id(), spec.name, now, now, Cause.EXEC)

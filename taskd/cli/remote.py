@@ -119,6 +119,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _executor_summary(figures: dict[str, Any]) -> str:
+    """One line of a started executor's figures: "up, 2 workers, 1 processing"."""
+    head = [("up" if figures["up"] else "DOWN")] if "up" in figures else []
+    rest = [
+        f"{value:g} {name.removesuffix('_total')}"
+        for name, value in figures.items()
+        if name != "up" and isinstance(value, int | float)
+    ]
+    return ", ".join(head + rest) or "started"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     code, data = _call(args, "status")
     if code != EXIT_OK:
@@ -149,6 +160,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  stuck threads: {d['stuck_threads']} (blocking runs past their timeout{cap})")
     if d["state_write_failing"]:
         print("  state:  WRITES FAILING (runs go on; see the log)")
+    for name, figures in (d.get("executors") or {}).items():
+        print(f"  {fmt.safe(str(name))}:   {_executor_summary(figures)}")
     print(f"  reload: {_reload_summary(d['last_reload'], now)}")
     for error in (d["last_reload"] or {}).get("errors", []):
         print(f"          {fmt.safe(str(error))}")

@@ -40,6 +40,7 @@ JOB_KEYS = (
     "max_memory",
     "options",
     "scope",
+    "executor",
 )
 MAX_RETRIES = 100
 # One empty table for every job without options (most): a dict each is 64 bytes a job that
@@ -173,6 +174,9 @@ def _job(c: _Collector, name: str, table: Any, default_tz: str) -> JobConfig | N
         max_memory=c.take(table, "max_memory", p, parse_size, None),
         options=options or NO_OPTIONS,
         scope=c.take(table, "scope", p, _choice(SCOPES), "host"),
+        # Interned as type is; whether it names a registered executor that runs this job's
+        # kind is checked against the plugins (taskd.plugin.executors).
+        executor=c.take(table, "executor", p, _executor_name, None),
     )
     if job.scope == "fleet":
         _fleet_job(c, p, job)
@@ -196,6 +200,10 @@ def _fleet_job(c: _Collector, p: str, job: JobConfig) -> None:
             "the hosts of the fleet share",
             'give it every, cron or at, or keep scope = "host"',
         )
+
+
+def _executor_name(value: Any) -> str:
+    return sys.intern(_string(value))
 
 
 def _positive_duration(value: Any) -> float:

@@ -7,6 +7,7 @@ job_table.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from taskd.config.checks import _Collector, suggest, type_name
 from taskd.config.daemon_table import _daemon
+from taskd.config.executor_tables import EXECUTOR_TOP_KEYS, executor_tables
 from taskd.config.fleet_table import _fleet, check_scope
 from taskd.config.job_table import _job
 from taskd.config.model import Config, DaemonConfig, JobConfig
@@ -27,7 +29,7 @@ from taskd.config.source import (
 from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigError, ConfigIssue
 
-TOP_KEYS = ("daemon", "fleet", "jobs")
+TOP_KEYS = ("daemon", "fleet", "jobs", *EXECUTOR_TOP_KEYS)
 
 
 def load_config(path: str | Path) -> Config:
@@ -154,4 +156,6 @@ def _validate(
                 jobs[name] = job
             yield
     config = Config(path=file, daemon=daemon, jobs=jobs, lines=c.lines, fleet=fleet)
+    if any(k in data for k in EXECUTOR_TOP_KEYS):
+        config = dataclasses.replace(config, executor_tables=executor_tables(c, data))
     return config, c.issues, by_job

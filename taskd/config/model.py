@@ -92,6 +92,7 @@ class JobConfig:
     max_memory: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     scope: Scope = "host"  # "fleet": each tick runs on one host of the fleet ([fleet])
+    executor: str | None = None  # None: the default of the job's kind (taskd.run.executor)
     # No line of its own: Config.line_of finds it when a message needs it (a field read for
     # every job made the start scan the whole file's lines, see taskd.config.lines.KeyLines).
 
@@ -116,6 +117,7 @@ class JobConfig:
         max_memory: int | None = None,
         options: Mapping[str, Any] | None = None,
         scope: Scope = "host",
+        executor: str | None = None,
     ) -> None:
         # Each field set through its slot's own descriptor: the frozen dataclass's __init__
         # calls object.__setattr__ per field, 2.0 µs a job against 1.2 (10,000 jobs are
@@ -140,6 +142,7 @@ class JobConfig:
         s[16](self, max_memory)
         s[17](self, {} if options is None else options)
         s[18](self, scope)
+        s[19](self, executor)
 
     def schedule_text(self) -> str:
         if self.schedule == "every":
@@ -170,6 +173,9 @@ class Config:
     # Dotted key path -> line, so later checks (job types, options) can name a line too.
     lines: Mapping[str, int] = field(default_factory=dict, compare=False)
     fleet: FleetConfig | None = None  # no [fleet] table: no job may have scope = "fleet"
+    # [dask] and each [executors.<name>], by that name ("dask", "executors.<name>"): their
+    # keys are the executor's to check, once plugins are loaded (taskd.plugin.executors).
+    executor_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def line_of(self, path: str) -> int | None:
         """The line of ``path``, or of its nearest enclosing table."""

@@ -118,6 +118,12 @@ class Commands:
                 "threads": rt.threads.status().as_dict() if rt is not None else None,
                 # Why the process pool is degraded (workers crash-looping), None when fine.
                 "pool_degraded": rt.pool_degraded if rt is not None else None,
+                # Executors started besides the built-in pools (a dask cluster's figures).
+                "executors": {
+                    name: dict(figures)
+                    for name, figures in (rt.executors.gauges() if rt is not None else {}).items()
+                    if name not in ("thread", "process")
+                },
                 "state_write_failing": bool(d.store is not None and d.store.failing),
                 "last_reload": last.as_dict() if last is not None else None,
             },

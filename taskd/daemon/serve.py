@@ -23,6 +23,7 @@ from taskd.daemon.start import (
     _plugin_files,
     _retention,
     start,
+    warm_executors,
 )
 from taskd.daemon.stop import shutdown
 from taskd.errors import StateNotSaved
@@ -296,6 +297,7 @@ class Daemon:
             logsetup.configure(new_daemon.log_level, new_daemon.log_format)
             self.rt.refresh_log()
         self.rt.set_host(new.host)
+        self.rt.set_executor_tables(new.config.executor_tables)
         self.rt.max_result_size = new_daemon.max_result_size
         if self.loopwatch is not None:
             self.loopwatch.threshold = new_daemon.loop_block_threshold
@@ -304,6 +306,7 @@ class Daemon:
         rows = self.store.jobs()
         diff = self.jobset.apply(new.specs, rows)
         reload_fleet(self.fleet, new)
+        warm_executors(self.rt, new.specs)
         # Removed jobs' counters go (status and metrics show configured jobs only, and a
         # daemon that renames jobs for months must not keep every old name); one added back
         # starts from its stored last run, as at start.

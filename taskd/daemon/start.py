@@ -9,7 +9,7 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -31,6 +31,7 @@ from taskd.state.store import StateStore
 if TYPE_CHECKING:
     from taskd.config.model import DaemonConfig
     from taskd.daemon.serve import Daemon
+    from taskd.jobspec import JobSpec
 
 log = structlog.get_logger("taskd.daemon")
 
@@ -93,6 +94,7 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
         process_workers=d.process_workers,
         max_result_size=d.max_result_size,
         thread_workers_max=d.thread_workers_max,
+        executor_tables=loaded.config.executor_tables,
     )
     daemon.rt = rt
     daemon.loaded = loaded
@@ -120,6 +122,7 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
                 error=repr(exc),
                 hint="cpu jobs will fail until worker processes can start",
             )
+    warm_executors(rt, loaded.specs)
     # Fleet jobs claim their runs in the fleet's database: its ledger comes before the jobs
     # (they pick it by scope). Nothing of it is imported without a fleet job.
     daemon.fleet = await open_fleet(loaded, rt, daemon.store)
@@ -162,6 +165,28 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
     gc.enable()  # taskd run disabled it for the start (taskd.cli.main)
     await loaded.host.daemon_started(daemon._info())
     return EXIT_OK
+
+
+def warm_executors(rt: Runtime, specs: Mapping[str, JobSpec]) -> None:
+    """Start the executors jobs name (other than the built-ins), each in a task of its own:
+    a cluster may take seconds to come up, which the start (READY=1) and the other jobs do
+    not wait for. A run that comes first waits for it; one that fails is logged, and the next
+    run tries again."""
+    names = {s.executor for s in specs.values() if s.executor is not None}
+    for name in sorted(names - set(rt.executors.live)):
+        rt.spawn(_warm(rt, name))
+
+
+async def _warm(rt: Runtime, name: str) -> None:
+    try:
+        await rt.executors.start(name)
+    except Exception as exc:
+        log.error(
+            "executor_unavailable",
+            executor=name,
+            error=str(exc) or repr(exc),
+            hint=f"runs of jobs with executor = {name!r} fail until it starts",
+        )
 
 
 def start_timers(daemon: Daemon) -> None:

@@ -290,6 +290,8 @@ class DaemonCollector:
             float(getattr(watch, "lag_max", 0.0)),
         )
         yield from _lag_histogram(watch)
+        if rt is not None:
+            yield from _executor_families(rt.executors.gauges())
         blocked = CounterMetricFamily(
             "taskd_event_loop_blocked",
             "Times the event loop was blocked past daemon.loop_block_threshold (each logged).",
@@ -341,7 +343,7 @@ class DaemonCollector:
         )
         figures = self.processes
         rt = self.daemon.rt
-        pool = rt._procs if rt is not None else None  # None until a cpu job needs it
+        pool = rt.started_procs if rt is not None else None  # None until a cpu job needs it
         for label, (r, c, f) in (
             ("daemon", figures.daemon()),
             ("workers", figures.pool(pool.pids() if pool is not None else ())),
@@ -425,3 +427,22 @@ def _loop_name(daemon: Daemon) -> str:
         return daemon.loop_name
     except RuntimeError:  # scraped outside the loop (a test, a thread)
         return "unknown"
+
+
+def _executor_families(gauges: Mapping[str, Mapping[str, float]]) -> Iterator[Metric]:
+    """taskd_<executor>_<name> for each figure of a started executor other than the
+    built-in pools (which have families of their own): taskd_dask_workers, say. A name
+    ending in ``_total`` is a counter (taskd_dask_orphaned_total)."""
+    for executor, figures in gauges.items():
+        if executor in ("thread", "process"):
+            continue
+        for name, value in figures.items():
+            what = f"The {executor} executor's {name.removesuffix('_total')}."
+            if name.endswith("_total"):
+                counter = CounterMetricFamily(
+                    f"taskd_{executor}_{name.removesuffix('_total')}", what
+                )
+                counter.add_metric([], value)
+                yield counter
+            else:
+                yield _gauge(f"taskd_{executor}_{name}", what, value)

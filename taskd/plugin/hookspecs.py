@@ -12,6 +12,7 @@ import pluggy
 if TYPE_CHECKING:
     from taskd.plugin.jobtype import JobType
     from taskd.run.events import JobEvent
+    from taskd.run.executor import ExecutorRegistry
 
 PROJECT = "taskd"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -26,6 +27,19 @@ def taskd_job_types() -> Sequence[JobType]:
     plugins; a clash makes both job types broken, so neither silently wins.
     """
     raise NotImplementedError
+
+
+@hookspec
+def taskd_executors(register: ExecutorRegistry) -> None:
+    """Add executors: ``register.add(MyExecutor)``, a class with ``name``, ``kinds`` and the
+    methods of :class:`taskd.run.executor.Executor`. A job picks one with ``executor =
+    "<name>"``; its settings come from ``[executors.<name>]`` (``ExecutorSettings.table``).
+
+    Called once when plugins load and again on every reload, like ``taskd_job_types``, and
+    like it a plain ``def``. A name taken already (a built-in's, another plugin's) makes this
+    plugin broken. The executor is made and started on the first run that needs it, and
+    closed when the daemon stops.
+    """
 
 
 @hookspec

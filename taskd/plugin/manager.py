@@ -26,12 +26,14 @@ import structlog
 from taskd.plugin import dropin, hookspecs
 from taskd.plugin.jobtype import JobType
 from taskd.plugin.options import signature_problem
+from taskd.run.executor.registry import ExecutorRegistry, builtin_registry
 
 log = structlog.get_logger("taskd.plugins")
 
 Origin = Literal["entry point", "file", "builtin"]
 ENTRY_POINT_GROUP = "taskd"
 HOOK_TIMEOUT = 60.0  # seconds an async hook implementation may take
+_LOADING_HOOKS = frozenset({"taskd_job_types", "taskd_executors"})  # called while loading
 
 
 def _hook_failed(hook: str, plugin: str, exc: BaseException) -> None:
@@ -73,6 +75,8 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.records: list[PluginRecord] = []
         self.job_types: dict[str, JobType] = {}
+        # The built-in executors and what plugins add (taskd_executors).
+        self.executors: ExecutorRegistry = builtin_registry()
         # Job type name -> why it cannot be used (clash between plugins).
         self.conflicts: dict[str, str] = {}
         self.folder_problems: list[FolderProblem] = []
@@ -106,6 +110,7 @@ class PluginHost:
             name = getattr(obj, "__name__", type(obj).__name__)
             host._register(PluginRecord(name=name, source="builtin", origin=repr(obj)), obj)
         host._collect_job_types()
+        host._collect_executors()
         return host
 
     def _load_entry_points(self, disabled: Sequence[str]) -> None:
@@ -166,6 +171,7 @@ class PluginHost:
         """Forms pluggy accepts but taskd's one-implementation-at-a-time calls cannot honour."""
         for name in (
             "taskd_job_types",
+            "taskd_executors",
             "taskd_daemon_started",
             "taskd_daemon_stopping",
             "taskd_job_event",
@@ -178,9 +184,9 @@ class PluginHost:
                     raise TypeError(
                         f"{name}: hook wrappers are not supported by taskd; write a plain hook"
                     )
-                if name == "taskd_job_types" and inspect.iscoroutinefunction(impl.function):
+                if name in _LOADING_HOOKS and inspect.iscoroutinefunction(impl.function):
                     raise TypeError(
-                        "taskd_job_types must be a plain def (it is called while loading), not async def"
+                        f"{name} must be a plain def (it is called while loading), not async def"
                     )
 
     def _broken(self, record: PluginRecord, message: str, exc: BaseException) -> None:
@@ -230,6 +236,26 @@ class PluginHost:
                 owners[jt.name] = record
                 self.job_types[jt.name] = jt
                 record.job_types.append(jt.name)
+
+    def _collect_executors(self) -> None:
+        """Ask each plugin for its executors, one plugin at a time: one that raises (a name
+        taken already, say) is broken, and what it registered before is kept out."""
+        for record in self.records:
+            if record.broken or record.plugin is None:
+                continue
+            impls = [
+                i for i in self.pm.hook.taskd_executors.get_hookimpls() if i.plugin is record.plugin
+            ]
+            if not impls:
+                continue
+            trial = self.executors.copy()
+            try:
+                for impl in impls:
+                    impl.function(trial)
+            except BaseException as exc:  # as in _collect_job_types
+                self._broken(record, f"taskd_executors() failed: {type(exc).__name__}: {exc}", exc)
+                continue
+            self.executors = trial
 
     @staticmethod
     def _check_job_types(returned: Any, record: PluginRecord) -> list[JobType]:

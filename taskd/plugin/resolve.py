@@ -8,6 +8,7 @@ from taskd.config.model import Config
 from taskd.config.steps import Steps, finish
 from taskd.errors import ConfigIssue
 from taskd.jobspec import JobSpec, make_trigger
+from taskd.plugin.executors import ExecutorCheck
 from taskd.plugin.manager import PluginHost
 from taskd.plugin.options import OptionSpec, check_options, convert_options
 from taskd.schedule.triggers import At, Every, Trigger
@@ -39,6 +40,8 @@ def resolve_steps(
     def issue(path: str, message: str, hint: str | None = None) -> None:
         issues.append(ConfigIssue(file, path, message, config.line_of(path), hint))
 
+    executors = ExecutorCheck(config.executor_tables, host.executors, issue)
+
     for name, job in config.jobs.items():
         yield
         path = f"jobs.{name}"
@@ -62,13 +65,14 @@ def resolve_steps(
         problems = check_options(jt, job.options, ospec)
         for key, message, option_hint in problems:
             issue(f"{path}.options.{key}" if key else f"{path}.options", message, option_hint)
+        placed, executor = (True, None) if job.executor is None else executors.job(path, job, jt)
         if job.max_memory is not None and jt.kind != "cpu":
             issue(
                 f"{path}.max_memory",
                 f"max_memory applies to cpu jobs only; {job.type!r} is a {jt.kind} job",
                 "remove max_memory",
             )
-        elif not problems:
+        elif placed and not problems:
             every = (job.every, job.offset) if job.schedule == "every" else None
             trigger = everies.get(every) if every is not None else None
             if trigger is None:
@@ -82,5 +86,7 @@ def resolve_steps(
                 jt,
                 trigger,
                 kwargs=convert_options(jt, job.options, ospec) if job.options else NO_OPTIONS,
+                executor=executor,
             )
+    executors.unknown_tables()
     return specs, issues

@@ -7,18 +7,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from taskd.errors import JobTimeout, ResultTooLarge
+from taskd.errors import JobTimeout
 from taskd.ledger._base import CLAIMING, HOST_CLAIM, Claim
 from taskd.run.context import JobContext
-from taskd.run.encoding import NO_RESULT, Encoded, TooLarge, encode, too_large
+from taskd.run.encoding import NO_RESULT, Encoded, TooLarge, encode
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
+from taskd.run.executor._base import Call
+from taskd.run.executor.thread import blocking, too_large_error
 from taskd.run.executors import with_timeout
-from taskd.run.limits import MAX_ERROR_TEXT, cut, describe, recall, remember
+from taskd.run.limits import MAX_ERROR_TEXT, cut, describe, recall
 from taskd.run.sinks import RunEnd
 
 if TYPE_CHECKING:
@@ -76,10 +77,6 @@ def _error_text(exc: BaseException, label: str = "") -> str:
     return cut(text, MAX_ERROR_TEXT + 64)
 
 
-def _too_large(result: Any, over: TooLarge, limit: int) -> ResultTooLarge:
-    return ResultTooLarge(too_large(type(result).__qualname__, over.size, over.exact, limit))
-
-
 def _checked(rt: Runtime, info: RunInfo, result: Any) -> Any:
     """``result`` once its stored form fits ``max_result_size``; raise if it does not. A cpu
     or blocking run's result was measured where it ran; an io run's is measured here, within
@@ -92,27 +89,8 @@ def _checked(rt: Runtime, info: RunInfo, result: Any) -> Any:
         try:
             info.encoded = encode(result, limit)
         except TooLarge as over:
-            raise _too_large(result, over, limit) from None
+            raise too_large_error(result, over, limit) from None
     return result
-
-
-def _blocking(
-    func: Callable[..., Any], kwargs: Mapping[str, Any], limit: int
-) -> tuple[Any, Encoded]:
-    """A blocking run in its thread: the job, then its result's stored form, measured there
-    (not on the loop); an exception's text is made there too."""
-    try:
-        result = func(**kwargs)
-    except BaseException as exc:
-        remember(exc, describe(exc))
-        raise
-    try:
-        return result, encode(result, limit)
-    except TooLarge as over:
-        raise _too_large(result, over, limit) from None
-    except BaseException as exc:  # a repr() that raised, say: still this thread's to describe
-        remember(exc, describe(exc))
-        raise
 
 
 async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
@@ -133,11 +111,13 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         finally:
             if ctx._scope is not None:
                 ctx.release_resources()
+    if spec.executor is not None:  # a job that named an executor not its kind's default
+        return await _elsewhere(rt, spec, info)
     if kind == "blocking":
-        call = functools.partial(_blocking, jt.func, spec.kwargs, rt.max_result_size)
+        call = functools.partial(blocking, jt.func, spec.kwargs, rt.max_result_size)
         result, info.encoded = await rt.threads.run(call, {}, cfg.timeout, _label(spec, info))
         return result
-    pool = rt.started_procs or await rt.procs()  # no coroutine per run once it is up
+    pool = rt.process.pool or await rt.process.started()  # no coroutine per run once it is up
     result, info.encoded = await pool.run_measured(
         jt.func,
         (),
@@ -147,6 +127,26 @@ async def _attempt(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
         max_result=rt.max_result_size,
         label=_label(spec, info),
     )
+    return result
+
+
+async def _elsewhere(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
+    """An attempt through the job's executor (a plugin's, or the bundled dask one): started
+    on its first run, a failure to start failing this run (the next one tries again)."""
+    name = spec.executor
+    assert name is not None and spec.jobtype is not None
+    cfg = spec.config
+    executor = rt.executors.live.get(name) or await rt.executors.start(name)
+    call = Call(
+        spec.jobtype.func,
+        spec.kwargs,
+        cfg.timeout,
+        cfg.max_memory,
+        rt.max_result_size,
+        _label(spec, info),
+        f"{info.run_id}-{info.attempt}",
+    )
+    result, info.encoded = await executor.run(call)
     return result
 
 

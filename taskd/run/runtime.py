@@ -13,7 +13,9 @@ import structlog
 
 from taskd.ledger import NULL_LEDGER, NoFleetLedger
 from taskd.run.events import EventKind, JobEvent, Outcome
-from taskd.run.executors import ThreadRunner
+from taskd.run.executor._base import ExecutorSettings
+from taskd.run.executor.live import Executors
+from taskd.run.executor.registry import ExecutorType
 from taskd.run.resources import Resources
 from taskd.run.sinks import RunSink, default_sinks
 
@@ -141,6 +143,7 @@ class Runtime:
         max_result_size: int = 1 << 20,
         thread_workers_max: int = 0,
         ledger: Ledger = NULL_LEDGER,
+        executor_tables: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.shared = shared
         # Where ticks and runs go on record (taskd.ledger), by a job's scope: the only write
@@ -149,12 +152,26 @@ class Runtime:
         # Fleet jobs are refused (fleet_unavailable) until a fleet ledger takes "fleet".
         self.ledgers: dict[str, Ledger] = {"host": ledger, "fleet": NoFleetLedger(ledger, NO_FLEET)}
         self.host = host
-        self.threads = ThreadRunner(thread_workers, thread_workers_max)
         self.process_workers = process_workers or (os.cpu_count() or 1)
+        # The config's executor tables ([dask], [executors.<name>]) by table name: read when
+        # an executor is made, so a reload's change applies from the next daemon start.
+        self.executor_tables: Mapping[str, Mapping[str, Any]] = executor_tables or {}
+
+        def settings(kind: ExecutorType) -> ExecutorSettings:
+            return ExecutorSettings(
+                table=self.executor_tables.get(kind.table, {}),
+                thread_workers=thread_workers,
+                thread_workers_max=thread_workers_max,
+                process_workers=self.process_workers,
+            )
+
+        # Where blocking and cpu runs go (taskd.run.executor): the thread pool and the
+        # process pool are the built-ins, read directly on their kinds' default paths.
+        self.executors = Executors(host.executors, settings)
+        self.process = self.executors.process
+        self.threads = self.executors.thread.runner
         # [daemon] max_result_size; a reload sets it anew.
         self.max_result_size = max_result_size
-        self._procs: ProcessPool | None = None
-        self._procs_lock = asyncio.Lock()
         self.stats = Stats()
         self.log: FilteringBoundLogger = structlog.get_logger("taskd.run").bind()
         # io jobs' long-lived resources (ctx.resource): a reload retires a changed or removed
@@ -216,6 +233,18 @@ class Runtime:
     def set_host(self, host: PluginHost) -> None:
         self.host = host
         self.listeners = host.has_impls("taskd_job_event")
+        self.executors.set_registry(host.executors)
+
+    def set_executor_tables(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
+        """A reload's executor tables: an executor not made yet gets them; one made already
+        keeps its own until the next start (logged, as daemon settings that need one)."""
+        for name in self.executors.made_with_tables(self.executor_tables, tables):
+            self.log.warning(
+                "restart_needed",
+                key=name,
+                hint="this setting takes effect at the next restart",
+            )
+        self.executor_tables = tables
 
     def new_run_id(self) -> str:
         # Short, unique per daemon start and sortable within it; cheaper than uuid4 per run.
@@ -232,25 +261,18 @@ class Runtime:
 
     async def procs(self) -> ProcessPool:
         """The process pool, started on first use (a config without cpu jobs never forks)."""
-        if self._procs is None:
-            async with self._procs_lock:
-                if self._procs is None:
-                    from taskd.run.pool import ProcessPool
-
-                    pool = ProcessPool(self.process_workers)
-                    await pool.start()
-                    self._procs = pool
-        return self._procs
+        return await self.process.started()
 
     @property
     def started_procs(self) -> ProcessPool | None:
         """The process pool if it has been started, else None (see :meth:`procs`)."""
-        return self._procs
+        return self.process.pool
 
     @property
     def pool_degraded(self) -> str | None:
         """Why the process pool is degraded (its workers crash-loop), or None."""
-        return self._procs.degraded if self._procs is not None else None
+        pool = self.process.pool
+        return pool.degraded if pool is not None else None
 
     async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return await self.threads.call(func, *args, **kwargs)
@@ -265,9 +287,5 @@ class Runtime:
     async def close(self, *, kill: bool, timeout: float | None = None) -> None:
         await self.settle()
         await self.resources.close_all()
-        if self._procs is not None:
-            if kill:
-                self._procs.kill()
-            await self._procs.close(timeout=0 if kill else timeout)
-        self.threads.shutdown()
+        await self.executors.close(kill=kill, timeout=timeout)
         await self.settle()

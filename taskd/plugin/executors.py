@@ -1,0 +1,79 @@
+"""A job's ``executor`` key against the registered executors (built-ins and plugins'), and
+each used executor's config table against its own checks. Part of resolving job types."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from taskd.config.checks import suggest
+from taskd.config.model import JobConfig
+from taskd.plugin.jobtype import JobType
+from taskd.run.executor.registry import DEFAULT_EXECUTOR, ExecutorRegistry
+
+Issue = Callable[[str, str, "str | None"], None]
+
+
+class ExecutorCheck:
+    """Checks the jobs of one resolve; each table at most once, however many jobs use it."""
+
+    def __init__(
+        self, tables: Mapping[str, Mapping[str, Any]], registry: ExecutorRegistry, issue: Issue
+    ) -> None:
+        self.tables = tables  # Config.executor_tables
+        self.registry = registry
+        self.issue = issue
+        self._tables: dict[str, bool] = {}  # table -> it passed its executor's checks
+
+    def job(self, path: str, job: JobConfig, jt: JobType) -> tuple[bool, str | None]:
+        """(fine, the executor the job's runs go to: None for its kind's default)."""
+        name = job.executor
+        default = DEFAULT_EXECUTOR[jt.kind]
+        if name is None or name == default:
+            return True, None
+        found = self.registry.get(name)
+        if found is None:
+            known = self.registry.names()
+            self.issue(
+                f"{path}.executor",
+                f"unknown executor {name!r}",
+                suggest(name, known) or f"known executors: {', '.join(known)}",
+            )
+            return False, None
+        if jt.kind not in found.kinds:
+            kinds = " and ".join(sorted(found.kinds))
+            self.issue(
+                f"{path}.executor",
+                f"the {name!r} executor runs {kinds} jobs; {job.type!r} is a {jt.kind} job",
+                f"remove executor: {jt.kind} jobs run on {default!r}",
+            )
+            return False, None
+        try:
+            cls = found.cls
+        except Exception as exc:  # a lazily registered executor whose module fails to import
+            self.issue(f"{path}.executor", f"executor {name!r} cannot be loaded: {exc!r}", None)
+            return False, None
+        fine = True
+        for key, message, hint in cls.validate(job, jt):
+            self.issue(f"{path}.{key}" if key else path, message, hint)
+            fine = False
+        table = found.table
+        if table not in self._tables:
+            problems = cls.check_table(self.tables.get(table, {}))
+            for key, message, hint in problems:
+                self.issue(f"{table}.{key}" if key else table, message, hint)
+            self._tables[table] = not problems
+        return fine and self._tables[table], name
+
+    def unknown_tables(self) -> None:
+        """An [executors.<name>] no registered executor reads (a typo, a missing plugin)."""
+        known = self.registry.tables()
+        for table in self.tables:
+            if table not in known:
+                name = table.partition(".")[2]
+                self.issue(
+                    table,
+                    f"no executor named {name!r} is registered",
+                    suggest(name, self.registry.names())
+                    or "a plugin adds executors through the taskd_executors hook; check plugin_dirs",
+                )

@@ -1,0 +1,86 @@
+"""The executors of one daemon: made when first needed, started once, closed at the stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from taskd.run.executor._base import Executor, ExecutorSettings
+from taskd.run.executor.process import ProcessExecutor
+from taskd.run.executor.registry import ExecutorRegistry, ExecutorType
+from taskd.run.executor.thread import ThreadExecutor
+
+
+class Executors:
+    """Executor instances by name. ``thread`` and ``process`` always exist (the default
+    blocking and cpu paths read them directly); any other is made and started on its
+    first run (or by :meth:`warm`), so a daemon whose jobs use none pays nothing for it."""
+
+    def __init__(
+        self,
+        registry: ExecutorRegistry,
+        settings: Callable[[ExecutorType], ExecutorSettings],
+    ) -> None:
+        self.registry = registry
+        self._settings = settings
+        self.thread = ThreadExecutor(settings(_builtin(registry, "thread")))
+        self.process = ProcessExecutor(settings(_builtin(registry, "process")))
+        # Started executors: what a run of a job that names one looks up (a dict read).
+        self.live: dict[str, Executor] = {"thread": self.thread}
+        self._made: dict[str, Executor] = {"thread": self.thread, "process": self.process}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def start(self, name: str) -> Executor:
+        """The executor ``name``, made and started now if it is not yet (once, however many
+        runs ask at once). Raises KeyError for a name no one registered, and whatever its
+        start raises (the run fails with it; the next run tries again)."""
+        executor = self.live.get(name)
+        if executor is not None:
+            return executor
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            executor = self.live.get(name)
+            if executor is None:
+                executor = self._made.get(name)
+                if executor is None:
+                    kind = self.registry.get(name)
+                    if kind is None:
+                        raise KeyError(name)
+                    executor = self._made[name] = kind.make(self._settings(kind))
+                await executor.start()
+                self.live[name] = executor
+        return executor
+
+    def set_registry(self, registry: ExecutorRegistry) -> None:
+        """A reload's plugins: executors started already stay as they are."""
+        self.registry = registry
+
+    def made_with_tables(
+        self, old: Mapping[str, Mapping[str, Any]], new: Mapping[str, Mapping[str, Any]]
+    ) -> list[str]:
+        """The tables of executors made already that differ between ``old`` and ``new``."""
+        changed = []
+        for name in self._made:
+            kind = self.registry.get(name)
+            if kind is not None and old.get(kind.table) != new.get(kind.table):
+                changed.append(kind.table)
+        return changed
+
+    def gauges(self) -> dict[str, Mapping[str, float]]:
+        """Each started executor's figures, by name."""
+        return {name: ex.gauges() for name, ex in self.live.items()}
+
+    async def close(self, *, kill: bool, timeout: float | None) -> None:
+        """Close every executor made, the process pool first and the threads last (as the
+        daemon always has): a plugin's executor may still hand work to threads."""
+        made = self._made
+        order = [n for n in made if n not in ("process", "thread")]
+        for name in ("process", *order, "thread"):
+            await made[name].close(kill=kill, timeout=timeout)
+
+
+def _builtin(registry: ExecutorRegistry, name: str) -> ExecutorType:
+    kind = registry.get(name)
+    assert kind is not None, f"built-in executor {name!r} missing from the registry"
+    return kind
