@@ -6,12 +6,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import structlog
+
 if TYPE_CHECKING:
     from taskd.fleet.ledger import FleetLedger
     from taskd.reload import Loaded
     from taskd.run.runtime import Runtime
     from taskd.schedule.jobset import JobSet
     from taskd.state.store import StateStore
+
+
+log = structlog.get_logger("taskd.daemon")
 
 
 def fleet_jobs(loaded: Loaded) -> list[str]:
@@ -46,3 +51,10 @@ def reload_fleet(fleet: FleetLedger | None, loaded: Loaded) -> None:
     fleet ledger is refused as fleet_unavailable until a restart: [fleet] is read at start)."""
     if fleet is not None:
         fleet.reconfigure(loaded.specs[n].config for n in fleet_jobs(loaded))
+    elif fleet_jobs(loaded):
+        log.warning(
+            "restart_needed",
+            key="fleet",
+            hint="the first fleet job: the fleet's database is connected at start; until "
+            "then its ticks are skipped as fleet_unavailable",
+        )

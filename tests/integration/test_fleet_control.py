@@ -5,6 +5,7 @@ database is down; status shows the running claim's owner and fence and the node'
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 
 import pytest
@@ -34,6 +35,8 @@ def test_pause_with_the_database_down_is_refused_and_changes_nothing(
     (row,) = [j for j in status["jobs"] if j["name"] == "s"]
     assert row["scope"] == "fleet"
     assert (row["fleet"]["owner"], row["fleet"]["fence"]) == ("h1", rows[0]["fence"])
+    text = fleet.cli(h1, "status").stdout
+    assert "fleet:  node h1, database up, clock " in text
     postgres.stop()
     try:
         h1.wait_for("fleet_db_down", timeout=15)
@@ -85,3 +88,17 @@ def test_history_of_a_fleet_job_is_the_fleets(
         assert "fleet database unreachable" in down.stderr and "--local" in down.stderr
     finally:
         postgres.start()
+
+
+@pytest.mark.timeout(60)
+def test_the_first_fleet_job_added_by_a_reload_says_restart(
+    fleet_hosts: Callable[..., FleetHosts],
+) -> None:
+    fleet = fleet_hosts(1, '[jobs.local]\ntype = "fleet_tick"\nevery = "1h"\n')
+    (h1,) = fleet
+    assert fleet.status(h1)["fleet"] is None  # no fleet job: no fleet ledger, no asyncpg
+    h1.config_path.write_text(h1.config_path.read_text() + FAST)
+    h1.signal(signal.SIGHUP)
+    (said,) = h1.wait_for("restart_needed", key="fleet", timeout=10)
+    assert "first fleet job" in said["hint"]
+    h1.wait_for("skipped", job="t", reason="fleet_unavailable", timeout=10)
