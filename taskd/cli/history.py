@@ -8,7 +8,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from taskd.cli import fmt
 from taskd.cli.common import (
@@ -21,7 +21,11 @@ from taskd.cli.common import (
     plural,
 )
 
+if TYPE_CHECKING:
+    from taskd.config.model import Config, FleetConfig
+
 MIN_DETAIL = 24  # the RESULT/ERROR column never gets narrower than this, however tight
+FLEET_KEYS = ("owner", "fence", "takeovers", "lost_owners")  # a fleet row's, in --json
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -39,6 +43,9 @@ def cmd_history(args: argparse.Namespace) -> int:
             f"reading the history in {dirs.state_dir}",
             file=sys.stderr,
         )
+    fleet = _fleet_job(args, dirs.config)
+    if fleet is not None:
+        return _fleet_history(args, fleet)
     db_path = dirs.state_dir / "state.db"
     try:
         rows = read_history(
@@ -59,6 +66,39 @@ def cmd_history(args: argparse.Namespace) -> int:
         emit([json_row(r) for r in rows])
     elif not rows:
         print("no runs" + _filters(args))
+    else:
+        print(render(rows, width=shutil.get_terminal_size((120, 24)).columns))
+    return EXIT_OK
+
+
+def _fleet_job(args: argparse.Namespace, config: Config | None) -> FleetConfig | None:
+    """The [fleet] table to read ``args.job``'s history from: a fleet job, without --local
+    or --state-dir (both ask for this host's own)."""
+    if args.job is None or args.local or args.state_dir or config is None:
+        return None
+    job = config.jobs.get(args.job)
+    if job is None or job.scope != "fleet":
+        return None
+    return config.fleet
+
+
+def _fleet_history(args: argparse.Namespace, cfg: FleetConfig) -> int:
+    try:
+        from taskd.fleet.conn import FleetDown
+        from taskd.fleet.history import read_fleet_history
+    except ImportError as exc:  # asyncpg missing: the fleet extra is not installed
+        print(f"taskd: {exc}; install taskd[fleet], or use --local", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        rows = read_fleet_history(cfg, args.job, limit=args.n, failed=args.failed, since=args.since)
+    except FleetDown as exc:
+        print(f"taskd: {exc}; --local shows this host's own history of it", file=sys.stderr)
+        return EXIT_FAIL
+    rows.reverse()
+    if args.json:
+        emit([{**json_row(r), **{k: r[k] for k in FLEET_KEYS}} for r in rows])
+    elif not rows:
+        print("no runs" + _filters(args) + " in the fleet's database")
     else:
         print(render(rows, width=shutil.get_terminal_size((120, 24)).columns))
     return EXIT_OK
@@ -104,17 +144,22 @@ def json_row(row: dict[str, Any]) -> dict[str, Any]:
 def render(rows: Sequence[dict[str, Any]], *, width: int) -> str:
     """The text table of ``rows`` (in the order given) for a terminal ``width`` cells wide."""
     tries = any((r["attempts"] or 1) > 1 for r in rows)
+    fleet = bool(rows) and "owner" in rows[0]  # the fleet's rows (taskd.fleet.history)
     headers = ["STARTED", "JOB", "RUN", "CAUSE", "OUTCOME", "TOOK"]
     right = {5}
+    if fleet:
+        headers[2:3] = ["OWNER", "FENCE"]
+        right = {3, 6}
     if tries:
         headers.append("TRIES")
-        right.add(6)
+        right.add(len(headers) - 1)
     cells: list[list[str]] = []
     for r in rows:
+        run = [r["owner"], str(r["fence"])] if fleet else [r["run_id"]]
         line = [
             fmt.local_time(r["started"]),
             r["job"],
-            r["run_id"],
+            *run,
             r["cause"],
             r["outcome"],
             fmt.duration(r["duration"]),

@@ -25,10 +25,14 @@ the job returned, abbreviated to fit the terminal.
 ISO 8601 ("2026-12-02", "2026-12-02T14:00", "2026-12-02 14:00:00+01:00"; local
 time unless it has an offset), or "today" / "yesterday".
 
+A fleet job (scope = "fleet") shows the fleet's record of its runs, read from the
+fleet's database through the config's [fleet] table, with OWNER (the host that ran
+it) and FENCE columns; --local shows this host's own history of it instead.
+
 The state_dir comes from --state-dir, else the config (-c, $TASKD_CONFIG, the
 default), read as written when it is invalid. Exit codes: 0 (also when no run
-matches), 1 no state database or a job name known to neither the history nor a
-valid config, 2 usage."""
+matches), 1 no state database, a fleet database that cannot be reached, or a job
+name known to neither the history nor a valid config, 2 usage."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_since_arg,
         metavar="WHEN",
         help='only runs started since WHEN: "1h" (ago), "2d", "2026-12-02T14:00", "today"',
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="a fleet job: this host's own history, not the fleet's (from its database)",
     )
     p.add_argument("--json", action="store_true", help="full rows as a JSON array")
     p.add_argument("--state-dir", metavar="DIR", help="read this state_dir instead of the config's")

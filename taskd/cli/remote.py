@@ -162,6 +162,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  state:  WRITES FAILING (runs go on; see the log)")
     for name, figures in (d.get("executors") or {}).items():
         print(f"  {fmt.safe(str(name))}:   {_executor_summary(figures)}")
+    fleet = data.get("fleet")
+    if fleet:
+        print(f"  fleet:  {_fleet_summary(fleet)}")
     print(f"  reload: {_reload_summary(d['last_reload'], now)}")
     for error in (d["last_reload"] or {}).get("errors", []):
         print(f"          {fmt.safe(str(error))}")
@@ -169,6 +172,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
         print(jobs_table(data["jobs"], now, wide=False))
     return EXIT_OK
+
+
+def _fleet_summary(fleet: dict[str, Any]) -> str:
+    """This node's view of its fleet: "node h1, database up, clock +0.002 s off it"."""
+    db = str(fleet["db"])
+    text = f"node {fmt.safe(str(fleet['node']))}, database {db if db == 'up' else db.upper()}"
+    text += f", clock {fleet['skew']:+.3f} s off it"
+    if fleet.get("claims_lost"):
+        text += f", {fleet['claims_lost']} claims lost"
+    return text
 
 
 def _reload_summary(last: dict[str, Any] | None, now: float) -> str:

@@ -127,6 +127,9 @@ class Commands:
                 "state_write_failing": bool(d.store is not None and d.store.failing),
                 "last_reload": last.as_dict() if last is not None else None,
             },
+            # Fleet jobs: this node, the database (up/down/reconnecting/refused), how far
+            # this host's clock is off the database's, claims lost; None without one.
+            "fleet": d.fleet.status() if d.fleet is not None else None,
             "jobs": jobs.status(now),
         }
 
@@ -169,10 +172,32 @@ class Commands:
         return _run_reply(ended)
 
     async def cmd_pause(self, args: dict[str, Any]) -> Any:
-        return self._set_paused(self._job_name(args), True)
+        name = self._job_name(args)
+        await self._fleet_paused(name, True)
+        return self._set_paused(name, True)
 
     async def cmd_resume(self, args: dict[str, Any]) -> Any:
-        return self._set_paused(self._job_name(args), False)
+        name = self._job_name(args)
+        await self._fleet_paused(name, False)
+        return self._set_paused(name, False)
+
+    async def _fleet_paused(self, name: str, paused: bool) -> None:
+        """A fleet job is paused or resumed fleet-wide first, on record in the fleet's
+        database before the command answers; if that cannot be done, nothing is changed."""
+        self._not_stopping()
+        job = self.jobs.jobs.get(name)
+        publish = getattr(job.ledger, "publish_paused", None) if job is not None else None
+        if publish is None:
+            return  # a host job (or no such job: _set_paused says so)
+        try:
+            await publish(name, paused)
+        except Exception as exc:
+            what = "pause" if paused else "resume"
+            raise ControlError(
+                ErrorCode.REFUSED,
+                f"{exc}: the {what} of fleet job {name!r} was not made (on any host); "
+                f"try again when the fleet database answers",
+            ) from None
 
     def _set_paused(self, name: str, paused: bool) -> Any:
         self._not_stopping()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from taskd import log as logsetup
+from taskd.daemon.fleet import reload_fleet
 from taskd.daemon.start import (
     EXIT_OK,
     EXIT_STATE,
@@ -37,6 +38,7 @@ from taskd.systemd import Notifier
 if TYPE_CHECKING:
     from taskd.config.model import Config
     from taskd.control.server import ControlServer
+    from taskd.fleet.ledger import FleetLedger
     from taskd.observe.http import MetricsServer
 
 # Seconds the last commit waits for a full disk at the least, even when the stop's own time
@@ -62,6 +64,7 @@ class Daemon:
         self.loaded: Loaded | None = None
         self.rt: Runtime | None = None
         self.jobset: JobSet | None = None
+        self.fleet: FleetLedger | None = None  # only with a fleet job (taskd.daemon.fleet)
         self.reloader: Reloader | None = None
         self.control: ControlServer | None = None
         self.loopwatch: LoopWatch | None = None
@@ -302,6 +305,7 @@ class Daemon:
         self.store.retention = _retention(new_daemon)
         rows = self.store.jobs()
         diff = self.jobset.apply(new.specs, rows)
+        reload_fleet(self.fleet, new)
         warm_executors(self.rt, new.specs)
         # Removed jobs' counters go (status and metrics show configured jobs only, and a
         # daemon that renames jobs for months must not keep every old name); one added back

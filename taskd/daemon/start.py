@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from taskd.daemon.fleet import attach_fleet, open_fleet
 from taskd.errors import StateError
 from taskd.ledger import LocalLedger
 from taskd.observe.loopwatch import LoopWatch
@@ -122,10 +123,14 @@ async def start(daemon: Daemon, loaded: Loaded) -> int:
                 hint="cpu jobs will fail until worker processes can start",
             )
     warm_executors(rt, loaded.specs)
+    # Fleet jobs claim their runs in the fleet's database: its ledger comes before the jobs
+    # (they pick it by scope). Nothing of it is imported without a fleet job.
+    daemon.fleet = await open_fleet(loaded, rt, daemon.store)
     rows = daemon.store.jobs()
     rt.stats.seed(rows)
     daemon.jobset = jobset = JobSet(rt)
     jobset.apply(loaded.specs, rows)
+    attach_fleet(daemon.fleet, jobset)
     # Right after the jobs start (no await between): a startup run that blocks the loop
     # is already watched.
     daemon.loopwatch = _loop_watch(d.loop_block_threshold, daemon.jobset, rt)

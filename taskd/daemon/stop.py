@@ -82,6 +82,9 @@ async def shutdown(daemon: Daemon) -> int:
         await asyncio.wait(tasks, timeout=remaining())
     await asyncio.wait([stopping_hooks], timeout=remaining() or 0.001)
     await daemon.rt.settle()  # the last runs' log lines and history rows, before the store closes
+    if daemon.fleet is not None:
+        # The last finishes written (each until its claim's deadline, within the stop's).
+        await daemon.fleet.close(timeout=remaining() or 0.001)
     await daemon.loaded.host.drain_hooks()
     stuck = daemon.rt.threads.stuck_count
     log.info(

@@ -36,6 +36,8 @@ class _Daemon(Offloader, Protocol):
     shared: SharedState
     resources: Resources
 
+    def fleet_state(self, job: str, fence: int) -> SharedState: ...
+
 
 _new = object.__new__
 
@@ -127,7 +129,8 @@ class JobContext:
         ctx._scheduled = scheduled
         ctx._log = None
         ctx._base_log = rt.log
-        ctx.state = rt.shared
+        # A fleet run's state is the fleet's, its writes fenced (taskd.fleet.state).
+        ctx.state = rt.shared if fence is None else rt.fleet_state(job, fence)
         ctx._offload = rt
         ctx._resources = rt.resources
         ctx._scope = None

@@ -25,6 +25,7 @@ class Cause(enum.StrEnum):
     CATCHUP = "catchup"  # a tick older than ``grace``, run because of ``catchup``
     MANUAL = "manual"  # ``taskd trigger``
     EXEC = "exec"  # ``taskd exec``, outside the daemon
+    TAKEOVER = "takeover"  # a fleet job's tick whose owner lost its lease, run here instead
 
 
 class Outcome(enum.StrEnum):

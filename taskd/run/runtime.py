@@ -188,6 +188,13 @@ class Runtime:
         # Where each ended run goes (log, ledger, shared state, stats, hooks): see sinks.py.
         self.sinks: list[RunSink] = default_sinks(self)
 
+    def fleet_state(self, job: str, fence: int) -> SharedState:
+        """``ctx.state`` of a fleet run (one with a fence): the fleet ledger's fenced state
+        (taskd.fleet.state), or this host's while no fleet ledger is in place."""
+        make = getattr(self.ledgers["fleet"], "state_for", None)
+        state: SharedState = self.shared if make is None else make(job, fence)
+        return state
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A background task with a strong reference kept until it ends."""
         task = asyncio.ensure_future(coro)

@@ -25,6 +25,7 @@ import structlog
 from taskd.run.events import Cause, SkipReason
 from taskd.run.runner import execute_fast
 from taskd.schedule.catchup import JobCatchup
+from taskd.schedule.decide import decide, due_ticks
 from taskd.schedule.jobstate import _NO_TICKS
 
 if TYPE_CHECKING:
@@ -139,6 +140,59 @@ class ScheduledJob(JobCatchup):
         if reason is None:
             self._poke()  # an inline run is started by the job's own task
         return reason
+
+    def take_over(self, tick: float) -> SkipReason | None:
+        """Run ``tick`` here now: a fleet job's tick whose owner lost its lease, which this
+        host's ledger has claimed already (its sweep). Bypasses the local overlap check (the
+        fleet checked it when the tick was first claimed) but not a pause, a stop, a removal
+        or a broken job: then the reason, and the caller gives the claim back."""
+        reason: SkipReason | None = None
+        if self._stopping:
+            reason = SkipReason.SHUTDOWN
+        elif self.removed:
+            reason = SkipReason.REMOVED
+        elif self.spec.broken is not None:
+            reason = SkipReason.BROKEN
+        elif self.paused:
+            reason = SkipReason.PAUSED
+        elif self._no_thread:
+            reason = SkipReason.EXHAUSTED
+        if reason is None:
+            self.start_run(tick, Cause.TAKEOVER)
+        return reason
+
+    def cancel_run(self, run_id: str, reason: str) -> bool:
+        """Cancel one run in flight (a fleet run whose claim was lost); False if it is not
+        running (any more)."""
+        entry = self.active.get(run_id)
+        if entry is None:
+            return False
+        task, info = entry
+        if info.cancel_reason is None:
+            info.cancel_reason = reason
+            task.cancel()
+        return True
+
+    def catch_up(self, first: float, last: float) -> None:
+        """Run what ``catchup`` picks of the ticks ``first``..``last``, which were handled
+        already (skipped: a fleet job's ticks while the fleet database was down), as after
+        downtime. They were counted as skips when skipped: the ones not picked now are not
+        counted again. The cursor does not move."""
+        trigger = self.spec.trigger
+        if trigger is None or self._stopping or self.removed or self.paused:
+            return
+        cfg = self.spec.config
+        now = time.time()
+        d = decide(*due_ticks(trigger, first, now), first, now, catchup=cfg.catchup,
+                   grace=cfg.grace, resumed=False)  # fmt: skip
+        run = [(t, c) for t, c in d.run if t <= last]
+        if not run:
+            return  # the newest tick picked is after the outage: the schedule runs it
+        (tick, cause), rest = run[0], run[1:]
+        if self._fire(tick, now, cause) is None:
+            for t, c in rest:
+                self._enqueue((t, c, None))
+        self._poke()
 
     def clock_changed(self) -> None:
         """The wall clock stepped: time the next tick anew (the timer counts loop time)."""

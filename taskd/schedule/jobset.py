@@ -159,6 +159,24 @@ class JobSet:
             log.info("paused" if paused else "resumed", job=name)
         return changed
 
+    def take_over(self, name: str, tick: float) -> SkipReason | None:
+        """Start a taken-over fleet run of ``name``'s ``tick`` (see ScheduledJob.take_over);
+        the reason when it cannot run here. Raises NoSuchJob."""
+        return self.get(name).take_over(tick)
+
+    def cancel_run(self, name: str, run_id: str, reason: str) -> bool:
+        job = self.jobs.get(name)
+        if job is not None and job.cancel_run(run_id, reason):
+            return True
+        return any(j.cancel_run(run_id, reason) for j in self.retiring if j.name == name)
+
+    def catch_up(self, name: str, first: float, last: float) -> None:
+        """Run what ``name``'s catchup picks of its skipped ticks ``first``..``last`` (see
+        ScheduledJob.catch_up)."""
+        job = self.jobs.get(name)
+        if job is not None:
+            job.catch_up(first, last)
+
     def clock_changed(self) -> None:
         for job in self.jobs.values():
             job.clock_changed()
@@ -248,6 +266,9 @@ class JobSet:
                 "error": last.error,
             },
             "failures": stats.failures.get(job.name, 0),
+            "scope": cfg.scope,
+            # A fleet job: the fleet's running claim of it (owner, fence), from its ledger.
+            "fleet": _fleet_view(job) if cfg.scope == "fleet" else None,
         }
 
     # -- stopping ------------------------------------------------------------------------------
@@ -273,6 +294,11 @@ class JobSet:
     def tasks(self) -> list[asyncio.Task[None]]:
         """The job tasks still going."""
         return [j.task for j in self.everyone() if j.task is not None and not j.task.done()]
+
+
+def _fleet_view(job: ScheduledJob) -> Any:
+    view = getattr(job.ledger, "view", None)  # FleetLedger.view; NoFleetLedger has none
+    return None if view is None else view(job.name)
 
 
 def _next_run(job: ScheduledJob, now: float) -> float | None:

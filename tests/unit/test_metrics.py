@@ -56,6 +56,7 @@ class FakeDaemon:
         self.loaded = None
         self.store = None
         self.control = None
+        self.fleet = None  # no fleet job
         self.stopping = False
         self.started_at = time.time() - 60
         self.config_path = Path("/etc/taskd/taskd.toml")

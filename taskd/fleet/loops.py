@@ -1,0 +1,161 @@
+"""The FleetLedger's tasks: the heartbeat (keeps this node's claims alive, learns which were
+taken over), the sweep (takes over or abandons claims whose owner died, refreshes what status
+shows, prunes old rows) and the writer (writes finished runs, retrying while the claim is
+still trusted). Each survives a database outage: a call fails fast (FleetDown), the loop
+waits for its next turn, and the connection's own reconnect brings the database back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from taskd.fleet.conn import FleetDown
+from taskd.fleet.held import Held, boottime
+
+if TYPE_CHECKING:
+    from taskd.fleet.db import Swept
+    from taskd.fleet.ledger import FleetLedger
+
+log = structlog.get_logger("taskd.fleet")
+
+SKEW_WARN: Final = 1.0  # |DB clock - host clock| above this logs clock_skew once per episode
+PRUNE_EVERY: Final = 60  # sweeps between two retention passes
+
+
+def start(ledger: FleetLedger) -> list[asyncio.Task[None]]:
+    loop = asyncio.get_running_loop()
+    return [
+        loop.create_task(_forever(heartbeat, ledger), name="taskd-fleet-heartbeat"),
+        loop.create_task(_forever(sweep, ledger), name="taskd-fleet-sweep"),
+        loop.create_task(writer(ledger), name="taskd-fleet-writer"),
+    ]
+
+
+async def _forever(step: Callable[[FleetLedger], Awaitable[None]], ledger: FleetLedger) -> None:
+    """Run ``step`` at its interval; its failures are logged, never the end of the loop."""
+    every = ledger.lease / 3 if step is heartbeat else ledger.cfg.sweep
+    while True:
+        await asyncio.sleep(every)
+        if ledger.db.state != "up":
+            continue
+        try:
+            await step(ledger)
+        except FleetDown:
+            continue  # down now; the reconnect is under way
+        except Exception:
+            log.exception("fleet_loop_failed", loop=getattr(step, "__name__", "?"))
+
+
+async def heartbeat(ledger: FleetLedger) -> None:
+    """Extend every claim held (one statement), and cancel the runs of those not kept."""
+    fences = [h.fence for h in ledger.held.values() if not h.lost]
+    sent = boottime()
+    beat = await ledger.db.heartbeat(fences)
+    until = sent + ledger.lease - ledger.margin
+    for fence in fences:
+        held = ledger.held.get(fence)
+        if held is None:
+            continue  # written and released meanwhile
+        if fence in beat.kept:
+            held.valid_until = max(held.valid_until, until)
+        elif not held.ended:
+            ledger.lose(held, f"fence {fence} taken over by the fleet")
+    if abs(beat.offset) > SKEW_WARN and abs(ledger.skew) <= SKEW_WARN:
+        log.warning("clock_skew", node=ledger.node, offset=round(beat.offset, 3),
+                    hint="leases use the database's clock; this host's ticks fire off by this")  # fmt: skip
+    ledger.skew = beat.offset
+    ledger.arm_deadline()
+
+
+async def sweep(ledger: FleetLedger) -> None:
+    """Take over (or abandon) expired claims of the jobs this node knows."""
+    jobs = list(ledger.jobs)
+    if not jobs:
+        return
+    sent = boottime()
+    mine = [h.fence for h in ledger.held.values() if not h.lost]
+    for row in await ledger.db.sweep(jobs, mine):
+        _swept(ledger, row, sent + ledger.lease - ledger.margin)
+    ledger.running = {r["job"]: r for r in await ledger.db.running(jobs)}
+    ledger.sweeps += 1
+    if ledger.history_max_age is not None and ledger.sweeps % PRUNE_EVERY == 0:
+        await ledger.db.prune(ledger.history_max_age)
+
+
+def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:
+    from taskd.ledger import Claim
+
+    if row.state != "running":
+        log.warning("run_abandoned", job=row.job, tick=row.tick, fence=row.fence,
+                    lost_owners=list(row.lost_owners))  # fmt: skip
+        return
+    log.info("fleet_takeover", job=row.job, tick=row.tick, fence=row.fence,
+             lost_owners=list(row.lost_owners), node=ledger.node)  # fmt: skip
+    key = (row.job, row.tick)
+    ledger.granted[key] = (Claim(row.fence, ledger.node, row.lease_until), valid_until)
+    reason = None
+    if ledger.scheduler is None:
+        reason = "no scheduler"
+    else:
+        try:
+            reason = ledger.scheduler.take_over(row.job, row.tick)
+        except LookupError:
+            reason = "removed"
+    if reason is not None:
+        # It cannot run here (paused, removed, stopping): give the tick back as cancelled,
+        # rather than leave it to expire and be taken over again.
+        ledger.granted.pop(key, None)
+        held = Held(row.job, row.fence, row.tick, "", valid_until, ended=True)
+        ledger.held[row.fence] = held
+        ledger.writes.put_nowait(
+            (held, None, ("cancelled", 0, 0.0, f"not taken over by {ledger.node}: {reason}", None))
+        )
+
+
+async def writer(ledger: FleetLedger) -> None:
+    """Write each finished run: retried with backoff while the database is down, until the
+    claim's local deadline; past it the tick may be another host's, and the result goes."""
+    while True:
+        held, end, (state, attempts, duration, error, result_json) = await ledger.writes.get()
+        discarded: str | None = None
+        try:
+            discarded = await _write(ledger, held, state, attempts, duration, error, result_json)
+        except Exception:
+            log.exception("fleet_finish_failed", job=held.job, fence=held.fence)
+        finally:
+            ledger.recorded(held, end, discarded)
+            ledger.writes.task_done()
+
+
+async def _write(
+    ledger: FleetLedger,
+    held: Held,
+    state: str,
+    attempts: int,
+    duration: float,
+    error: str | None,
+    result_json: str | None,
+) -> str | None:
+    """Write the finish; None when the fleet kept it, else why it did not."""
+    delay = 0.2
+    while True:
+        try:
+            ended, wrote = await ledger.db.finish(
+                held.fence, held.job, state, attempts=attempts, duration=duration,
+                error=error, result_json=result_json,
+                result_key=held.job if result_json is not None else None,
+            )  # fmt: skip
+            break
+        except FleetDown as exc:
+            if held.lost or boottime() + delay >= held.valid_until:
+                return f"the database was unreachable until the claim ran out ({exc})"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    if not ended:
+        return f"fence {held.fence} was taken over"
+    if wrote is False:
+        log.warning("fenced_write_refused", job=held.job, fence=held.fence, key=held.job)
+    return None

@@ -1,0 +1,190 @@
+"""The fleet's SQL, one statement per round trip (issue10-design.md §4.3-§4.7). asyncpg
+prepares each text once per connection and keeps it (its statement cache), so these are
+plain constants. Every parameter is cast: asyncpg infers types from the statement, and a
+bare ``$2 - $7`` has none. Every time is the database's ``now()``, never a host's clock."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Claim a scheduled or catch-up tick (kind 's') or a manual run (kind 'm', tick NULL: the
+# database's now() is the tick). Parameters: $1 job, $2 tick, $3 kind, $4 node, $5 cause,
+# $6 window (how late a claim may be), $7 early slack, $8 lease, $9 overlap = "skip".
+# The FOR UPDATE on the job's row serialises one job's claims with each other and with a
+# pause, so a claim either commits before a pause or sees it, and the overlap check sees
+# every claim committed before it.
+CLAIM: Final = """
+WITH j AS (SELECT paused FROM taskd.jobs WHERE job = $1::text FOR UPDATE),
+ t AS (SELECT COALESCE($2::timestamptz, now()) AS tick),
+ why AS (SELECT CASE
+     WHEN j.paused THEN 'paused'
+     WHEN now() < t.tick - $7::interval THEN 'early'
+     WHEN now() > t.tick + $6::interval THEN 'late'
+     WHEN $9::boolean AND EXISTS (
+       SELECT 1 FROM taskd.claims c WHERE c.job = $1::text AND c.state = 'running'
+          AND (c.tick, c.kind) <> (t.tick, $3::text)) THEN 'overlap'
+   END AS why FROM j, t),
+ ins AS (INSERT INTO taskd.claims (job, tick, kind, fence, owner, cause, lease_until)
+   SELECT $1::text, t.tick, $3::text, nextval('taskd.fence_seq'), $4::text, $5::text,
+          now() + $8::interval
+     FROM why, t WHERE why.why IS NULL
+   ON CONFLICT DO NOTHING RETURNING fence, lease_until, tick)
+SELECT ins.fence, ins.lease_until, (SELECT tick FROM t) AS tick, now() AS db_now,
+  COALESCE((SELECT why FROM why),
+           CASE WHEN (SELECT count(*) FROM j) = 0 THEN 'unknown'
+                WHEN ins.fence IS NULL THEN 'taken' END) AS why,
+  (SELECT c.owner FROM taskd.claims c, t WHERE ins.fence IS NULL AND c.job = $1::text
+      AND c.tick = t.tick AND c.kind = $3::text) AS holder
+FROM (SELECT 1) one LEFT JOIN ins ON true
+"""
+
+# Extend every live claim this node holds, in one statement per node per interval, and mark
+# the node alive. A fence sent that does not come back was taken over (or ended). $1 node,
+# $2 fences, $3 lease, $4 pid, $5 boot id, $6 version.
+HEARTBEAT: Final = """
+WITH n AS (
+  INSERT INTO taskd.nodes AS n (node, pid, boot_id, addr, version, started_at, heartbeat)
+  VALUES ($1::text, $4::int, $5::text, inet_client_addr()::text, $6::text, now(), now())
+  ON CONFLICT (node) DO UPDATE SET heartbeat = now(), pid = EXCLUDED.pid,
+     boot_id = EXCLUDED.boot_id, addr = EXCLUDED.addr, version = EXCLUDED.version,
+     started_at = CASE WHEN n.pid = EXCLUDED.pid AND n.boot_id = EXCLUDED.boot_id
+                       THEN n.started_at ELSE now() END),
+ b AS (UPDATE taskd.claims SET lease_until = now() + $3::interval
+   WHERE owner = $1::text AND state = 'running' AND fence = ANY($2::bigint[])
+   RETURNING fence, lease_until)
+SELECT now() AS db_now, ARRAY(SELECT fence FROM b) AS kept,
+       (SELECT min(lease_until) FROM b) AS lease_until
+"""
+
+# Who holds this node name (the start check): a live row with another pid or boot id is
+# another taskd. $1 node, $2 lease.
+NODE: Final = """
+SELECT pid, boot_id, addr, heartbeat > now() - $2::interval AS live, now() AS db_now
+  FROM taskd.nodes WHERE node = $1::text
+"""
+
+# Take over or abandon expired claims of the jobs this node knows. SKIP LOCKED keeps nodes
+# off each other's rows, and a row a heartbeat holds is skipped; READ COMMITTED re-checks
+# `lease_until < now()` on a row whose lock it waited for, so a live owner is never swept.
+# $1 node, $2 jobs, $3 retry?, $4 lease, $5 claim window, $6 batch, $7 max takeovers,
+# $8 the fences this node still runs (never taken over by itself: one run per tick here).
+SWEEP: Final = """
+WITH expired AS (
+  SELECT job, tick, kind, takeovers FROM taskd.claims
+   WHERE state = 'running' AND lease_until < now() AND job = ANY($2::text[])
+     AND NOT fence = ANY($8::bigint[])
+   ORDER BY lease_until LIMIT $6::int FOR UPDATE SKIP LOCKED)
+UPDATE taskd.claims c SET lost_owners = c.lost_owners || c.owner,
+   takeovers = c.takeovers + 1,
+   owner = CASE WHEN r.retry THEN $1::text ELSE c.owner END,
+   fence = CASE WHEN r.retry THEN nextval('taskd.fence_seq') ELSE c.fence END,
+   lease_until = CASE WHEN r.retry THEN now() + $4::interval ELSE c.lease_until END,
+   state = CASE WHEN r.retry THEN 'running' ELSE 'abandoned' END,
+   ended_at = CASE WHEN r.retry THEN NULL ELSE now() END,
+   error = CASE WHEN r.retry THEN NULL ELSE 'owner ' || c.owner || ' lost its lease' END
+  FROM expired e,
+       LATERAL (SELECT $3::boolean AND e.takeovers < $7::int
+                       AND now() <= e.tick + $5::interval AS retry) r
+ WHERE (c.job, c.tick, c.kind) = (e.job, e.tick, e.kind)
+RETURNING c.job, c.tick, c.kind, c.fence, c.state, c.cause, c.lost_owners, c.lease_until
+"""
+
+# Retention: ended rows older than history_max_age, a bounded batch per sweep.
+PRUNE: Final = """
+DELETE FROM taskd.claims WHERE ctid = ANY(ARRAY(
+  SELECT ctid FROM taskd.claims
+   WHERE state <> 'running' AND ended_at < now() - $1::interval LIMIT $2::int))
+"""
+
+# The running claims of these jobs, for status (owner and fence of each).
+RUNNING: Final = """
+SELECT job, tick, kind, owner, fence, lease_until FROM taskd.claims
+ WHERE state = 'running' AND job = ANY($1::text[])
+"""
+
+# A fenced write of one key: kept only while the writer's claim is live and its own (fence,
+# owner and job), and never over a value a newer fence wrote (Kleppmann's rule). FOR SHARE on
+# the claim row: a sweep that wants to take it over waits until this transaction ends, or
+# this statement sees the takeover and writes nothing. $1 key, $2 value, $3 fence, $4 node,
+# $5 job.
+PUT_STATE: Final = """
+INSERT INTO taskd.state AS s (key, value, fence, job)
+SELECT $1::text, $2::jsonb, c.fence, c.job FROM taskd.claims c
+ WHERE c.fence = $3::bigint AND c.owner = $4::text AND c.job = $5::text
+   AND c.state = 'running' AND c.lease_until > now()
+ FOR SHARE OF c
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, fence = EXCLUDED.fence,
+   job = EXCLUDED.job, updated_at = now()
+ WHERE s.fence <= EXCLUDED.fence
+RETURNING s.fence
+"""
+
+# A fenced delete of one key, under the same rules: ok is false when the claim is not live
+# and ours, or a newer fence wrote the key. $1 key, $2 fence, $3 node, $4 job.
+DEL_STATE: Final = """
+WITH c AS (SELECT c.fence FROM taskd.claims c
+            WHERE c.fence = $2::bigint AND c.owner = $3::text AND c.job = $4::text
+              AND c.state = 'running' AND c.lease_until > now()
+            FOR SHARE OF c),
+ d AS (DELETE FROM taskd.state s USING c WHERE s.key = $1::text AND s.fence <= c.fence
+       RETURNING s.key)
+SELECT EXISTS (SELECT 1 FROM c) AND NOT EXISTS (
+         SELECT 1 FROM taskd.state s WHERE s.key = $1::text AND s.fence > $2::bigint) AS ok
+"""
+
+GET_STATE: Final = "SELECT key, value, fence FROM taskd.state"
+
+# End a claim, and write the run's result under its key ($8; NULL: no result), in one
+# statement: only the claim's current fence and owner may. The UPDATE locks the claim row,
+# so a sweep that wants it waits for us, or we wait for the sweep and then match nothing
+# (READ COMMITTED re-checks the row); the result is written only if the claim was ended,
+# and never over a value a newer fence wrote. ended NULL: the claim was taken over.
+# $1 fence, $2 node, $3 state, $4 attempts, $5 duration, $6 error, $7 result, $8 key.
+FINISH: Final = """
+WITH fin AS (
+  UPDATE taskd.claims SET state = $3::text, ended_at = now(), attempts = $4::int,
+         duration = $5::float8, error = $6::text, result = $7::jsonb
+   WHERE fence = $1::bigint AND owner = $2::text AND state = 'running'
+  RETURNING fence, job),
+ put AS (
+  INSERT INTO taskd.state AS s (key, value, fence, job)
+  SELECT $8::text, $7::jsonb, fin.fence, fin.job FROM fin WHERE $8::text IS NOT NULL
+  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, fence = EXCLUDED.fence,
+     job = EXCLUDED.job, updated_at = now()
+   WHERE s.fence <= EXCLUDED.fence
+  RETURNING s.fence)
+SELECT (SELECT fence FROM fin) AS ended, (SELECT fence FROM put) AS wrote
+"""
+
+# Fleet-wide pause/resume, and the notice every node's LISTEN connection gets. One
+# statement, so the notice goes out exactly when the flag commits. $1 job, $2 paused, $3 by.
+PAUSE: Final = """
+WITH u AS (
+  INSERT INTO taskd.jobs AS j (job, paused, paused_by, paused_at)
+  VALUES ($1::text, $2::boolean, $3::text, now())
+  ON CONFLICT (job) DO UPDATE SET paused = EXCLUDED.paused,
+     paused_by = EXCLUDED.paused_by, paused_at = EXCLUDED.paused_at
+  RETURNING job)
+SELECT pg_notify('taskd_fleet',
+                 json_build_object('job', $1::text, 'paused', $2::boolean, 'by', $3::text)::text)
+  FROM u
+"""
+
+CHANNEL: Final = "taskd_fleet"
+
+# Register this node's fleet jobs (at start and reload) and report the ones whose config
+# hash differs from the one the last node to start wrote. $1 jobs, $2 hashes, $3 node.
+JOBS: Final = """
+WITH n AS (SELECT * FROM unnest($1::text[], $2::text[]) AS n(job, spec_hash)),
+ old AS (SELECT j.job, j.spec_hash, j.spec_node, j.paused FROM taskd.jobs j
+          JOIN n USING (job)),
+ up AS (INSERT INTO taskd.jobs (job, spec_hash, spec_node)
+        SELECT job, spec_hash, $3::text FROM n
+        ON CONFLICT (job) DO UPDATE SET spec_hash = EXCLUDED.spec_hash,
+           spec_node = EXCLUDED.spec_node)
+SELECT n.job, COALESCE(old.paused, false) AS paused, old.spec_node AS other,
+       old.spec_hash IS NOT NULL AND old.spec_hash <> n.spec_hash AS differs
+  FROM n LEFT JOIN old USING (job)
+"""
+
+PAUSED: Final = "SELECT job, paused FROM taskd.jobs WHERE job = ANY($1::text[])"
