@@ -22,19 +22,17 @@ import asyncio
 import contextlib
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
-from taskd.config.checks import suggest
-from taskd.config.durations import parse_duration
 from taskd.errors import JobTimeout, WorkerDied
 from taskd.plugin.dropin import PREFIX as DROPIN_PREFIX
 from taskd.run.encoding import Encoded
 from taskd.run.executor._base import Call, ExecutorSettings, Problem
 from taskd.run.executor.dask_helper import DaskUnavailable, LocalHelper
+from taskd.run.executor.dask_settings import read_settings
 from taskd.run.executors import with_timeout
 from taskd.run.pool.channel import decode_reply
 
@@ -44,76 +42,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("taskd.dask")
 
-KEYS = ("scheduler", "workers", "connect_timeout")
-MAX_WORKERS = 256
 CLOSE_TIMEOUT = 10.0  # seconds the helper gets to close its cluster at the stop
 KILL_CLOSE_TIMEOUT = 2.0  # the same for a stop that kills (a second signal, say)
 _BLOBS_MAX = 256
-
-
-@dataclass(frozen=True, slots=True)
-class DaskSettings:
-    scheduler: str  # "local" or "tcp://host:port"
-    workers: int
-    connect_timeout: float
-
-    @property
-    def local(self) -> bool:
-        return self.scheduler == "local"
-
-
-def read_settings(
-    table: Mapping[str, Any], default_workers: int
-) -> tuple[DaskSettings, list[Problem]]:
-    """``[dask]`` as settings, and its problems (keys relative to the table)."""
-    problems: list[Problem] = []
-    for key in table:
-        if key not in KEYS:
-            problems.append(
-                (key, f"unknown key {key!r} in [dask]", suggest(key, KEYS) or ", ".join(KEYS))
-            )
-    scheduler = table.get("scheduler")
-    if scheduler is None:
-        problems.append(
-            (
-                "scheduler",
-                "missing 'scheduler': a job uses executor = \"dask\"",
-                'set scheduler = "local" (a cluster taskd starts) or "tcp://host:8786"',
-            )
-        )
-        scheduler = "local"
-    elif not isinstance(scheduler, str) or not (
-        scheduler == "local" or (scheduler.startswith("tcp://") and len(scheduler) > 6)
-    ):
-        problems.append(
-            (
-                "scheduler",
-                f'expected "local" or a tcp://host:port address, got {scheduler!r}',
-                'e.g. scheduler = "tcp://dask-scheduler:8786"',
-            )
-        )
-        scheduler = "local"
-    workers = table.get("workers", default_workers)
-    if "workers" in table and scheduler != "local":
-        problems.append(
-            ("workers", "'workers' applies to scheduler = \"local\" only", "remove workers")
-        )
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        problems.append(("workers", f"expected a whole number, got {workers!r}", None))
-        workers = default_workers
-    elif not 1 <= workers <= MAX_WORKERS:
-        problems.append(("workers", f"must be from 1 to {MAX_WORKERS}, got {workers}", None))
-        workers = default_workers
-    connect_timeout = 10.0
-    if "connect_timeout" in table:
-        try:
-            connect_timeout = parse_duration(table["connect_timeout"])
-            if connect_timeout <= 0:
-                raise ValueError("must be more than 0")
-        except (ValueError, TypeError) as exc:
-            problems.append(("connect_timeout", str(exc), None))
-            connect_timeout = 10.0
-    return DaskSettings(scheduler, workers, connect_timeout), problems
 
 
 class DaskExecutor:
