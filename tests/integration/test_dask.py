@@ -40,13 +40,16 @@ executor = "dask"
 type = "where"
 every = "1h"
 
-[jobs.slow]
-type = "slow"
+{_slow(tmp, "slow", 'timeout = "1s"', "")}
+{_slow(tmp, "hold1", "", "seconds = 4.0")}
+{_slow(tmp, "hold2", "", "seconds = 4.0")}
+{_slow(tmp, "busy1", 'timeout = "3s"', "")}
+{_slow(tmp, "busy2", 'timeout = "3s"', "")}
+[jobs.queued]
+type = "where"
 every = "1h"
 executor = "dask"
 timeout = "1s"
-[jobs.slow.options]
-pidfile = "{tmp / "slow.pid"}"
 
 [jobs.die]
 type = "die_once"
@@ -56,6 +59,20 @@ retries = 1
 retry_backoff = "100ms"
 [jobs.die.options]
 marker = "{tmp / "died"}"
+"""
+
+
+def _slow(tmp: Path, name: str, timeout: str, seconds: str) -> str:
+    """A dask job of the slow type that writes ``<name>.pid`` when its task starts."""
+    return f"""
+[jobs.{name}]
+type = "slow"
+every = "1h"
+executor = "dask"
+{timeout}
+[jobs.{name}.options]
+pidfile = "{tmp / f"{name}.pid"}"
+{seconds}
 """
 
 
@@ -123,6 +140,39 @@ class TestLocalCluster:
         assert restart["key"].startswith(f"taskd-{run['run_id']}")
         # Dask cannot stop the task: taskd had its worker process replaced.
         poll(lambda: not psutil.pid_exists(slow_pid), timeout=30)
+
+    def test_a_run_timing_out_in_the_queue_restarts_no_worker(self, local) -> None:
+        """Both workers busy with runs that have no timeout; a third run times out while it
+        waits for one: it never ran, so no worker is restarted and both busy runs end well."""
+        d, tmp, _ = local
+        for job in ("hold1", "hold2"):
+            assert trigger(d, job, wait=False).returncode == 0
+        poll(lambda: (tmp / "hold1.pid").exists() and (tmp / "hold2.pid").exists(), timeout=30)
+        assert trigger(d, "queued").returncode == 1
+        run = ended(d, "queued")
+        assert run["outcome"] == "timed_out", run
+        for job in ("hold1", "hold2"):
+            assert ended(d, job)["outcome"] == "succeeded", ended(d, job)
+        assert d.events("dask_worker_restart", key=f"taskd-{run['run_id']}-1") == []
+
+    def test_a_run_queued_behind_a_restarted_worker_is_sent_again(self, local) -> None:
+        """Both workers run a run that times out, and a third run waits behind one of them:
+        the worker taskd kills takes the waiting run down with it, which taskd sends again
+        (the same attempt: it never started) rather than failing it."""
+        d, tmp, _ = local
+        before = len(d.events("run", job="where"))
+        for job in ("busy1", "busy2"):
+            assert trigger(d, job, wait=False).returncode == 0
+        poll(lambda: (tmp / "busy1.pid").exists() and (tmp / "busy2.pid").exists(), timeout=30)
+        assert trigger(d, "where", wait=False).returncode == 0
+        busy = {int((tmp / f"{job}.pid").read_text()) for job in ("busy1", "busy2")}
+        for job in ("busy1", "busy2"):
+            assert ended(d, job)["outcome"] == "timed_out"
+        run = ended(d, "where", before + 1)
+        assert run["outcome"] == "succeeded", run
+        assert run["attempt"] == 1
+        assert run["result"]["pid"] not in busy
+        assert d.wait_for("dask_task_resent", key=f"taskd-{run['run_id']}-1", timeout=10)
 
     def test_a_dead_worker_fails_the_attempt_and_the_retry_succeeds(self, local) -> None:
         d, tmp, _ = local

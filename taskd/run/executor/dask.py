@@ -11,8 +11,10 @@ measured as the local pool's do (taskd.run.replies), so history, shared state an
 treat both alike.
 
 Dask cannot stop a running task: cancelling one releases its key while its thread runs
-on. With ``local`` taskd restarts the worker holding a timed-out or cancelled run (one
-thread per worker: only that run is lost); a remote cluster's workers are shared and are
+on. With ``local`` taskd kills the worker whose thread runs a timed-out or cancelled run
+(one thread per worker; its nanny starts a new one), and only that one: a run that timed
+out while it waited for a worker costs none, and the runs that waited behind it on the
+killed worker are sent again, not failed. A remote cluster's workers are shared and are
 not restarted: the run ends timed out or cancelled while its task may run to its end,
 counted in ``taskd_dask_orphaned_total``."""
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import types
 from collections.abc import Callable, Mapping
 from importlib.util import find_spec
@@ -45,6 +49,9 @@ log = structlog.get_logger("taskd.dask")
 CLOSE_TIMEOUT = 10.0  # seconds the helper gets to close its cluster at the stop
 KILL_CLOSE_TIMEOUT = 2.0  # the same for a stop that kills (a second signal, say)
 _BLOBS_MAX = 256
+MAX_RESENT = 3  # times a run's task is sent again after taskd killed the worker it waited on
+PROBE_TIMEOUT = 5.0  # seconds to ask the workers holding a given-up task whether they run it
+_KILLED_MAX = 256
 
 
 class DaskExecutor:
@@ -60,6 +67,7 @@ class DaskExecutor:
         self._inflight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
+        self._killed: dict[str, None] = {}  # workers taskd killed, oldest first
         self._killed_worker: type[BaseException] = _Never
         self._cancelled: type[BaseException] = _Never
 
@@ -186,6 +194,28 @@ class DaskExecutor:
         return self.client
 
     async def run(self, call: Call) -> tuple[Any, Encoded]:
+        sent = _Sent()
+        self._inflight += 1
+        try:
+            # The run's timeout covers getting the client too (a restart of the cluster).
+            pid, reply = await with_timeout(self._send(call, sent), call.timeout, call.label)
+        except (JobTimeout, asyncio.CancelledError) as exc:
+            if sent.fut is not None:
+                why = "timed out" if isinstance(exc, JobTimeout) else "cancelled"
+                self._spawn(self._give_up(sent.fut, sent.key, f"{call.label} {why}"))
+            raise
+        finally:
+            self._inflight -= 1
+        value, error = decode_reply(pid, call.label, reply)
+        if error is not None:
+            raise error
+        result: tuple[Any, Encoded] = value
+        return result
+
+    async def _send(self, call: Call, sent: _Sent) -> tuple[int, bytes]:
+        """Submit the attempt and await its reply. A task that waited on a worker taskd
+        killed (to stop another run's task) never started: it is sent again, as the same
+        attempt, rather than failing a run that did nothing wrong."""
         client = await self._client()
         if client.status != "running":
             raise DaskUnavailable(
@@ -194,46 +224,46 @@ class DaskExecutor:
             )
         from taskd.run.executor import dask_call
 
+        blob = self._blob(call.func)
         key = f"taskd-{call.key}"
-        fut = client.submit(
-            dask_call.call,
-            self._blob(call.func),
-            dict(call.kwargs),
-            call.max_result,
-            key=key,
-            pure=False,
-            retries=0,
-        )
-        self._inflight += 1
-        try:
-            pid, reply = await with_timeout(fut, call.timeout, call.label)
-        except (JobTimeout, asyncio.CancelledError) as exc:
-            why = "timed out" if isinstance(exc, JobTimeout) else "cancelled"
-            self._spawn(self._give_up(fut, key, f"{call.label} {why}"))
-            raise
-        except self._killed_worker as exc:
-            last = getattr(exc, "last_worker", None)  # a WorkerState
-            worker = getattr(last, "address", None) or "?"
-            raise WorkerDied(f"{call.label}: dask worker {worker} died running it") from None
-        except self._cancelled as exc:  # not ours: the scheduler dropped it
-            raise DaskUnavailable(
-                f"dask scheduler {self.settings.scheduler} unreachable: the task was "
-                f"cancelled by the cluster ({_text(exc)})"
-            ) from None
-        except OSError as exc:  # CommClosedError is one
-            raise DaskUnavailable(
-                f"dask scheduler {self.settings.scheduler} unreachable: {_text(exc)}"
-            ) from None
-        finally:
-            self._inflight -= 1
-        # Its result is here now: the cluster need not keep it (nor recompute it elsewhere
-        # when the worker that holds it goes away).
-        fut.release()
-        value, error = decode_reply(pid, call.label, reply)
-        if error is not None:
-            raise error
-        result: tuple[Any, Encoded] = value
-        return result
+        for resent in range(1, MAX_RESENT + 2):
+            fut = sent.fut = client.submit(
+                dask_call.call,
+                blob,
+                dict(call.kwargs),
+                call.max_result,
+                key=key,
+                pure=False,
+                retries=0,
+            )
+            sent.key = key
+            try:
+                reply: tuple[int, bytes] = await fut
+            except self._killed_worker as exc:
+                last = getattr(exc, "last_worker", None)  # a WorkerState
+                worker = getattr(last, "address", None) or "?"
+                fut.release()
+                if worker not in self._killed or resent > MAX_RESENT:
+                    raise WorkerDied(
+                        f"{call.label}: dask worker {worker} died running it"
+                    ) from None
+                log.info("dask_task_resent", key=key, worker=worker)
+                key = f"taskd-{call.key}-r{resent}"
+                continue
+            except self._cancelled as exc:  # not ours: the scheduler dropped it
+                raise DaskUnavailable(
+                    f"dask scheduler {self.settings.scheduler} unreachable: the task was "
+                    f"cancelled by the cluster ({_text(exc)})"
+                ) from None
+            except OSError as exc:  # CommClosedError is one
+                raise DaskUnavailable(
+                    f"dask scheduler {self.settings.scheduler} unreachable: {_text(exc)}"
+                ) from None
+            # Its result is here now: the cluster need not keep it (nor recompute it
+            # elsewhere when the worker that holds it goes away).
+            fut.release()
+            return reply
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _blob(self, func: Callable[..., Any]) -> bytes:
         """``func`` pickled by value, once (a reloaded drop-in is a new function object)."""
@@ -256,31 +286,83 @@ class DaskExecutor:
         return blob
 
     async def _give_up(self, fut: Any, key: str, why: str) -> None:
-        """After a timeout or a cancel: drop the task, and with ``local`` restart the worker
-        running it (its thread cannot be stopped otherwise); with a remote cluster leave
-        its workers alone and count the task as orphaned if it was running."""
+        """After a timeout or a cancel: drop the task, and with ``local`` kill the worker
+        whose thread runs it (it cannot be stopped otherwise; its nanny starts a new one);
+        with a remote cluster leave its workers alone and count the task as orphaned if it
+        was running. A task that was only waiting for a worker costs no worker."""
         client = self.client
         if client is None:
             return
         try:
             processing: Mapping[str, Any] = await client.processing()
             holders = [w for w, keys in processing.items() if key in keys]
+            running = await self._running(client, key, holders) if holders else {}
+            helper = self.helper
+            left: list[str] = []
+            if running and helper is not None:
+                log.info("dask_worker_restart", key=key, workers=sorted(running), reason=why)
+                for worker, pid in running.items():
+                    # Before the kill: a run whose task waited there sees this and resends.
+                    self._killed[worker] = None
+                    if len(self._killed) > _KILLED_MAX:
+                        del self._killed[next(iter(self._killed))]
+                    if pid is None or not _kill_worker(pid, helper.pid):
+                        left.append(worker)
             await client.cancel([fut], reason=why, force=True)
-            if not holders:
-                return  # it had not started (or had just ended): nothing runs on
-            if self.helper is None:
+            if running and helper is None:
                 self.orphaned += 1
-                log.warning("dask_task_orphaned", key=key, workers=holders, reason=why)
-                return
-            log.info("dask_worker_restart", key=key, workers=holders, reason=why)
-            await client.restart_workers(holders, raise_for_error=False)
+                log.warning("dask_task_orphaned", key=key, workers=sorted(running), reason=why)
+            if left:  # not killed by pid: the scheduler's restart (its nanny waits ~4 s)
+                await client.restart_workers(left, raise_for_error=False)
         except Exception as exc:  # the cluster went away meanwhile: nothing left to stop
             log.warning("dask_give_up_failed", key=key, error=_text(exc))
+
+    async def _running(self, client: Any, key: str, holders: list[str]) -> dict[str, int | None]:
+        """Those of ``holders`` whose thread runs ``key`` now, with their pid (None: the
+        worker did not say, so it may be). The scheduler's processing lists include the
+        tasks a worker only holds in its queue."""
+        from taskd.run.executor import dask_call
+
+        try:
+            found = await asyncio.wait_for(
+                client.run(dask_call.executing, key, workers=holders, on_error="return"),
+                PROBE_TIMEOUT,
+            )
+        except (TimeoutError, OSError):
+            found = {}
+        running: dict[str, int | None] = {}
+        for worker in holders:
+            pid = found.get(worker, -1)
+            if pid is not None:  # None: it answered that it is not running it
+                running[worker] = pid if isinstance(pid, int) and pid > 0 else None
+        return running
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class _Sent:
+    """The task a run has in the cluster now, for giving it up."""
+
+    __slots__ = ("fut", "key")
+
+    def __init__(self) -> None:
+        self.fut: Any = None
+        self.key = ""
+
+
+def _kill_worker(pid: int, sid: int) -> bool:
+    """SIGKILL worker ``pid`` if it is still one of the local cluster's (session ``sid``):
+    its nanny starts a new one at once. False if it is not (its pid was reused)."""
+    try:
+        if os.getsid(pid) != sid:
+            return False
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # gone already
+    return True
 
 
 class _Never(Exception):
