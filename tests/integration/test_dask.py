@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -257,6 +258,41 @@ every = "1h"
     assert trigger(d, "tick").returncode == 0  # the daemon goes on
     assert ended(d, "tick")["outcome"] == "succeeded"
     assert d.stop() == 0
+
+
+def test_a_scheduler_that_never_answers_fails_runs_in_their_bounds(
+    daemon_factory, tmp_path: Path
+) -> None:
+    """An address that accepts TCP and never answers (a hung scheduler, a wrong port behind
+    a proxy): a run with a timeout ends timed out, one without fails by connect_timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        config = f"""
+[dask]
+scheduler = "tcp://127.0.0.1:{silent.getsockname()[1]}"
+connect_timeout = "2s"
+
+[jobs.bounded]
+type = "where"
+every = "1h"
+executor = "dask"
+timeout = "1s"
+
+[jobs.unbounded]
+type = "where"
+every = "1h"
+executor = "dask"
+"""
+        d = daemon_factory(config, {"dask_jobs.py": PLUGIN}).start()
+        assert trigger(d, "bounded").returncode == 1
+        assert ended(d, "bounded")["outcome"] == "timed_out"
+        assert trigger(d, "unbounded").returncode == 1
+        run = ended(d, "unbounded")
+        assert run["outcome"] == "failed"
+        assert run["error"].startswith("DaskUnavailable: dask scheduler tcp://127.0.0.1:")
+        assert "no answer within 2s" in run["error"]
+        assert d.stop() == 0
 
 
 async def test_a_remote_cluster_is_left_alone_and_the_orphan_counted(

@@ -113,38 +113,51 @@ class DaskExecutor:
         if s.local:
             self.helper = await LocalHelper.start(s.workers)
             address = self.helper.address
+        client = distributed.Client(
+            address,
+            asynchronous=True,
+            set_as_default=False,
+            timeout=s.connect_timeout,
+            name=f"taskd-{address}",
+        )
         try:
-            self.client = await distributed.Client(
-                address,
-                asynchronous=True,
-                set_as_default=False,
-                timeout=s.connect_timeout,
-                name=f"taskd-{address}",
-            )
+            # The Client's own timeout bounds the TCP connect only: a scheduler that
+            # accepts and never answers would hold the start (and every run) for good.
+            await asyncio.wait_for(self._connect(client), s.connect_timeout)
         except Exception as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 5.0)
             await self._close_helper()
-            raise DaskUnavailable(f"dask scheduler {address} unreachable: {_text(exc)}") from None
-        if not s.local:
-            await self._check_versions()
+            if isinstance(exc, DaskUnavailable):
+                raise
+            why = (
+                f"no answer within {s.connect_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else _text(exc)
+            )
+            raise DaskUnavailable(f"dask scheduler {address} unreachable: {why}") from None
+        self.client = client
         log.info("dask_connected", scheduler=address)
 
-    async def _check_versions(self) -> None:
-        """A remote cluster's workers must run this taskd (they import taskd.run.executor
-        .dask_call): a mismatch fails the start, so the runs fail saying so."""
+    async def _connect(self, client: Any) -> None:
+        """Connect; a remote cluster's workers must run this taskd (they import
+        taskd.run.executor.dask_call): a mismatch fails the start, so the runs fail saying
+        so."""
+        await client
+        if self.settings.local:
+            return
         from taskd._version import __version__
         from taskd.run.executor import dask_call
 
         try:
-            found = await self.client.run(dask_call.version)
+            found = await client.run(dask_call.version)
         except Exception as exc:
-            await self.close(kill=True, timeout=0)
             raise DaskUnavailable(
                 f"dask workers at {self.settings.scheduler} cannot run taskd's calls "
                 f"(is taskd {__version__} installed on them?): {_text(exc)}"
             ) from None
         wrong = {w: v for w, v in found.items() if v != __version__}
         if wrong:
-            await self.close(kill=True, timeout=0)
             raise DaskUnavailable(
                 f"dask workers run another taskd than this daemon ({__version__}): {wrong}"
             )
