@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from taskd.run.executor.dask_helper import LocalHelper, session_processes
+from taskd.run.executor._base import Call, ExecutorSettings
+from taskd.run.executor.dask_helper import DaskUnavailable, LocalHelper, session_processes
 from tests.helpers import TICK_PLUGIN, DaemonProc, daemon_table, free_port, poll, run_cli
 
 pytest.importorskip("distributed")
@@ -337,6 +339,63 @@ seconds = 4.0
         assert helper.proc.returncode is None  # taskd's stop leaves a cluster it does not own
     finally:
         await helper.close(5.0)
+
+
+class Scheduler:
+    """A dask scheduler and one worker on a fixed address (the ``dask`` command beside
+    this Python), that can go away and come back there: a remote cluster taskd does not own."""
+
+    def __init__(self) -> None:
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def up(self) -> None:
+        dask = str(Path(sys.executable).parent / "dask")
+        port = self.address.rpartition(":")[2]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        args = ["--host", "127.0.0.1", "--port", port, "--no-dashboard"]
+        self.procs.append(subprocess.Popen([dask, "scheduler", *args], **quiet))
+        poll(lambda: _listens(int(port)), timeout=60)
+        worker = [dask, "worker", self.address, "--nthreads", "1", "--no-nanny"]
+        self.procs.append(subprocess.Popen([*worker, "--no-dashboard"], **quiet))
+
+    def down(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.procs.clear()
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_a_remote_client_that_gave_up_is_made_anew_when_the_scheduler_is_back() -> None:
+    """The Client stops reconnecting after connect_timeout and closes for good: the next
+    run after the scheduler is back starts a new one."""
+    from taskd.run.executor.dask import DaskExecutor
+
+    cluster = Scheduler()
+    ex = DaskExecutor(ExecutorSettings({"scheduler": cluster.address, "connect_timeout": "1s"}))
+    try:
+        await asyncio.to_thread(cluster.up)
+        assert (await ex.run(_getpid("q1-1")))[0] > 0
+        cluster.down()
+        await asyncio.to_thread(poll, lambda: ex.client.status == "closed", timeout=30)
+        with pytest.raises(DaskUnavailable):
+            await ex.run(_getpid("q2-1"))
+        await asyncio.to_thread(cluster.up)
+        assert (await asyncio.wait_for(ex.run(_getpid("q3-1")), 60))[0] > 0
+        assert ex.client.status == "running"
+    finally:
+        await ex.close(kill=True, timeout=0)
+        cluster.down()
+
+
+def _getpid(key: str) -> Call:
+    """A run of ``os.getpid`` (importable on any worker, so it goes by reference)."""
+    return Call(os.getpid, {}, None, None, 1 << 20, f"job 'q' run {key}", key)
 
 
 async def ended_alone(helper: LocalHelper) -> int:

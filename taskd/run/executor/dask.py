@@ -52,6 +52,8 @@ _BLOBS_MAX = 256
 MAX_RESENT = 3  # times a run's task is sent again after taskd killed the worker it waited on
 PROBE_TIMEOUT = 5.0  # seconds to ask the workers holding a given-up task whether they run it
 _KILLED_MAX = 256
+# A Client's states other than closing or closed for good ("connecting": it reconnects).
+_ALIVE = frozenset({"newly-created", "connecting", "running"})
 
 
 class DaskExecutor:
@@ -123,7 +125,8 @@ class DaskExecutor:
         try:
             # The Client's own timeout bounds the TCP connect only: a scheduler that
             # accepts and never answers would hold the start (and every run) for good.
-            await asyncio.wait_for(self._connect(client), s.connect_timeout)
+            # A second more, so that the Client's own error (refused, say) comes first.
+            await asyncio.wait_for(self._connect(client), s.connect_timeout + 1.0)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 5.0)
@@ -193,14 +196,25 @@ class DaskExecutor:
 
     async def _client(self) -> Any:
         """The client, after starting anew if the local cluster's helper has died (killed
-        from outside, say): its runs would otherwise fail for good."""
-        helper = self.helper
-        if self.client is not None and (helper is None or helper.proc.returncode is None):
-            return self.client
+        from outside, say) or the client has closed for good (it stops reconnecting to a
+        scheduler gone for longer than connect_timeout): its runs would otherwise fail for
+        good. A client still reconnecting is kept: its runs fail until it is back."""
+        client, helper = self.client, self.helper
+        if (
+            client is not None
+            and client.status in _ALIVE
+            and (helper is None or helper.proc.returncode is None)
+        ):
+            return client
         async with self._lock:
-            helper = self.helper
+            client, helper = self.client, self.helper
             if helper is not None and helper.proc.returncode is not None:
                 log.warning("dask_local_lost", pid=helper.pid, status=helper.proc.returncode)
+                await self.close(kill=True, timeout=0)
+            elif client is not None and client.status not in _ALIVE:
+                log.warning(
+                    "dask_client_closed", scheduler=self.settings.scheduler, status=client.status
+                )
                 await self.close(kill=True, timeout=0)
             if self.client is None:
                 await self.start()
