@@ -4,9 +4,11 @@ start and its runs do when the cluster is not there or does not answer."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 
 from taskd.errors import JobTimeout
@@ -54,3 +56,59 @@ class TestASilentScheduler:
                 await asyncio.wait_for(ex.run(call(0.5)), 20)
         finally:
             await ex.close(kill=True, timeout=0)
+
+
+def helpers() -> list[int]:
+    """This process's live dask_local helpers."""
+    found = []
+    for proc in psutil.Process().children():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "dask_local" in " ".join(proc.cmdline()):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+async def until(check: Callable[[], object], timeout: float = 60.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still not so after {timeout}s")
+
+
+def getpid(key: str) -> Call:
+    """A run of ``os.getpid`` (importable on any worker, so it goes by reference)."""
+    return Call(os.getpid, {}, None, None, 1 << 20, f"job 'j' run {key}", key)
+
+
+class TestACancelWhileTheLocalClusterStarts:
+    """The first run is cancelled while the cluster it waits for comes up."""
+
+    @pytest.mark.parametrize("when", ["helper spawned", "helper up"])
+    async def test_the_start_goes_on_for_the_next_run_and_close_ends_it(self, when: str) -> None:
+        ex = DaskExecutor(ExecutorSettings({"scheduler": "local", "workers": 1}))
+        try:
+            first = asyncio.ensure_future(ex.run(getpid("a-1")))
+            if when == "helper spawned":
+                await until(helpers)
+            else:
+                await until(lambda: ex.helper is not None)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert (await asyncio.wait_for(ex.run(getpid("a-2")), 60))[0] > 0
+            assert len(helpers()) == 1  # the one cluster the first run started
+        finally:
+            await ex.close(kill=False, timeout=5)
+        await until(lambda: not helpers(), 10)
+
+    async def test_close_during_the_start_ends_the_helper(self) -> None:
+        ex = DaskExecutor(ExecutorSettings({"scheduler": "local", "workers": 1}))
+        starting = asyncio.ensure_future(ex.start())
+        await until(helpers)
+        await ex.close(kill=True, timeout=0)
+        with pytest.raises(DaskUnavailable, match="its start was stopped"):
+            await starting  # not a CancelledError: its caller was not cancelled
+        await until(lambda: not helpers(), 10)

@@ -69,6 +69,7 @@ class DaskExecutor:
         self._inflight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
+        self._starting: asyncio.Task[None] | None = None
         self._killed: dict[str, None] = {}  # workers taskd killed, oldest first
         self._killed_worker: type[BaseException] = _Never
         self._cancelled: type[BaseException] = _Never
@@ -104,8 +105,35 @@ class DaskExecutor:
     # -- life ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the local cluster (``local``) and connect. One start at a time, in a task
+        of the executor's own that every caller waits for: a run cancelled or timed out
+        while it waits leaves the start to go on for the next run (a cluster half started
+        and forgotten would run until taskd exits), and :meth:`close` ends it."""
         if self.client is not None:
             return
+        task = self._starting
+        if task is None:
+            task = self._starting = asyncio.ensure_future(self._start())
+            task.add_done_callback(self._started)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if task.cancelled() and me is not None and me.cancelling() == 0:
+                # close() ended the start, not a cancel of ours: the run fails, saying so.
+                raise DaskUnavailable(
+                    f"dask scheduler {self.settings.scheduler}: its start was stopped "
+                    "(taskd is stopping)"
+                ) from None
+            raise
+
+    def _started(self, task: asyncio.Task[None]) -> None:
+        if self._starting is task:
+            self._starting = None  # after a failure, the next run starts anew
+        if not task.cancelled():
+            task.exception()  # its callers have it (or none waits any more): retrieved
+
+    async def _start(self) -> None:
         s = self.settings
         # distributed's import takes a few hundred ms: in a thread, off the loop.
         distributed = await asyncio.to_thread(_import_distributed)
@@ -113,7 +141,8 @@ class DaskExecutor:
         self._cancelled = distributed.client.FutureCancelledError
         address = s.scheduler
         if s.local:
-            self.helper = await LocalHelper.start(s.workers)
+            await self._close_helper(KILL_CLOSE_TIMEOUT)  # a dead one's leftovers, if any
+            self.helper = await LocalHelper.start(s.workers)  # ends its own on a cancel
             address = self.helper.address
         client = distributed.Client(
             address,
@@ -127,11 +156,11 @@ class DaskExecutor:
             # accepts and never answers would hold the start (and every run) for good.
             # A second more, so that the Client's own error (refused, say) comes first.
             await asyncio.wait_for(self._connect(client), s.connect_timeout + 1.0)
-        except Exception as exc:
+        except BaseException as exc:  # a cancel (close() during the start) too
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 5.0)
-            await self._close_helper()
-            if isinstance(exc, DaskUnavailable):
+            await self._close_helper(KILL_CLOSE_TIMEOUT)
+            if isinstance(exc, DaskUnavailable) or not isinstance(exc, Exception):
                 raise
             why = (
                 f"no answer within {s.connect_timeout:g}s"
@@ -168,6 +197,10 @@ class DaskExecutor:
     async def close(self, *, kill: bool, timeout: float | None) -> None:
         for task in list(self._tasks):  # worker restarts still under way
             task.cancel()
+        starting = self._starting
+        if starting is not None:  # its cancel ends what it started (_start cleans up)
+            starting.cancel()
+            await asyncio.wait([starting])
         client, self.client = self.client, None
         if client is not None:
             with contextlib.suppress(Exception):
@@ -216,9 +249,12 @@ class DaskExecutor:
                     "dask_client_closed", scheduler=self.settings.scheduler, status=client.status
                 )
                 await self.close(kill=True, timeout=0)
-            if self.client is None:
-                await self.start()
-        return self.client
+        # Outside the lock: runs waiting at once share one start, and its failure.
+        await self.start()
+        client = self.client
+        if client is None:  # closed meanwhile (the stop)
+            raise DaskUnavailable(f"dask scheduler {self.settings.scheduler}: taskd is stopping")
+        return client
 
     async def run(self, call: Call) -> tuple[Any, Encoded]:
         sent = _Sent()
