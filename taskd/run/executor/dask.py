@@ -10,20 +10,14 @@ under a synthetic name no worker can import), and its result comes back encoded 
 measured as the local pool's do (taskd.run.replies), so history, shared state and limits
 treat both alike.
 
-Dask cannot stop a running task: cancelling one releases its key while its thread runs
-on. With ``local`` taskd kills the worker whose thread runs a timed-out or cancelled run
-(one thread per worker; its nanny starts a new one), and only that one: a run that timed
-out while it waited for a worker costs none, and the runs that waited behind it on the
-killed worker are sent again, not failed. A remote cluster's workers are shared and are
-not restarted: the run ends timed out or cancelled while its task may run to its end,
-counted in ``taskd_dask_orphaned_total``."""
+A run that times out or is cancelled gives its task up (dask_giveup: on ``local`` the
+worker running it is killed, and only that one); the runs whose tasks waited on that
+worker are sent again, not failed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import types
 from collections.abc import Callable, Mapping
 from importlib.util import find_spec
@@ -35,6 +29,7 @@ from taskd.errors import JobTimeout, WorkerDied
 from taskd.plugin.dropin import PREFIX as DROPIN_PREFIX
 from taskd.run.encoding import Encoded
 from taskd.run.executor._base import Call, ExecutorSettings, Problem
+from taskd.run.executor.dask_giveup import GiveUp
 from taskd.run.executor.dask_helper import DaskUnavailable, LocalHelper
 from taskd.run.executor.dask_settings import read_settings
 from taskd.run.executors import with_timeout
@@ -50,8 +45,6 @@ CLOSE_TIMEOUT = 10.0  # seconds the helper gets to close its cluster at the stop
 KILL_CLOSE_TIMEOUT = 2.0  # the same for a stop that kills (a second signal, say)
 _BLOBS_MAX = 256
 MAX_RESENT = 3  # times a run's task is sent again after taskd killed the worker it waited on
-PROBE_TIMEOUT = 5.0  # seconds to ask the workers holding a given-up task whether they run it
-_KILLED_MAX = 256
 # A Client's states other than closing or closed for good ("connecting": it reconnects).
 _ALIVE = frozenset({"newly-created", "connecting", "running"})
 
@@ -64,13 +57,12 @@ class DaskExecutor:
         self.settings, _ = read_settings(settings.table, settings.process_workers)
         self.client: Any = None  # distributed.Client (asynchronous), once started
         self.helper: LocalHelper | None = None
-        self.orphaned = 0  # runs given up on whose task may still run (remote cluster)
+        self.given_up = GiveUp()
         self._blobs: dict[Callable[..., Any], bytes] = {}
         self._inflight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
         self._starting: asyncio.Task[None] | None = None
-        self._killed: dict[str, None] = {}  # workers taskd killed, oldest first
         self._killed_worker: type[BaseException] = _Never
         self._cancelled: type[BaseException] = _Never
 
@@ -222,7 +214,7 @@ class DaskExecutor:
             "workers": float(info.get("n_workers", 0)),
             "threads": float(info.get("total_threads", 0)),
             "processing": float(self._inflight),
-            "orphaned_total": float(self.orphaned),
+            "orphaned_total": float(self.given_up.orphaned),
         }
 
     # -- runs ------------------------------------------------------------------------------
@@ -306,7 +298,7 @@ class DaskExecutor:
                 last = getattr(exc, "last_worker", None)  # a WorkerState
                 worker = getattr(last, "address", None) or "?"
                 fut.release()
-                if worker not in self._killed or resent > MAX_RESENT:
+                if worker not in self.given_up.killed or resent > MAX_RESENT:
                     raise WorkerDied(
                         f"{call.label}: dask worker {worker} died running it"
                     ) from None
@@ -349,56 +341,10 @@ class DaskExecutor:
         return blob
 
     async def _give_up(self, fut: Any, key: str, why: str) -> None:
-        """After a timeout or a cancel: drop the task, and with ``local`` kill the worker
-        whose thread runs it (it cannot be stopped otherwise; its nanny starts a new one);
-        with a remote cluster leave its workers alone and count the task as orphaned if it
-        was running. A task that was only waiting for a worker costs no worker."""
         client = self.client
-        if client is None:
-            return
-        try:
-            processing: Mapping[str, Any] = await client.processing()
-            holders = [w for w, keys in processing.items() if key in keys]
-            running = await self._running(client, key, holders) if holders else {}
+        if client is not None:
             helper = self.helper
-            left: list[str] = []
-            if running and helper is not None:
-                log.info("dask_worker_restart", key=key, workers=sorted(running), reason=why)
-                for worker, pid in running.items():
-                    # Before the kill: a run whose task waited there sees this and resends.
-                    self._killed[worker] = None
-                    if len(self._killed) > _KILLED_MAX:
-                        del self._killed[next(iter(self._killed))]
-                    if pid is None or not _kill_worker(pid, helper.pid):
-                        left.append(worker)
-            await client.cancel([fut], reason=why, force=True)
-            if running and helper is None:
-                self.orphaned += 1
-                log.warning("dask_task_orphaned", key=key, workers=sorted(running), reason=why)
-            if left:  # not killed by pid: the scheduler's restart (its nanny waits ~4 s)
-                await client.restart_workers(left, raise_for_error=False)
-        except Exception as exc:  # the cluster went away meanwhile: nothing left to stop
-            log.warning("dask_give_up_failed", key=key, error=_text(exc))
-
-    async def _running(self, client: Any, key: str, holders: list[str]) -> dict[str, int | None]:
-        """Those of ``holders`` whose thread runs ``key`` now, with their pid (None: the
-        worker did not say, so it may be). The scheduler's processing lists include the
-        tasks a worker only holds in its queue."""
-        from taskd.run.executor import dask_call
-
-        try:
-            found = await asyncio.wait_for(
-                client.run(dask_call.executing, key, workers=holders, on_error="return"),
-                PROBE_TIMEOUT,
-            )
-        except (TimeoutError, OSError):
-            found = {}
-        running: dict[str, int | None] = {}
-        for worker in holders:
-            pid = found.get(worker, -1)
-            if pid is not None:  # None: it answered that it is not running it
-                running[worker] = pid if isinstance(pid, int) and pid > 0 else None
-        return running
+            await self.given_up.stop(client, fut, key, why, helper.pid if helper else None)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -414,18 +360,6 @@ class _Sent:
     def __init__(self) -> None:
         self.fut: Any = None
         self.key = ""
-
-
-def _kill_worker(pid: int, sid: int) -> bool:
-    """SIGKILL worker ``pid`` if it is still one of the local cluster's (session ``sid``):
-    its nanny starts a new one at once. False if it is not (its pid was reused)."""
-    try:
-        if os.getsid(pid) != sid:
-            return False
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # gone already
-    return True
 
 
 class _Never(Exception):
