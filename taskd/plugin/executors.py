@@ -12,6 +12,13 @@ from taskd.plugin.jobtype import JobType
 from taskd.run.executor.registry import DEFAULT_EXECUTOR, ExecutorRegistry
 
 Issue = Callable[[str, str, "str | None"], None]
+_BUG = "a bug in the plugin that registered the executor: report it there, or use another executor"
+
+
+def _failed(name: str, what: str, exc: Exception) -> str:
+    from taskd.run.limits import describe  # only when a plugin's check raised
+
+    return f"executor {name!r} failed to check {what}: {describe(exc, 500)}"
 
 
 class ExecutorCheck:
@@ -54,12 +61,19 @@ class ExecutorCheck:
             self.issue(f"{path}.executor", f"executor {name!r} cannot be loaded: {exc!r}", None)
             return False, None
         fine = True
-        for key, message, hint in cls.validate(job, jt):
+        try:
+            job_problems = cls.validate(job, jt)
+        except Exception as exc:  # the plugin's bug: this job's issue, not a crash of the load
+            job_problems = [("executor", _failed(name, "the job", exc), _BUG)]
+        for key, message, hint in job_problems:
             self.issue(f"{path}.{key}" if key else path, message, hint)
             fine = False
         table = found.table
         if table not in self._tables:
-            problems = cls.check_table(self.tables.get(table, {}))
+            try:
+                problems = cls.check_table(self.tables.get(table, {}))
+            except Exception as exc:
+                problems = [("", _failed(name, "its table", exc), _BUG)]
             for key, message, hint in problems:
                 self.issue(f"{table}.{key}" if key else table, message, hint)
             self._tables[table] = not problems

@@ -120,6 +120,62 @@ def test_a_job_on_a_plugin_executor(tmp_path: Path, host: PluginHost) -> None:
     assert specs["c"].executor is None
 
 
+class Raising(Inline):
+    """A plugin executor whose load-time checks raise (a bug in its plugin)."""
+
+    name: ClassVar[str] = "raising"
+
+    @classmethod
+    def check_table(cls, table: Mapping[str, Any]) -> list[Problem]:
+        raise RuntimeError("check_table blew up")
+
+    @classmethod
+    def validate(cls, job: JobConfig, jobtype: JobType) -> list[Problem]:
+        if job.name == "v":
+            raise RuntimeError("validate blew up")
+        return []
+
+
+class RaisingPlugin(Plugin):
+    @taskd.hookimpl
+    def taskd_executors(self, register: ExecutorRegistry) -> None:
+        register.add(Raising)
+
+
+def test_an_executor_whose_checks_raise_is_a_config_issue(tmp_path: Path) -> None:
+    host = PluginHost.load([], entry_points=False, extra=[RaisingPlugin()])
+    specs, issues = _resolve(
+        tmp_path,
+        host,
+        """
+        [jobs.v]
+        type = "crunch"
+        every = "1m"
+        executor = "raising"
+        [jobs.t]
+        type = "crunch"
+        every = "1m"
+        executor = "raising"
+        [jobs.fine]
+        type = "crunch"
+        every = "1m"
+        """,
+    )
+    assert "v" not in specs and "t" not in specs
+    assert "fine" in specs
+    found = sorted((i.path, i.message) for i in issues)
+    assert found == [
+        (
+            "executors.raising",
+            "executor 'raising' failed to check its table: RuntimeError: check_table blew up",
+        ),
+        (
+            "jobs.v.executor",
+            "executor 'raising' failed to check the job: RuntimeError: validate blew up",
+        ),
+    ]
+
+
 def test_unknown_executor_suggests(tmp_path: Path, host: PluginHost) -> None:
     specs, issues = _resolve(
         tmp_path, host, '[jobs.a]\ntype = "crunch"\nevery = "1m"\nexecutor = "inlin"\n'

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import pytest
+from structlog.testing import capture_logs
 
 import taskd
 from taskd.plugin.jobtype import Kind
@@ -106,6 +107,39 @@ async def test_a_plugin_executor_is_made_and_started_once_then_closed() -> None:
         await live.start("nope")
     await live.close(kill=False, timeout=1)
     assert first.closed
+
+
+class Broken(Inline):
+    """A plugin executor whose figures and close raise (a bug in its plugin)."""
+
+    name: ClassVar[str] = "broken"
+
+    def gauges(self) -> Mapping[str, float]:
+        raise RuntimeError("gauges blew up")
+
+    async def close(self, *, kill: bool, timeout: float | None) -> None:
+        raise RuntimeError("close blew up")
+
+
+async def test_an_executor_that_raises_costs_only_its_own_figures_and_close() -> None:
+    registry = builtin_registry()
+    registry.add(Broken)
+    registry.add(Inline)
+    live = Executors(registry, lambda kind: ExecutorSettings())
+    await live.start("broken")  # made first: closed before inline
+    inline = await live.start("inline")
+    with capture_logs() as logs:
+        figures = live.gauges()
+        assert live.gauges() == figures  # the second time: no second log line
+        await live.close(kill=False, timeout=1)
+    assert figures["inline"] == {"up": 1.0}
+    assert "broken" not in figures
+    assert inline.closed  # closed after the broken one raised
+    failed = [(e["event"], e["executor"], e["error"]) for e in logs if "executor" in e]
+    assert failed == [
+        ("executor_gauges_failed", "broken", "RuntimeError: gauges blew up"),
+        ("executor_close_failed", "broken", "RuntimeError: close blew up"),
+    ]
 
 
 async def test_runtime_default_paths_read_the_builtins() -> None:

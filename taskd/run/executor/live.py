@@ -6,10 +6,15 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import structlog
+
 from taskd.run.executor._base import Executor, ExecutorSettings
 from taskd.run.executor.process import ProcessExecutor
 from taskd.run.executor.registry import ExecutorRegistry, ExecutorType
 from taskd.run.executor.thread import ThreadExecutor
+from taskd.run.limits import describe
+
+log = structlog.get_logger("taskd.executors")
 
 
 class Executors:
@@ -30,6 +35,7 @@ class Executors:
         self.live: dict[str, Executor] = {"thread": self.thread}
         self._made: dict[str, Executor] = {"thread": self.thread, "process": self.process}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._gauges_failed: set[str] = set()
 
     async def start(self, name: str) -> Executor:
         """The executor ``name``, made and started now if it is not yet (once, however many
@@ -68,16 +74,29 @@ class Executors:
         return changed
 
     def gauges(self) -> dict[str, Mapping[str, float]]:
-        """Each started executor's figures, by name."""
-        return {name: ex.gauges() for name, ex in self.live.items()}
+        """Each started executor's figures, by name. One whose gauges raise (a plugin's
+        bug) is left out, logged the first time: status and /metrics still answer."""
+        figures: dict[str, Mapping[str, float]] = {}
+        for name, ex in self.live.items():
+            try:
+                figures[name] = ex.gauges()
+            except Exception as exc:
+                if name not in self._gauges_failed:
+                    self._gauges_failed.add(name)
+                    log.warning("executor_gauges_failed", executor=name, error=describe(exc, 500))
+        return figures
 
     async def close(self, *, kill: bool, timeout: float | None) -> None:
         """Close every executor made, the process pool first and the threads last (as the
-        daemon always has): a plugin's executor may still hand work to threads."""
+        daemon always has): a plugin's executor may still hand work to threads. One whose
+        close raises is logged, and the others are closed all the same."""
         made = self._made
         order = [n for n in made if n not in ("process", "thread")]
         for name in ("process", *order, "thread"):
-            await made[name].close(kill=kill, timeout=timeout)
+            try:
+                await made[name].close(kill=kill, timeout=timeout)
+            except Exception as exc:
+                log.error("executor_close_failed", executor=name, error=describe(exc, 500))
 
 
 def _builtin(registry: ExecutorRegistry, name: str) -> ExecutorType:
