@@ -235,7 +235,10 @@ def test_an_unreachable_scheduler_fails_the_run_and_the_daemon_goes_on(
     daemon_factory, tmp_path: Path
 ) -> None:
     port = free_port()
-    config = f"""
+    mport = free_port()
+    config = (
+        daemon_table(metrics_address=f'"127.0.0.1:{mport}"')
+        + f"""
 [dask]
 scheduler = "tcp://127.0.0.1:{port}"
 connect_timeout = "1s"
@@ -249,6 +252,7 @@ executor = "dask"
 type = "tick"
 every = "1h"
 """
+    )
     d = daemon_factory(config, {"dask_jobs.py": PLUGIN, "tick.py": TICK_PLUGIN}).start()
     d.wait_for("executor_unavailable", executor="dask", timeout=30)
     assert trigger(d, "where").returncode == 1
@@ -259,6 +263,11 @@ every = "1h"
     )
     assert trigger(d, "tick").returncode == 0  # the daemon goes on
     assert ended(d, "tick")["outcome"] == "succeeded"
+    # A cluster that never came up is shown down, not left out.
+    status = run_cli("status", "--json", "-c", str(d.config_path))
+    assert json.loads(status.stdout)["daemon"]["executors"]["dask"]["up"] == 0.0
+    assert "  dask:   DOWN, 0 workers" in run_cli("status", "-c", str(d.config_path)).stdout
+    assert "taskd_dask_up 0.0" in metrics(mport)
     assert d.stop() == 0
 
 

@@ -74,10 +74,14 @@ class Executors:
         return changed
 
     def gauges(self) -> dict[str, Mapping[str, float]]:
-        """Each started executor's figures, by name. One whose gauges raise (a plugin's
-        bug) is left out, logged the first time: status and /metrics still answer."""
+        """Each executor's figures, by name: every one made, started or not (a dask
+        cluster that never came up shows ``up`` 0, not nothing), but the process pool only
+        once started, as before. One whose gauges raise (a plugin's bug) is left out,
+        logged the first time: status and /metrics still answer."""
         figures: dict[str, Mapping[str, float]] = {}
-        for name, ex in self.live.items():
+        for name, ex in self._made.items():
+            if name == "process" and name not in self.live:
+                continue
             try:
                 figures[name] = ex.gauges()
             except Exception as exc:
