@@ -290,6 +290,17 @@ DASK_JOB = '[jobs.d]\ntype = "crunch"\nevery = "1m"\nexecutor = "dask"\n'
             "remove workers",
         ),
         ('scheduler = "local"\nconnect_timeout = "soon"', "dask.connect_timeout", "", None),
+        ('scheduler = "tcp://h"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "tcp://a b c"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "tcp://h:0"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "tcp://h:86x"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "tcp://:8786"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        (
+            'scheduler = "local"\nconnect_timeout = "9999d"',
+            "dask.connect_timeout",
+            "must be at most 10m",
+            None,
+        ),
         (
             'scheduler = "local"\nconect_timeout = "1s"',
             "dask.conect_timeout",
@@ -307,6 +318,46 @@ def test_dask_table_errors(
     assert message in issue.message
     if hint is not None:
         assert hint in (issue.hint or "")
+
+
+@pytest.mark.parametrize(
+    "scheduler", ["tcp://dask-scheduler:8786", "tcp://10.0.0.5:8786", "tcp://[::1]:8786"]
+)
+def test_dask_scheduler_addresses(tmp_path: Path, host: PluginHost, scheduler: str) -> None:
+    _, issues = _resolve(tmp_path, host, f'[dask]\nscheduler = "{scheduler}"\n{DASK_JOB}')
+    assert issues == []
+
+
+def test_a_bad_dask_table_is_an_error_with_no_dask_job(tmp_path: Path, host: PluginHost) -> None:
+    _, issues = _resolve(tmp_path, host, '[dask]\nscheduler = "nope"\nbogus = 1\n')
+    assert sorted(i.path for i in issues) == ["dask.bogus", "dask.scheduler"]
+
+
+@pytest.mark.parametrize(
+    ("table", "hint"),
+    [
+        ("[executors.process]\nworkers = 8\n", "[daemon] process_workers"),
+        ("[executors.thread]\nmax = 99\n", "[daemon] thread_workers"),
+        ("[executors.loop]\nanything = 1\n", "io runs on the event loop"),
+    ],
+)
+def test_the_builtins_take_no_table(
+    tmp_path: Path, host: PluginHost, table: str, hint: str
+) -> None:
+    (issue,) = _resolve(tmp_path, host, table)[1]
+    name = table.partition(".")[2].partition("]")[0]
+    key = table.splitlines()[1].partition(" ")[0]
+    assert issue.path == f"executors.{name}.{key}"
+    assert issue.message == f"unknown key {key!r}: the {name!r} executor takes no settings"
+    assert hint in (issue.hint or "")
+
+
+def test_executors_dask_says_where_dask_settings_go(tmp_path: Path, host: PluginHost) -> None:
+    text = f'[dask]\nscheduler = "local"\n[executors.dask]\nscheduler = "tcp://x:1"\n{DASK_JOB}'
+    (issue,) = _resolve(tmp_path, host, text)[1]
+    assert issue.path == "executors.dask"
+    assert issue.message == "the 'dask' executor's table is [dask], not [executors.dask]"
+    assert issue.hint == "move these keys to [dask]"
 
 
 def test_a_dask_job_without_a_dask_table(tmp_path: Path, host: PluginHost) -> None:

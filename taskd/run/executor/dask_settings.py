@@ -13,6 +13,7 @@ from taskd.run.executor._base import Problem
 
 KEYS = ("scheduler", "workers", "connect_timeout")
 MAX_WORKERS = 256
+MAX_CONNECT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +42,12 @@ def read_settings(
         problems.append(
             (
                 "scheduler",
-                "missing 'scheduler': a job uses executor = \"dask\"",
+                "missing 'scheduler'",
                 'set scheduler = "local" (a cluster taskd starts) or "tcp://host:8786"',
             )
         )
         scheduler = "local"
-    elif not isinstance(scheduler, str) or not (
-        scheduler == "local" or (scheduler.startswith("tcp://") and len(scheduler) > 6)
-    ):
+    elif not isinstance(scheduler, str) or not (scheduler == "local" or _tcp_address(scheduler)):
         problems.append(
             (
                 "scheduler",
@@ -74,7 +73,24 @@ def read_settings(
             connect_timeout = parse_duration(table["connect_timeout"])
             if connect_timeout <= 0:
                 raise ValueError("must be more than 0")
+            if connect_timeout > MAX_CONNECT_TIMEOUT:
+                # A scheduler silent for that long is down: runs would wait for it instead.
+                raise ValueError(f"must be at most 10m, got {table['connect_timeout']!r}")
         except (ValueError, TypeError) as exc:
             problems.append(("connect_timeout", str(exc), None))
             connect_timeout = 10.0
     return DaskSettings(scheduler, workers, connect_timeout), problems
+
+
+def _tcp_address(text: str) -> bool:
+    """``tcp://host:port``: a port from 1 to 65535, and a host name or address (IPv6 in
+    brackets) of the characters those may have. What distributed would take only to fail
+    at the first run (no port, spaces) is a config error instead."""
+    host, colon, port = text.removeprefix("tcp://").rpartition(":")
+    if not text.startswith("tcp://") or not colon or not host or not host.isascii():
+        return False
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        return len(host) > 2 and all(c in "0123456789abcdefABCDEF:.%" for c in host[1:-1])
+    return all(c.isalnum() or c in "-._" for c in host)
