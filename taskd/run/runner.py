@@ -16,7 +16,7 @@ from taskd.ledger._base import CLAIMING, HOST_CLAIM, Claim
 from taskd.run.context import JobContext
 from taskd.run.encoding import NO_RESULT, Encoded, TooLarge, encode
 from taskd.run.events import Cause, EventKind, JobEvent, Outcome
-from taskd.run.executor._base import Call, Executor
+from taskd.run.executor._base import Call
 from taskd.run.executor.thread import blocking, too_large_error
 from taskd.run.executors import with_timeout
 from taskd.run.limits import MAX_ERROR_TEXT, cut, describe, recall
@@ -136,36 +136,25 @@ async def _elsewhere(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
     """An attempt through the job's executor (a plugin's, or the bundled dask one): started
     on its first run, a failure to start failing this run (the next one tries again)."""
     name = spec.executor
-    assert name is not None
-    executor = rt.executors.live.get(name)
-    if executor is not None:
-        return await _run_on(executor, rt, spec, info)
-    # Not started yet (the first run, or the last start failed): the start counts against
-    # the run's timeout, so a cluster that never answers cannot hold the run past it.
-    timeout = spec.config.timeout
-    started = _start_then_run(name, rt, spec, info)
-    if timeout is None:
-        return await started
-    return await with_timeout(started, timeout, _label(spec, info))
-
-
-async def _start_then_run(name: str, rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
-    return await _run_on(await rt.executors.start(name), rt, spec, info)
-
-
-async def _run_on(executor: Executor, rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
-    assert spec.jobtype is not None
+    assert name is not None and spec.jobtype is not None
     cfg = spec.config
+    label = _label(spec, info)
     call = Call(
         spec.jobtype.func,
         spec.kwargs,
         cfg.timeout,
         cfg.max_memory,
         rt.max_result_size,
-        _label(spec, info),
+        label,
         f"{info.run_id}-{info.attempt}",
     )
-    result, info.encoded = await executor.run(call)
+    if cfg.timeout is None or name in rt.executors.live:
+        result, info.encoded = await rt.executors.run(name, call)
+    else:
+        # Not started yet (the first run, or the last start failed): the start counts
+        # against the run's timeout, so a cluster that never answers cannot hold the run
+        # past it.
+        result, info.encoded = await with_timeout(rt.executors.run(name, call), cfg.timeout, label)
     return result
 
 

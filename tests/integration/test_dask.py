@@ -306,6 +306,30 @@ executor = "dask"
         assert d.stop() == 0
 
 
+def test_a_reload_without_dask_jobs_ends_the_local_cluster(daemon_factory) -> None:
+    config = """
+[dask]
+scheduler = "local"
+workers = 1
+
+[jobs.where]
+type = "where"
+every = "1h"
+executor = "dask"
+"""
+    tick = '[jobs.tick]\ntype = "tick"\nevery = "1h"\n'
+    d = daemon_factory(config + tick, {"dask_jobs.py": PLUGIN, "tick.py": TICK_PLUGIN}).start()
+    assert trigger(d, "where").returncode == 0
+    sid = helper_pid(d)
+    d.write_config(tick)  # no dask job, no [dask]
+    d.signal(signal.SIGHUP)
+    d.wait_for("reloaded", timeout=30)
+    assert d.wait_for("executor_retired", executor="dask", timeout=30)
+    poll(lambda: session_processes(sid) == [], timeout=30)
+    assert d.events("restart_needed") == []
+    assert d.stop() == 0
+
+
 async def test_a_remote_cluster_is_left_alone_and_the_orphan_counted(
     daemon_factory, tmp_path: Path
 ) -> None:
