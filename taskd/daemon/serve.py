@@ -297,6 +297,8 @@ class Daemon:
             logsetup.configure(new_daemon.log_level, new_daemon.log_format)
             self.rt.refresh_log()
         self.rt.set_host(new.host)
+        # Before the tables: one no job names is closed, not "restart_needed".
+        self.rt.executors.retire_unused({s.executor for s in new.specs.values() if s.executor})
         self.rt.set_executor_tables(new.config.executor_tables)
         self.rt.max_result_size = new_daemon.max_result_size
         if self.loopwatch is not None:

@@ -430,9 +430,9 @@ def _loop_name(daemon: Daemon) -> str:
 
 
 def _executor_families(gauges: Mapping[str, Mapping[str, float]]) -> Iterator[Metric]:
-    """taskd_<executor>_<name> for each figure of a started executor other than the
-    built-in pools (which have families of their own): taskd_dask_workers, say. A name
-    ending in ``_total`` is a counter (taskd_dask_orphaned_total)."""
+    """taskd_<executor>_<name> for each figure of an executor made (started or not) other
+    than the built-in pools (which have families of their own): taskd_dask_workers, say.
+    A name ending in ``_total`` is a counter (taskd_dask_orphaned_total)."""
     for executor, figures in gauges.items():
         if executor in ("thread", "process"):
             continue

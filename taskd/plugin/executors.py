@@ -12,6 +12,13 @@ from taskd.plugin.jobtype import JobType
 from taskd.run.executor.registry import DEFAULT_EXECUTOR, ExecutorRegistry
 
 Issue = Callable[[str, str, "str | None"], None]
+_BUG = "a bug in the plugin that registered the executor: report it there, or use another executor"
+
+
+def _failed(name: str, what: str, exc: Exception) -> str:
+    from taskd.run.limits import describe  # only when a plugin's check raised
+
+    return f"executor {name!r} failed to check {what}: {describe(exc, 500)}"
 
 
 class ExecutorCheck:
@@ -54,26 +61,62 @@ class ExecutorCheck:
             self.issue(f"{path}.executor", f"executor {name!r} cannot be loaded: {exc!r}", None)
             return False, None
         fine = True
-        for key, message, hint in cls.validate(job, jt):
+        try:
+            job_problems = cls.validate(job, jt)
+        except Exception as exc:  # the plugin's bug: this job's issue, not a crash of the load
+            job_problems = [("executor", _failed(name, "the job", exc), _BUG)]
+        for key, message, hint in job_problems:
             self.issue(f"{path}.{key}" if key else path, message, hint)
             fine = False
         table = found.table
         if table not in self._tables:
-            problems = cls.check_table(self.tables.get(table, {}))
-            for key, message, hint in problems:
-                self.issue(f"{table}.{key}" if key else table, message, hint)
-            self._tables[table] = not problems
+            self._check_table(name, cls, table)
         return fine and self._tables[table], name
 
-    def unknown_tables(self) -> None:
-        """An [executors.<name>] no registered executor reads (a typo, a missing plugin)."""
+    def _check_table(self, name: str, cls: Any, table: str) -> None:
+        try:
+            problems = cls.check_table(self.tables.get(table, {}))
+        except Exception as exc:
+            problems = [("", _failed(name, "its table", exc), _BUG)]
+        for key, message, hint in problems:
+            self.issue(f"{table}.{key}" if key else table, message, hint)
+        self._tables[table] = not problems
+
+    def other_tables(self) -> None:
+        """The tables no job's check has read: a mistake in one is an error whether or not
+        a job names its executor yet. One no registered executor reads (a typo, a missing
+        plugin), or one in the place of another's (``[executors.dask]``: dask's is
+        ``[dask]``), says so."""
         known = self.registry.tables()
         for table in self.tables:
-            if table not in known:
-                name = table.partition(".")[2]
-                self.issue(
-                    table,
-                    f"no executor named {name!r} is registered",
-                    suggest(name, self.registry.names())
-                    or "a plugin adds executors through the taskd_executors hook; check plugin_dirs",
-                )
+            if table in self._tables:
+                continue
+            name = known.get(table)
+            if name is None:
+                self._unknown(table)
+                continue
+            found = self.registry.get(name)
+            assert found is not None
+            try:
+                cls = found.cls
+            except Exception as exc:  # a lazily registered executor that fails to import
+                self.issue(table, f"executor {name!r} cannot be loaded: {exc!r}", None)
+                continue
+            self._check_table(name, cls, table)
+
+    def _unknown(self, table: str) -> None:
+        name = table.partition(".")[2]
+        other = self.registry.get(name)
+        if other is not None:
+            self.issue(
+                table,
+                f"the {name!r} executor's table is [{other.table}], not [{table}]",
+                f"move these keys to [{other.table}]",
+            )
+            return
+        self.issue(
+            table,
+            f"no executor named {name!r} is registered",
+            suggest(name, self.registry.names())
+            or "a plugin adds executors through the taskd_executors hook; check plugin_dirs",
+        )

@@ -88,5 +88,5 @@ def resolve_steps(
                 kwargs=convert_options(jt, job.options, ospec) if job.options else NO_OPTIONS,
                 executor=executor,
             )
-    executors.unknown_tables()
+    executors.other_tables()
     return specs, issues

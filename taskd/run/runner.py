@@ -138,17 +138,23 @@ async def _elsewhere(rt: Runtime, spec: JobSpec, info: RunInfo) -> Any:
     name = spec.executor
     assert name is not None and spec.jobtype is not None
     cfg = spec.config
-    executor = rt.executors.live.get(name) or await rt.executors.start(name)
+    label = _label(spec, info)
     call = Call(
         spec.jobtype.func,
         spec.kwargs,
         cfg.timeout,
         cfg.max_memory,
         rt.max_result_size,
-        _label(spec, info),
+        label,
         f"{info.run_id}-{info.attempt}",
     )
-    result, info.encoded = await executor.run(call)
+    if cfg.timeout is None or name in rt.executors.live:
+        result, info.encoded = await rt.executors.run(name, call)
+    else:
+        # Not started yet (the first run, or the last start failed): the start counts
+        # against the run's timeout, so a cluster that never answers cannot hold the run
+        # past it.
+        result, info.encoded = await with_timeout(rt.executors.run(name, call), cfg.timeout, label)
     return result
 
 

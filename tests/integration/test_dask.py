@@ -8,7 +8,9 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from taskd.run.executor.dask_helper import LocalHelper, session_processes
+from taskd.run.executor._base import Call, ExecutorSettings
+from taskd.run.executor.dask_helper import DaskUnavailable, LocalHelper, session_processes
 from tests.helpers import TICK_PLUGIN, DaemonProc, daemon_table, free_port, poll, run_cli
 
 pytest.importorskip("distributed")
@@ -40,13 +43,16 @@ executor = "dask"
 type = "where"
 every = "1h"
 
-[jobs.slow]
-type = "slow"
+{_slow(tmp, "slow", 'timeout = "1s"', "")}
+{_slow(tmp, "hold1", "", "seconds = 4.0")}
+{_slow(tmp, "hold2", "", "seconds = 4.0")}
+{_slow(tmp, "busy1", 'timeout = "3s"', "")}
+{_slow(tmp, "busy2", 'timeout = "3s"', "")}
+[jobs.queued]
+type = "where"
 every = "1h"
 executor = "dask"
 timeout = "1s"
-[jobs.slow.options]
-pidfile = "{tmp / "slow.pid"}"
 
 [jobs.die]
 type = "die_once"
@@ -56,6 +62,20 @@ retries = 1
 retry_backoff = "100ms"
 [jobs.die.options]
 marker = "{tmp / "died"}"
+"""
+
+
+def _slow(tmp: Path, name: str, timeout: str, seconds: str) -> str:
+    """A dask job of the slow type that writes ``<name>.pid`` when its task starts."""
+    return f"""
+[jobs.{name}]
+type = "slow"
+every = "1h"
+executor = "dask"
+{timeout}
+[jobs.{name}.options]
+pidfile = "{tmp / f"{name}.pid"}"
+{seconds}
 """
 
 
@@ -124,6 +144,39 @@ class TestLocalCluster:
         # Dask cannot stop the task: taskd had its worker process replaced.
         poll(lambda: not psutil.pid_exists(slow_pid), timeout=30)
 
+    def test_a_run_timing_out_in_the_queue_restarts_no_worker(self, local) -> None:
+        """Both workers busy with runs that have no timeout; a third run times out while it
+        waits for one: it never ran, so no worker is restarted and both busy runs end well."""
+        d, tmp, _ = local
+        for job in ("hold1", "hold2"):
+            assert trigger(d, job, wait=False).returncode == 0
+        poll(lambda: (tmp / "hold1.pid").exists() and (tmp / "hold2.pid").exists(), timeout=30)
+        assert trigger(d, "queued").returncode == 1
+        run = ended(d, "queued")
+        assert run["outcome"] == "timed_out", run
+        for job in ("hold1", "hold2"):
+            assert ended(d, job)["outcome"] == "succeeded", ended(d, job)
+        assert d.events("dask_worker_restart", key=f"taskd-{run['run_id']}-1") == []
+
+    def test_a_run_queued_behind_a_restarted_worker_is_sent_again(self, local) -> None:
+        """Both workers run a run that times out, and a third run waits behind one of them:
+        the worker taskd kills takes the waiting run down with it, which taskd sends again
+        (the same attempt: it never started) rather than failing it."""
+        d, tmp, _ = local
+        before = len(d.events("run", job="where"))
+        for job in ("busy1", "busy2"):
+            assert trigger(d, job, wait=False).returncode == 0
+        poll(lambda: (tmp / "busy1.pid").exists() and (tmp / "busy2.pid").exists(), timeout=30)
+        assert trigger(d, "where", wait=False).returncode == 0
+        busy = {int((tmp / f"{job}.pid").read_text()) for job in ("busy1", "busy2")}
+        for job in ("busy1", "busy2"):
+            assert ended(d, job)["outcome"] == "timed_out"
+        run = ended(d, "where", before + 1)
+        assert run["outcome"] == "succeeded", run
+        assert run["attempt"] == 1
+        assert run["result"]["pid"] not in busy
+        assert d.wait_for("dask_task_resent", key=f"taskd-{run['run_id']}-1", timeout=10)
+
     def test_a_dead_worker_fails_the_attempt_and_the_retry_succeeds(self, local) -> None:
         d, tmp, _ = local
         assert trigger(d, "die").returncode == 0
@@ -182,7 +235,10 @@ def test_an_unreachable_scheduler_fails_the_run_and_the_daemon_goes_on(
     daemon_factory, tmp_path: Path
 ) -> None:
     port = free_port()
-    config = f"""
+    mport = free_port()
+    config = (
+        daemon_table(metrics_address=f'"127.0.0.1:{mport}"')
+        + f"""
 [dask]
 scheduler = "tcp://127.0.0.1:{port}"
 connect_timeout = "1s"
@@ -196,6 +252,7 @@ executor = "dask"
 type = "tick"
 every = "1h"
 """
+    )
     d = daemon_factory(config, {"dask_jobs.py": PLUGIN, "tick.py": TICK_PLUGIN}).start()
     d.wait_for("executor_unavailable", executor="dask", timeout=30)
     assert trigger(d, "where").returncode == 1
@@ -206,6 +263,70 @@ every = "1h"
     )
     assert trigger(d, "tick").returncode == 0  # the daemon goes on
     assert ended(d, "tick")["outcome"] == "succeeded"
+    # A cluster that never came up is shown down, not left out.
+    status = run_cli("status", "--json", "-c", str(d.config_path))
+    assert json.loads(status.stdout)["daemon"]["executors"]["dask"]["up"] == 0.0
+    assert "  dask:   DOWN, 0 workers" in run_cli("status", "-c", str(d.config_path)).stdout
+    assert "taskd_dask_up 0.0" in metrics(mport)
+    assert d.stop() == 0
+
+
+def test_a_scheduler_that_never_answers_fails_runs_in_their_bounds(
+    daemon_factory, tmp_path: Path
+) -> None:
+    """An address that accepts TCP and never answers (a hung scheduler, a wrong port behind
+    a proxy): a run with a timeout ends timed out, one without fails by connect_timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        config = f"""
+[dask]
+scheduler = "tcp://127.0.0.1:{silent.getsockname()[1]}"
+connect_timeout = "2s"
+
+[jobs.bounded]
+type = "where"
+every = "1h"
+executor = "dask"
+timeout = "1s"
+
+[jobs.unbounded]
+type = "where"
+every = "1h"
+executor = "dask"
+"""
+        d = daemon_factory(config, {"dask_jobs.py": PLUGIN}).start()
+        assert trigger(d, "bounded").returncode == 1
+        assert ended(d, "bounded")["outcome"] == "timed_out"
+        assert trigger(d, "unbounded").returncode == 1
+        run = ended(d, "unbounded")
+        assert run["outcome"] == "failed"
+        assert run["error"].startswith("DaskUnavailable: dask scheduler tcp://127.0.0.1:")
+        assert "no answer within 2s" in run["error"]
+        assert d.stop() == 0
+
+
+def test_a_reload_without_dask_jobs_ends_the_local_cluster(daemon_factory) -> None:
+    config = """
+[dask]
+scheduler = "local"
+workers = 1
+
+[jobs.where]
+type = "where"
+every = "1h"
+executor = "dask"
+"""
+    tick = '[jobs.tick]\ntype = "tick"\nevery = "1h"\n'
+    d = daemon_factory(config + tick, {"dask_jobs.py": PLUGIN, "tick.py": TICK_PLUGIN}).start()
+    assert trigger(d, "where").returncode == 0
+    sid = helper_pid(d)
+    d.write_config(tick)  # no dask job, no [dask]
+    d.signal(signal.SIGHUP)
+    d.wait_for("reloaded", timeout=30)
+    assert d.wait_for("executor_retired", executor="dask", timeout=30)
+    poll(lambda: session_processes(sid) == [], timeout=30)
+    assert d.events("restart_needed") == []
     assert d.stop() == 0
 
 
@@ -251,6 +372,63 @@ seconds = 4.0
         assert helper.proc.returncode is None  # taskd's stop leaves a cluster it does not own
     finally:
         await helper.close(5.0)
+
+
+class Scheduler:
+    """A dask scheduler and one worker on a fixed address (the ``dask`` command beside
+    this Python), that can go away and come back there: a remote cluster taskd does not own."""
+
+    def __init__(self) -> None:
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def up(self) -> None:
+        dask = str(Path(sys.executable).parent / "dask")
+        port = self.address.rpartition(":")[2]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        args = ["--host", "127.0.0.1", "--port", port, "--no-dashboard"]
+        self.procs.append(subprocess.Popen([dask, "scheduler", *args], **quiet))
+        poll(lambda: _listens(int(port)), timeout=60)
+        worker = [dask, "worker", self.address, "--nthreads", "1", "--no-nanny"]
+        self.procs.append(subprocess.Popen([*worker, "--no-dashboard"], **quiet))
+
+    def down(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.procs.clear()
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_a_remote_client_that_gave_up_is_made_anew_when_the_scheduler_is_back() -> None:
+    """The Client stops reconnecting after connect_timeout and closes for good: the next
+    run after the scheduler is back starts a new one."""
+    from taskd.run.executor.dask import DaskExecutor
+
+    cluster = Scheduler()
+    ex = DaskExecutor(ExecutorSettings({"scheduler": cluster.address, "connect_timeout": "1s"}))
+    try:
+        await asyncio.to_thread(cluster.up)
+        assert (await ex.run(_getpid("q1-1")))[0] > 0
+        cluster.down()
+        await asyncio.to_thread(poll, lambda: ex.client.status == "closed", timeout=30)
+        with pytest.raises(DaskUnavailable):
+            await ex.run(_getpid("q2-1"))
+        await asyncio.to_thread(cluster.up)
+        assert (await asyncio.wait_for(ex.run(_getpid("q3-1")), 60))[0] > 0
+        assert ex.client.status == "running"
+    finally:
+        await ex.close(kill=True, timeout=0)
+        cluster.down()
+
+
+def _getpid(key: str) -> Call:
+    """A run of ``os.getpid`` (importable on any worker, so it goes by reference)."""
+    return Call(os.getpid, {}, None, None, 1 << 20, f"job 'q' run {key}", key)
 
 
 async def ended_alone(helper: LocalHelper) -> int:

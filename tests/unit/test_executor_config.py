@@ -120,6 +120,62 @@ def test_a_job_on_a_plugin_executor(tmp_path: Path, host: PluginHost) -> None:
     assert specs["c"].executor is None
 
 
+class Raising(Inline):
+    """A plugin executor whose load-time checks raise (a bug in its plugin)."""
+
+    name: ClassVar[str] = "raising"
+
+    @classmethod
+    def check_table(cls, table: Mapping[str, Any]) -> list[Problem]:
+        raise RuntimeError("check_table blew up")
+
+    @classmethod
+    def validate(cls, job: JobConfig, jobtype: JobType) -> list[Problem]:
+        if job.name == "v":
+            raise RuntimeError("validate blew up")
+        return []
+
+
+class RaisingPlugin(Plugin):
+    @taskd.hookimpl
+    def taskd_executors(self, register: ExecutorRegistry) -> None:
+        register.add(Raising)
+
+
+def test_an_executor_whose_checks_raise_is_a_config_issue(tmp_path: Path) -> None:
+    host = PluginHost.load([], entry_points=False, extra=[RaisingPlugin()])
+    specs, issues = _resolve(
+        tmp_path,
+        host,
+        """
+        [jobs.v]
+        type = "crunch"
+        every = "1m"
+        executor = "raising"
+        [jobs.t]
+        type = "crunch"
+        every = "1m"
+        executor = "raising"
+        [jobs.fine]
+        type = "crunch"
+        every = "1m"
+        """,
+    )
+    assert "v" not in specs and "t" not in specs
+    assert "fine" in specs
+    found = sorted((i.path, i.message) for i in issues)
+    assert found == [
+        (
+            "executors.raising",
+            "executor 'raising' failed to check its table: RuntimeError: check_table blew up",
+        ),
+        (
+            "jobs.v.executor",
+            "executor 'raising' failed to check the job: RuntimeError: validate blew up",
+        ),
+    ]
+
+
 def test_unknown_executor_suggests(tmp_path: Path, host: PluginHost) -> None:
     specs, issues = _resolve(
         tmp_path, host, '[jobs.a]\ntype = "crunch"\nevery = "1m"\nexecutor = "inlin"\n'
@@ -234,6 +290,17 @@ DASK_JOB = '[jobs.d]\ntype = "crunch"\nevery = "1m"\nexecutor = "dask"\n'
             "remove workers",
         ),
         ('scheduler = "local"\nconnect_timeout = "soon"', "dask.connect_timeout", "", None),
+        ('scheduler = "tcp://h"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "tcp://a b c"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "tcp://h:0"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "tcp://h:86x"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        ('scheduler = "tcp://:8786"', "dask.scheduler", 'expected "local" or a tcp://', None),
+        (
+            'scheduler = "local"\nconnect_timeout = "9999d"',
+            "dask.connect_timeout",
+            "must be at most 10m",
+            None,
+        ),
         (
             'scheduler = "local"\nconect_timeout = "1s"',
             "dask.conect_timeout",
@@ -251,6 +318,46 @@ def test_dask_table_errors(
     assert message in issue.message
     if hint is not None:
         assert hint in (issue.hint or "")
+
+
+@pytest.mark.parametrize(
+    "scheduler", ["tcp://dask-scheduler:8786", "tcp://10.0.0.5:8786", "tcp://[::1]:8786"]
+)
+def test_dask_scheduler_addresses(tmp_path: Path, host: PluginHost, scheduler: str) -> None:
+    _, issues = _resolve(tmp_path, host, f'[dask]\nscheduler = "{scheduler}"\n{DASK_JOB}')
+    assert issues == []
+
+
+def test_a_bad_dask_table_is_an_error_with_no_dask_job(tmp_path: Path, host: PluginHost) -> None:
+    _, issues = _resolve(tmp_path, host, '[dask]\nscheduler = "nope"\nbogus = 1\n')
+    assert sorted(i.path for i in issues) == ["dask.bogus", "dask.scheduler"]
+
+
+@pytest.mark.parametrize(
+    ("table", "hint"),
+    [
+        ("[executors.process]\nworkers = 8\n", "[daemon] process_workers"),
+        ("[executors.thread]\nmax = 99\n", "[daemon] thread_workers"),
+        ("[executors.loop]\nanything = 1\n", "io runs on the event loop"),
+    ],
+)
+def test_the_builtins_take_no_table(
+    tmp_path: Path, host: PluginHost, table: str, hint: str
+) -> None:
+    (issue,) = _resolve(tmp_path, host, table)[1]
+    name = table.partition(".")[2].partition("]")[0]
+    key = table.splitlines()[1].partition(" ")[0]
+    assert issue.path == f"executors.{name}.{key}"
+    assert issue.message == f"unknown key {key!r}: the {name!r} executor takes no settings"
+    assert hint in (issue.hint or "")
+
+
+def test_executors_dask_says_where_dask_settings_go(tmp_path: Path, host: PluginHost) -> None:
+    text = f'[dask]\nscheduler = "local"\n[executors.dask]\nscheduler = "tcp://x:1"\n{DASK_JOB}'
+    (issue,) = _resolve(tmp_path, host, text)[1]
+    assert issue.path == "executors.dask"
+    assert issue.message == "the 'dask' executor's table is [dask], not [executors.dask]"
+    assert issue.hint == "move these keys to [dask]"
 
 
 def test_a_dask_job_without_a_dask_table(tmp_path: Path, host: PluginHost) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import pytest
+from structlog.testing import capture_logs
 
 import taskd
 from taskd.plugin.jobtype import Kind
@@ -106,6 +108,78 @@ async def test_a_plugin_executor_is_made_and_started_once_then_closed() -> None:
         await live.start("nope")
     await live.close(kill=False, timeout=1)
     assert first.closed
+
+
+class Broken(Inline):
+    """A plugin executor whose figures and close raise (a bug in its plugin)."""
+
+    name: ClassVar[str] = "broken"
+
+    def gauges(self) -> Mapping[str, float]:
+        raise RuntimeError("gauges blew up")
+
+    async def close(self, *, kill: bool, timeout: float | None) -> None:
+        raise RuntimeError("close blew up")
+
+
+async def test_an_executor_that_raises_costs_only_its_own_figures_and_close() -> None:
+    registry = builtin_registry()
+    registry.add(Broken)
+    registry.add(Inline)
+    live = Executors(registry, lambda kind: ExecutorSettings())
+    await live.start("broken")  # made first: closed before inline
+    inline = await live.start("inline")
+    with capture_logs() as logs:
+        figures = live.gauges()
+        assert live.gauges() == figures  # the second time: no second log line
+        await live.close(kill=False, timeout=1)
+    assert figures["inline"] == {"up": 1.0}
+    assert "broken" not in figures
+    assert inline.closed  # closed after the broken one raised
+    failed = [(e["event"], e["executor"], e["error"]) for e in logs if "executor" in e]
+    assert failed == [
+        ("executor_gauges_failed", "broken", "RuntimeError: gauges blew up"),
+        ("executor_close_failed", "broken", "RuntimeError: close blew up"),
+    ]
+
+
+class Gate(Inline):
+    """A plugin executor whose runs wait for a gate to open."""
+
+    name: ClassVar[str] = "gate"
+
+    def __init__(self, settings: ExecutorSettings) -> None:
+        super().__init__(settings)
+        self.gate = asyncio.Event()
+
+    async def run(self, call: Call) -> tuple[Any, Encoded]:
+        await self.gate.wait()
+        return await super().run(call)
+
+
+async def test_an_executor_no_job_names_after_a_reload_is_closed_once_its_runs_end() -> None:
+    registry = builtin_registry()
+    registry.add(Gate)
+    live = Executors(registry, lambda kind: ExecutorSettings())
+    gate = await live.start("gate")
+    assert isinstance(gate, Gate)
+    run = asyncio.ensure_future(live.run("gate", Call(dict, {"a": 1}, None, None, 100, "l", "k")))
+    await asyncio.sleep(0)
+    live.retire_unused(set())  # a reload removed every job naming it: its run goes on
+    assert not gate.closed
+    assert "gate" in live.live
+    gate.gate.set()
+    assert (await run)[0] == {"a": 1}
+    await live.settle()
+    assert gate.closed
+    assert "gate" not in live.live
+    assert "gate" not in live.gauges()
+    again = await live.start("gate")  # a later reload naming it again gets a new one
+    assert again is not gate
+    live.retire_unused({"gate"})
+    assert not again.closed
+    await live.close(kill=False, timeout=1)
+    assert again.closed
 
 
 async def test_runtime_default_paths_read_the_builtins() -> None:

@@ -45,6 +45,15 @@ def call(blob: bytes, kwargs: Mapping[str, Any], max_json: int) -> tuple[int, by
     return os.getpid(), error_reply(error, summary=summary, send_exception=summary is None)
 
 
+def executing(key: str, dask_worker: Any) -> int | None:
+    """This worker's pid if its thread runs ``key`` now, else None (it waits in the queue,
+    or it ended). The daemon asks (``client.run``) when it gives up on a run."""
+    task = dask_worker.state.tasks.get(key)
+    if task is not None and task.state in ("executing", "long-running"):
+        return os.getpid()
+    return None
+
+
 def version() -> str:
     """taskd's version on a worker (a remote cluster must run the daemon's)."""
     from taskd._version import __version__

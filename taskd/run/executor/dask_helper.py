@@ -58,6 +58,12 @@ class LocalHelper:
             address = str(json.loads(line)["address"]) if line else ""
         except (TimeoutError, ValueError, KeyError, TypeError) as exc:
             address, why = "", f"{type(exc).__name__}: {exc}"
+        except BaseException:  # cancelled: nobody would ever end the cluster it starts
+            end_session(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
         else:
             why = f"it exited with status {await _exit_status(proc)}" if not address else ""
         if not address:

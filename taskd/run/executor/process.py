@@ -22,6 +22,7 @@ class ProcessExecutor(_NoChecks):
 
     name: ClassVar[str] = "process"
     kinds: ClassVar[frozenset[Kind]] = frozenset({"cpu"})
+    _settings = "the pool's size is [daemon] process_workers"
 
     def __init__(self, settings: ExecutorSettings) -> None:
         self.workers = settings.process_workers

@@ -42,9 +42,22 @@ def blocking(
 
 
 class _NoChecks:
+    """The built-ins' checks: nothing to check in a job, and no settings of their own (their
+    sizes are [daemon]'s), so any key in ``[executors.<name>]`` is a mistake."""
+
+    name: ClassVar[str]
+    _settings: ClassVar[str | None] = None  # where their settings are, for the hint
+
     @classmethod
     def check_table(cls, table: Mapping[str, Any]) -> list[Problem]:
-        return []
+        return [
+            (
+                key,
+                f"unknown key {key!r}: the {cls.name!r} executor takes no settings",
+                cls._settings,
+            )
+            for key in table
+        ]
 
     @classmethod
     def validate(cls, job: JobConfig, jobtype: JobType) -> list[Problem]:
@@ -57,6 +70,7 @@ class ThreadExecutor(_NoChecks):
 
     name: ClassVar[str] = "thread"
     kinds: ClassVar[frozenset[Kind]] = frozenset({"blocking"})
+    _settings = "its threads are [daemon] thread_workers and thread_workers_max"
 
     def __init__(self, settings: ExecutorSettings) -> None:
         self.runner = ThreadRunner(settings.thread_workers, settings.thread_workers_max)
@@ -83,6 +97,7 @@ class LoopExecutor(_NoChecks):
 
     name: ClassVar[str] = "loop"
     kinds: ClassVar[frozenset[Kind]] = frozenset({"io"})
+    _settings = "io runs on the event loop: there is nothing to set"
 
     def __init__(self, settings: ExecutorSettings) -> None:
         pass
