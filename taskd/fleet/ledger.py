@@ -255,9 +255,13 @@ class FleetLedger:
             info.error, end.result_json,
         )))  # fmt: skip
 
-    def recorded(self, held: Held, end: RunEnd | None, discarded: str | None) -> None:
-        """The fleet's verdict on a finished run: kept (``discarded`` None) or not."""
-        self.release(held)
+    def recorded(
+        self, held: Held, end: RunEnd | None, discarded: str | None, *, release: bool = True
+    ) -> None:
+        """The fleet's verdict on a finished run: kept (``discarded`` None) or not.
+        ``release`` False: the claim stays held (heartbeating) though the run is over."""
+        if release:
+            self.release(held)
         if discarded is not None:
             log.warning("fleet_result_discarded", job=held.job, fence=held.fence,
                         run_id=held.run_id, why=discarded)  # fmt: skip

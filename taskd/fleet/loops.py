@@ -7,6 +7,8 @@ waits for its next turn, and the connection's own reconnect brings the database 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -120,13 +122,19 @@ async def writer(ledger: FleetLedger) -> None:
     claim's local deadline; past it the tick may be another host's, and the result goes."""
     while True:
         held, end, (state, attempts, duration, error, result_json) = await ledger.writes.get()
-        discarded: str | None = None
         try:
             discarded = await _write(ledger, held, state, attempts, duration, error, result_json)
-        except Exception:
-            log.exception("fleet_finish_failed", job=held.job, fence=held.fence)
-        finally:
+        except Exception as exc:
+            # Refused even as a bare failure: the fleet's row is still running. Never count
+            # that as kept (the tick would expire and run again elsewhere): the claim stays
+            # held and heartbeating, so no other host re-runs the tick while this one lives.
+            log.exception("fleet_finish_failed", job=held.job, fence=held.fence,
+                          hint="the claim is held until this taskd stops")  # fmt: skip
+            ledger.recorded(held, end, f"the fleet database refused the finish ({exc})",
+                            release=False)  # fmt: skip
+        else:
             ledger.recorded(held, end, discarded)
+        finally:
             ledger.writes.task_done()
 
 
@@ -139,8 +147,11 @@ async def _write(
     error: str | None,
     result_json: str | None,
 ) -> str | None:
-    """Write the finish; None when the fleet kept it, else why it did not."""
+    """Write the finish; None when the fleet kept it, else why it did not. Values the
+    database refuses (NaN in jsonb, a NUL in text) are written again cleaned, and if even
+    that is refused, as a bare failure: raises only when that is refused too."""
     delay = 0.2
+    tries = 0
     while True:
         try:
             ended, wrote = await ledger.db.finish(
@@ -154,8 +165,50 @@ async def _write(
                 return f"the database was unreachable until the claim ran out ({exc})"
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+        except Exception as exc:
+            tries += 1
+            if tries > 2:
+                raise
+            log.warning("fleet_finish_refused", job=held.job, fence=held.fence,
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry="cleaned values" if tries == 1 else "a bare failure")  # fmt: skip
+            if tries == 1:
+                error, result_json = _clean_text(error), _clean_json(result_json)
+            else:
+                state, result_json = "failed", None
+                error = _clean_text(f"the fleet database refused this run's finish: {exc}")
     if not ended:
         return f"fence {held.fence} was taken over"
     if wrote is False:
         log.warning("fenced_write_refused", job=held.job, fence=held.fence, key=held.job)
     return None
+
+
+def _clean_text(text: str | None) -> str | None:
+    """``text`` as PostgreSQL's text takes it: no NUL, no lone surrogate."""
+    if text is None:
+        return None
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _clean_json(result_json: str | None) -> str | None:
+    """``result_json`` as jsonb takes it: NaN and Infinity as their repr strings, strings
+    cleaned as :func:`_clean_text`; None if it is no JSON at all."""
+    if result_json is None:
+        return None
+    try:
+        return json.dumps(_scrub(json.loads(result_json)), allow_nan=False)
+    except ValueError:
+        return None
+
+
+def _scrub(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean_text(str(k)): _scrub(v) for k, v in value.items()}
+    return value
