@@ -8,34 +8,56 @@ from __future__ import annotations
 from typing import Final
 
 # Claim a scheduled or catch-up tick (kind 's') or a manual run (kind 'm', tick NULL: the
-# database's now() is the tick). Parameters: $1 job, $2 tick, $3 kind, $4 node, $5 cause,
-# $6 window (how late a claim may be), $7 early slack, $8 lease, $9 overlap = "skip".
-# The FOR UPDATE on the job's row serialises one job's claims with each other and with a
-# pause, so a claim either commits before a pause or sees it, and the overlap check sees
-# every claim committed before it.
+# database's now() is the tick): the function taskd.claim (schema v2, CLAIM_FUNCTION below).
+# Parameters: $1 job, $2 tick, $3 kind, $4 node, $5 cause, $6 window (how late a claim may
+# be), $7 early slack, $8 lease, $9 overlap = "skip".
 CLAIM: Final = """
-WITH j AS (SELECT paused FROM taskd.jobs WHERE job = $1::text FOR UPDATE),
- t AS (SELECT COALESCE($2::timestamptz, now()) AS tick),
- why AS (SELECT CASE
-     WHEN j.paused THEN 'paused'
-     WHEN now() < t.tick - $7::interval THEN 'early'
-     WHEN now() > t.tick + $6::interval THEN 'late'
-     WHEN $9::boolean AND EXISTS (
-       SELECT 1 FROM taskd.claims c WHERE c.job = $1::text AND c.state = 'running'
-          AND (c.tick, c.kind) <> (t.tick, $3::text)) THEN 'overlap'
-   END AS why FROM j, t),
- ins AS (INSERT INTO taskd.claims (job, tick, kind, fence, owner, cause, lease_until)
-   SELECT $1::text, t.tick, $3::text, nextval('taskd.fence_seq'), $4::text, $5::text,
-          now() + $8::interval
-     FROM why, t WHERE why.why IS NULL
-   ON CONFLICT DO NOTHING RETURNING fence, lease_until, tick)
-SELECT ins.fence, ins.lease_until, (SELECT tick FROM t) AS tick, now() AS db_now,
-  COALESCE((SELECT why FROM why),
-           CASE WHEN (SELECT count(*) FROM j) = 0 THEN 'unknown'
-                WHEN ins.fence IS NULL THEN 'taken' END) AS why,
-  (SELECT c.owner FROM taskd.claims c, t WHERE ins.fence IS NULL AND c.job = $1::text
-      AND c.tick = t.tick AND c.kind = $3::text) AS holder
-FROM (SELECT 1) one LEFT JOIN ins ON true
+SELECT fence, lease_until, tick, db_now, why, holder, paused_at
+  FROM taskd.claim($1::text, $2::timestamptz, $3::text, $4::text, $5::text, $6::interval,
+                   $7::interval, $8::interval, $9::boolean)
+"""
+
+# The claim as one function, so it stays one round trip and yet takes two snapshots: its
+# first statement locks the job's row (serialising one job's claims with each other and with
+# a pause), and only the second, with a snapshot taken after that lock was granted, checks
+# pause and overlap and inserts. In one statement the overlap check would read a snapshot
+# from before the lock wait and miss a claim of another tick committed meanwhile (READ
+# COMMITTED re-checks only the locked row), and both ticks of a "skip" job would run.
+CLAIM_FUNCTION: Final = """
+CREATE FUNCTION taskd.claim(p_job text, p_tick timestamptz, p_kind text, p_node text,
+    p_cause text, p_window interval, p_early interval, p_lease interval, p_skip boolean)
+RETURNS TABLE (fence bigint, lease_until timestamptz, tick timestamptz, db_now timestamptz,
+               why text, holder text, paused_at timestamptz)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+BEGIN
+  PERFORM 1 FROM taskd.jobs WHERE job = p_job FOR UPDATE;
+  RETURN QUERY
+  WITH j AS (SELECT jb.paused, jb.paused_at FROM taskd.jobs jb WHERE jb.job = p_job),
+   t AS (SELECT COALESCE(p_tick, now()) AS tick),
+   w AS (SELECT CASE
+       WHEN j.paused THEN 'paused'
+       WHEN now() < t.tick - p_early THEN 'early'
+       WHEN now() > t.tick + p_window THEN 'late'
+       WHEN p_skip AND EXISTS (
+         SELECT 1 FROM taskd.claims c WHERE c.job = p_job AND c.state = 'running'
+            AND (c.tick, c.kind) <> (t.tick, p_kind)) THEN 'overlap'
+     END AS why FROM j, t),
+   ins AS (INSERT INTO taskd.claims AS c (job, tick, kind, fence, owner, cause, lease_until)
+     SELECT p_job, t.tick, p_kind, nextval('taskd.fence_seq'), p_node, p_cause,
+            now() + p_lease
+       FROM w, t WHERE w.why IS NULL
+     ON CONFLICT DO NOTHING RETURNING c.fence, c.lease_until)
+  SELECT ins.fence, ins.lease_until, (SELECT t.tick FROM t), now(),
+    COALESCE((SELECT w.why FROM w),
+             CASE WHEN (SELECT count(*) FROM j) = 0 THEN 'unknown'
+                  WHEN ins.fence IS NULL THEN 'taken' END),
+    (SELECT c.owner FROM taskd.claims c, t WHERE ins.fence IS NULL AND c.job = p_job
+        AND c.tick = t.tick AND c.kind = p_kind),
+    (SELECT j.paused_at FROM j)
+  FROM (SELECT 1) one LEFT JOIN ins ON true;
+END
+$fn$
 """
 
 # Extend every live claim this node holds, in one statement per node per interval, and mark

@@ -10,10 +10,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from tests.dbservers import PgServer
+from taskd.config.model import FleetConfig
+from taskd.fleet import sql
+from taskd.fleet.conn import interval, to_ts
+from taskd.fleet.db import FleetDB
+from tests.dbservers import FLEET_PASSWORD, PgServer
 from tests.fleetkit import fleet_config
 from tests.unit.test_fleet_ledger import Host, _rows, _spec, _until
 
@@ -43,6 +48,60 @@ async def fleet(
     yield make
     for h in made:
         await h.stop()
+
+
+@pytest.fixture
+async def dbs(
+    postgres: PgServer, tmp_path: Path
+) -> AsyncIterator[tuple[FleetConfig, Callable[[str], Awaitable[FleetDB]]]]:
+    """FleetDBs (each a node) on a fresh database; all closed at the end."""
+    cfg = fleet_config(postgres, tmp_path, lease=30.0, sweep=1.0)
+    made: list[FleetDB] = []
+
+    async def make(node: str) -> FleetDB:
+        db = FleetDB(cfg, node, "test")
+        await db.open()
+        made.append(db)
+        return db
+
+    yield cfg, make
+    for db in made:
+        await db.close()
+
+
+class TestOverlapRace:
+    """R1: overlap = "skip" holds fleet-wide when claims of two ticks race."""
+
+    async def test_a_claim_that_waited_on_another_sees_it_running(self, dbs: Any) -> None:
+        cfg, make = dbs
+        h1, h2 = await make("h1"), await make("h2")
+        await h1.register({"j": "x"})
+        c1 = await asyncpg.connect(cfg.dsn, password=FLEET_PASSWORD)
+        try:
+            tx = c1.transaction()
+            await tx.start()  # h1's claim, its transaction not yet committed
+            now = time.time()
+            r1 = await c1.fetchrow(sql.CLAIM, "j", to_ts(now), "s", "h1", "schedule",
+                                   interval(60), interval(1), interval(30), True)  # fmt: skip
+            assert r1["fence"] is not None
+            t2 = asyncio.create_task(h2.claim("j", now + 0.5, "schedule", window=60,
+                                              overlap_skip=True))  # fmt: skip
+            for _ in range(1000):  # until h2's claim waits on h1's lock
+                waiting = await h1.conn.require().fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.01)
+            await tx.commit()
+            r2 = await t2
+        finally:
+            await c1.close()
+        assert r2.fence is None and r2.why == "overlap"
+        running = await h1.conn.require().fetchval(
+            "SELECT count(*) FROM taskd.claims WHERE job = 'j' AND state = 'running'"
+        )
+        assert running == 1
 
 
 class TestFinishRefused:

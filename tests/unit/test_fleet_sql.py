@@ -110,8 +110,10 @@ class TestSchema:
     async def test_newer_schema_is_refused(self, raw: Any) -> None:
         c = await raw()
         await schema.migrate(c)
-        await c.execute("UPDATE taskd.meta SET schema_version = 2")
-        with pytest.raises(schema.SchemaTooNew, match=r"schema v2 is newer than this taskd \(v1\)"):
+        await c.execute("UPDATE taskd.meta SET schema_version = 99")
+        with pytest.raises(
+            schema.SchemaTooNew, match=r"schema v99 is newer than this taskd \(v2\)"
+        ):
             await schema.migrate(c)
 
     async def test_older_schema_migrates_in_one_transaction(self, raw: Any) -> None:
@@ -122,16 +124,16 @@ class TestSchema:
         with pytest.raises(asyncpg.UndefinedFunctionError):
             await schema.migrate(c, bad)
         # Nothing of the failed run stayed: not v2's column, not v3's.
-        assert await schema.version(c) == 1
+        assert await schema.version(c) == schema.VERSION
         assert await c.fetchval("SELECT count(*) FROM information_schema.columns "
                                 "WHERE table_name = 'jobs' AND column_name = 'note'") == 0  # fmt: skip
-        assert await schema.migrate(c, v2) == (1, 2)
+        assert await schema.migrate(c, v2) == (schema.VERSION, schema.VERSION + 1)
         await c.execute("SELECT note FROM taskd.jobs")
 
     async def test_concurrent_starts_migrate_once(self, raw: Any) -> None:
         conns = [await raw() for _ in range(3)]
         got = await asyncio.gather(*(schema.migrate(c) for c in conns))
-        assert sorted(found for found, _ in got) == [0, 1, 1]
+        assert sorted(found for found, _ in got) == [0, schema.VERSION, schema.VERSION]
 
 
 class TestClaim:
