@@ -276,6 +276,11 @@ class FleetDB:
         ended = row["ended"] is not None
         return ended, None if result_key is None else ended and row["wrote"] is not None
 
+    async def hand_back(self, fence: int, *, undo: int) -> bool:
+        """Give the claim ``fence`` back unended (its lease ends now; ``undo`` takeovers are
+        uncounted); False if it was not ours and running any more."""
+        return await self._call("fetchval", sql.HAND_BACK, fence, self.node, undo) is not None
+
     async def put_state(
         self, fence: int, job: str, items: Mapping[str, Any], deleted: Sequence[str] = ()
     ) -> bool:

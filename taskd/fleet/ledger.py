@@ -73,6 +73,8 @@ class FleetLedger:
         self.skew = 0.0
         self.history_max_age: float | None = None  # [daemon] history_max_age: retention
         self.sweeps = 0
+        self.draining = False  # the daemon is stopping: no more takeovers
+        self.handed_back: dict[int, float] = {}  # fence -> until when (boottime) not swept
         # (the claim, the run's end or None for a tick given back, the finish's values)
         self.writes: asyncio.Queue[tuple[Held, RunEnd | None, tuple[Any, ...]]] = asyncio.Queue()
         self.ready = False  # schema, node check, jobs and LISTEN done
@@ -160,6 +162,11 @@ class FleetLedger:
                     "its own ticks",
                 )
             self._apply_flag(row["job"], bool(row["paused"]))
+
+    def drain(self) -> None:
+        """The daemon is stopping: take over no more ticks (they could not run here), and
+        give the runs the drain cancels back to the fleet rather than end them."""
+        self.draining = True
 
     async def close(self, timeout: float = 2.0) -> None:
         """Stop the loops; give queued finishes ``timeout`` to be written; disconnect."""
@@ -250,6 +257,14 @@ class FleetLedger:
             return
         state = str(end.outcome)
         info = end.info
+        if self.draining and end.outcome is Outcome.CANCELLED and self.cfg.on_owner_lost == "retry":
+            # Cancelled by this daemon's stop, as if this node had died: another node's
+            # sweep takes the tick over (not ended as cancelled, never to run).
+            from taskd.fleet.loops import HAND_BACK
+
+            why = f"{self.node} stopped during the run"
+            self.writes.put_nowait((held, end, (HAND_BACK, 0, 0.0, why, None)))
+            return
         self.writes.put_nowait((held, end, (
             state if state in _STATES else "failed", info.attempt, end.duration,
             info.error, end.result_json,

@@ -25,6 +25,8 @@ log = structlog.get_logger("taskd.fleet")
 
 SKEW_WARN: Final = 1.0  # |DB clock - host clock| above this logs clock_skew once per episode
 PRUNE_EVERY: Final = 60  # sweeps between two retention passes
+# A finish's state that gives the claim back unended (its attempts field: takeovers to undo).
+HAND_BACK: Final = "handback"
 
 
 def start(ledger: FleetLedger) -> list[asyncio.Task[None]]:
@@ -75,10 +77,14 @@ async def heartbeat(ledger: FleetLedger) -> None:
 async def sweep(ledger: FleetLedger) -> None:
     """Take over (or abandon) expired claims of the jobs this node knows."""
     jobs = list(ledger.jobs)
-    if not jobs:
-        return
+    if not jobs or ledger.draining:
+        return  # stopping: a tick taken over now could not run here
     sent = boottime()
     mine = [h.fence for h in ledger.held.values() if not h.lost]
+    # Claims given back lately: left to the other nodes for a lease (then ours again, if
+    # no one took them: this node may run them by then).
+    ledger.handed_back = {f: t for f, t in ledger.handed_back.items() if t > sent}
+    mine += list(ledger.handed_back)
     for row in await ledger.db.sweep(jobs, mine):
         _swept(ledger, row, sent + ledger.lease - ledger.margin)
     ledger.running = {r["job"]: r for r in await ledger.db.running(jobs)}
@@ -106,15 +112,19 @@ def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:
             reason = ledger.scheduler.take_over(row.job, row.tick)
         except LookupError:
             reason = "removed"
-    if reason is not None:
-        # It cannot run here (paused, removed, stopping): give the tick back as cancelled,
-        # rather than leave it to expire and be taken over again.
-        ledger.granted.pop(key, None)
-        held = Held(row.job, row.fence, row.tick, "", valid_until, ended=True)
-        ledger.held[row.fence] = held
-        ledger.writes.put_nowait(
-            (held, None, ("cancelled", 0, 0.0, f"not taken over by {ledger.node}: {reason}", None))
-        )
+    if reason is None:
+        return
+    ledger.granted.pop(key, None)
+    held = Held(row.job, row.fence, row.tick, "", valid_until, ended=True)
+    ledger.held[row.fence] = held
+    why = f"not taken over by {ledger.node}: {reason}"
+    if reason == "paused":
+        # Paused fleet-wide (a pause here is the fleet's): the tick is not run anywhere.
+        ledger.writes.put_nowait((held, None, ("cancelled", 0, 0.0, why, None)))
+    else:
+        # Only this node cannot run it (stopping, the job broken or removed here): give it
+        # back unended, for another node's sweep.
+        ledger.writes.put_nowait((held, None, (HAND_BACK, 1, 0.0, why, None)))
 
 
 async def writer(ledger: FleetLedger) -> None:
@@ -154,6 +164,8 @@ async def _write(
     tries = 0
     while True:
         try:
+            if state == HAND_BACK:
+                return await _hand_back(ledger, held, undo=attempts, why=error or "")
             ended, wrote = await ledger.db.finish(
                 held.fence, held.job, state, attempts=attempts, duration=duration,
                 error=error, result_json=result_json,
@@ -182,6 +194,15 @@ async def _write(
     if wrote is False:
         log.warning("fenced_write_refused", job=held.job, fence=held.fence, key=held.job)
     return None
+
+
+async def _hand_back(ledger: FleetLedger, held: Held, *, undo: int, why: str) -> str:
+    """Give the claim back unended; always "discarded": the fleet did not keep a run."""
+    back = await ledger.db.hand_back(held.fence, undo=undo)
+    if back:
+        ledger.handed_back[held.fence] = boottime() + ledger.lease
+        log.info("fleet_handed_back", job=held.job, fence=held.fence, why=why)
+    return f"handed back to the fleet ({why})"
 
 
 def _clean_text(text: str | None) -> str | None:

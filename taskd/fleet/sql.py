@@ -111,6 +111,16 @@ UPDATE taskd.claims c SET lost_owners = c.lost_owners || c.owner,
 RETURNING c.job, c.tick, c.kind, c.fence, c.state, c.cause, c.lost_owners, c.lease_until
 """
 
+# Give a claim back unended, for another node to take over at its next sweep: this node
+# cannot run it (stopping, the job broken or removed here, no thread). The lease ends now,
+# and the takeover this node counted ($3: 1, or 0 for its own claim) is undone, so a node
+# that refuses never uses up the tick's max_takeovers. $1 fence, $2 node, $3 undo.
+HAND_BACK: Final = """
+UPDATE taskd.claims SET lease_until = now(), takeovers = greatest(takeovers - $3::int, 0)
+ WHERE fence = $1::bigint AND owner = $2::text AND state = 'running'
+RETURNING fence
+"""
+
 # Retention: ended rows older than history_max_age, a bounded batch per sweep.
 PRUNE: Final = """
 DELETE FROM taskd.claims WHERE ctid = ANY(ARRAY(

@@ -139,3 +139,57 @@ class TestFinishRefused:
         if bad == "nan":
             assert row["result"] is not None and '"n": 1' in row["result"]
         await _until(lambda: not h1.fleet.held and not h2.fleet.held)
+
+
+async def _nothing(ctx: Any) -> None:
+    pass
+
+
+class TestLocalRefusal:
+    """R5: a tick this node cannot run (stopping, broken here) goes back to the fleet
+    unended, and a draining node takes over nothing."""
+
+    async def _dead_claim(self, cfg: FleetConfig) -> FleetDB:
+        dead = FleetDB(cfg, "dead", "test")
+        await dead.open()
+        await dead.register({"j": ""})
+        got = await dead.claim("j", time.time(), "schedule", window=60, overlap_skip=True)
+        assert got.fence is not None  # and "dead" never beats again
+        return dead
+
+    async def test_a_stopping_node_hands_a_takeover_back_and_another_runs_it(
+        self, fleet: Any, events: list[dict[str, Any]]
+    ) -> None:
+        ran: list[str] = []
+
+        def job_for(name: str) -> Callable[..., Any]:
+            async def func(ctx: Any) -> None:
+                ran.append(name)
+
+            return func
+
+        h1, h2 = await fleet(2, on_owner_lost="retry")
+        dead = await self._dead_claim(h1.fleet.cfg)
+        at = time.time() + 600  # the schedule plays no part: only the dead node's tick
+        await h1.start(_spec(job_for("h1"), schedule="at", at=at, grace=30.0))
+        h1.jobs.stop()  # its take_over answers "shutdown" from now on
+        await _until(lambda: any(e["event"] == "fleet_handed_back" for e in events))
+        await h2.start(_spec(job_for("h2"), schedule="at", at=at, grace=30.0))
+        await _until(lambda: ran == ["h2"])
+        await _until(lambda: not h2.fleet.held)
+        (row,) = await _rows(h2)
+        assert row["state"] == "succeeded" and row["owner"] == "h2"
+        assert row["takeovers"] == 1  # h2's refusal was not counted
+        await dead.close()
+
+    async def test_a_draining_node_takes_nothing_over(self, fleet: Any) -> None:
+        (h1,) = await fleet(1, on_owner_lost="retry")
+        dead = await self._dead_claim(h1.fleet.cfg)
+        await h1.start(_spec(_nothing, schedule="at", at=time.time() + 600))
+        h1.fleet.drain()
+        sweeps = h1.fleet.sweeps
+        await asyncio.sleep(4.0)  # past the dead node's lease (3 s): sweeps would take it
+        (row,) = await _rows(h1)
+        assert row["owner"] == "dead" and row["state"] == "running"
+        assert h1.fleet.sweeps == sweeps  # no sweep ran while draining
+        await dead.close()
