@@ -26,7 +26,7 @@ class Listener:
         self._notice: Callable[[str, bool, str], None] | None = None
         self._resync: Callable[[], Awaitable[None]] | None = None
         self._listen_again: asyncio.Task[None] | None = None
-        conn.on_up(self._relisten)
+        conn.on_up(self._back_up)
 
     async def close(self) -> None:
         if self._listen_again is not None:
@@ -49,6 +49,21 @@ class Listener:
         self._notice = notice
         self._resync = resync
         await self._relisten()
+
+    async def _back_up(self) -> None:
+        """The database is back (a reconnect hook): listen again. A failure here is this
+        listener's alone (its own retry, with backoff), never the database marked down
+        again: the pool answered, and claims check the pause flag themselves."""
+        if self._notice is None:
+            return
+        try:
+            await self._relisten()
+        except Exception as exc:
+            log.warning("fleet_listen_failed", node=self.node,
+                        error=f"{type(exc).__name__}: {exc}"[:300])  # fmt: skip
+            self._listen = None
+            if self._listen_again is None and not self.conn.closed:
+                self._listen_again = asyncio.get_running_loop().create_task(self._again())
 
     async def _relisten(self) -> None:
         if self._notice is None:

@@ -18,7 +18,7 @@ from taskd.config.model import FleetConfig
 from taskd.fleet import sql
 from taskd.fleet.conn import interval, to_ts
 from taskd.fleet.db import FleetDB
-from tests.dbservers import FLEET_PASSWORD, PgServer
+from tests.dbservers import FLEET_PASSWORD, FLEET_USER, PgServer
 from tests.fleetkit import fleet_config
 from tests.unit.test_fleet_ledger import Host, _rows, _spec, _until
 
@@ -193,3 +193,32 @@ class TestLocalRefusal:
         assert row["owner"] == "dead" and row["state"] == "running"
         assert h1.fleet.sweeps == sweeps  # no sweep ran while draining
         await dead.close()
+
+
+class TestListenAfterOutage:
+    """R8b: a LISTEN connection that cannot be opened after an outage is the listener's
+    own retry, never the database marked down again."""
+
+    async def test_runs_go_on_while_the_listen_connection_cannot_open(
+        self, fleet: Any, postgres: PgServer, events: list[dict[str, Any]]
+    ) -> None:
+        ran: list[int] = []
+
+        async def func(ctx: Any) -> None:
+            ran.append(ctx.fence)
+
+        (h1,) = await fleet(1)
+        await h1.start(_spec(func, every=0.5))
+        await _until(lambda: len(ran) >= 1)
+        # The pool's one connection is all the role may hold: LISTEN's cannot open.
+        postgres.sql(f"ALTER ROLE {FLEET_USER} CONNECTION LIMIT 1", db="postgres")
+        try:
+            postgres.stop()
+            postgres.start()
+            await _until(lambda: any(e["event"] == "fleet_db_up" for e in events))
+            n = len(ran)
+            await _until(lambda: len(ran) >= n + 4)
+        finally:
+            postgres.sql(f"ALTER ROLE {FLEET_USER} CONNECTION LIMIT -1", db="postgres")
+        downs = [e for e in events if e["event"] == "fleet_db_down"]
+        assert len(downs) <= 1  # the outage itself, not once per reconnect
