@@ -200,6 +200,9 @@ class FleetLedger:
         raise RuntimeError("a fleet run is claimed before it opens (may_refuse)")
 
     async def claim(self, info: RunInfo) -> Claim:
+        # The tick as the database keeps it (whole µs), before anything uses it: a takeover
+        # elsewhere gets it back from there, and both runs' ctx.scheduled must be the same.
+        info.scheduled = round(info.scheduled * 1_000_000) / 1_000_000
         job, cause = info.job, info.cause
         if cause is Cause.TAKEOVER:
             granted = self.granted.pop((job, info.scheduled), None)

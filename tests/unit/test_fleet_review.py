@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from structlog.testing import capture_logs
 
 from taskd.config.model import FleetConfig
 from taskd.fleet import sql
-from taskd.fleet.conn import interval, to_ts
+from taskd.fleet.conn import from_ts, interval, to_ts
 from taskd.fleet.db import FleetDB
 from tests.dbservers import FLEET_PASSWORD, FLEET_USER, PgServer
 from tests.fleetkit import fleet_config
@@ -222,3 +223,39 @@ class TestListenAfterOutage:
             postgres.sql(f"ALTER ROLE {FLEET_USER} CONNECTION LIMIT -1", db="postgres")
         downs = [e for e in events if e["event"] == "fleet_db_down"]
         assert len(downs) <= 1  # the outage itself, not once per reconnect
+
+
+def _off_grid(t: float) -> float:
+    """A time near ``t`` whose float and whose timestamptz (whole µs) read back differ as a
+    datetime: the owner's ctx.scheduled and a takeover's would differ by 1 µs."""
+    while datetime.fromtimestamp(t, UTC) == datetime.fromtimestamp(from_ts(to_ts(t)), UTC):
+        t += 0.1234567
+    return t
+
+
+class TestTakeoverTick:
+    """R11: a takeover's ctx.scheduled is the original owner's, to the microsecond."""
+
+    async def test_owner_and_takeover_see_the_same_scheduled(self, fleet: Any) -> None:
+        seen: list[tuple[str, int, datetime]] = []
+
+        def job_for(name: str) -> Callable[..., Any]:
+            async def func(ctx: Any) -> None:
+                seen.append((name, ctx.fence, ctx.scheduled))
+                if name == "h1":
+                    await asyncio.sleep(3600)  # until its claim is lost
+
+            return func
+
+        h1, h2 = await fleet(2)
+        spec = dict(schedule="at", at=_off_grid(time.time() + 0.3), grace=30.0)
+        await h1.start(_spec(job_for("h1"), **spec))
+        await _until(lambda: bool(seen))
+        await h2.start(_spec(job_for("h2"), **spec), run=False)  # it only sweeps
+        await h2.fleet.db.conn.require().execute(
+            "UPDATE taskd.claims SET lease_until = now() - interval '1s' WHERE fence = $1",
+            seen[0][1],
+        )
+        await _until(lambda: len(seen) >= 2)
+        (n1, _, s1), (n2, _, s2) = seen
+        assert (n1, n2) == ("h1", "h2") and s1 == s2
