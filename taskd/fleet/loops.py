@@ -97,8 +97,9 @@ def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:
     from taskd.ledger import Claim
 
     if row.state != "running":
+        # abandoned; or cancelled: the job is paused fleet-wide, so not run again.
         log.warning("run_abandoned", job=row.job, tick=row.tick, fence=row.fence,
-                    lost_owners=list(row.lost_owners))  # fmt: skip
+                    state=row.state, lost_owners=list(row.lost_owners))  # fmt: skip
         return
     log.info("fleet_takeover", job=row.job, tick=row.tick, fence=row.fence,
              lost_owners=list(row.lost_owners), node=ledger.node)  # fmt: skip

@@ -90,22 +90,29 @@ SELECT pid, boot_id, addr, heartbeat > now() - $2::interval AS live, now() AS db
 # `lease_until < now()` on a row whose lock it waited for, so a live owner is never swept.
 # $1 node, $2 jobs, $3 retry?, $4 lease, $5 claim window, $6 batch, $7 max takeovers,
 # $8 the fences this node still runs (never taken over by itself: one run per tick here).
+# A job paused fleet-wide is never taken over (whatever this node's flag says): its expired
+# claims end 'cancelled'. The pause's FOR UPDATE on the job row is not waited for: a sweep
+# that reads the flag just before a pause commits takes over as a claim would have.
 SWEEP: Final = """
 WITH expired AS (
-  SELECT job, tick, kind, takeovers FROM taskd.claims
-   WHERE state = 'running' AND lease_until < now() AND job = ANY($2::text[])
-     AND NOT fence = ANY($8::bigint[])
-   ORDER BY lease_until LIMIT $6::int FOR UPDATE SKIP LOCKED)
+  SELECT c.job, c.tick, c.kind, c.takeovers, j.paused FROM taskd.claims c
+    JOIN taskd.jobs j USING (job)
+   WHERE c.state = 'running' AND c.lease_until < now() AND c.job = ANY($2::text[])
+     AND NOT c.fence = ANY($8::bigint[])
+   ORDER BY c.lease_until LIMIT $6::int FOR UPDATE OF c SKIP LOCKED)
 UPDATE taskd.claims c SET lost_owners = c.lost_owners || c.owner,
    takeovers = c.takeovers + 1,
    owner = CASE WHEN r.retry THEN $1::text ELSE c.owner END,
    fence = CASE WHEN r.retry THEN nextval('taskd.fence_seq') ELSE c.fence END,
    lease_until = CASE WHEN r.retry THEN now() + $4::interval ELSE c.lease_until END,
-   state = CASE WHEN r.retry THEN 'running' ELSE 'abandoned' END,
+   state = CASE WHEN r.retry THEN 'running' WHEN e.paused THEN 'cancelled'
+                ELSE 'abandoned' END,
    ended_at = CASE WHEN r.retry THEN NULL ELSE now() END,
-   error = CASE WHEN r.retry THEN NULL ELSE 'owner ' || c.owner || ' lost its lease' END
+   error = CASE WHEN r.retry THEN NULL
+                WHEN e.paused THEN 'owner ' || c.owner || ' lost its lease; the job is paused'
+                ELSE 'owner ' || c.owner || ' lost its lease' END
   FROM expired e,
-       LATERAL (SELECT $3::boolean AND e.takeovers < $7::int
+       LATERAL (SELECT $3::boolean AND e.takeovers < $7::int AND NOT e.paused
                        AND now() <= e.tick + $5::interval AS retry) r
  WHERE (c.job, c.tick, c.kind) = (e.job, e.tick, e.kind)
 RETURNING c.job, c.tick, c.kind, c.fence, c.state, c.cause, c.lost_owners, c.lease_until

@@ -259,3 +259,37 @@ class TestTakeoverTick:
         await _until(lambda: len(seen) >= 2)
         (n1, _, s1), (n2, _, s2) = seen
         assert (n1, n2) == ("h1", "h2") and s1 == s2
+
+
+class TestSweepPaused:
+    """R10: a takeover respects the fleet-wide pause, even on a node that missed it."""
+
+    async def test_a_node_that_missed_the_pause_takes_nothing_over(self, fleet: Any) -> None:
+        ran: list[int] = []
+
+        async def func(ctx: Any) -> None:
+            ran.append(ctx.fence)
+
+        (h1,) = await fleet(1)
+        dead = FleetDB(h1.fleet.cfg, "dead", "test")
+        await dead.open()
+        await dead.register({"j": ""})
+        got = await dead.claim("j", time.time(), "schedule", window=60, overlap_skip=True)
+        # Paused fleet-wide, its notice lost (as when h1's LISTEN connection is down).
+        await dead.conn.require().execute("UPDATE taskd.jobs SET paused = true WHERE job = 'j'")
+        await h1.start(_spec(func, schedule="at", at=time.time() + 600, grace=30.0))
+        h1.fleet.flags["j"] = False
+        h1.jobs.get("j").paused = False
+        await _until(lambda: h1.fleet.sweeps >= 1)
+
+        async def ended() -> bool:
+            return (await _rows(h1))[0]["state"] != "running"
+
+        deadline = time.monotonic() + 20
+        while not await ended():  # the dead node's lease (3 s) runs out
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        (row,) = await _rows(h1)
+        assert not ran
+        assert (row["fence"], row["state"], row["owner"]) == (got.fence, "cancelled", "dead")
+        await dead.close()
