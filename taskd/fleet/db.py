@@ -235,9 +235,15 @@ class FleetDB:
             for r in rows
         ]
 
-    async def prune(self, max_age: float, *, limit: int = PRUNE_BATCH) -> int:
-        """Delete ended rows older than ``max_age`` (one batch); how many went."""
-        done = await self._call("execute", sql.PRUNE, interval(max_age), limit)
+    async def prune(
+        self, max_age: float, *, claimable: float | None = None, limit: int = PRUNE_BATCH
+    ) -> int:
+        """Delete ended rows older than ``max_age`` (one batch), but not those of ticks less
+        than ``claimable`` seconds old (they may still be claimed; None: the claim window
+        and a lease); how many went."""
+        if claimable is None:
+            claimable = self.cfg.claim_window + self.cfg.lease
+        done = await self._call("execute", sql.PRUNE, interval(max_age), limit, interval(claimable))
         return int(str(done).rsplit(" ", 1)[-1])
 
     async def running(self, jobs: Sequence[str]) -> list[Mapping[str, Any]]:

@@ -90,7 +90,10 @@ async def sweep(ledger: FleetLedger) -> None:
     ledger.running = {r["job"]: r for r in await ledger.db.running(jobs)}
     ledger.sweeps += 1
     if ledger.history_max_age is not None and ledger.sweeps % PRUNE_EVERY == 0:
-        await ledger.db.prune(ledger.history_max_age)
+        # A tick stays claimable for the claim window (catch-up) or the job's grace
+        # (scheduled): its row is kept that long, and a lease more (hosts' clocks differ).
+        windows = [ledger.cfg.claim_window, *(c.grace for c in ledger.jobs.values())]
+        await ledger.db.prune(ledger.history_max_age, claimable=max(windows) + ledger.lease)
 
 
 def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:

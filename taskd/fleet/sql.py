@@ -128,11 +128,16 @@ UPDATE taskd.claims SET lease_until = now(), takeovers = greatest(takeovers - $3
 RETURNING fence
 """
 
-# Retention: ended rows older than history_max_age, a bounded batch per sweep.
+# Retention: ended rows older than history_max_age, a bounded batch per sweep, but never
+# the row of a tick that may still be claimed: that row is the tick's exactly-once guard
+# (deleted, a catch-up would claim and run the tick again). $3: how old a tick may still be
+# claimed (the largest claim window or grace, and a lease). A manual run's tick is the
+# database's now() at its claim, never claimed again.
 PRUNE: Final = """
 DELETE FROM taskd.claims WHERE ctid = ANY(ARRAY(
   SELECT ctid FROM taskd.claims
-   WHERE state <> 'running' AND ended_at < now() - $1::interval LIMIT $2::int))
+   WHERE state <> 'running' AND ended_at < now() - $1::interval
+     AND (kind = 'm' OR tick < now() - $3::interval) LIMIT $2::int))
 """
 
 # The running claims of these jobs, for status (owner and fence of each).

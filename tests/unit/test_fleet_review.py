@@ -293,3 +293,33 @@ class TestSweepPaused:
         assert not ran
         assert (row["fence"], row["state"], row["owner"]) == (got.fence, "cancelled", "dead")
         await dead.close()
+
+
+class TestPrune:
+    """R9: retention never deletes the row of a tick that may still be claimed."""
+
+    async def test_a_pruned_tick_is_not_claimed_again(
+        self, fleet: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from taskd.fleet import loops
+
+        monkeypatch.setattr(loops, "PRUNE_EVERY", 1)  # a retention pass at every sweep
+        (h1,) = await fleet(1, claim_window=3600.0)
+        h1.fleet.history_max_age = 1.0
+        await h1.start(_spec(_nothing, schedule="at", at=time.time() + 600), run=False)
+        db = h1.fleet.db
+        tick = time.time() - 5  # a catch-up tick, claimable for claim_window (1 h)
+        got = await db.claim("j", tick, "catchup", window=3600, overlap_skip=True)
+        assert got.fence is not None
+        manual = await db.claim_manual("j", "manual", overlap_skip=False)
+        for fence in (got.fence, manual.fence):
+            assert fence is not None
+            await db.finish(fence, "j", "succeeded", attempts=1, duration=0.1, error=None,
+                            result_json=None)  # fmt: skip
+        await asyncio.sleep(1.5)  # older than history_max_age now
+        sweeps = h1.fleet.sweeps
+        await _until(lambda: h1.fleet.sweeps >= sweeps + 3)
+        again = await db.claim("j", tick, "catchup", window=3600, overlap_skip=True)
+        assert (again.fence, again.why) == (None, "taken")
+        # Retention still works: the manual run's row (its tick never claimed again) went.
+        assert [r["fence"] for r in await _rows(h1)] == [got.fence]
