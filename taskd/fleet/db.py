@@ -22,6 +22,7 @@ from taskd.fleet.conn import (
     interval,
     is_gone,
     to_ts,
+    version,
 )
 from taskd.fleet.notify import Listener
 
@@ -53,6 +54,7 @@ class ClaimResult:
     db_now: float
     why: str | None
     holder: str | None
+    paused_at: int | None = None  # the job's pause flag's version (µs), as the claim saw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +182,7 @@ class FleetDB:
             from_ts(row["db_now"]),
             row["why"],
             row["holder"],
+            version(row["paused_at"]),
         )
 
     async def claim_manual(self, job: str, cause: str, *, overlap_skip: bool) -> ClaimResult:
@@ -330,12 +333,16 @@ class FleetDB:
         return [dict(r) for r in rows]
 
     async def paused(self, jobs: Sequence[str]) -> dict[str, bool]:
+        return {job: paused for job, (paused, _) in (await self.flags(jobs)).items()}
+
+    async def flags(self, jobs: Sequence[str]) -> dict[str, tuple[bool, int | None]]:
+        """Each job's pause flag and its version (µs; None: never paused or resumed)."""
         rows = await self._call("fetch", sql.PAUSED, list(jobs))
-        return {r["job"]: r["paused"] for r in rows}
+        return {r["job"]: (r["paused"], version(r["paused_at"])) for r in rows}
 
     async def listen(
         self,
-        notice: Callable[[str, bool, str], None],
+        notice: Callable[[str, bool, str, int | None], None],
         resync: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Pause notices to ``notice`` (taskd.fleet.notify.Listener)."""

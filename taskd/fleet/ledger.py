@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import structlog
 
-from taskd.fleet.conn import FleetDown
+from taskd.fleet.conn import FleetDown, version
 from taskd.fleet.db import FleetDB, NodeTaken
 from taskd.fleet.held import Held, Scheduler, boottime, spec_hash
 from taskd.fleet.schema import SchemaTooNew
@@ -65,6 +65,9 @@ class FleetLedger:
         self.held: dict[int, Held] = {}
         self.granted: dict[tuple[str, float], tuple[Claim, float]] = {}
         self.flags: dict[str, bool] = {}  # the fleet's pause flags, as last known
+        # Their versions (paused_at, µs): answers reach this host on two connections in no
+        # set order, and one older than the flag applied is ignored.
+        self.flag_at: dict[str, int] = {}
         # The first and last tick of each job skipped while the DB was down (to catch up).
         self.held_from: dict[str, tuple[float, float]] = {}
         self.running: dict[str, Mapping[str, Any]] = {}  # status: the fleet's running claims
@@ -161,7 +164,7 @@ class FleetLedger:
                     hint="every host of a fleet job needs the same schedule, or each runs "
                     "its own ticks",
                 )
-            self._apply_flag(row["job"], bool(row["paused"]))
+            self._apply_flag(row["job"], bool(row["paused"]), version(row["paused_at"]))
 
     def drain(self) -> None:
         """The daemon is stopping: take over no more ticks (they could not run here), and
@@ -239,7 +242,7 @@ class FleetLedger:
                 await asyncio.sleep(max(0.0, min(info.scheduled - got.db_now, 1.0)) + 0.01)
                 continue
             if got.why == "paused":
-                asyncio.get_running_loop().call_soon(self._apply_flag, job, True)
+                asyncio.get_running_loop().call_soon(self._apply_flag, job, True, got.paused_at)
             why = got.why or "taken"
             raise NotClaimed(_REASONS.get(why, SkipReason.ELSEWHERE), why, got.holder)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -400,15 +403,22 @@ class FleetLedger:
     async def _resync(self) -> None:
         """Pause notices may have been missed: the flags as the database has them."""
         if self.jobs:
-            for job, paused in (await self.db.paused(list(self.jobs))).items():
-                self._apply_flag(job, paused)
+            for job, (paused, at) in (await self.db.flags(list(self.jobs))).items():
+                self._apply_flag(job, paused, at)
 
-    def _notice(self, job: str, paused: bool, by: str) -> None:
+    def _notice(self, job: str, paused: bool, by: str, at: int | None = None) -> None:
         if job in self.jobs:
             log.debug("fleet_pause_notice", job=job, paused=paused, by=by)
-            self._apply_flag(job, paused)
+            self._apply_flag(job, paused, at)
 
-    def _apply_flag(self, job: str, paused: bool) -> None:
+    def _apply_flag(self, job: str, paused: bool, at: int | None = None) -> None:
+        """The fleet's flag as an answer gave it (``at``: its version, None: unknown, e.g.
+        a local pause): ignored if older than the one applied."""
+        if at is not None:
+            if at < self.flag_at.get(job, at):
+                log.debug("fleet_pause_stale", job=job, paused=paused)
+                return
+            self.flag_at[job] = at
         self.flags[job] = paused  # first: the set_paused below must not publish it again
         if self.scheduler is not None:
             with contextlib.suppress(LookupError):

@@ -201,16 +201,22 @@ SELECT (SELECT fence FROM fin) AS ended, (SELECT fence FROM put) AS wrote
 """
 
 # Fleet-wide pause/resume, and the notice every node's LISTEN connection gets. One
-# statement, so the notice goes out exactly when the flag commits. $1 job, $2 paused, $3 by.
+# statement, so the notice goes out exactly when the flag commits. paused_at (set by a
+# resume too) is the flag's version: strictly increasing per job, taken once the row is
+# locked, so the flag's answers (claims, notices, re-reads) that reach a node out of order
+# are told apart (the older is ignored). The notice carries it in µs (``at``).
+# $1 job, $2 paused, $3 by.
 PAUSE: Final = """
 WITH u AS (
   INSERT INTO taskd.jobs AS j (job, paused, paused_by, paused_at)
-  VALUES ($1::text, $2::boolean, $3::text, now())
+  VALUES ($1::text, $2::boolean, $3::text, clock_timestamp())
   ON CONFLICT (job) DO UPDATE SET paused = EXCLUDED.paused,
-     paused_by = EXCLUDED.paused_by, paused_at = EXCLUDED.paused_at
-  RETURNING job)
+     paused_by = EXCLUDED.paused_by,
+     paused_at = greatest(clock_timestamp(), j.paused_at + interval '1 microsecond')
+  RETURNING job, paused_at)
 SELECT pg_notify('taskd_fleet',
-                 json_build_object('job', $1::text, 'paused', $2::boolean, 'by', $3::text)::text)
+                 json_build_object('job', $1::text, 'paused', $2::boolean, 'by', $3::text,
+                                   'at', (SELECT paused_at FROM u))::text)
   FROM u
 """
 
@@ -220,15 +226,15 @@ CHANNEL: Final = "taskd_fleet"
 # hash differs from the one the last node to start wrote. $1 jobs, $2 hashes, $3 node.
 JOBS: Final = """
 WITH n AS (SELECT * FROM unnest($1::text[], $2::text[]) AS n(job, spec_hash)),
- old AS (SELECT j.job, j.spec_hash, j.spec_node, j.paused FROM taskd.jobs j
+ old AS (SELECT j.job, j.spec_hash, j.spec_node, j.paused, j.paused_at FROM taskd.jobs j
           JOIN n USING (job)),
  up AS (INSERT INTO taskd.jobs (job, spec_hash, spec_node)
         SELECT job, spec_hash, $3::text FROM n
         ON CONFLICT (job) DO UPDATE SET spec_hash = EXCLUDED.spec_hash,
            spec_node = EXCLUDED.spec_node)
-SELECT n.job, COALESCE(old.paused, false) AS paused, old.spec_node AS other,
+SELECT n.job, COALESCE(old.paused, false) AS paused, old.paused_at, old.spec_node AS other,
        old.spec_hash IS NOT NULL AND old.spec_hash <> n.spec_hash AS differs
   FROM n LEFT JOIN old USING (job)
 """
 
-PAUSED: Final = "SELECT job, paused FROM taskd.jobs WHERE job = ANY($1::text[])"
+PAUSED: Final = "SELECT job, paused, paused_at FROM taskd.jobs WHERE job = ANY($1::text[])"

@@ -252,6 +252,10 @@ class TestTakeoverTick:
         await h1.start(_spec(job_for("h1"), **spec))
         await _until(lambda: bool(seen))
         await h2.start(_spec(job_for("h2"), **spec), run=False)  # it only sweeps
+        # h1 dies: no more heartbeats (one could extend the lease ended below), lease over.
+        for task in h1.fleet._tasks:
+            if task.get_name() == "taskd-fleet-heartbeat":
+                task.cancel()
         await h2.fleet.db.conn.require().execute(
             "UPDATE taskd.claims SET lease_until = now() - interval '1s' WHERE fence = $1",
             seen[0][1],
@@ -323,3 +327,35 @@ class TestPrune:
         assert (again.fence, again.why) == (None, "taken")
         # Retention still works: the manual run's row (its tick never claimed again) went.
         assert [r["fence"] for r in await _rows(h1)] == [got.fence]
+
+
+class TestPauseOrder:
+    """R7: a claim's 'paused' answer older than a resume already applied is ignored."""
+
+    async def test_a_stale_paused_answer_does_not_undo_a_newer_resume(self, fleet: Any) -> None:
+        from taskd.ledger import NotClaimed
+        from taskd.run.events import Cause
+        from taskd.run.runner import RunInfo
+
+        h1, h2 = await fleet(2)
+        for h in (h1, h2):
+            await h.start(_spec(_nothing, every=0.2), run=False)
+        claim = h2.fleet.db.claim
+
+        async def late_reply(*a: Any, **kw: Any) -> Any:
+            got = await claim(*a, **kw)
+            if got.why == "paused":
+                # Resumed right after the claim read the flag; the resume's notice reaches
+                # h2 before the claim's reply does (two sockets, no set order).
+                await h1.fleet.db.set_paused("j", False)
+                await _until(lambda: h2.fleet.flags.get("j") is False)
+            return got
+
+        h2.fleet.db.claim = late_reply  # type: ignore[method-assign]
+        await h1.fleet.db.set_paused("j", True)
+        info = RunInfo("r1", "j", time.time(), time.time(), Cause.SCHEDULE)
+        with pytest.raises(NotClaimed):
+            await h2.fleet.claim(info)
+        await asyncio.sleep(0.3)  # the reply's flag is applied by a call_soon
+        assert await h1.fleet.db.paused(["j"]) == {"j": False}
+        assert h2.fleet.flags["j"] is False and not h2.jobs.get("j").paused

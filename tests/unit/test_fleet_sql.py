@@ -372,20 +372,23 @@ class TestNodesAndNotices:
     async def test_pause_notice_reaches_other_nodes(self, opened: Any) -> None:
         h1, h2 = await opened("h1"), await opened("h2")
         await h1.register({"j": "x"})
-        got: asyncio.Queue[tuple[str, bool, str]] = asyncio.Queue()
+        got: asyncio.Queue[tuple[str, bool, str, int | None]] = asyncio.Queue()
         await h2.listen(lambda *n: got.put_nowait(n))
         await h1.set_paused("j", True)
-        assert await asyncio.wait_for(got.get(), 10) == ("j", True, "h1")
-        assert await h2.paused(["j"]) == {"j": True}
+        *paused, v1 = await asyncio.wait_for(got.get(), 10)
+        assert paused == ["j", True, "h1"]
+        assert await h2.flags(["j"]) == {"j": (True, v1)}  # the notice's version is the row's
         await h1.set_paused("j", False, by="ops")
-        assert await asyncio.wait_for(got.get(), 10) == ("j", False, "ops")
+        *resumed, v2 = await asyncio.wait_for(got.get(), 10)
+        assert resumed == ["j", False, "ops"]
+        assert v1 is not None and v2 is not None and v2 > v1
 
     async def test_a_lost_listen_connection_comes_back_and_resyncs(
         self, opened: Any, postgres: PgServer
     ) -> None:
         h1, h2 = await opened("h1"), await opened("h2")
         await h1.register({"j": "x"})
-        got: asyncio.Queue[tuple[str, bool, str]] = asyncio.Queue()
+        got: asyncio.Queue[tuple[str, bool, str, int | None]] = asyncio.Queue()
         resynced: asyncio.Queue[None] = asyncio.Queue()
 
         async def resync() -> None:
@@ -397,7 +400,7 @@ class TestNodesAndNotices:
         await asyncio.wait_for(resynced.get(), 20)  # listening again, flags re-read
         assert h2.state == "up"  # a lost LISTEN alone is no lost database
         await h1.set_paused("j", True)
-        assert await asyncio.wait_for(got.get(), 10) == ("j", True, "h1")
+        assert (await asyncio.wait_for(got.get(), 10))[:3] == ("j", True, "h1")
 
     async def test_config_hash_differs(self, opened: Any) -> None:
         h1, h2 = await opened("h1"), await opened("h2")
