@@ -43,6 +43,7 @@ _REASONS: Final = {
     "unknown": SkipReason.FLEET_UNAVAILABLE,
 }
 _STATES: Final = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
+DEADLINE_CHECK: Final = 1.0  # the longest a passed local deadline goes unnoticed (suspend)
 
 
 class FleetLedger:
@@ -357,13 +358,16 @@ class FleetLedger:
             self.release(held)
 
     def arm_deadline(self) -> None:
-        """One timer, at the earliest local deadline of the claims held."""
+        """One timer, at the earliest local deadline of the claims held, or in a second if
+        that is later: the loop's timers count CLOCK_MONOTONIC, which stands still while the
+        host is suspended, and a woken host must find a deadline passed in its sleep
+        (CLOCK_BOOTTIME) within a second, not a timer's full delay later."""
         live = [h.valid_until for h in self.held.values() if not h.lost and not h.ended]
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         if live:
-            delay = max(0.0, min(live) - boottime())
+            delay = min(max(0.0, min(live) - boottime()), DEADLINE_CHECK)
             self._deadline = asyncio.get_running_loop().call_later(delay, self._expire)
 
     def _expire(self) -> None:

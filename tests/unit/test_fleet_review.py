@@ -365,3 +365,33 @@ class TestPauseOrder:
         await asyncio.sleep(0.3)  # the reply's flag is applied by a call_soon
         assert await h1.fleet.db.paused(["j"]) == {"j": False}
         assert h2.fleet.flags["j"] is False and not h2.jobs.get("j").paused
+
+
+class TestSuspend:
+    """R6: a claim whose local deadline passed while the host slept is let go on waking."""
+
+    async def test_a_run_past_its_deadline_after_a_suspend_is_cancelled(
+        self, fleet: Any, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]
+    ) -> None:
+        started: list[int] = []
+
+        async def func(ctx: Any) -> None:
+            started.append(ctx.fence)
+            await asyncio.sleep(3600)
+
+        (h1,) = await fleet(1, lease=30.0)
+        await h1.start(_spec(func, schedule="at", at=time.time() + 0.3, grace=30.0))
+        await _until(lambda: bool(started))
+        for task in h1.fleet._tasks:  # no heartbeat: only the local deadline decides
+            if task.get_name() == "taskd-fleet-heartbeat":
+                task.cancel()
+        # The host "wakes" from a 40 s suspend: CLOCK_BOOTTIME ran on, the loop's
+        # monotonic clock (its timers) did not. A real suspend cannot be had in a test.
+        real = time.clock_gettime
+        monkeypatch.setattr(
+            time, "clock_gettime",
+            lambda clk: real(clk) + (40.0 if clk == time.CLOCK_BOOTTIME else 0.0),
+        )  # fmt: skip
+        await _until(lambda: any(e["event"] == "fleet_claim_lost" for e in events))
+        (lost,) = [e for e in events if e["event"] == "fleet_claim_lost"]
+        assert lost["fence"] == started[0] and "no heartbeat got through" in lost["why"]
