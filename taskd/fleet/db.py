@@ -7,6 +7,8 @@ from the pool, so a notice never waits behind a claim."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import time
@@ -100,6 +102,9 @@ class FleetDB:
         self.boot_id = _boot_id()
         self.lease = interval(cfg.lease)
         self.listener = Listener(self.conn, node)
+        # ctx.state blocks' own connection (taskd.fleet.state), opened at the first block.
+        self.state_pool: Any = None
+        self.state_lock = asyncio.Lock()
 
     @property
     def state(self) -> str:
@@ -122,6 +127,10 @@ class FleetDB:
 
     async def close(self) -> None:
         await self.listener.close()  # first: its close is no lost database
+        if self.state_pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.state_pool.close(), 2)
+            self.state_pool.terminate()
         await self.conn.close()
 
     async def _call(self, how: str, query: str, *args: Any) -> Any:
@@ -294,7 +303,9 @@ class FleetDB:
         self, fence: int, job: str, items: Mapping[str, Any], deleted: Sequence[str] = ()
     ) -> bool:
         """Write ``items`` and delete ``deleted`` fenced, all or none: False (nothing kept)
-        if any key was refused (the claim is not live and ours, or a newer fence wrote it)."""
+        if any key was refused (the claim is not live and ours, or a newer fence wrote it).
+        A per-key write without the fleet-wide lock: ``ctx.state`` does not use it (see
+        taskd.fleet.state, whose blocks are atomic fleet-wide and not fenced across claims)."""
         pool = self.conn.require()
         try:
             async with pool.acquire() as c:

@@ -178,6 +178,31 @@ SELECT EXISTS (SELECT 1 FROM c) AND NOT EXISTS (
 
 GET_STATE: Final = "SELECT key, value, fence FROM taskd.state"
 
+# ctx.state.locked() of a fleet run (taskd.fleet.state): one transaction on a connection of
+# its own, from the read to the write, under one fleet-wide advisory lock (the whole state
+# is read, as a host's SharedState has one lock), so two blocks anywhere never interleave.
+STATE_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('taskd.state'))"
+
+# At the write: the run's claim, FOR SHARE so a takeover waits until this transaction ends
+# (or this sees the takeover). The lease by the statement's clock: the transaction's now()
+# is from before the block ran. $1 fence.
+STATE_CLAIM: Final = """
+SELECT owner, job, state, lease_until > statement_timestamp() AS live
+  FROM taskd.claims WHERE fence = $1::bigint FOR SHARE
+"""
+
+# The block's changes: no fence comparison between keys. Under the lock and the claim's row
+# lock, the order of writes is the order of the blocks; a fence only says whose claim it was.
+# $1 keys, $2 values (JSON text), $3 fence, $4 job.
+STATE_PUT: Final = """
+INSERT INTO taskd.state AS s (key, value, fence, job)
+SELECT k, v::jsonb, $3::bigint, $4::text FROM unnest($1::text[], $2::text[]) AS t(k, v)
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, fence = EXCLUDED.fence,
+   job = EXCLUDED.job, updated_at = now()
+"""
+
+STATE_DEL: Final = "DELETE FROM taskd.state WHERE key = ANY($1::text[])"
+
 # End a claim, and write the run's result under its key ($8; NULL: no result), in one
 # statement: only the claim's current fence and owner may. The UPDATE locks the claim row,
 # so a sweep that wants it waits for us, or we wait for the sweep and then match nothing

@@ -395,3 +395,52 @@ class TestSuspend:
         await _until(lambda: any(e["event"] == "fleet_claim_lost" for e in events))
         (lost,) = [e for e in events if e["event"] == "fleet_claim_lost"]
         assert lost["fence"] == started[0] and "no heartbeat got through" in lost["why"]
+
+
+class TestFleetStateAtomic:
+    """R4: ctx.state.locked() is one fleet-wide critical section, and a live claim's write
+    is never refused for another claim's fence."""
+
+    async def _claims(self, make: Any) -> tuple[FleetDB, FleetDB, int, int]:
+        h1, h2 = await make("h1"), await make("h2")
+        await h1.register({"a": "x", "b": "y"})
+        now = time.time()
+        ca = await h1.claim("a", now, "schedule", window=60, overlap_skip=True)
+        cb = await h2.claim("b", now, "schedule", window=60, overlap_skip=True)
+        assert ca.fence is not None and cb.fence is not None and ca.fence < cb.fence
+        return h1, h2, ca.fence, cb.fence
+
+    async def test_two_live_runs_increment_without_a_lost_update(self, dbs: Any) -> None:
+        from taskd.fleet.state import FleetState
+
+        h1, h2, fa, fb = await self._claims(dbs[1])
+
+        async def incr(st: FleetState, pause: float) -> None:
+            async with st.locked() as v:
+                n = v.get("n", 0)
+                await asyncio.sleep(pause)  # the job awaits something inside the block
+                v["n"] = n + 1
+
+        await asyncio.gather(incr(FleetState(h1, "a", fa), 0.2), incr(FleetState(h2, "b", fb), 0.1))
+        assert (await h1.get_state())["n"] == 2
+
+    async def test_a_live_claim_writes_a_key_a_newer_fence_wrote(self, dbs: Any) -> None:
+        from taskd.fleet.state import FleetState
+
+        h1, h2, fa, fb = await self._claims(dbs[1])
+        async with FleetState(h2, "b", fb).locked() as v:
+            v["k"] = "from b"
+        async with FleetState(h1, "a", fa).locked() as v:  # fa < fb, both live: kept
+            v["k"] = "from a"
+        assert (await h1.get_state())["k"] == "from a"
+
+    async def test_a_refusal_says_why(self, dbs: Any) -> None:
+        from taskd.fleet.state import FencedOut, FleetState
+
+        h1, _, fa, _ = await self._claims(dbs[1])
+        await h1.finish(fa, "a", "succeeded", attempts=1, duration=0.1, error=None,
+                        result_json=None)  # fmt: skip
+        with pytest.raises(FencedOut, match="its claim has ended") as got:
+            async with FleetState(h1, "a", fa).locked() as v:
+                v["k"] = 1
+        assert "took it over" not in str(got.value)
