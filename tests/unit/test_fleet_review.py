@@ -444,3 +444,32 @@ class TestFleetStateAtomic:
             async with FleetState(h1, "a", fa).locked() as v:
                 v["k"] = 1
         assert "took it over" not in str(got.value)
+
+
+class TestDrainCancelled:
+    """R5: a run the drain cancels goes back to the fleet, for another node to run."""
+
+    async def test_a_run_cancelled_by_the_stop_is_run_elsewhere(
+        self, fleet: Any, events: list[dict[str, Any]]
+    ) -> None:
+        started: list[str] = []
+
+        def job_for(name: str) -> Callable[..., Any]:
+            async def func(ctx: Any) -> None:
+                started.append(name)
+                if name == "h1":
+                    await asyncio.sleep(3600)  # still going when its daemon stops
+
+            return func
+
+        h1, h2 = await fleet(2, on_owner_lost="retry")
+        spec = dict(schedule="at", at=time.time() + 0.3, grace=30.0)
+        await h1.start(_spec(job_for("h1"), **spec))
+        await _until(lambda: started == ["h1"])
+        await h2.start(_spec(job_for("h2"), **spec), run=False)  # it only sweeps
+        h1.fleet.drain()  # the daemon's stop, then its drain cancels the run
+        await h1.halt()
+        await _until(lambda: started == ["h1", "h2"])
+        await _until(lambda: not h2.fleet.held)
+        (row,) = await _rows(h2)
+        assert (row["owner"], row["state"], row["lost_owners"]) == ("h2", "succeeded", ["h1"])
