@@ -11,8 +11,12 @@ so a stale owner never overwrites its successor. Nothing is kept from a refused 
 
 What that costs: each node holds one extra connection for it, and the fleet's blocks run one
 at a time; a block must end within a lease (the database ends a transaction idle longer, and
-a block waits at most a lease for the lock), or it is refused. A run's result written at its
-end is one statement of its own, outside this lock."""
+a block waits at most a lease for the lock), or it is refused. While a block writes, its
+claim's row is held, so the tick is not taken over until the write commits or the database
+ends the transaction (a host frozen mid-block: after a lease idle; frozen in the few
+microseconds between a statement's prepare and its execution, until it wakes or its
+connection dies). A run's result written at its end is one statement of its own, outside
+this lock."""
 
 from __future__ import annotations
 
