@@ -164,12 +164,12 @@ async def _write(
     """Write the finish; None when the fleet kept it, else why it did not. Values the
     database refuses (NaN in jsonb, a NUL in text) are written again cleaned, and if even
     that is refused, as a bare failure: raises only when that is refused too."""
+    if state == HAND_BACK:
+        return await _hand_back(ledger, held, undo=attempts, why=error or "")
     delay = 0.2
     tries = 0
     while True:
         try:
-            if state == HAND_BACK:
-                return await _hand_back(ledger, held, undo=attempts, why=error or "")
             ended, wrote = await ledger.db.finish(
                 held.fence, held.job, state, attempts=attempts, duration=duration,
                 error=error, result_json=result_json,
@@ -201,8 +201,22 @@ async def _write(
 
 
 async def _hand_back(ledger: FleetLedger, held: Held, *, undo: int, why: str) -> str:
-    """Give the claim back unended; always "discarded": the fleet did not keep a run."""
-    back = await ledger.db.hand_back(held.fence, undo=undo)
+    """Give the claim back unended; always "discarded": the fleet did not keep a run. If
+    that fails, the claim is released all the same: its lease runs out, and another node
+    takes it over then (the takeover this node counted stays counted)."""
+    delay = 0.2
+    while True:
+        try:
+            back = await ledger.db.hand_back(held.fence, undo=undo)
+            break
+        except FleetDown:
+            if held.lost or boottime() + delay >= held.valid_until:
+                return f"not handed back, the database was unreachable ({why})"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        except Exception:
+            log.exception("fleet_hand_back_failed", job=held.job, fence=held.fence)
+            return f"not handed back ({why}); its lease runs out"
     if back:
         ledger.handed_back[held.fence] = boottime() + ledger.lease
         log.info("fleet_handed_back", job=held.job, fence=held.fence, why=why)
