@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from structlog.testing import capture_logs
 
 from taskd.config.model import FleetConfig
 from taskd.fleet import sql
@@ -21,34 +20,22 @@ from taskd.fleet.conn import FleetDown, from_ts, interval, to_ts
 from taskd.fleet.db import FleetDB
 from tests.dbservers import FLEET_PASSWORD, FLEET_USER, PgServer
 from tests.fleetkit import fleet_config
-from tests.unit.test_fleet_ledger import Host, _rows, _spec, _until
+from tests.unit.test_fleet_ledger import Host, _rows, _spec, _until, hosts, logs  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    with capture_logs() as captured:
-        yield captured
+def events(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """test_fleet_ledger's ``logs``: the structlog events of the test."""
+    return request.getfixturevalue("logs")  # type: ignore[no-any-return]
 
 
 @pytest.fixture
-async def fleet(
-    postgres: PgServer, tmp_path: Path
-) -> AsyncIterator[Callable[..., Awaitable[list[Host]]]]:
-    made: list[Host] = []
-
-    async def make(n: int, **kw: Any) -> list[Host]:
-        kw.setdefault("lease", 3.0)
-        kw.setdefault("sweep", 0.3)
-        cfg = fleet_config(postgres, tmp_path, **kw)
-        new = [Host(f"h{i + 1}", cfg, tmp_path) for i in range(n)]
-        made.extend(new)
-        return new
-
-    yield make
-    for h in made:
-        await h.stop()
+def fleet(request: pytest.FixtureRequest) -> Callable[..., Awaitable[list[Host]]]:
+    """test_fleet_ledger's ``hosts``: ``await fleet(n, **fleet_config)`` makes n hosts on a
+    fresh fleet database; all stopped at the end."""
+    return request.getfixturevalue("hosts")  # type: ignore[no-any-return]
 
 
 @pytest.fixture
