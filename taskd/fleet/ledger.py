@@ -21,6 +21,7 @@ import structlog
 
 from taskd.fleet.conn import FleetDown, version
 from taskd.fleet.db import FleetDB, NodeTaken
+from taskd.fleet.flags import PauseFlags
 from taskd.fleet.held import Held, Scheduler, boottime, spec_hash
 from taskd.fleet.schema import SchemaTooNew
 from taskd.ledger import Claim, LocalLedger, NotClaimed
@@ -46,7 +47,7 @@ _STATES: Final = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
 DEADLINE_CHECK: Final = 1.0  # the longest a passed local deadline goes unnoticed (suspend)
 
 
-class FleetLedger:
+class FleetLedger(PauseFlags):
     """A :class:`~taskd.ledger.Ledger` for fleet jobs: ``open_run`` returns None, so the
     runner awaits :meth:`claim`, which asks the database and never waits for it when it is
     down (:data:`SkipReason.FLEET_UNAVAILABLE` at once)."""
@@ -295,20 +296,6 @@ class FleetLedger:
             end = dataclasses.replace(end, info=info, outcome=Outcome.CANCELLED, result_json=None)
         self.local.finish(end)
 
-    def set_paused(self, job: str, paused: bool) -> None:
-        self.local.set_paused(job, paused)
-        if self.flags.get(job) == paused:
-            return  # the fleet's flag already (a notice, or the claim's answer)
-        self.flags[job] = paused
-        task = asyncio.get_running_loop().create_task(self._publish(job, paused))
-        self._publishing.add(task)  # a strong reference until it is done
-        task.add_done_callback(self._publishing.discard)
-
-    async def publish_paused(self, job: str, paused: bool) -> None:
-        """Pause or resume ``job`` fleet-wide; raises FleetDown (the pause was not made)."""
-        await self.db.set_paused(job, paused)
-        self.flags[job] = paused
-
     def state_for(self, job: str, fence: int) -> SharedState:
         """``ctx.state`` of a fleet run: the fleet's state, written fenced by ``fence``."""
         from taskd.fleet.state import FleetState
@@ -401,36 +388,3 @@ class FleetLedger:
         if self.scheduler is not None:
             for job, (first, last) in held.items():
                 self.scheduler.catch_up(job, first, last)
-
-    # -- pause flags -------------------------------------------------------------------------
-
-    async def _resync(self) -> None:
-        """Pause notices may have been missed: the flags as the database has them."""
-        if self.jobs:
-            for job, (paused, at) in (await self.db.flags(list(self.jobs))).items():
-                self._apply_flag(job, paused, at)
-
-    def _notice(self, job: str, paused: bool, by: str, at: int | None = None) -> None:
-        if job in self.jobs:
-            log.debug("fleet_pause_notice", job=job, paused=paused, by=by)
-            self._apply_flag(job, paused, at)
-
-    def _apply_flag(self, job: str, paused: bool, at: int | None = None) -> None:
-        """The fleet's flag as an answer gave it (``at``: its version, None: unknown, e.g.
-        a local pause): ignored if older than the one applied."""
-        if at is not None:
-            if at < self.flag_at.get(job, at):
-                log.debug("fleet_pause_stale", job=job, paused=paused)
-                return
-            self.flag_at[job] = at
-        self.flags[job] = paused  # first: the set_paused below must not publish it again
-        if self.scheduler is not None:
-            with contextlib.suppress(LookupError):
-                self.scheduler.set_paused(job, paused)
-
-    async def _publish(self, job: str, paused: bool) -> None:
-        try:
-            await self.db.set_paused(job, paused)
-        except Exception as exc:  # the local pause holds; the fleet did not hear of it
-            log.warning("fleet_pause_not_published", job=job, paused=paused,
-                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip
