@@ -151,6 +151,28 @@ def test_kill_9_of_the_owner_mid_run_is_taken_over_within_lease_and_sweep(
     assert [r["state"] for r in rows if r["tick"] == run["tick"]] == ["succeeded"]
 
 
+@pytest.mark.timeout(90)
+def test_a_run_its_hosts_stop_cancels_is_run_by_another_host(fleet_hosts: Fleet) -> None:
+    """shutdown_timeout (5 s) is shorter than the run (8 s): the stop cancels it, and hands
+    the tick back to the fleet unended; the other host takes it over and runs it."""
+    fleet = fleet_hosts(2, SLOW)
+    (run,) = fleet.wait_claims("slow", lambda rows: len(rows) >= 1, timeout=20)[:1]
+    owner = fleet[int(run["owner"][1:]) - 1]
+    other = fleet[1] if owner is fleet[0] else fleet[0]
+    owner.wait_for("fleet_slow_began", timeout=10)
+    os.kill(owner.daemon_pid, signal.SIGTERM)
+    assert owner.wait_exit(timeout=30) == 0
+    assert owner.events("fleet_handed_back", job="slow")
+    rows = fleet.wait_claims(
+        "slow",
+        lambda rows: any(r["tick"] == run["tick"] and r["state"] == "succeeded" for r in rows),
+        timeout=30,
+    )
+    (now,) = [r for r in rows if r["tick"] == run["tick"]]
+    assert now["owner"] == fleet.node(other) and now["lost_owners"] == [run["owner"]]
+    assert other.events(TAKEOVER, job="slow")
+
+
 FENCED = """
 [jobs.fenced]
 type = "fleet_fenced"
