@@ -133,6 +133,38 @@ async def _nothing(ctx: Any) -> None:
     pass
 
 
+class TestFinishRefusedForGood:
+    """R3: a finish refused even as a bare failure keeps the claim held (heartbeating), so
+    the tick is not run again elsewhere while this host lives."""
+
+    async def test_the_claim_stays_held_and_no_host_reruns_the_tick(
+        self, fleet: Any, events: list[dict[str, Any]]
+    ) -> None:
+        runs: list[int] = []
+
+        async def func(ctx: Any) -> None:
+            runs.append(ctx.fence)
+
+        h1, h2 = await fleet(2)
+        at = time.time() + 0.5
+        await h1.start(_spec(func, schedule="at", at=at, grace=30.0))
+        # Every finish refused (a constraint no ended row meets), for a reason that is not
+        # a lost connection.
+        await h1.fleet.db.conn.require().execute(
+            "ALTER TABLE taskd.claims ADD CONSTRAINT never_ends CHECK (state = 'running')"
+        )
+        await h2.start(_spec(func, schedule="at", at=at, grace=30.0))
+        await _until(lambda: any(e["event"] == "fleet_finish_failed" for e in events))
+        await asyncio.sleep(4.5)  # past the lease (3 s): a released claim would be swept
+        (row,) = await _rows(h1)
+        assert (row["state"], row["takeovers"], len(runs)) == ("running", 0, 1)
+        held = [c.fence for h in (h1, h2) for c in h.fleet.held.values()]
+        assert held == [row["fence"]]  # still held by its owner, whichever won it
+        await h1.fleet.db.conn.require().execute(
+            "ALTER TABLE taskd.claims DROP CONSTRAINT never_ends"
+        )
+
+
 class TestLocalRefusal:
     """R5: a tick this node cannot run (stopping, broken here) goes back to the fleet
     unended, and a draining node takes over nothing."""
