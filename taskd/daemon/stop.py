@@ -33,6 +33,8 @@ async def shutdown(daemon: Daemon) -> int:
         daemon.reloader.close()
     jobs = daemon.jobset
     runs = jobs.stop()
+    if daemon.fleet is not None:
+        daemon.fleet.drain()  # no takeovers now; runs the drain cancels go back to the fleet
     # The stopping hooks run alongside the drain, not before it: their time must not come
     # out of the drain's (systemd's TimeoutStopSec covers both).
     stopping_hooks = asyncio.ensure_future(daemon.loaded.host.daemon_stopping(daemon._info()))

@@ -40,6 +40,16 @@ def from_ts(ts: datetime) -> float:
     return (ts - EPOCH) / _US / 1_000_000
 
 
+def version(ts: datetime | str | None) -> int | None:
+    """A pause flag's version (its paused_at, a timestamptz or its ISO text in a notice) as
+    whole µs: integers compare exactly."""
+    if ts is None:
+        return None
+    if isinstance(ts, str):
+        ts = datetime.fromisoformat(ts)
+    return (ts - EPOCH) // _US
+
+
 def interval(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
 

@@ -7,6 +7,8 @@ from the pool, so a notice never waits behind a claim."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import time
@@ -22,6 +24,7 @@ from taskd.fleet.conn import (
     interval,
     is_gone,
     to_ts,
+    version,
 )
 from taskd.fleet.notify import Listener
 
@@ -53,6 +56,7 @@ class ClaimResult:
     db_now: float
     why: str | None
     holder: str | None
+    paused_at: int | None = None  # the job's pause flag's version (µs), as the claim saw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,9 @@ class FleetDB:
         self.boot_id = _boot_id()
         self.lease = interval(cfg.lease)
         self.listener = Listener(self.conn, node)
+        # ctx.state blocks' own connection (taskd.fleet.state), opened at the first block.
+        self.state_pool: Any = None
+        self.state_lock = asyncio.Lock()
 
     @property
     def state(self) -> str:
@@ -120,6 +127,10 @@ class FleetDB:
 
     async def close(self) -> None:
         await self.listener.close()  # first: its close is no lost database
+        if self.state_pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.state_pool.close(), 2)
+            self.state_pool.terminate()
         await self.conn.close()
 
     async def _call(self, how: str, query: str, *args: Any) -> Any:
@@ -180,6 +191,7 @@ class FleetDB:
             from_ts(row["db_now"]),
             row["why"],
             row["holder"],
+            version(row["paused_at"]),
         )
 
     async def claim_manual(self, job: str, cause: str, *, overlap_skip: bool) -> ClaimResult:
@@ -235,9 +247,15 @@ class FleetDB:
             for r in rows
         ]
 
-    async def prune(self, max_age: float, *, limit: int = PRUNE_BATCH) -> int:
-        """Delete ended rows older than ``max_age`` (one batch); how many went."""
-        done = await self._call("execute", sql.PRUNE, interval(max_age), limit)
+    async def prune(
+        self, max_age: float, *, claimable: float | None = None, limit: int = PRUNE_BATCH
+    ) -> int:
+        """Delete ended rows older than ``max_age`` (one batch), but not those of ticks less
+        than ``claimable`` seconds old (they may still be claimed; None: the claim window
+        and a lease); how many went."""
+        if claimable is None:
+            claimable = self.cfg.claim_window + self.cfg.lease
+        done = await self._call("execute", sql.PRUNE, interval(max_age), limit, interval(claimable))
         return int(str(done).rsplit(" ", 1)[-1])
 
     async def running(self, jobs: Sequence[str]) -> list[Mapping[str, Any]]:
@@ -276,11 +294,18 @@ class FleetDB:
         ended = row["ended"] is not None
         return ended, None if result_key is None else ended and row["wrote"] is not None
 
+    async def hand_back(self, fence: int, *, undo: int) -> bool:
+        """Give the claim ``fence`` back unended (its lease ends now; ``undo`` takeovers are
+        uncounted); False if it was not ours and running any more."""
+        return await self._call("fetchval", sql.HAND_BACK, fence, self.node, undo) is not None
+
     async def put_state(
         self, fence: int, job: str, items: Mapping[str, Any], deleted: Sequence[str] = ()
     ) -> bool:
         """Write ``items`` and delete ``deleted`` fenced, all or none: False (nothing kept)
-        if any key was refused (the claim is not live and ours, or a newer fence wrote it)."""
+        if any key was refused (the claim is not live and ours, or a newer fence wrote it).
+        A per-key write without the fleet-wide lock: ``ctx.state`` does not use it (see
+        taskd.fleet.state, whose blocks are atomic fleet-wide and not fenced across claims)."""
         pool = self.conn.require()
         try:
             async with pool.acquire() as c:
@@ -319,12 +344,16 @@ class FleetDB:
         return [dict(r) for r in rows]
 
     async def paused(self, jobs: Sequence[str]) -> dict[str, bool]:
+        return {job: paused for job, (paused, _) in (await self.flags(jobs)).items()}
+
+    async def flags(self, jobs: Sequence[str]) -> dict[str, tuple[bool, int | None]]:
+        """Each job's pause flag and its version (µs; None: never paused or resumed)."""
         rows = await self._call("fetch", sql.PAUSED, list(jobs))
-        return {r["job"]: r["paused"] for r in rows}
+        return {r["job"]: (r["paused"], version(r["paused_at"])) for r in rows}
 
     async def listen(
         self,
-        notice: Callable[[str, bool, str], None],
+        notice: Callable[[str, bool, str, int | None], None],
         resync: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Pause notices to ``notice`` (taskd.fleet.notify.Listener)."""

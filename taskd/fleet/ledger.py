@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import structlog
 
-from taskd.fleet.conn import FleetDown
+from taskd.fleet.conn import FleetDown, version
 from taskd.fleet.db import FleetDB, NodeTaken
+from taskd.fleet.flags import PauseFlags
 from taskd.fleet.held import Held, Scheduler, boottime, spec_hash
 from taskd.fleet.schema import SchemaTooNew
 from taskd.ledger import Claim, LocalLedger, NotClaimed
@@ -43,9 +44,10 @@ _REASONS: Final = {
     "unknown": SkipReason.FLEET_UNAVAILABLE,
 }
 _STATES: Final = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
+DEADLINE_CHECK: Final = 1.0  # the longest a passed local deadline goes unnoticed (suspend)
 
 
-class FleetLedger:
+class FleetLedger(PauseFlags):
     """A :class:`~taskd.ledger.Ledger` for fleet jobs: ``open_run`` returns None, so the
     runner awaits :meth:`claim`, which asks the database and never waits for it when it is
     down (:data:`SkipReason.FLEET_UNAVAILABLE` at once)."""
@@ -65,6 +67,9 @@ class FleetLedger:
         self.held: dict[int, Held] = {}
         self.granted: dict[tuple[str, float], tuple[Claim, float]] = {}
         self.flags: dict[str, bool] = {}  # the fleet's pause flags, as last known
+        # Their versions (paused_at, µs): answers reach this host on two connections in no
+        # set order, and one older than the flag applied is ignored.
+        self.flag_at: dict[str, int] = {}
         # The first and last tick of each job skipped while the DB was down (to catch up).
         self.held_from: dict[str, tuple[float, float]] = {}
         self.running: dict[str, Mapping[str, Any]] = {}  # status: the fleet's running claims
@@ -73,6 +78,8 @@ class FleetLedger:
         self.skew = 0.0
         self.history_max_age: float | None = None  # [daemon] history_max_age: retention
         self.sweeps = 0
+        self.draining = False  # the daemon is stopping: no more takeovers
+        self.handed_back: dict[int, float] = {}  # fence -> until when (boottime) not swept
         # (the claim, the run's end or None for a tick given back, the finish's values)
         self.writes: asyncio.Queue[tuple[Held, RunEnd | None, tuple[Any, ...]]] = asyncio.Queue()
         self.ready = False  # schema, node check, jobs and LISTEN done
@@ -159,7 +166,12 @@ class FleetLedger:
                     hint="every host of a fleet job needs the same schedule, or each runs "
                     "its own ticks",
                 )
-            self._apply_flag(row["job"], bool(row["paused"]))
+            self._apply_flag(row["job"], bool(row["paused"]), version(row["paused_at"]))
+
+    def drain(self) -> None:
+        """The daemon is stopping: take over no more ticks (they could not run here), and
+        give the runs the drain cancels back to the fleet rather than end them."""
+        self.draining = True
 
     async def close(self, timeout: float = 2.0) -> None:
         """Stop the loops; give queued finishes ``timeout`` to be written; disconnect."""
@@ -193,6 +205,9 @@ class FleetLedger:
         raise RuntimeError("a fleet run is claimed before it opens (may_refuse)")
 
     async def claim(self, info: RunInfo) -> Claim:
+        # The tick as the database keeps it (whole µs), before anything uses it: a takeover
+        # elsewhere gets it back from there, and both runs' ctx.scheduled must be the same.
+        info.scheduled = round(info.scheduled * 1_000_000) / 1_000_000
         job, cause = info.job, info.cause
         if cause is Cause.TAKEOVER:
             granted = self.granted.pop((job, info.scheduled), None)
@@ -229,7 +244,7 @@ class FleetLedger:
                 await asyncio.sleep(max(0.0, min(info.scheduled - got.db_now, 1.0)) + 0.01)
                 continue
             if got.why == "paused":
-                asyncio.get_running_loop().call_soon(self._apply_flag, job, True)
+                asyncio.get_running_loop().call_soon(self._apply_flag, job, True, got.paused_at)
             why = got.why or "taken"
             raise NotClaimed(_REASONS.get(why, SkipReason.ELSEWHERE), why, got.holder)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -250,14 +265,26 @@ class FleetLedger:
             return
         state = str(end.outcome)
         info = end.info
+        if self.draining and end.outcome is Outcome.CANCELLED and self.cfg.on_owner_lost == "retry":
+            # Cancelled by this daemon's stop, as if this node had died: another node's
+            # sweep takes the tick over (not ended as cancelled, never to run).
+            from taskd.fleet.loops import HAND_BACK
+
+            why = f"{self.node} stopped during the run"
+            self.writes.put_nowait((held, end, (HAND_BACK, 0, 0.0, why, None)))
+            return
         self.writes.put_nowait((held, end, (
             state if state in _STATES else "failed", info.attempt, end.duration,
             info.error, end.result_json,
         )))  # fmt: skip
 
-    def recorded(self, held: Held, end: RunEnd | None, discarded: str | None) -> None:
-        """The fleet's verdict on a finished run: kept (``discarded`` None) or not."""
-        self.release(held)
+    def recorded(
+        self, held: Held, end: RunEnd | None, discarded: str | None, *, release: bool = True
+    ) -> None:
+        """The fleet's verdict on a finished run: kept (``discarded`` None) or not.
+        ``release`` False: the claim stays held (heartbeating) though the run is over."""
+        if release:
+            self.release(held)
         if discarded is not None:
             log.warning("fleet_result_discarded", job=held.job, fence=held.fence,
                         run_id=held.run_id, why=discarded)  # fmt: skip
@@ -268,20 +295,6 @@ class FleetLedger:
             info.error = f"fenced out: {discarded}; the fleet does not count this run"
             end = dataclasses.replace(end, info=info, outcome=Outcome.CANCELLED, result_json=None)
         self.local.finish(end)
-
-    def set_paused(self, job: str, paused: bool) -> None:
-        self.local.set_paused(job, paused)
-        if self.flags.get(job) == paused:
-            return  # the fleet's flag already (a notice, or the claim's answer)
-        self.flags[job] = paused
-        task = asyncio.get_running_loop().create_task(self._publish(job, paused))
-        self._publishing.add(task)  # a strong reference until it is done
-        task.add_done_callback(self._publishing.discard)
-
-    async def publish_paused(self, job: str, paused: bool) -> None:
-        """Pause or resume ``job`` fleet-wide; raises FleetDown (the pause was not made)."""
-        await self.db.set_paused(job, paused)
-        self.flags[job] = paused
 
     def state_for(self, job: str, fence: int) -> SharedState:
         """``ctx.state`` of a fleet run: the fleet's state, written fenced by ``fence``."""
@@ -332,13 +345,16 @@ class FleetLedger:
             self.release(held)
 
     def arm_deadline(self) -> None:
-        """One timer, at the earliest local deadline of the claims held."""
+        """One timer, at the earliest local deadline of the claims held, or in a second if
+        that is later: the loop's timers count CLOCK_MONOTONIC, which stands still while the
+        host is suspended, and a woken host must find a deadline passed in its sleep
+        (CLOCK_BOOTTIME) within a second, not a timer's full delay later."""
         live = [h.valid_until for h in self.held.values() if not h.lost and not h.ended]
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         if live:
-            delay = max(0.0, min(live) - boottime())
+            delay = min(max(0.0, min(live) - boottime()), DEADLINE_CHECK)
             self._deadline = asyncio.get_running_loop().call_later(delay, self._expire)
 
     def _expire(self) -> None:
@@ -372,29 +388,3 @@ class FleetLedger:
         if self.scheduler is not None:
             for job, (first, last) in held.items():
                 self.scheduler.catch_up(job, first, last)
-
-    # -- pause flags -------------------------------------------------------------------------
-
-    async def _resync(self) -> None:
-        """Pause notices may have been missed: the flags as the database has them."""
-        if self.jobs:
-            for job, paused in (await self.db.paused(list(self.jobs))).items():
-                self._apply_flag(job, paused)
-
-    def _notice(self, job: str, paused: bool, by: str) -> None:
-        if job in self.jobs:
-            log.debug("fleet_pause_notice", job=job, paused=paused, by=by)
-            self._apply_flag(job, paused)
-
-    def _apply_flag(self, job: str, paused: bool) -> None:
-        self.flags[job] = paused  # first: the set_paused below must not publish it again
-        if self.scheduler is not None:
-            with contextlib.suppress(LookupError):
-                self.scheduler.set_paused(job, paused)
-
-    async def _publish(self, job: str, paused: bool) -> None:
-        try:
-            await self.db.set_paused(job, paused)
-        except Exception as exc:  # the local pause holds; the fleet did not hear of it
-            log.warning("fleet_pause_not_published", job=job, paused=paused,
-                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip

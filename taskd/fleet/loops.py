@@ -7,6 +7,8 @@ waits for its next turn, and the connection's own reconnect brings the database 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -23,6 +25,8 @@ log = structlog.get_logger("taskd.fleet")
 
 SKEW_WARN: Final = 1.0  # |DB clock - host clock| above this logs clock_skew once per episode
 PRUNE_EVERY: Final = 60  # sweeps between two retention passes
+# A finish's state that gives the claim back unended (its attempts field: takeovers to undo).
+HAND_BACK: Final = "handback"
 
 
 def start(ledger: FleetLedger) -> list[asyncio.Task[None]]:
@@ -73,24 +77,32 @@ async def heartbeat(ledger: FleetLedger) -> None:
 async def sweep(ledger: FleetLedger) -> None:
     """Take over (or abandon) expired claims of the jobs this node knows."""
     jobs = list(ledger.jobs)
-    if not jobs:
-        return
+    if not jobs or ledger.draining:
+        return  # stopping: a tick taken over now could not run here
     sent = boottime()
     mine = [h.fence for h in ledger.held.values() if not h.lost]
+    # Claims given back lately: left to the other nodes for a lease (then ours again, if
+    # no one took them: this node may run them by then).
+    ledger.handed_back = {f: t for f, t in ledger.handed_back.items() if t > sent}
+    mine += list(ledger.handed_back)
     for row in await ledger.db.sweep(jobs, mine):
         _swept(ledger, row, sent + ledger.lease - ledger.margin)
     ledger.running = {r["job"]: r for r in await ledger.db.running(jobs)}
     ledger.sweeps += 1
     if ledger.history_max_age is not None and ledger.sweeps % PRUNE_EVERY == 0:
-        await ledger.db.prune(ledger.history_max_age)
+        # A tick stays claimable for the claim window (catch-up) or the job's grace
+        # (scheduled): its row is kept that long, and a lease more (hosts' clocks differ).
+        windows = [ledger.cfg.claim_window, *(c.grace for c in ledger.jobs.values())]
+        await ledger.db.prune(ledger.history_max_age, claimable=max(windows) + ledger.lease)
 
 
 def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:
     from taskd.ledger import Claim
 
     if row.state != "running":
+        # abandoned; or cancelled: the job is paused fleet-wide, so not run again.
         log.warning("run_abandoned", job=row.job, tick=row.tick, fence=row.fence,
-                    lost_owners=list(row.lost_owners))  # fmt: skip
+                    state=row.state, lost_owners=list(row.lost_owners))  # fmt: skip
         return
     log.info("fleet_takeover", job=row.job, tick=row.tick, fence=row.fence,
              lost_owners=list(row.lost_owners), node=ledger.node)  # fmt: skip
@@ -104,15 +116,19 @@ def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:
             reason = ledger.scheduler.take_over(row.job, row.tick)
         except LookupError:
             reason = "removed"
-    if reason is not None:
-        # It cannot run here (paused, removed, stopping): give the tick back as cancelled,
-        # rather than leave it to expire and be taken over again.
-        ledger.granted.pop(key, None)
-        held = Held(row.job, row.fence, row.tick, "", valid_until, ended=True)
-        ledger.held[row.fence] = held
-        ledger.writes.put_nowait(
-            (held, None, ("cancelled", 0, 0.0, f"not taken over by {ledger.node}: {reason}", None))
-        )
+    if reason is None:
+        return
+    ledger.granted.pop(key, None)
+    held = Held(row.job, row.fence, row.tick, "", valid_until, ended=True)
+    ledger.held[row.fence] = held
+    why = f"not taken over by {ledger.node}: {reason}"
+    if reason == "paused":
+        # Paused fleet-wide (a pause here is the fleet's): the tick is not run anywhere.
+        ledger.writes.put_nowait((held, None, ("cancelled", 0, 0.0, why, None)))
+    else:
+        # Only this node cannot run it (stopping, the job broken or removed here): give it
+        # back unended, for another node's sweep.
+        ledger.writes.put_nowait((held, None, (HAND_BACK, 1, 0.0, why, None)))
 
 
 async def writer(ledger: FleetLedger) -> None:
@@ -120,13 +136,19 @@ async def writer(ledger: FleetLedger) -> None:
     claim's local deadline; past it the tick may be another host's, and the result goes."""
     while True:
         held, end, (state, attempts, duration, error, result_json) = await ledger.writes.get()
-        discarded: str | None = None
         try:
             discarded = await _write(ledger, held, state, attempts, duration, error, result_json)
-        except Exception:
-            log.exception("fleet_finish_failed", job=held.job, fence=held.fence)
-        finally:
+        except Exception as exc:
+            # Refused even as a bare failure: the fleet's row is still running. Never count
+            # that as kept (the tick would expire and run again elsewhere): the claim stays
+            # held and heartbeating, so no other host re-runs the tick while this one lives.
+            log.exception("fleet_finish_failed", job=held.job, fence=held.fence,
+                          hint="the claim is held until this taskd stops")  # fmt: skip
+            ledger.recorded(held, end, f"the fleet database refused the finish ({exc})",
+                            release=False)  # fmt: skip
+        else:
             ledger.recorded(held, end, discarded)
+        finally:
             ledger.writes.task_done()
 
 
@@ -139,8 +161,13 @@ async def _write(
     error: str | None,
     result_json: str | None,
 ) -> str | None:
-    """Write the finish; None when the fleet kept it, else why it did not."""
+    """Write the finish; None when the fleet kept it, else why it did not. Values the
+    database refuses (NaN in jsonb, a NUL in text) are written again cleaned, and if even
+    that is refused, as a bare failure: raises only when that is refused too."""
+    if state == HAND_BACK:
+        return await _hand_back(ledger, held, undo=attempts, why=error or "")
     delay = 0.2
+    tries = 0
     while True:
         try:
             ended, wrote = await ledger.db.finish(
@@ -154,8 +181,73 @@ async def _write(
                 return f"the database was unreachable until the claim ran out ({exc})"
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+        except Exception as exc:
+            tries += 1
+            if tries > 2:
+                raise
+            log.warning("fleet_finish_refused", job=held.job, fence=held.fence,
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry="cleaned values" if tries == 1 else "a bare failure")  # fmt: skip
+            if tries == 1:
+                error, result_json = _clean_text(error), _clean_json(result_json)
+            else:
+                state, result_json = "failed", None
+                error = _clean_text(f"the fleet database refused this run's finish: {exc}")
     if not ended:
         return f"fence {held.fence} was taken over"
     if wrote is False:
         log.warning("fenced_write_refused", job=held.job, fence=held.fence, key=held.job)
     return None
+
+
+async def _hand_back(ledger: FleetLedger, held: Held, *, undo: int, why: str) -> str:
+    """Give the claim back unended; always "discarded": the fleet did not keep a run. If
+    that fails, the claim is released all the same: its lease runs out, and another node
+    takes it over then (the takeover this node counted stays counted)."""
+    delay = 0.2
+    while True:
+        try:
+            back = await ledger.db.hand_back(held.fence, undo=undo)
+            break
+        except FleetDown:
+            if held.lost or boottime() + delay >= held.valid_until:
+                return f"not handed back, the database was unreachable ({why})"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        except Exception:
+            log.exception("fleet_hand_back_failed", job=held.job, fence=held.fence)
+            return f"not handed back ({why}); its lease runs out"
+    if back:
+        ledger.handed_back[held.fence] = boottime() + ledger.lease
+        log.info("fleet_handed_back", job=held.job, fence=held.fence, why=why)
+    return f"handed back to the fleet ({why})"
+
+
+def _clean_text(text: str | None) -> str | None:
+    """``text`` as PostgreSQL's text takes it: no NUL, no lone surrogate."""
+    if text is None:
+        return None
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _clean_json(result_json: str | None) -> str | None:
+    """``result_json`` as jsonb takes it: NaN and Infinity as their repr strings, strings
+    cleaned as :func:`_clean_text`; None if it is no JSON at all."""
+    if result_json is None:
+        return None
+    try:
+        return json.dumps(_scrub(json.loads(result_json)), allow_nan=False)
+    except ValueError:
+        return None
+
+
+def _scrub(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean_text(str(k)): _scrub(v) for k, v in value.items()}
+    return value

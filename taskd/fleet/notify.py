@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from taskd.fleet import sql
-from taskd.fleet.conn import BACKOFF_MAX, BACKOFF_MIN, Conn, FleetDown, log
+from taskd.fleet.conn import BACKOFF_MAX, BACKOFF_MIN, Conn, FleetDown, log, version
 
 
 class Listener:
@@ -23,10 +23,10 @@ class Listener:
         self.conn = conn
         self.node = node
         self._listen: asyncpg.Connection | None = None
-        self._notice: Callable[[str, bool, str], None] | None = None
+        self._notice: Callable[[str, bool, str, int | None], None] | None = None
         self._resync: Callable[[], Awaitable[None]] | None = None
         self._listen_again: asyncio.Task[None] | None = None
-        conn.on_up(self._relisten)
+        conn.on_up(self._back_up)
 
     async def close(self) -> None:
         if self._listen_again is not None:
@@ -39,16 +39,31 @@ class Listener:
 
     async def listen(
         self,
-        notice: Callable[[str, bool, str], None],
+        notice: Callable[[str, bool, str, int | None], None],
         resync: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Call ``notice(job, paused, by)`` for each pause notice, on its own connection.
+        """Call ``notice(job, paused, by, version)`` for each pause notice, on its own connection.
         A lost LISTEN connection alone is opened again with backoff, then ``resync`` runs
         (the notices missed meanwhile: re-read the flags); the claims go on meanwhile (each
         checks the flag itself). A lost database is the reconnect's to handle."""
         self._notice = notice
         self._resync = resync
         await self._relisten()
+
+    async def _back_up(self) -> None:
+        """The database is back (a reconnect hook): listen again. A failure here is this
+        listener's alone (its own retry, with backoff), never the database marked down
+        again: the pool answered, and claims check the pause flag themselves."""
+        if self._notice is None:
+            return
+        try:
+            await self._relisten()
+        except Exception as exc:
+            log.warning("fleet_listen_failed", node=self.node,
+                        error=f"{type(exc).__name__}: {exc}"[:300])  # fmt: skip
+            self._listen = None
+            if self._listen_again is None and not self.conn.closed:
+                self._listen_again = asyncio.get_running_loop().create_task(self._again())
 
     async def _relisten(self) -> None:
         if self._notice is None:
@@ -66,7 +81,9 @@ class Listener:
             return
         try:
             msg = json.loads(str(payload))
-            self._notice(str(msg["job"]), bool(msg["paused"]), str(msg.get("by") or ""))
+            at = msg.get("at")
+            self._notice(str(msg["job"]), bool(msg["paused"]), str(msg.get("by") or ""),
+                         None if at is None else version(str(at)))  # fmt: skip
         except (ValueError, KeyError, TypeError):
             log.warning("fleet_notice_bad", payload=str(payload)[:200])
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+from taskd.fleet.sql import CLAIM_FUNCTION
+
 if TYPE_CHECKING:
     import asyncpg
 
@@ -73,7 +75,11 @@ _V1: Final = (
          updated_at timestamptz NOT NULL DEFAULT now())""",
 )
 
-MIGRATIONS: Final[Sequence[Sequence[str]]] = (_V1,)
+# v2: the claim as a function (taskd.fleet.sql.CLAIM_FUNCTION): one round trip, two
+# snapshots, so overlap = "skip" holds when claims of two ticks race (review R1).
+_V2: Final = (CLAIM_FUNCTION,)
+
+MIGRATIONS: Final[Sequence[Sequence[str]]] = (_V1, _V2)
 VERSION: Final = len(MIGRATIONS)
 
 

@@ -8,34 +8,56 @@ from __future__ import annotations
 from typing import Final
 
 # Claim a scheduled or catch-up tick (kind 's') or a manual run (kind 'm', tick NULL: the
-# database's now() is the tick). Parameters: $1 job, $2 tick, $3 kind, $4 node, $5 cause,
-# $6 window (how late a claim may be), $7 early slack, $8 lease, $9 overlap = "skip".
-# The FOR UPDATE on the job's row serialises one job's claims with each other and with a
-# pause, so a claim either commits before a pause or sees it, and the overlap check sees
-# every claim committed before it.
+# database's now() is the tick): the function taskd.claim (schema v2, CLAIM_FUNCTION below).
+# Parameters: $1 job, $2 tick, $3 kind, $4 node, $5 cause, $6 window (how late a claim may
+# be), $7 early slack, $8 lease, $9 overlap = "skip".
 CLAIM: Final = """
-WITH j AS (SELECT paused FROM taskd.jobs WHERE job = $1::text FOR UPDATE),
- t AS (SELECT COALESCE($2::timestamptz, now()) AS tick),
- why AS (SELECT CASE
-     WHEN j.paused THEN 'paused'
-     WHEN now() < t.tick - $7::interval THEN 'early'
-     WHEN now() > t.tick + $6::interval THEN 'late'
-     WHEN $9::boolean AND EXISTS (
-       SELECT 1 FROM taskd.claims c WHERE c.job = $1::text AND c.state = 'running'
-          AND (c.tick, c.kind) <> (t.tick, $3::text)) THEN 'overlap'
-   END AS why FROM j, t),
- ins AS (INSERT INTO taskd.claims (job, tick, kind, fence, owner, cause, lease_until)
-   SELECT $1::text, t.tick, $3::text, nextval('taskd.fence_seq'), $4::text, $5::text,
-          now() + $8::interval
-     FROM why, t WHERE why.why IS NULL
-   ON CONFLICT DO NOTHING RETURNING fence, lease_until, tick)
-SELECT ins.fence, ins.lease_until, (SELECT tick FROM t) AS tick, now() AS db_now,
-  COALESCE((SELECT why FROM why),
-           CASE WHEN (SELECT count(*) FROM j) = 0 THEN 'unknown'
-                WHEN ins.fence IS NULL THEN 'taken' END) AS why,
-  (SELECT c.owner FROM taskd.claims c, t WHERE ins.fence IS NULL AND c.job = $1::text
-      AND c.tick = t.tick AND c.kind = $3::text) AS holder
-FROM (SELECT 1) one LEFT JOIN ins ON true
+SELECT fence, lease_until, tick, db_now, why, holder, paused_at
+  FROM taskd.claim($1::text, $2::timestamptz, $3::text, $4::text, $5::text, $6::interval,
+                   $7::interval, $8::interval, $9::boolean)
+"""
+
+# The claim as one function, so it stays one round trip and yet takes two snapshots: its
+# first statement locks the job's row (serialising one job's claims with each other and with
+# a pause), and only the second, with a snapshot taken after that lock was granted, checks
+# pause and overlap and inserts. In one statement the overlap check would read a snapshot
+# from before the lock wait and miss a claim of another tick committed meanwhile (READ
+# COMMITTED re-checks only the locked row), and both ticks of a "skip" job would run.
+CLAIM_FUNCTION: Final = """
+CREATE FUNCTION taskd.claim(p_job text, p_tick timestamptz, p_kind text, p_node text,
+    p_cause text, p_window interval, p_early interval, p_lease interval, p_skip boolean)
+RETURNS TABLE (fence bigint, lease_until timestamptz, tick timestamptz, db_now timestamptz,
+               why text, holder text, paused_at timestamptz)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+BEGIN
+  PERFORM 1 FROM taskd.jobs WHERE job = p_job FOR UPDATE;
+  RETURN QUERY
+  WITH j AS (SELECT jb.paused, jb.paused_at FROM taskd.jobs jb WHERE jb.job = p_job),
+   t AS (SELECT COALESCE(p_tick, now()) AS tick),
+   w AS (SELECT CASE
+       WHEN j.paused THEN 'paused'
+       WHEN now() < t.tick - p_early THEN 'early'
+       WHEN now() > t.tick + p_window THEN 'late'
+       WHEN p_skip AND EXISTS (
+         SELECT 1 FROM taskd.claims c WHERE c.job = p_job AND c.state = 'running'
+            AND (c.tick, c.kind) <> (t.tick, p_kind)) THEN 'overlap'
+     END AS why FROM j, t),
+   ins AS (INSERT INTO taskd.claims AS c (job, tick, kind, fence, owner, cause, lease_until)
+     SELECT p_job, t.tick, p_kind, nextval('taskd.fence_seq'), p_node, p_cause,
+            now() + p_lease
+       FROM w, t WHERE w.why IS NULL
+     ON CONFLICT DO NOTHING RETURNING c.fence, c.lease_until)
+  SELECT ins.fence, ins.lease_until, (SELECT t.tick FROM t), now(),
+    COALESCE((SELECT w.why FROM w),
+             CASE WHEN (SELECT count(*) FROM j) = 0 THEN 'unknown'
+                  WHEN ins.fence IS NULL THEN 'taken' END),
+    (SELECT c.owner FROM taskd.claims c, t WHERE ins.fence IS NULL AND c.job = p_job
+        AND c.tick = t.tick AND c.kind = p_kind),
+    (SELECT j.paused_at FROM j)
+  FROM (SELECT 1) one LEFT JOIN ins ON true;
+END
+$fn$
 """
 
 # Extend every live claim this node holds, in one statement per node per interval, and mark
@@ -68,32 +90,54 @@ SELECT pid, boot_id, addr, heartbeat > now() - $2::interval AS live, now() AS db
 # `lease_until < now()` on a row whose lock it waited for, so a live owner is never swept.
 # $1 node, $2 jobs, $3 retry?, $4 lease, $5 claim window, $6 batch, $7 max takeovers,
 # $8 the fences this node still runs (never taken over by itself: one run per tick here).
+# A job paused fleet-wide is never taken over (whatever this node's flag says): its expired
+# claims end 'cancelled'. The pause's FOR UPDATE on the job row is not waited for: a sweep
+# that reads the flag just before a pause commits takes over as a claim would have.
 SWEEP: Final = """
 WITH expired AS (
-  SELECT job, tick, kind, takeovers FROM taskd.claims
-   WHERE state = 'running' AND lease_until < now() AND job = ANY($2::text[])
-     AND NOT fence = ANY($8::bigint[])
-   ORDER BY lease_until LIMIT $6::int FOR UPDATE SKIP LOCKED)
+  SELECT c.job, c.tick, c.kind, c.takeovers, j.paused FROM taskd.claims c
+    JOIN taskd.jobs j USING (job)
+   WHERE c.state = 'running' AND c.lease_until < now() AND c.job = ANY($2::text[])
+     AND NOT c.fence = ANY($8::bigint[])
+   ORDER BY c.lease_until LIMIT $6::int FOR UPDATE OF c SKIP LOCKED)
 UPDATE taskd.claims c SET lost_owners = c.lost_owners || c.owner,
    takeovers = c.takeovers + 1,
    owner = CASE WHEN r.retry THEN $1::text ELSE c.owner END,
    fence = CASE WHEN r.retry THEN nextval('taskd.fence_seq') ELSE c.fence END,
    lease_until = CASE WHEN r.retry THEN now() + $4::interval ELSE c.lease_until END,
-   state = CASE WHEN r.retry THEN 'running' ELSE 'abandoned' END,
+   state = CASE WHEN r.retry THEN 'running' WHEN e.paused THEN 'cancelled'
+                ELSE 'abandoned' END,
    ended_at = CASE WHEN r.retry THEN NULL ELSE now() END,
-   error = CASE WHEN r.retry THEN NULL ELSE 'owner ' || c.owner || ' lost its lease' END
+   error = CASE WHEN r.retry THEN NULL
+                WHEN e.paused THEN 'owner ' || c.owner || ' lost its lease; the job is paused'
+                ELSE 'owner ' || c.owner || ' lost its lease' END
   FROM expired e,
-       LATERAL (SELECT $3::boolean AND e.takeovers < $7::int
+       LATERAL (SELECT $3::boolean AND e.takeovers < $7::int AND NOT e.paused
                        AND now() <= e.tick + $5::interval AS retry) r
  WHERE (c.job, c.tick, c.kind) = (e.job, e.tick, e.kind)
 RETURNING c.job, c.tick, c.kind, c.fence, c.state, c.cause, c.lost_owners, c.lease_until
 """
 
-# Retention: ended rows older than history_max_age, a bounded batch per sweep.
+# Give a claim back unended, for another node to take over at its next sweep: this node
+# cannot run it (stopping, the job broken or removed here, no thread). The lease ends now,
+# and the takeover this node counted ($3: 1, or 0 for its own claim) is undone, so a node
+# that refuses never uses up the tick's max_takeovers. $1 fence, $2 node, $3 undo.
+HAND_BACK: Final = """
+UPDATE taskd.claims SET lease_until = now(), takeovers = greatest(takeovers - $3::int, 0)
+ WHERE fence = $1::bigint AND owner = $2::text AND state = 'running'
+RETURNING fence
+"""
+
+# Retention: ended rows older than history_max_age, a bounded batch per sweep, but never
+# the row of a tick that may still be claimed: that row is the tick's exactly-once guard
+# (deleted, a catch-up would claim and run the tick again). $3: how old a tick may still be
+# claimed (the largest claim window or grace, and a lease). A manual run's tick is the
+# database's now() at its claim, never claimed again.
 PRUNE: Final = """
 DELETE FROM taskd.claims WHERE ctid = ANY(ARRAY(
   SELECT ctid FROM taskd.claims
-   WHERE state <> 'running' AND ended_at < now() - $1::interval LIMIT $2::int))
+   WHERE state <> 'running' AND ended_at < now() - $1::interval
+     AND (kind = 'm' OR tick < now() - $3::interval) LIMIT $2::int))
 """
 
 # The running claims of these jobs, for status (owner and fence of each).
@@ -134,6 +178,31 @@ SELECT EXISTS (SELECT 1 FROM c) AND NOT EXISTS (
 
 GET_STATE: Final = "SELECT key, value, fence FROM taskd.state"
 
+# ctx.state.locked() of a fleet run (taskd.fleet.state): one transaction on a connection of
+# its own, from the read to the write, under one fleet-wide advisory lock (the whole state
+# is read, as a host's SharedState has one lock), so two blocks anywhere never interleave.
+STATE_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('taskd.state'))"
+
+# At the write: the run's claim, FOR SHARE so a takeover waits until this transaction ends
+# (or this sees the takeover). The lease by the statement's clock: the transaction's now()
+# is from before the block ran. $1 fence.
+STATE_CLAIM: Final = """
+SELECT owner, job, state, lease_until > statement_timestamp() AS live
+  FROM taskd.claims WHERE fence = $1::bigint FOR SHARE
+"""
+
+# The block's changes: no fence comparison between keys. Under the lock and the claim's row
+# lock, the order of writes is the order of the blocks; a fence only says whose claim it was.
+# $1 keys, $2 values (JSON text), $3 fence, $4 job.
+STATE_PUT: Final = """
+INSERT INTO taskd.state AS s (key, value, fence, job)
+SELECT k, v::jsonb, $3::bigint, $4::text FROM unnest($1::text[], $2::text[]) AS t(k, v)
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, fence = EXCLUDED.fence,
+   job = EXCLUDED.job, updated_at = now()
+"""
+
+STATE_DEL: Final = "DELETE FROM taskd.state WHERE key = ANY($1::text[])"
+
 # End a claim, and write the run's result under its key ($8; NULL: no result), in one
 # statement: only the claim's current fence and owner may. The UPDATE locks the claim row,
 # so a sweep that wants it waits for us, or we wait for the sweep and then match nothing
@@ -157,16 +226,22 @@ SELECT (SELECT fence FROM fin) AS ended, (SELECT fence FROM put) AS wrote
 """
 
 # Fleet-wide pause/resume, and the notice every node's LISTEN connection gets. One
-# statement, so the notice goes out exactly when the flag commits. $1 job, $2 paused, $3 by.
+# statement, so the notice goes out exactly when the flag commits. paused_at (set by a
+# resume too) is the flag's version: strictly increasing per job, taken once the row is
+# locked, so the flag's answers (claims, notices, re-reads) that reach a node out of order
+# are told apart (the older is ignored). The notice carries it in µs (``at``).
+# $1 job, $2 paused, $3 by.
 PAUSE: Final = """
 WITH u AS (
   INSERT INTO taskd.jobs AS j (job, paused, paused_by, paused_at)
-  VALUES ($1::text, $2::boolean, $3::text, now())
+  VALUES ($1::text, $2::boolean, $3::text, clock_timestamp())
   ON CONFLICT (job) DO UPDATE SET paused = EXCLUDED.paused,
-     paused_by = EXCLUDED.paused_by, paused_at = EXCLUDED.paused_at
-  RETURNING job)
+     paused_by = EXCLUDED.paused_by,
+     paused_at = greatest(clock_timestamp(), j.paused_at + interval '1 microsecond')
+  RETURNING job, paused_at)
 SELECT pg_notify('taskd_fleet',
-                 json_build_object('job', $1::text, 'paused', $2::boolean, 'by', $3::text)::text)
+                 json_build_object('job', $1::text, 'paused', $2::boolean, 'by', $3::text,
+                                   'at', (SELECT paused_at FROM u))::text)
   FROM u
 """
 
@@ -176,15 +251,15 @@ CHANNEL: Final = "taskd_fleet"
 # hash differs from the one the last node to start wrote. $1 jobs, $2 hashes, $3 node.
 JOBS: Final = """
 WITH n AS (SELECT * FROM unnest($1::text[], $2::text[]) AS n(job, spec_hash)),
- old AS (SELECT j.job, j.spec_hash, j.spec_node, j.paused FROM taskd.jobs j
+ old AS (SELECT j.job, j.spec_hash, j.spec_node, j.paused, j.paused_at FROM taskd.jobs j
           JOIN n USING (job)),
  up AS (INSERT INTO taskd.jobs (job, spec_hash, spec_node)
         SELECT job, spec_hash, $3::text FROM n
         ON CONFLICT (job) DO UPDATE SET spec_hash = EXCLUDED.spec_hash,
            spec_node = EXCLUDED.spec_node)
-SELECT n.job, COALESCE(old.paused, false) AS paused, old.spec_node AS other,
+SELECT n.job, COALESCE(old.paused, false) AS paused, old.paused_at, old.spec_node AS other,
        old.spec_hash IS NOT NULL AND old.spec_hash <> n.spec_hash AS differs
   FROM n LEFT JOIN old USING (job)
 """
 
-PAUSED: Final = "SELECT job, paused FROM taskd.jobs WHERE job = ANY($1::text[])"
+PAUSED: Final = "SELECT job, paused, paused_at FROM taskd.jobs WHERE job = ANY($1::text[])"

@@ -180,6 +180,28 @@ def test_kill_9_of_the_owner_mid_run_is_taken_over_within_lease_and_sweep(
     assert [r["state"] for r in rows if r["tick"] == run["tick"]] == ["succeeded"]
 
 
+@pytest.mark.timeout(90)
+def test_a_run_its_hosts_stop_cancels_is_run_by_another_host(fleet_hosts: Fleet) -> None:
+    """shutdown_timeout (5 s) is shorter than the run (8 s): the stop cancels it, and hands
+    the tick back to the fleet unended; the other host takes it over and runs it."""
+    fleet = fleet_hosts(2, SLOW)
+    (run,) = fleet.wait_claims("slow", lambda rows: len(rows) >= 1, timeout=20)[:1]
+    owner = fleet[int(run["owner"][1:]) - 1]
+    other = fleet[1] if owner is fleet[0] else fleet[0]
+    owner.wait_for("fleet_slow_began", timeout=10)
+    os.kill(owner.daemon_pid, signal.SIGTERM)
+    assert owner.wait_exit(timeout=30) == 0
+    assert owner.events("fleet_handed_back", job="slow")
+    rows = fleet.wait_claims(
+        "slow",
+        lambda rows: any(r["tick"] == run["tick"] and r["state"] == "succeeded" for r in rows),
+        timeout=30,
+    )
+    (now,) = [r for r in rows if r["tick"] == run["tick"]]
+    assert now["owner"] == fleet.node(other) and now["lost_owners"] == [run["owner"]]
+    assert other.events(TAKEOVER, job="slow")
+
+
 FENCED = """
 [jobs.fenced]
 type = "fleet_fenced"
@@ -190,31 +212,34 @@ scope = "fleet"
 
 @pytest.mark.timeout(90)
 def test_a_stale_owners_fenced_write_is_refused(fleet_hosts: Fleet) -> None:
-    """Deterministic, no race with timers: h1's write waits on a table lock the test holds,
-    h1 is stopped while it waits, h2 takes the run over, then the lock goes: h1's statement
-    finds its fence gone and writes nothing; h2's write lands."""
+    """Deterministic, no race with timers: h1's ctx.state write waits on a row lock the
+    test holds, inside its block's transaction (which holds h1's claim row: no takeover
+    meanwhile); h1 is stopped there. The row lock goes, h1 (stopped) never commits, and the
+    database ends its transaction after a lease idle: nothing of h1's block is kept. Then
+    h2 takes the run over and its write lands; h1, woken, logs its write refused."""
     fleet = fleet_hosts(2, FENCED)
     h1, h2 = fleet[0], fleet[1]
+    fleet.sql("INSERT INTO taskd.state (key, value, fence, job) VALUES ('k', '0', 0, 'fenced')")
     lock = fleet.session()
     try:
         lock.execute("BEGIN")
-        lock.execute("LOCK TABLE taskd.state IN SHARE MODE")
+        lock.execute("SELECT 1 FROM taskd.state WHERE key = 'k' FOR UPDATE")
         assert fleet.cli(h1, "trigger", "fenced").returncode == 0
         h1.wait_for("fleet_fenced_began", timeout=10)
         first = fleet.wait_claims("fenced", lambda rows: len(rows) == 1, timeout=5)[0]
         assert first["owner"] == "h1"
         waiting = (
-            "SELECT count(*) FROM pg_locks WHERE relation = 'taskd.state'::regclass AND NOT granted"
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'taskd-state:h1'"
+            " AND wait_event_type = 'Lock'"
         )
         fleet.wait_claims("fenced", lambda _: fleet.sql(waiting)[0][0] >= 1, timeout=10)
-        os.kill(h1.daemon_pid, signal.SIGSTOP)  # its lease lapses; its statement waits on
+        os.kill(h1.daemon_pid, signal.SIGSTOP)  # its lease lapses; its block's write waits
         try:
-            h2.wait_for(TAKEOVER, job="fenced", timeout=LEASE + SWEEP + 5)
+            lock.execute("COMMIT")  # h1's write goes through; h1, stopped, never commits
+            h2.wait_for(TAKEOVER, job="fenced", timeout=2 * LEASE + SWEEP + 10)
             h2.wait_for("fleet_fenced_began", count=1, timeout=10)
-            fleet.wait_claims("fenced", lambda _: fleet.sql(waiting)[0][0] >= 2, timeout=10)
-            lock.execute("COMMIT")  # both writes go: h1's finds no live claim with its fence
             rows = fleet.wait_claims(
-                "fenced", lambda rows: rows[0]["state"] != "running", timeout=10
+                "fenced", lambda rows: rows[0]["state"] != "running", timeout=15
             )
         finally:
             os.kill(h1.daemon_pid, signal.SIGCONT)

@@ -332,7 +332,7 @@ class TestRefused:
         await _until(lambda: h1.rt.stats.skips.get(("j", "fleet_unavailable"), 0) >= 2)
         assert not ran
         (refused,) = [e for e in logs if e["event"] == "fleet_refused"]
-        assert "schema v99 is newer than this taskd (v1)" in refused["error"]
+        assert "schema v99 is newer than this taskd (v2)" in refused["error"]
         assert h1.fleet.status()["db"] == "refused"
         refusals = [e for e in logs if e["event"] == "not_claimed"]
         assert refusals and "upgrade taskd" in refusals[0]["detail"]

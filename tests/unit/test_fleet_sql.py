@@ -110,8 +110,10 @@ class TestSchema:
     async def test_newer_schema_is_refused(self, raw: Any) -> None:
         c = await raw()
         await schema.migrate(c)
-        await c.execute("UPDATE taskd.meta SET schema_version = 2")
-        with pytest.raises(schema.SchemaTooNew, match=r"schema v2 is newer than this taskd \(v1\)"):
+        await c.execute("UPDATE taskd.meta SET schema_version = 99")
+        with pytest.raises(
+            schema.SchemaTooNew, match=r"schema v99 is newer than this taskd \(v2\)"
+        ):
             await schema.migrate(c)
 
     async def test_older_schema_migrates_in_one_transaction(self, raw: Any) -> None:
@@ -122,16 +124,16 @@ class TestSchema:
         with pytest.raises(asyncpg.UndefinedFunctionError):
             await schema.migrate(c, bad)
         # Nothing of the failed run stayed: not v2's column, not v3's.
-        assert await schema.version(c) == 1
+        assert await schema.version(c) == schema.VERSION
         assert await c.fetchval("SELECT count(*) FROM information_schema.columns "
                                 "WHERE table_name = 'jobs' AND column_name = 'note'") == 0  # fmt: skip
-        assert await schema.migrate(c, v2) == (1, 2)
+        assert await schema.migrate(c, v2) == (schema.VERSION, schema.VERSION + 1)
         await c.execute("SELECT note FROM taskd.jobs")
 
     async def test_concurrent_starts_migrate_once(self, raw: Any) -> None:
         conns = [await raw() for _ in range(3)]
         got = await asyncio.gather(*(schema.migrate(c) for c in conns))
-        assert sorted(found for found, _ in got) == [0, 1, 1]
+        assert sorted(found for found, _ in got) == [0, schema.VERSION, schema.VERSION]
 
 
 class TestClaim:
@@ -344,7 +346,7 @@ class TestLeases:
         await (await raw()).execute(
             "UPDATE taskd.claims SET ended_at = now() - interval '2 days' WHERE fence = $1", f
         )
-        assert await h1.prune(86400) == 1
+        assert await h1.prune(86400, claimable=0) == 1  # its tick: no longer claimable
         left = await h1.conn.require().fetch("SELECT fence FROM taskd.claims")
         assert [r[0] for r in left] == [live]
 
@@ -370,20 +372,23 @@ class TestNodesAndNotices:
     async def test_pause_notice_reaches_other_nodes(self, opened: Any) -> None:
         h1, h2 = await opened("h1"), await opened("h2")
         await h1.register({"j": "x"})
-        got: asyncio.Queue[tuple[str, bool, str]] = asyncio.Queue()
+        got: asyncio.Queue[tuple[str, bool, str, int | None]] = asyncio.Queue()
         await h2.listen(lambda *n: got.put_nowait(n))
         await h1.set_paused("j", True)
-        assert await asyncio.wait_for(got.get(), 10) == ("j", True, "h1")
-        assert await h2.paused(["j"]) == {"j": True}
+        *paused, v1 = await asyncio.wait_for(got.get(), 10)
+        assert paused == ["j", True, "h1"]
+        assert await h2.flags(["j"]) == {"j": (True, v1)}  # the notice's version is the row's
         await h1.set_paused("j", False, by="ops")
-        assert await asyncio.wait_for(got.get(), 10) == ("j", False, "ops")
+        *resumed, v2 = await asyncio.wait_for(got.get(), 10)
+        assert resumed == ["j", False, "ops"]
+        assert v1 is not None and v2 is not None and v2 > v1
 
     async def test_a_lost_listen_connection_comes_back_and_resyncs(
         self, opened: Any, postgres: PgServer
     ) -> None:
         h1, h2 = await opened("h1"), await opened("h2")
         await h1.register({"j": "x"})
-        got: asyncio.Queue[tuple[str, bool, str]] = asyncio.Queue()
+        got: asyncio.Queue[tuple[str, bool, str, int | None]] = asyncio.Queue()
         resynced: asyncio.Queue[None] = asyncio.Queue()
 
         async def resync() -> None:
@@ -395,7 +400,7 @@ class TestNodesAndNotices:
         await asyncio.wait_for(resynced.get(), 20)  # listening again, flags re-read
         assert h2.state == "up"  # a lost LISTEN alone is no lost database
         await h1.set_paused("j", True)
-        assert await asyncio.wait_for(got.get(), 10) == ("j", True, "h1")
+        assert (await asyncio.wait_for(got.get(), 10))[:3] == ("j", True, "h1")
 
     async def test_config_hash_differs(self, opened: Any) -> None:
         h1, h2 = await opened("h1"), await opened("h2")
