@@ -118,7 +118,7 @@ SLOW = """
 type = "echo"
 every = "1h"
 overlap = "{overlap}"
-options = {{ seconds = 1.0 }}
+options = {{ seconds = {seconds} }}
 """
 
 PARKED = """
@@ -504,14 +504,16 @@ class TestTrigger:
 class TestTriggerOverlap:
     """A manual run obeys the job's overlap policy against a run in flight."""
 
-    def _start(self, daemon_factory, overlap: str) -> tuple[DaemonProc, str]:
-        d = daemon_factory(SLOW.format(overlap=overlap), PLUGINS).start()
+    def _start(self, daemon_factory, overlap: str, seconds: float = 1.0) -> tuple[DaemonProc, str]:
+        d = daemon_factory(SLOW.format(overlap=overlap, seconds=seconds), PLUGINS).start()
         data = cli_json(d, "trigger", "slow")
         assert data["state"] == "started"
         return d, data["run_id"]
 
     def test_skip_refuses_a_second_run(self, daemon_factory) -> None:
-        d, first = self._start(daemon_factory, "skip")
+        # Three CLI calls must all land while the first run goes: 4 s leaves room on a
+        # loaded machine (with 1 s the run ended before the third call under CI load).
+        d, first = self._start(daemon_factory, "skip", seconds=4.0)
         result = cli(d, "trigger", "slow")
         assert result.returncode == 1
         assert "job 'slow' was not run: a run is already going" in result.stderr
@@ -520,7 +522,7 @@ class TestTriggerOverlap:
         assert result.returncode == 1
         assert json.loads(result.stdout)["error"]["code"] == "refused"
         d.wait_for("trigger_refused", job="slow", reason="overlap", timeout=2)
-        d.wait_for("run", job="slow", run_id=first, outcome="succeeded", timeout=3)
+        d.wait_for("run", job="slow", run_id=first, outcome="succeeded", timeout=8)
         rows = poll(lambda: [r for r in d.history("slow") if r["outcome"] != "running"])
         assert [r["run_id"] for r in rows] == [first]
         assert len(d.history("slow")) == 1
@@ -539,7 +541,7 @@ class TestTriggerOverlap:
         assert {a["trigger"], b["trigger"]} == {"manual"}
 
     def test_replace_cancels_the_first(self, daemon_factory) -> None:
-        d = daemon_factory(SLOW.format(overlap="replace"), PLUGINS).start()
+        d = daemon_factory(SLOW.format(overlap="replace", seconds=1.0), PLUGINS).start()
         waiting = subprocess.Popen(
             [sys.executable, "-m", "taskd", "trigger", "slow", "--wait", "-c", str(d.config_path)],
             stdout=subprocess.PIPE,
