@@ -124,11 +124,11 @@ def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:
     why = f"not taken over by {ledger.node}: {reason}"
     if reason == "paused":
         # Paused fleet-wide (a pause here is the fleet's): the tick is not run anywhere.
-        ledger.writes.put_nowait((held, None, ("cancelled", 0, 0.0, why, None)))
+        ledger.queue(held, None, ("cancelled", 0, 0.0, why, None))
     else:
         # Only this node cannot run it (stopping, the job broken or removed here): give it
         # back unended, for another node's sweep.
-        ledger.writes.put_nowait((held, None, (HAND_BACK, 1, 0.0, why, None)))
+        ledger.queue(held, None, (HAND_BACK, 1, 0.0, why, None))
 
 
 async def writer(ledger: FleetLedger) -> None:
@@ -149,6 +149,7 @@ async def writer(ledger: FleetLedger) -> None:
         else:
             ledger.recorded(held, end, discarded)
         finally:
+            ledger.written(held)
             ledger.writes.task_done()
 
 
