@@ -294,6 +294,24 @@ class FleetDB:
         ended = row["ended"] is not None
         return ended, None if result_key is None else ended and row["wrote"] is not None
 
+    async def finish_many(
+        self, rows: Sequence[tuple[int, str, int, float, str | None, str | None, str | None]]
+    ) -> list[tuple[bool, bool | None]]:
+        """:meth:`finish` for many claims in one round trip: ``rows`` of (fence, state,
+        attempts, duration, error, result_json, result_key); one (ended, wrote) each, in
+        order. Raises if the database refuses any row's values (nothing is then kept)."""
+        cols = list(zip(*rows, strict=True))
+        got = await self._call(
+            "fetch", sql.FINISH_MANY, list(cols[0]), self.node, list(cols[1]), list(cols[2]),
+            list(cols[3]), list(cols[4]), list(cols[5]), list(cols[6]),
+        )  # fmt: skip
+        by_fence = {r["fence"]: (r["ended"] is not None, r["wrote"] is not None) for r in got}
+        out: list[tuple[bool, bool | None]] = []
+        for fence, *_, key in rows:
+            ended, wrote = by_fence[fence]
+            out.append((ended, None if key is None else ended and wrote))
+        return out
+
     async def hand_back(self, fence: int, *, undo: int) -> bool:
         """Give the claim ``fence`` back unended (its lease ends now; ``undo`` takeovers are
         uncounted); False if it was not ours and running any more."""
