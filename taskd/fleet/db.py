@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from taskd.fleet import schema, sql
 from taskd.fleet.conn import (
+    POOL_SIZE,
     Conn,
     FleetDown,
     from_ts,
@@ -35,6 +36,9 @@ EARLY_SLACK: Final = 1.0  # how early (DB clock) a claim may come: hosts' clocks
 MANUAL_WINDOW: Final = 36500 * 86400.0  # a manual claim is never late (PG 15: no infinity)
 SWEEP_BATCH: Final = 100
 PRUNE_BATCH: Final = 1000
+# Claims in flight at once: one fewer than the pool's connections (taskd.fleet.conn), so the
+# writer, the heartbeat and the sweep always find one free however many ticks are claimed.
+CLAIM_SLOTS: Final = POOL_SIZE - 1
 
 
 def _boot_id() -> str:
@@ -105,6 +109,7 @@ class FleetDB:
         # ctx.state blocks' own connection (taskd.fleet.state), opened at the first block.
         self.state_pool: Any = None
         self.state_lock = asyncio.Lock()
+        self.claim_slots = asyncio.Semaphore(CLAIM_SLOTS)
 
     @property
     def state(self) -> str:
@@ -177,12 +182,14 @@ class FleetDB:
             self.lease,
             overlap_skip,
         )
-        row = await self._call("fetchrow", sql.CLAIM, *args)
+        async with self.claim_slots:
+            row = await self._call("fetchrow", sql.CLAIM, *args)
         if row["why"] == "unknown":
             # The job's row is missing (registered before this host's start check, or
             # deleted by hand): add it and claim once more.
             await self.register({job: ""})
-            row = await self._call("fetchrow", sql.CLAIM, *args)
+            async with self.claim_slots:
+                row = await self._call("fetchrow", sql.CLAIM, *args)
         lease = row["lease_until"]
         return ClaimResult(
             row["fence"],

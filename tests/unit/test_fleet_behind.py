@@ -8,6 +8,7 @@ import asyncio
 import time
 from typing import Any
 
+import asyncpg
 import pytest
 
 from taskd.fleet import sql
@@ -158,3 +159,56 @@ class TestBatch:
         assert (rows[f[0]]["state"], rows[f[1]]["state"]) == ("running", "failed")
         discarded = [e for e in logs if e["event"] == "fleet_result_discarded"]
         assert discarded[-1]["fence"] == f[0]
+
+
+class TestPool:
+    async def test_claims_waiting_on_the_database_leave_a_connection_to_finishes(
+        self,
+        hosts: Any,  # noqa: F811
+    ) -> None:
+        async def func(ctx: Any) -> None:
+            pass
+
+        (h,) = await hosts(1, lease=30.0)
+        await h.start(
+            _spec(func, "j", every=3600.0, overlap="allow"),
+            _spec(func, "k", every=3600.0, overlap="allow"),
+            run=False,
+        )
+        db = h.fleet.db
+        tick = float(int(time.time())) - 5
+        won = await db.claim("k", tick, "schedule", window=600.0, overlap_skip=False)
+        assert won.fence is not None
+        # Another session holds job j's row: every claim of j waits on it in the database.
+        other = await asyncpg.connect(**(await db.conn.connect_kwargs("test")))
+        try:
+            tx = other.transaction()
+            await tx.start()
+            await other.execute("SELECT 1 FROM taskd.jobs WHERE job = 'j' FOR UPDATE")
+            claims = [
+                asyncio.create_task(
+                    db.claim("j", tick - i, "schedule", window=600.0, overlap_skip=False)
+                )
+                for i in range(8)
+            ]
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            for _ in range(1000):  # until 3 claims wait on the lock (20 s at most)
+                await other.execute("SELECT pg_stat_clear_snapshot()")  # in a transaction
+                if await other.fetchval(waiting) >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the claims never reached the database")
+            # The finish gets a connection while every claim still waits (without the
+            # reserved one it would wait for a claim to end: none can before the commit).
+            ended, _ = await db.finish(
+                won.fence, "k", "succeeded", attempts=1, duration=0.1, error=None,
+                result_json=None,
+            )  # fmt: skip
+            assert ended
+            assert not any(t.done() for t in claims)
+            await tx.commit()
+            got = await asyncio.gather(*claims)
+            assert all(g.fence is not None for g in got)  # each its own tick
+        finally:
+            await other.close()
