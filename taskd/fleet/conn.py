@@ -26,6 +26,7 @@ EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
 BACKOFF_MIN: Final = 0.5
 BACKOFF_MAX: Final = 30.0
+POOL_SIZE: Final = 4  # connections: claims, finishes, heartbeat and sweep (LISTEN has its own)
 
 State = Literal["up", "down", "reconnecting", "refused"]
 
@@ -129,7 +130,7 @@ class Conn:
     async def open(self) -> None:
         """The first connect: its failure is the caller's (a start error or a retry)."""
         self.pool = await asyncpg.create_pool(
-            min_size=1, max_size=4, reset=_no_reset, **(await self.connect_kwargs("taskd"))
+            min_size=1, max_size=POOL_SIZE, reset=_no_reset, **(await self.connect_kwargs("taskd"))
         )
         self.state = "up"
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from taskd.fleet import schema, sql
 from taskd.fleet.conn import (
+    POOL_SIZE,
     Conn,
     FleetDown,
     from_ts,
@@ -35,6 +36,9 @@ EARLY_SLACK: Final = 1.0  # how early (DB clock) a claim may come: hosts' clocks
 MANUAL_WINDOW: Final = 36500 * 86400.0  # a manual claim is never late (PG 15: no infinity)
 SWEEP_BATCH: Final = 100
 PRUNE_BATCH: Final = 1000
+# Claims in flight at once: one fewer than the pool's connections (taskd.fleet.conn), so the
+# writer, the heartbeat and the sweep always find one free however many ticks are claimed.
+CLAIM_SLOTS: Final = POOL_SIZE - 1
 
 
 def _boot_id() -> str:
@@ -105,6 +109,7 @@ class FleetDB:
         # ctx.state blocks' own connection (taskd.fleet.state), opened at the first block.
         self.state_pool: Any = None
         self.state_lock = asyncio.Lock()
+        self.claim_slots = asyncio.Semaphore(CLAIM_SLOTS)
 
     @property
     def state(self) -> str:
@@ -177,12 +182,14 @@ class FleetDB:
             self.lease,
             overlap_skip,
         )
-        row = await self._call("fetchrow", sql.CLAIM, *args)
+        async with self.claim_slots:
+            row = await self._call("fetchrow", sql.CLAIM, *args)
         if row["why"] == "unknown":
             # The job's row is missing (registered before this host's start check, or
             # deleted by hand): add it and claim once more.
             await self.register({job: ""})
-            row = await self._call("fetchrow", sql.CLAIM, *args)
+            async with self.claim_slots:
+                row = await self._call("fetchrow", sql.CLAIM, *args)
         lease = row["lease_until"]
         return ClaimResult(
             row["fence"],
@@ -293,6 +300,24 @@ class FleetDB:
         )  # fmt: skip
         ended = row["ended"] is not None
         return ended, None if result_key is None else ended and row["wrote"] is not None
+
+    async def finish_many(
+        self, rows: Sequence[tuple[int, str, int, float, str | None, str | None, str | None]]
+    ) -> list[tuple[bool, bool | None]]:
+        """:meth:`finish` for many claims in one round trip: ``rows`` of (fence, state,
+        attempts, duration, error, result_json, result_key); one (ended, wrote) each, in
+        order. Raises if the database refuses any row's values (nothing is then kept)."""
+        cols = list(zip(*rows, strict=True))
+        got = await self._call(
+            "fetch", sql.FINISH_MANY, list(cols[0]), self.node, list(cols[1]), list(cols[2]),
+            list(cols[3]), list(cols[4]), list(cols[5]), list(cols[6]),
+        )  # fmt: skip
+        by_fence = {r["fence"]: (r["ended"] is not None, r["wrote"] is not None) for r in got}
+        out: list[tuple[bool, bool | None]] = []
+        for fence, *_, key in rows:
+            ended, wrote = by_fence[fence]
+            out.append((ended, None if key is None else ended and wrote))
+        return out
 
     async def hand_back(self, fence: int, *, undo: int) -> bool:
         """Give the claim ``fence`` back unended (its lease ends now; ``undo`` takeovers are

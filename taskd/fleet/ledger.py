@@ -82,6 +82,8 @@ class FleetLedger(PauseFlags):
         self.handed_back: dict[int, float] = {}  # fence -> until when (boottime) not swept
         # (the claim, the run's end or None for a tick given back, the finish's values)
         self.writes: asyncio.Queue[tuple[Held, RunEnd | None, tuple[Any, ...]]] = asyncio.Queue()
+        # Per job, the claims whose finish is queued: their rows are still running.
+        self.unwritten: dict[str, dict[int, Held]] = {}
         self.ready = False  # schema, node check, jobs and LISTEN done
         self._deadline: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -188,6 +190,7 @@ class FleetLedger(PauseFlags):
         # stay running; a sweep elsewhere decides on them).
         while not self.writes.empty():
             held, end, _ = self.writes.get_nowait()
+            self.written(held)
             self.release(held)
             if end is not None:
                 self.local.finish(end)
@@ -219,6 +222,11 @@ class FleetLedger(PauseFlags):
             raise NotClaimed(SkipReason.FLEET_UNAVAILABLE, self.db.conn.last_error)
         cfg = self.jobs.get(job)
         skip = cfg is None or cfg.overlap == "skip"
+        if skip and any(not h.lost for h in self.unwritten.get(job, {}).values()):
+            # This host's own finish of the job is still queued, so its row is running
+            # and the database can only answer "overlap": no round trip for that (a host
+            # behind on its finishes would crowd them out with claims that must lose).
+            raise NotClaimed(SkipReason.OVERLAP, "overlap: this host's finish is not written yet")
         for attempt in (1, 2):
             sent = boottime()
             try:
@@ -271,12 +279,25 @@ class FleetLedger(PauseFlags):
             from taskd.fleet.loops import HAND_BACK
 
             why = f"{self.node} stopped during the run"
-            self.writes.put_nowait((held, end, (HAND_BACK, 0, 0.0, why, None)))
+            self.queue(held, end, (HAND_BACK, 0, 0.0, why, None))
             return
-        self.writes.put_nowait((held, end, (
+        self.queue(held, end, (
             state if state in _STATES else "failed", info.attempt, end.duration,
             info.error, end.result_json,
-        )))  # fmt: skip
+        ))  # fmt: skip
+
+    def queue(self, held: Held, end: RunEnd | None, values: tuple[Any, ...]) -> None:
+        """Queue a finish for the writer (or a hand-back: its row stays running too)."""
+        self.unwritten.setdefault(held.job, {})[held.fence] = held
+        self.writes.put_nowait((held, end, values))
+
+    def written(self, held: Held) -> None:
+        """The writer is done with ``held``'s finish (kept, refused, or given up)."""
+        mine = self.unwritten.get(held.job)
+        if mine is not None:
+            mine.pop(held.fence, None)
+            if not mine:
+                del self.unwritten[held.job]
 
     def recorded(
         self, held: Held, end: RunEnd | None, discarded: str | None, *, release: bool = True

@@ -10,7 +10,7 @@ import asyncio
 import json
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -20,6 +20,7 @@ from taskd.fleet.held import Held, boottime
 if TYPE_CHECKING:
     from taskd.fleet.db import Swept
     from taskd.fleet.ledger import FleetLedger
+    from taskd.run.sinks import RunEnd
 
 log = structlog.get_logger("taskd.fleet")
 
@@ -27,6 +28,7 @@ SKEW_WARN: Final = 1.0  # |DB clock - host clock| above this logs clock_skew onc
 PRUNE_EVERY: Final = 60  # sweeps between two retention passes
 # A finish's state that gives the claim back unended (its attempts field: takeovers to undo).
 HAND_BACK: Final = "handback"
+WRITE_BATCH: Final = 500  # finishes written in one statement at most
 
 
 def start(ledger: FleetLedger) -> list[asyncio.Task[None]]:
@@ -124,32 +126,75 @@ def _swept(ledger: FleetLedger, row: Swept, valid_until: float) -> None:
     why = f"not taken over by {ledger.node}: {reason}"
     if reason == "paused":
         # Paused fleet-wide (a pause here is the fleet's): the tick is not run anywhere.
-        ledger.writes.put_nowait((held, None, ("cancelled", 0, 0.0, why, None)))
+        ledger.queue(held, None, ("cancelled", 0, 0.0, why, None))
     else:
         # Only this node cannot run it (stopping, the job broken or removed here): give it
         # back unended, for another node's sweep.
-        ledger.writes.put_nowait((held, None, (HAND_BACK, 1, 0.0, why, None)))
+        ledger.queue(held, None, (HAND_BACK, 1, 0.0, why, None))
 
 
 async def writer(ledger: FleetLedger) -> None:
-    """Write each finished run: retried with backoff while the database is down, until the
-    claim's local deadline; past it the tick may be another host's, and the result goes."""
+    """Write the finished runs: all those queued by now in one statement (a host behind on
+    its finishes catches up in one round trip, not one per run); each alone when the batch
+    fails, retried with backoff while the database is down, until the claim's local
+    deadline (past it the tick may be another host's, and the result goes)."""
     while True:
-        held, end, (state, attempts, duration, error, result_json) = await ledger.writes.get()
+        items = [await ledger.writes.get()]
+        while len(items) < WRITE_BATCH and not ledger.writes.empty():
+            items.append(ledger.writes.get_nowait())
         try:
-            discarded = await _write(ledger, held, state, attempts, duration, error, result_json)
-        except Exception as exc:
-            # Refused even as a bare failure: the fleet's row is still running. Never count
-            # that as kept (the tick would expire and run again elsewhere): the claim stays
-            # held and heartbeating, so no other host re-runs the tick while this one lives.
-            log.exception("fleet_finish_failed", job=held.job, fence=held.fence,
-                          hint="the claim is held until this taskd stops")  # fmt: skip
-            ledger.recorded(held, end, f"the fleet database refused the finish ({exc})",
-                            release=False)  # fmt: skip
-        else:
-            ledger.recorded(held, end, discarded)
+            rest = await _write_batch(ledger, items)
+            for item in rest:
+                await _write_one(ledger, *item)
         finally:
-            ledger.writes.task_done()
+            for held, _, _ in items:
+                ledger.written(held)
+                ledger.writes.task_done()
+
+
+Item = tuple["Held", "RunEnd | None", tuple[Any, ...]]
+
+
+async def _write_batch(ledger: FleetLedger, items: list[Item]) -> list[Item]:
+    """Write the finishes of ``items`` in one statement if there are two or more; returns
+    those left to write one by one (hand-backs; all of them if the statement failed: a
+    value the database refuses, or the database gone, is then dealt with per run)."""
+    batch = [it for it in items if it[2][0] != HAND_BACK]
+    if len(batch) < 2:
+        return items
+    rows = [
+        (held.fence, state, attempts, duration, error, result,
+         held.job if result is not None else None)
+        for held, _, (state, attempts, duration, error, result) in batch
+    ]  # fmt: skip
+    try:
+        verdicts = await ledger.db.finish_many(rows)
+    except FleetDown:
+        return items
+    except Exception as exc:
+        log.warning("fleet_finish_batch_refused", runs=len(batch),
+                    error=f"{type(exc).__name__}: {exc}", retry="each run alone")  # fmt: skip
+        return items
+    for (held, end, _), (ended, wrote) in zip(batch, verdicts, strict=True):
+        ledger.recorded(held, end, _verdict(held, ended, wrote))
+    return [it for it in items if it[2][0] == HAND_BACK]
+
+
+async def _write_one(ledger: FleetLedger, held: Held, end: RunEnd | None,
+                     values: tuple[Any, ...]) -> None:  # fmt: skip
+    state, attempts, duration, error, result_json = values
+    try:
+        discarded = await _write(ledger, held, state, attempts, duration, error, result_json)
+    except Exception as exc:
+        # Refused even as a bare failure: the fleet's row is still running. Never count
+        # that as kept (the tick would expire and run again elsewhere): the claim stays
+        # held and heartbeating, so no other host re-runs the tick while this one lives.
+        log.exception("fleet_finish_failed", job=held.job, fence=held.fence,
+                      hint="the claim is held until this taskd stops")  # fmt: skip
+        ledger.recorded(held, end, f"the fleet database refused the finish ({exc})",
+                        release=False)  # fmt: skip
+    else:
+        ledger.recorded(held, end, discarded)
 
 
 async def _write(
@@ -193,6 +238,10 @@ async def _write(
             else:
                 state, result_json = "failed", None
                 error = _clean_text(f"the fleet database refused this run's finish: {exc}")
+    return _verdict(held, ended, wrote)
+
+
+def _verdict(held: Held, ended: bool, wrote: bool | None) -> str | None:
     if not ended:
         return f"fence {held.fence} was taken over"
     if wrote is False:

@@ -225,6 +225,40 @@ WITH fin AS (
 SELECT (SELECT fence FROM fin) AS ended, (SELECT fence FROM put) AS wrote
 """
 
+# FINISH for many claims in one statement (the writer's queue, drained): each row ended
+# only by its own fence and owner, as FINISH does; its result written under its key
+# ($7[i]; NULL: no result), fenced, and of two finishes of one key in the batch only the
+# newer fence's (one INSERT may not update a row twice; the older one's value would be
+# overwritten at once anyway). Per row: ended (NULL: taken over) and wrote (the key now
+# holds this fence's value or a newer one of this batch). Values the database refuses fail
+# the whole statement; the writer then writes each row alone (FINISH), so one bad row
+# never decides another's verdict. $1 fences, $2 node, $3 states, $4 attempts,
+# $5 durations, $6 errors, $7 results (JSON text), $8 keys.
+FINISH_MANY: Final = """
+WITH a AS (
+  SELECT * FROM unnest($1::bigint[], $3::text[], $4::int[], $5::float8[], $6::text[],
+                       $7::text[], $8::text[]) AS a(fence, st, attempts, duration, error,
+                                                    result, key)),
+ fin AS (
+  UPDATE taskd.claims c SET state = a.st, ended_at = now(), attempts = a.attempts,
+         duration = a.duration, error = a.error, result = a.result::jsonb
+    FROM a
+   WHERE c.fence = a.fence AND c.owner = $2::text AND c.state = 'running'
+  RETURNING c.fence, c.job),
+ put AS (
+  INSERT INTO taskd.state AS s (key, value, fence, job)
+  SELECT DISTINCT ON (a.key) a.key, a.result::jsonb, fin.fence, fin.job
+    FROM fin JOIN a USING (fence) WHERE a.key IS NOT NULL
+   ORDER BY a.key, fin.fence DESC
+  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, fence = EXCLUDED.fence,
+     job = EXCLUDED.job, updated_at = now()
+   WHERE s.fence <= EXCLUDED.fence
+  RETURNING s.key, s.fence)
+SELECT a.fence, fin.fence AS ended,
+       (SELECT max(put.fence) FROM put WHERE put.key = a.key AND put.fence >= a.fence) AS wrote
+  FROM a LEFT JOIN fin USING (fence)
+"""
+
 # Fleet-wide pause/resume, and the notice every node's LISTEN connection gets. One
 # statement, so the notice goes out exactly when the flag commits. paused_at (set by a
 # resume too) is the flag's version: strictly increasing per job, taken once the row is
