@@ -356,4 +356,7 @@ class TestRefused:
         assert not ran
         pw.write_text(right)  # read again at the next connect
         await _until(lambda: bool(ran), timeout=40)
-        assert h1.fleet.db.state == "up" and h1.fleet.ready
+        # A claim may go through once the connection is back, just before the start's
+        # preparation marks the ledger ready: wait for it rather than read it at once.
+        await _until(lambda: h1.fleet.ready, timeout=10)
+        assert h1.fleet.db.state == "up"
