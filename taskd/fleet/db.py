@@ -307,7 +307,10 @@ class FleetDB:
         """:meth:`finish` for many claims in one round trip: ``rows`` of (fence, state,
         attempts, duration, error, result_json, result_key); one (ended, wrote) each, in
         order. Raises if the database refuses any row's values (nothing is then kept)."""
-        cols = list(zip(*rows, strict=True))
+        # In fence order: the heartbeat locks the same rows in fence order, and two
+        # statements locking overlapping rows in different orders deadlock each other
+        # (review: 17 of 40 rounds did, in the order finishes arrive).
+        cols = list(zip(*sorted(rows, key=lambda r: r[0]), strict=True))
         got = await self._call(
             "fetch", sql.FINISH_MANY, list(cols[0]), self.node, list(cols[1]), list(cols[2]),
             list(cols[3]), list(cols[4]), list(cols[5]), list(cols[6]),
