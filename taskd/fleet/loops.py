@@ -142,10 +142,19 @@ async def writer(ledger: FleetLedger) -> None:
         items = [await ledger.writes.get()]
         while len(items) < WRITE_BATCH and not ledger.writes.empty():
             items.append(ledger.writes.get_nowait())
+        left = list(items)  # not yet recorded
         try:
             rest = await _write_batch(ledger, items)
+            left = list(rest)
             for item in rest:
                 await _write_one(ledger, *item)
+                left.remove(item)
+        except asyncio.CancelledError:
+            # Stopping (close()): the finishes not recorded yet go back to the queue, which
+            # close() puts on this host's record, as it does the ones never taken.
+            for item in left:
+                ledger.writes.put_nowait(item)
+            raise
         finally:
             for held, _, _ in items:
                 ledger.written(held)
